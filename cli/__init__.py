@@ -1,0 +1,1 @@
+"""The `dynedit` command line: click commands only, a thin layer over onnx_dynedit."""

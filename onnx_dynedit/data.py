@@ -1,0 +1,180 @@
+"""Loading the user's .npz inputs safely (no pickles, no surprises).
+
+Formats (all loaded with ``allow_pickle=False``):
+  pairs.npz  ``corrupt`` and ``clean``: same shape [N, ...], N >= 1, row i of ``clean``
+             is the cleansed twin of row i of ``corrupt``.
+  stats.npz  ``x``: unlabeled inputs the model normally sees.
+  val.npz    ``x`` and optionally ``y`` (integer labels).
+  verify     ``x`` and optionally ``y`` (same as val).
+Models with several inputs: give one array per model input, keyed
+``<key>:<input name>`` (e.g. ``corrupt:input_ids``); see ``load_npz``. Only
+single-input models are supported by the editing loop today.
+
+This module needs numpy only (``dynedit verify`` must work without torch).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError, UnsafeInputError
+
+# Refuse arrays larger than this many elements before allocating them.
+MAX_ARRAY_ELEMENTS = 1 << 31
+
+
+def load_npz(path: str | os.PathLike, required: tuple[str, ...], optional: tuple[str, ...] = (),
+             *, what: str = "data") -> dict[str, np.ndarray]:
+    """Load the named arrays of an .npz file; every failure is a one-line ``DataError``."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} file {path} does not exist", hint="check the path")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{what} file {path} is not an .npz archive",
+                        hint="save it with numpy.savez(path, " + ", ".join(f"{k}=..." for k in required) + ")")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - numpy raises many kinds here
+        raise DataError(f"{what} file {path} cannot be read: {exc}") from None
+    with archive:
+        found = list(archive.files)
+        missing = [k for k in required if k not in found]
+        if missing:
+            raise DataError(
+                f"{what} file {path} has no array {missing[0]!r} (found: {', '.join(found) or 'none'})",
+                hint="expected keys: " + ", ".join(required + optional),
+            )
+        out = {}
+        for key in required + tuple(k for k in optional if k in found):
+            out[key] = _read_member(archive, path, key, what)
+    return out
+
+
+def _read_member(archive, path: Path, key: str, what: str) -> np.ndarray:
+    # Check the header (shape, dtype) before numpy allocates the array.
+    try:
+        with archive.zip.open(key + ".npy") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{what} file {path}: array {key!r} has a broken header ({exc})") from None
+    if dtype.hasobject:
+        raise UnsafeInputError(f"{what} file {path}: array {key!r} holds Python objects",
+                               hint="only numeric arrays are accepted (allow_pickle=False)")
+    n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    if n > MAX_ARRAY_ELEMENTS or any(d < 0 for d in shape):
+        raise UnsafeInputError(f"{what} file {path}: array {key!r} declares an absurd shape {tuple(shape)}")
+    try:
+        arr = archive[key]
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{what} file {path}: array {key!r} cannot be read ({exc})") from None
+    return arr
+
+
+def check_finite(arr: np.ndarray, *, name: str) -> None:
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise DataError(f"{name} holds {bad} NaN/Inf value(s)", hint="clean the data; non-finite inputs would poison the edit")
+
+
+def check_nonempty(arr: np.ndarray, *, name: str) -> None:
+    if arr.ndim == 0 or arr.shape[0] == 0 or arr.size == 0:
+        raise DataError(f"{name} is empty (shape {arr.shape})", hint="give at least one sample along the first axis")
+
+
+@dataclass(frozen=True)
+class Pairs:
+    corrupt: np.ndarray
+    clean: np.ndarray
+    source: str
+
+    @property
+    def n(self) -> int:
+        return int(self.corrupt.shape[0])
+
+
+def load_pairs(path: str | os.PathLike) -> Pairs:
+    arrays = load_npz(path, ("corrupt", "clean"), what="pairs")
+    corrupt, clean = arrays["corrupt"], arrays["clean"]
+    for key, arr in arrays.items():
+        check_nonempty(arr, name=f"pairs {path}: {key!r}")
+        check_finite(arr, name=f"pairs {path}: {key!r}")
+    if corrupt.shape != clean.shape:
+        raise DataError(
+            f"pairs {path}: 'corrupt' has shape {corrupt.shape} but 'clean' has {clean.shape}",
+            hint="row i of clean must be the cleansed twin of row i of corrupt",
+        )
+    if corrupt.dtype != clean.dtype:
+        raise DataError(f"pairs {path}: 'corrupt' is {corrupt.dtype} but 'clean' is {clean.dtype}")
+    return Pairs(corrupt=corrupt, clean=clean, source=str(path))
+
+
+@dataclass(frozen=True)
+class Samples:
+    x: np.ndarray
+    y: np.ndarray | None
+    source: str
+
+
+def load_samples(path: str | os.PathLike, *, what: str, labels: str = "optional") -> Samples:
+    """Load ``x`` (and ``y``). ``labels``: 'optional', 'required' or 'ignored'."""
+    required = ("x", "y") if labels == "required" else ("x",)
+    optional = ("y",) if labels == "optional" else ()
+    arrays = load_npz(path, required, optional, what=what)
+    x = arrays["x"]
+    check_nonempty(x, name=f"{what} {path}: 'x'")
+    check_finite(x, name=f"{what} {path}: 'x'")
+    y = arrays.get("y")
+    if y is not None and labels != "ignored":
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{what} {path}: labels 'y' must be integers, got {y.dtype}")
+        y = y.reshape(-1)
+        if y.shape[0] != x.shape[0]:
+            raise DataError(f"{what} {path}: {x.shape[0]} inputs in 'x' but {y.shape[0]} labels in 'y'")
+    else:
+        y = None
+    return Samples(x=x, y=y, source=str(path))
+
+
+def check_labels(y: np.ndarray, num_classes: int, *, name: str) -> None:
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(
+            f"{name}: labels must lie in [0, {num_classes - 1}] for this model's {num_classes} outputs, "
+            f"found {int(y.min())}..{int(y.max())}"
+        )
+
+
+def check_against_input(arr: np.ndarray, *, name: str, input_name: str, shape: list, dtype: np.dtype) -> np.ndarray:
+    """Check an array [N, ...] against a model input's declared shape (symbolic dims are free)
+    and dtype; returns the array cast to that dtype when the cast is safe."""
+    if arr.ndim != len(shape):
+        raise DataError(
+            f"{name} has shape {arr.shape} but model input {input_name!r} is {_shape_str(shape)}",
+            hint="the first axis is the batch; reshape the data to match",
+        )
+    for i, (have, want) in enumerate(zip(arr.shape, shape)):
+        if i == 0:
+            continue
+        if isinstance(want, int) and want > 0 and have != want:
+            raise DataError(
+                f"{name} has shape {arr.shape} but model input {input_name!r} is {_shape_str(shape)} (axis {i})",
+            )
+    if arr.dtype != dtype:
+        same_kind = (np.issubdtype(arr.dtype, np.floating) and np.issubdtype(dtype, np.floating)) or (
+            np.issubdtype(arr.dtype, np.integer) and np.issubdtype(dtype, np.integer))
+        if not same_kind:
+            raise DataError(f"{name} is {arr.dtype} but model input {input_name!r} expects {np.dtype(dtype)}")
+        arr = arr.astype(dtype)
+    return arr
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
