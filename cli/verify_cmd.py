@@ -1,0 +1,141 @@
+"""`dynedit verify`: compare an edited model with its original (ONNX Runtime only, no torch)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from onnx_dynedit.errors import CheckFailed
+from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, DEFAULT_PROVIDER, VerifyReport, verify as run_verify
+
+# Show a progress bar only for runs at least this long (in batches, all runs together).
+PROGRESS_MIN_BATCHES = 20
+
+
+@click.command("verify")
+@click.argument("original", metavar="ORIGINAL")
+@click.argument("edited", metavar="EDITED")
+@click.option("--clean", "clean", required=True, metavar="C.npz",
+              help="Clean inputs: x [N, ...] and optionally y (labels) for accuracy.")
+@click.option("--corrupt", "corrupt", default=None, metavar="X.npz",
+              help="Corrupted inputs: x and y (true labels) for fix rate and attack success rate.")
+@click.option("--target", type=int, default=None, metavar="T",
+              help="Attack target class: report the attack success rate on the corrupted inputs.")
+@click.option("--max-acc-drop", type=float, default=None, metavar="F",
+              help="Gate: clean accuracy may drop by at most F (a fraction, e.g. 0.01).")
+@click.option("--min-fix-rate", type=float, default=None, metavar="F",
+              help="Gate: at least this share of the corrupted inputs the original got wrong must be fixed.")
+@click.option("--max-logit-change", type=float, default=None, metavar="F",
+              help="Gate: largest absolute logit change on clean inputs.")
+@click.option("--max-asr", type=float, default=None, metavar="F",
+              help="Gate: attack success rate of the edited model (needs --corrupt and --target).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default=None,
+              help=f"ONNX Runtime execution provider [default: {DEFAULT_PROVIDER}].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
+              help=f"Inputs per ONNX Runtime call [default: {DEFAULT_BATCH_SIZE}].")
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
+def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate, max_logit_change,
+           max_asr, provider, batch_size, as_json):
+    """Check EDITED against ORIGINAL: accuracy, agreement, logit change, fix rate, attack success.
+
+    Exit 0 and "PASSED" when every given gate holds, 1 and one "FAILED: ..." line per
+    failed gate otherwise, 2 for unusable input. Uses ONNX Runtime only.
+    """
+    thresholds = {"max_acc_drop": max_acc_drop, "min_fix_rate": min_fix_rate,
+                  "max_logit_change": max_logit_change, "max_asr": max_asr}
+    progress = _Progress()
+    try:
+        report = run_verify(original, edited, clean, corrupt=corrupt, target=target, thresholds=thresholds,
+                            provider=provider, batch_size=batch_size, progress=progress)
+    finally:
+        progress.close()
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
+    else:
+        click.echo(render(report))
+    if not report.passed:
+        # The FAILED lines are the report's last lines; no extra error line on stderr,
+        # so "last line" stays true even when stdout and stderr are merged.
+        sys.exit(CheckFailed.exit_code)
+
+
+class _Progress:
+    """A progress bar on stderr, only for a terminal and a long run."""
+
+    def __init__(self):
+        self.bar = None
+        self.enabled = _isatty(sys.stderr)
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total < PROGRESS_MIN_BATCHES:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label="verifying", file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except Exception:  # noqa: BLE001 - closed or odd streams
+        return False
+
+
+def _f(value, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    if value != value:  # NaN
+        return "nan"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def _change(before, after) -> str:
+    if before is None or after is None:
+        return "-"
+    return _f(after - before, signed=True)
+
+
+def render(report: VerifyReport) -> str:
+    """The human report: an aligned before / after / change table, gates, then PASSED/FAILED."""
+    c = report.clean
+    rows: list[tuple[str, str, str, str]] = []
+    rows.append((f"clean (n={c.n})", "before", "after", "change"))
+    rows.append(("  accuracy", _f(c.acc_before), _f(c.acc_after), _change(c.acc_before, c.acc_after)))
+    rows.append(("  top-1 agreement", "", _f(c.agreement), ""))
+    rows.append(("  max |logit change|", "", "", _f(c.max_abs_logit_change)))
+    rows.append(("  mean |logit change|", "", "", _f(c.mean_abs_logit_change)))
+    k = report.corrupt
+    if k is not None:
+        head = f"corrupt (n={k.n}" + (f", target {k.target})" if k.target is not None else ")")
+        rows.append((head, "", "", ""))
+        rows.append(("  accuracy", _f(k.acc_before), _f(k.acc_after), _change(k.acc_before, k.acc_after)))
+        fix = _f(k.fix_rate)
+        rows.append((f"  fix rate ({k.n_fixed}/{k.n_wrong_before})", "", fix, ""))
+        if k.target is not None:
+            rows.append(("  attack success rate", _f(k.asr_before), _f(k.asr_after),
+                         _change(k.asr_before, k.asr_after)))
+    w0 = max(len(r[0]) for r in rows)
+    w = [max(len(r[i]) for r in rows) for i in (1, 2, 3)]
+    lines = [f"original {report.original}", f"edited   {report.edited}  (provider {report.provider})", ""]
+    for r in rows:
+        lines.append(f"{r[0]:<{w0}}  {r[1]:>{w[0]}}  {r[2]:>{w[1]}}  {r[3]:>{w[2]}}".rstrip())
+    if report.gates:
+        lines += ["", "gates"]
+        for g in report.gates:
+            lines.append(f"  {g.message:<40}  {'ok' if g.passed else 'FAILED'}")
+    else:
+        lines += ["", "gates: none given"]
+    lines.append("")
+    if report.passed:
+        lines.append("PASSED")
+    else:
+        lines += [f"FAILED: {m}" for m in report.failed_checks]
+    return "\n".join(lines)

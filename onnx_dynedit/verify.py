@@ -1,0 +1,653 @@
+"""Verify an edited model against its original with ONNX Runtime only.
+
+``verify`` runs both models on clean inputs (and optionally on corrupted inputs with
+their true labels), computes the figures below, and evaluates the gates the caller
+asked for. It returns a ``VerifyReport``; it never prints and never exits.
+
+Figures
+  clean    acc_before / acc_after (null without labels), agreement (share of inputs
+           whose top-1 class is the same for both models), max / mean absolute logit
+           change (over every logit of every clean input), n.
+  corrupt  acc_before / acc_after, fix_rate (share of the inputs the original got
+           wrong that the edited model gets right; null when the original got none
+           wrong), asr_before / asr_after (with a target class: share of the inputs
+           whose true label is not the target that are predicted as the target;
+           null without a target), n.
+
+Gates (``Thresholds``; ``None`` = not checked)
+  max-acc-drop      clean acc_before - acc_after <= limit   (fractions, 0..1)
+  min-fix-rate      corrupt fix_rate >= limit
+  max-logit-change  clean max abs logit change <= limit
+  max-asr           corrupt asr_after <= limit
+
+A gate whose figure cannot be computed (no labels, no corrupted inputs, no target,
+nothing to fix) is an ``InputError`` (exit 2), never a silent pass.
+
+This module imports numpy and onnxruntime only (plus ``errors`` and ``data``): it must
+keep working where torch is not installed. ``ort_session`` and ``run_batched`` are
+general helpers meant for reuse (parity checks, evaluation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .data import Samples, check_against_input, check_labels, load_samples
+from .errors import DataError, InputError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROVIDER = "cpu"
+DEFAULT_BATCH_SIZE = 256
+
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+# ONNX Runtime's type strings -> numpy dtypes (inputs we can feed from an .npz).
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+ProgressCallback = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def ort_session(path: str | os.PathLike, provider: str | None = DEFAULT_PROVIDER, *,
+                what: str = "model") -> ort.InferenceSession:
+    """Open an ONNX Runtime session on ``path``.
+
+    ``provider`` is ``"cpu"`` or ``"cuda"`` (``None`` = ``"cpu"``). ``"cuda"`` needs the
+    CUDAExecutionProvider in this onnxruntime build and fails loudly (``InputError``)
+    rather than silently falling back to the CPU. A file that ONNX Runtime cannot load
+    (missing, not ONNX, truncated, external data missing) is a ``ModelLoadError``
+    naming the file.
+    """
+    provider = DEFAULT_PROVIDER if provider is None else provider
+    providers = provider_list(provider)
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{what} file {path} does not exist", hint="check the path")
+    if not path.is_file():
+        raise ModelLoadError(f"{what} path {path} is not a file", hint="give the path of an .onnx file")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: keep stderr to our own one-liners
+    try:
+        session = ort.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind classes
+        raise ModelLoadError(
+            f"cannot load {what} {path} with ONNX Runtime: {_short(exc)}",
+            hint="is it a complete .onnx file (and its external data next to it)?",
+        ) from None
+    if providers[0] not in session.get_providers():
+        raise InputError(
+            f"{providers[0]} could not be initialised for {what} {path} "
+            f"(session runs on {', '.join(session.get_providers())})",
+            hint="check the CUDA/cuDNN installation or use --provider cpu",
+        )
+    logger.info("loaded %s %s on %s", what, path, ", ".join(session.get_providers()))
+    return session
+
+
+def provider_list(provider: str) -> tuple[str, ...]:
+    """ORT provider names for ``"cpu"`` / ``"cuda"``; an unavailable one is an ``InputError``."""
+    key = str(provider).lower()
+    if key not in PROVIDERS:
+        raise InputError(f"unknown provider {provider!r}", hint="use cpu or cuda")
+    available = ort.get_available_providers()
+    wanted = PROVIDERS[key][0]
+    if wanted not in available:
+        if key == "cuda":
+            raise InputError(
+                f"CUDA execution provider not available in this onnxruntime ({', '.join(available)})",
+                hint="install onnxruntime-gpu or use --provider cpu",
+            )
+        raise InputError(f"{wanted} not available in this onnxruntime ({', '.join(available)})")
+    return PROVIDERS[key]
+
+
+def input_dtype(node_arg) -> np.dtype:
+    """The numpy dtype of an ORT input (``session.get_inputs()[i]``)."""
+    dtype = _ORT_DTYPES.get(node_arg.type)
+    if dtype is None:
+        raise InputError(f"model input {node_arg.name!r} has type {node_arg.type}, which cannot be fed from an .npz")
+    return np.dtype(dtype)
+
+
+def effective_batch_size(session: ort.InferenceSession, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+    """The batch size ``run_batched`` really uses: ``batch_size`` for a dynamic batch
+    axis, the model's own batch size when its first input axis is fixed (e.g. 1)."""
+    if int(batch_size) < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    fixed = _fixed_batch(session)
+    return int(batch_size) if fixed is None else fixed
+
+
+def num_batches(session: ort.InferenceSession, n: int, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+    b = effective_batch_size(session, batch_size)
+    return -(-int(n) // b)
+
+
+def run_batched(session: ort.InferenceSession, x: np.ndarray | Mapping[str, np.ndarray],
+                batch_size: int = DEFAULT_BATCH_SIZE, *, all_outputs: bool = False,
+                output_names: Sequence[str] | None = None, name: str = "model",
+                on_batch: Callable[[int], None] | None = None) -> np.ndarray | list[np.ndarray]:
+    """Run ``session`` on ``x`` in batches along axis 0 and concatenate the results.
+
+    ``x``: one array for a single-input model, or ``{input name: array}`` (all with the
+    same first axis). Returns the first output as one array, or, with ``all_outputs``
+    or ``output_names``, a list of arrays (session output order / the given order).
+    A dynamic batch axis takes ``batch_size`` rows at a time; a fixed batch axis
+    (e.g. 1) takes exactly that many, padding the last batch with copies of its last
+    row and dropping the padded results. Every requested output must be batched
+    along axis 0. ``on_batch(rows_done)`` is called after each batch.
+    Runtime failures are ``DataError`` naming ``name``.
+    """
+    feeds = _as_feeds(session, x)
+    n = next(iter(feeds.values())).shape[0]
+    step = effective_batch_size(session, batch_size)
+    fixed = _fixed_batch(session) is not None
+    if output_names is not None:
+        names = list(output_names)
+    elif all_outputs:
+        names = [o.name for o in session.get_outputs()]
+    else:
+        names = [session.get_outputs()[0].name]
+    chunks: list[list[np.ndarray]] = [[] for _ in names]
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        rows = stop - start
+        batch = {}
+        for key, arr in feeds.items():
+            part = arr[start:stop]
+            if fixed and rows < step:
+                pad = np.repeat(part[-1:], step - rows, axis=0)
+                part = np.concatenate([part, pad], axis=0)
+            batch[key] = np.ascontiguousarray(part)
+        try:
+            results = session.run(names, batch)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind classes
+            raise DataError(f"{name} failed on rows {start}..{stop - 1}: {_short(exc)}") from None
+        for i, (out_name, res) in enumerate(zip(names, results)):
+            res = np.asarray(res)
+            if res.ndim == 0 or res.shape[0] != len(next(iter(batch.values()))):
+                raise InputError(
+                    f"output {out_name!r} of {name} has shape {res.shape} for a batch of "
+                    f"{len(next(iter(batch.values())))}; it is not batched along axis 0"
+                )
+            chunks[i].append(res[:rows])
+        if on_batch is not None:
+            on_batch(stop)
+    outs = [np.concatenate(c, axis=0) for c in chunks]
+    if output_names is None and not all_outputs:
+        return outs[0]
+    return outs
+
+
+def _fixed_batch(session: ort.InferenceSession) -> int | None:
+    dims = {i.shape[0] for i in session.get_inputs()
+            if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
+    if not dims:
+        return None
+    if len(dims) > 1:
+        raise InputError(f"model inputs declare different fixed batch sizes {sorted(dims)}")
+    return dims.pop()
+
+
+def _as_feeds(session: ort.InferenceSession, x) -> dict[str, np.ndarray]:
+    inputs = session.get_inputs()
+    if isinstance(x, Mapping):
+        feeds = {k: np.asarray(v) for k, v in x.items()}
+        missing = [i.name for i in inputs if i.name not in feeds]
+        if missing:
+            raise InputError(f"no data for model input(s) {', '.join(missing)}")
+    else:
+        if len(inputs) != 1:
+            raise InputError(
+                f"model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                "give one array per input name"
+            )
+        feeds = {inputs[0].name: np.asarray(x)}
+    sizes = {k: (v.shape[0] if v.ndim else None) for k, v in feeds.items()}
+    if None in sizes.values() or len(set(sizes.values())) != 1:
+        raise DataError(f"inputs must share their first (batch) axis, got {sizes}")
+    return feeds
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Gate limits; ``None`` = gate not checked. Fractions are in [0, 1]."""
+
+    max_acc_drop: float | None = None
+    min_fix_rate: float | None = None
+    max_logit_change: float | None = None
+    max_asr: float | None = None
+
+    def __post_init__(self):
+        for key in ("max_acc_drop", "min_fix_rate", "max_asr"):
+            value = getattr(self, key)
+            if value is not None and not (0.0 <= float(value) <= 1.0):
+                raise InputError(
+                    f"{_gate_name(key)} must be a fraction in [0, 1], got {value}",
+                    hint="e.g. 0.01 for one percentage point",
+                )
+        value = self.max_logit_change
+        if value is not None and not (math.isfinite(float(value)) and float(value) >= 0):
+            raise InputError(f"max-logit-change must be a finite number >= 0, got {value}")
+
+    @classmethod
+    def coerce(cls, value: Thresholds | Mapping | None) -> Thresholds:
+        if value is None:
+            return cls()
+        if isinstance(value, Thresholds):
+            return value
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {}
+        for key, limit in value.items():
+            attr = str(key).replace("-", "_")
+            if attr not in known:
+                raise InputError(f"unknown threshold {key!r}", hint="known: " + ", ".join(_gate_name(k) for k in sorted(known)))
+            kwargs[attr] = None if limit is None else float(limit)
+        return cls(**kwargs)
+
+    def given(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if getattr(self, k) is not None}
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class CleanFigures:
+    n: int
+    acc_before: float | None
+    acc_after: float | None
+    agreement: float
+    max_abs_logit_change: float
+    mean_abs_logit_change: float
+    correct_before: int | None = None
+    correct_after: int | None = None
+
+    @property
+    def acc_drop(self) -> float | None:
+        if self.correct_before is None or self.correct_after is None:
+            return None
+        # From the counts, so that 1 input in 100 is exactly 0.01.
+        return (self.correct_before - self.correct_after) / self.n
+
+    def to_dict(self) -> dict:
+        return {
+            "acc_before": _num(self.acc_before),
+            "acc_after": _num(self.acc_after),
+            "acc_drop": _num(self.acc_drop),
+            "agreement": _num(self.agreement),
+            "max_abs_logit_change": _num(self.max_abs_logit_change),
+            "mean_abs_logit_change": _num(self.mean_abs_logit_change),
+            "n": self.n,
+            "labeled": self.correct_before is not None,
+        }
+
+
+@dataclass(frozen=True)
+class CorruptFigures:
+    n: int
+    acc_before: float
+    acc_after: float
+    fix_rate: float | None
+    asr_before: float | None
+    asr_after: float | None
+    target: int | None
+    n_wrong_before: int
+    n_fixed: int
+    n_broken: int
+    n_not_target: int | None
+
+    def to_dict(self) -> dict:
+        return {
+            "acc_before": _num(self.acc_before),
+            "acc_after": _num(self.acc_after),
+            "fix_rate": _num(self.fix_rate),
+            "asr_before": _num(self.asr_before),
+            "asr_after": _num(self.asr_after),
+            "target": self.target,
+            "n": self.n,
+            "n_wrong_before": self.n_wrong_before,
+            "n_fixed": self.n_fixed,
+            "n_broken": self.n_broken,
+            "n_not_target": self.n_not_target,
+        }
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str          # "max-acc-drop", ...
+    value: float
+    limit: float
+    op: str            # "<=" or ">="
+    passed: bool
+
+    @property
+    def message(self) -> str:
+        """``max-acc-drop: 0.0312 > 0.0100`` (the comparison that holds)."""
+        a, b = _fmt_pair(self.value, self.limit)
+        if self.passed:
+            return f"{self.name}: {a} {self.op} {b}"
+        bad = {"<=": ">", ">=": "<"}[self.op]
+        return f"{self.name}: {a} {bad} {b}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "value": _num(self.value), "limit": self.limit, "op": self.op,
+                "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    original: str
+    edited: str
+    clean_source: str
+    corrupt_source: str | None
+    provider: str
+    batch_size: int
+    clean: CleanFigures
+    corrupt: CorruptFigures | None
+    thresholds: Thresholds
+    gates: tuple[GateResult, ...] = field(default_factory=tuple)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    @property
+    def failed_checks(self) -> list[str]:
+        return [g.message for g in self.gates if not g.passed]
+
+    def to_dict(self) -> dict:
+        return {
+            "original": self.original,
+            "edited": self.edited,
+            "clean_file": self.clean_source,
+            "corrupt_file": self.corrupt_source,
+            "provider": self.provider,
+            "batch_size": self.batch_size,
+            "clean": self.clean.to_dict(),
+            "corrupt": None if self.corrupt is None else self.corrupt.to_dict(),
+            "thresholds": self.thresholds.to_dict(),
+            "gates": [g.to_dict() for g in self.gates],
+            "passed": self.passed,
+            "failed_checks": self.failed_checks,
+        }
+
+
+def _num(value) -> float | None:
+    """JSON-safe float: non-finite values become null (strict parsers reject NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _fmt_pair(value: float, limit: float) -> tuple[str, str]:
+    a, b = f"{value:.4f}", f"{limit:.4f}"
+    if a == b:  # the difference is below 4 decimals: show enough digits to see it
+        a, b = repr(float(value)), repr(float(limit))
+    return a, b
+
+
+def _gate_name(attr: str) -> str:
+    return attr.replace("_", "-")
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def verify(original: str | os.PathLike, edited: str | os.PathLike, clean: str | os.PathLike | Samples,
+           corrupt: str | os.PathLike | Samples | None = None, target: int | None = None,
+           thresholds: Thresholds | Mapping | None = None, provider: str | None = DEFAULT_PROVIDER,
+           batch_size: int | None = DEFAULT_BATCH_SIZE,
+           progress: ProgressCallback | None = None) -> VerifyReport:
+    """Compare ``edited`` with ``original`` on clean (and corrupted) inputs; see module doc.
+
+    ``clean``: npz with ``x`` and optional ``y``; ``corrupt``: npz with ``x`` and ``y``
+    (true labels, required). ``progress(done_batches, total_batches)`` is called once
+    before the first batch and after each batch. ``None`` for ``provider`` /
+    ``batch_size`` means the default. Raises ``DynEditError`` subclasses for unusable
+    input (exit 2); failed gates are reported, not raised.
+    """
+    provider = DEFAULT_PROVIDER if provider is None else str(provider).lower()
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    limits = Thresholds.coerce(thresholds)
+    if target is not None:
+        target = int(target)
+        if target < 0:
+            raise InputError(f"target class must be >= 0, got {target}")
+        if corrupt is None:
+            raise InputError("a target class needs corrupted inputs",
+                             hint="the attack success rate is measured on the corrupt file")
+    provider_list(provider)  # fail on an unavailable provider before loading anything
+
+    # Gates that cannot be computed whatever the data: say so before any work.
+    if limits.min_fix_rate is not None and corrupt is None:
+        raise InputError("gate min-fix-rate needs corrupted inputs with true labels (corrupt file)")
+    if limits.max_asr is not None and (corrupt is None or target is None):
+        raise InputError("gate max-asr needs corrupted inputs and a target class")
+
+    s_orig = ort_session(original, provider, what="original model")
+    s_edit = ort_session(edited, provider, what="edited model")
+    input_name, shape, dtype = _single_input(s_orig, original)
+    _same_signature(s_orig, s_edit, original, edited)
+
+    clean_s = clean if isinstance(clean, Samples) else load_samples(clean, what="clean", labels="optional")
+    clean_x = _fit(clean_s, "clean", input_name, shape, dtype, s_edit)
+    if limits.max_acc_drop is not None and clean_s.y is None:
+        raise InputError(f"gate max-acc-drop needs labels, but clean file {clean_s.source} has no 'y' array",
+                         hint="add y=... to the clean .npz or drop the gate")
+    corrupt_s = None
+    corrupt_x = None
+    if corrupt is not None:
+        corrupt_s = corrupt if isinstance(corrupt, Samples) else load_samples(corrupt, what="corrupt", labels="required")
+        if corrupt_s.y is None:
+            raise DataError(f"corrupt {corrupt_s.source} has no labels 'y'", hint="the true labels are required")
+        corrupt_x = _fit(corrupt_s, "corrupt", input_name, shape, dtype, s_edit)
+
+    classes = _declared_classes(s_orig) or _declared_classes(s_edit)
+    if classes is not None:
+        _check_classes(classes, clean_s, corrupt_s, target)
+
+    # Run everything (progress counts batches over all four runs).
+    runs = [(s_orig, clean_x), (s_edit, clean_x)]
+    if corrupt_x is not None:
+        runs += [(s_orig, corrupt_x), (s_edit, corrupt_x)]
+    total = sum(num_batches(s, len(x), batch_size) for s, x in runs)
+    done = 0
+    if progress is not None:
+        progress(0, total)
+
+    def run(session, x, what):
+        nonlocal done
+        step = effective_batch_size(session, batch_size)
+
+        def tick(rows):
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        logger.info("running %s on %d inputs (batch %d)", what, len(x), step)
+        logits = run_batched(session, x, batch_size, name=what, on_batch=tick)
+        if logits.ndim != 2:
+            raise InputError(f"the first output of the {what} has shape {logits.shape}; verify expects logits [N, C]")
+        return logits
+
+    lo = run(s_orig, clean_x, "original model")
+    le = run(s_edit, clean_x, "edited model")
+    if lo.shape != le.shape:
+        raise InputError(f"the original model outputs {lo.shape[1]} classes but the edited model {le.shape[1]}")
+    num_classes = lo.shape[1]
+    _check_classes(num_classes, clean_s, corrupt_s, target)
+    clean_fig = _clean_figures(lo, le, clean_s.y)
+
+    corrupt_fig = None
+    if corrupt_x is not None:
+        co = run(s_orig, corrupt_x, "original model")
+        ce = run(s_edit, corrupt_x, "edited model")
+        corrupt_fig = _corrupt_figures(co, ce, corrupt_s.y, target)
+
+    gates = _gates(limits, clean_fig, corrupt_fig)
+    report = VerifyReport(
+        original=str(original), edited=str(edited), clean_source=clean_s.source,
+        corrupt_source=None if corrupt_s is None else corrupt_s.source, provider=provider,
+        batch_size=batch_size, clean=clean_fig, corrupt=corrupt_fig, thresholds=limits, gates=tuple(gates),
+    )
+    for g in gates:
+        logger.info("gate %s: %s", g.message, "ok" if g.passed else "FAILED")
+    return report
+
+
+def _single_input(session, path):
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise InputError(
+            f"model {path} has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+            "verify supports single-input models"
+        )
+    node = inputs[0]
+    return node.name, list(node.shape or []), input_dtype(node)
+
+
+def _same_signature(s_orig, s_edit, original, edited):
+    a, b = s_orig.get_inputs(), s_edit.get_inputs()
+    if len(b) != len(a):
+        raise InputError(f"edited model {edited} has {len(b)} inputs but original {original} has {len(a)}")
+    if a[0].type != b[0].type:
+        raise InputError(f"edited model {edited} takes {b[0].type} but original {original} takes {a[0].type}")
+    ca, cb = _declared_classes(s_orig), _declared_classes(s_edit)
+    if ca is not None and cb is not None and ca != cb:
+        raise InputError(f"original model {original} outputs {ca} classes but edited model {edited} outputs {cb}")
+
+
+def _fit(samples: Samples, what: str, input_name, shape, dtype, s_edit) -> np.ndarray:
+    x = check_against_input(samples.x, name=f"{what} {samples.source}: 'x'", input_name=input_name,
+                            shape=shape, dtype=dtype)
+    e = s_edit.get_inputs()[0]
+    return check_against_input(x, name=f"{what} {samples.source}: 'x'", input_name=e.name,
+                               shape=list(e.shape or []), dtype=input_dtype(e))
+
+
+def _declared_classes(session) -> int | None:
+    shape = session.get_outputs()[0].shape
+    if shape and len(shape) == 2 and isinstance(shape[-1], int) and shape[-1] > 0:
+        return int(shape[-1])
+    return None
+
+
+def _check_classes(num_classes: int, clean_s: Samples, corrupt_s: Samples | None, target: int | None) -> None:
+    if clean_s.y is not None:
+        check_labels(clean_s.y, num_classes, name=f"clean {clean_s.source}: 'y'")
+    if corrupt_s is not None and corrupt_s.y is not None:
+        check_labels(corrupt_s.y, num_classes, name=f"corrupt {corrupt_s.source}: 'y'")
+    if target is not None and not (0 <= target < num_classes):
+        raise InputError(f"target class {target} is out of range for this model's {num_classes} outputs",
+                         hint=f"use 0..{num_classes - 1}")
+
+
+def _clean_figures(lo: np.ndarray, le: np.ndarray, y: np.ndarray | None) -> CleanFigures:
+    n = lo.shape[0]
+    po, pe = lo.argmax(axis=1), le.argmax(axis=1)
+    diff = np.abs(lo.astype(np.float64) - le.astype(np.float64))
+    if not (np.isfinite(lo).all() and np.isfinite(le).all()):
+        logger.warning("non-finite logits on clean inputs; logit-change figures are not finite")
+    cb = ca = None
+    if y is not None:
+        cb, ca = int((po == y).sum()), int((pe == y).sum())
+    return CleanFigures(
+        n=n,
+        acc_before=None if cb is None else cb / n,
+        acc_after=None if ca is None else ca / n,
+        agreement=float((po == pe).mean()),
+        max_abs_logit_change=float(diff.max()) if diff.size else 0.0,
+        mean_abs_logit_change=float(diff.mean()) if diff.size else 0.0,
+        correct_before=cb,
+        correct_after=ca,
+    )
+
+
+def _corrupt_figures(lo: np.ndarray, le: np.ndarray, y: np.ndarray, target: int | None) -> CorruptFigures:
+    n = lo.shape[0]
+    po, pe = lo.argmax(axis=1), le.argmax(axis=1)
+    right_b, right_a = po == y, pe == y
+    wrong_b = ~right_b
+    n_wrong = int(wrong_b.sum())
+    n_fixed = int((wrong_b & right_a).sum())
+    n_broken = int((right_b & ~right_a).sum())
+    asr_b = asr_a = None
+    n_not_target = None
+    if target is not None:
+        mask = y != target
+        n_not_target = int(mask.sum())
+        if n_not_target:
+            asr_b = float((po[mask] == target).mean())
+            asr_a = float((pe[mask] == target).mean())
+    return CorruptFigures(
+        n=n, acc_before=float(right_b.mean()), acc_after=float(right_a.mean()),
+        fix_rate=(n_fixed / n_wrong) if n_wrong else None,
+        asr_before=asr_b, asr_after=asr_a, target=target,
+        n_wrong_before=n_wrong, n_fixed=n_fixed, n_broken=n_broken, n_not_target=n_not_target,
+    )
+
+
+def _gates(limits: Thresholds, clean: CleanFigures, corrupt: CorruptFigures | None) -> list[GateResult]:
+    gates = []
+
+    def check(name, value, limit, op):
+        value = float(value)
+        ok = (value <= limit) if op == "<=" else (value >= limit)  # NaN fails both
+        gates.append(GateResult(name=name, value=value, limit=float(limit), op=op, passed=bool(ok)))
+
+    if limits.max_acc_drop is not None:
+        check("max-acc-drop", clean.acc_drop, limits.max_acc_drop, "<=")
+    if limits.min_fix_rate is not None:
+        if corrupt.fix_rate is None:
+            raise InputError("gate min-fix-rate cannot be computed: the original model gets every corrupted "
+                             "input right, so there is nothing to fix",
+                             hint="give corrupted inputs the original misclassifies, or drop the gate")
+        check("min-fix-rate", corrupt.fix_rate, limits.min_fix_rate, ">=")
+    if limits.max_logit_change is not None:
+        check("max-logit-change", clean.max_abs_logit_change, limits.max_logit_change, "<=")
+    if limits.max_asr is not None:
+        if corrupt.asr_after is None:
+            raise InputError(f"gate max-asr cannot be computed: every corrupted input is labelled with the "
+                             f"target class {corrupt.target}", hint="give inputs of other classes, or drop the gate")
+        check("max-asr", corrupt.asr_after, limits.max_asr, "<=")
+    return gates
