@@ -1,0 +1,41 @@
+import sys
+
+import click
+
+from cli.common import DEVICE_OPTION, echo_json, table
+from onnx_dynedit.inspect import inspect_model
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None,
+              help="Parity inputs (.npz, one array per model input, keyed by input name).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random parity inputs.")
+@click.option("--int-range", nargs=2, type=int, default=(0, 10), show_default=True,
+              help="Range [low, high) of random values for integer inputs.")
+@DEVICE_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
+def inspect(model, inputs_file, seed, int_range, device, as_json):
+    """Show opset, inputs, outputs, editable layers and twin parity of MODEL.
+
+    Exit 0 when the torch twin matches ONNX Runtime, 1 when it does not, 2 for unusable input.
+    """
+    report = inspect_model(model, inputs_file=inputs_file, device=device, seed=seed, int_range=tuple(int_range))
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        click.echo(f"{report.path}: opset {report.opset}, IR {report.ir_version}")
+        for kind, specs in (("input", report.inputs), ("output", report.outputs)):
+            for s in specs:
+                click.echo(f"  {kind:6} {s['name']}  {s['dtype']}{s['shape']}")
+        rows = [[l["node"], l["op"], l["initializer"], "x".join(map(str, l["shape"])) or "scalar",
+                 "yes" if l["shared"] else "", "yes" if l["editable"] else f"no: {l['reason']}"]
+                for l in report.layers]
+        click.echo(table(rows, ["node", "op", "weight", "shape", "shared", "editable"]))
+        for note in report.notes:
+            click.echo(f"note: {note}")
+        p = report.parity
+        click.echo(f"parity (ONNX Runtime vs torch twin, {p['n_inputs']} inputs): max abs {p['max_abs_diff']:.3g}, "
+                   f"max rel {p['max_rel_diff']:.3g}, tol {p['tol']:g}")
+        click.echo("PASSED" if report.ok else "FAILED: parity outside tolerance")
+    sys.exit(0 if report.ok else 1)

@@ -1,0 +1,212 @@
+"""Extra onnx2torch converters, registered through onnx2torch's own registry.
+
+onnx2torch registers converters per (op, since-version) and knows opsets up to ~17.
+Two gaps matter for real shipped classifiers:
+
+1. *Newer or older versions of ops whose semantics did not change* for inference
+   (Reshape-19/21, Flatten-1/21, Conv-22, Relu-1, ...): the converter of the nearest
+   registered version is registered for the missing version (``alias``). The list below
+   is explicit; ops that changed meaning (Reduce-18 moved ``axes`` to an input, Split-18
+   added ``num_outputs``) get converters of their own instead.
+2. *Ops onnx2torch lacks*: GlobalMaxPool.
+
+``ensure_converters(model)`` registers what the model needs and returns the (op,
+version) pairs still missing; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import torch
+from onnx import defs
+from onnx2torch.node_converters import registry
+from onnx2torch.onnx_graph import OnnxGraph
+from onnx2torch.onnx_node import OnnxNode
+from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Ops whose every version is the same computation for the float tensors classifiers use
+# (later versions only widen the accepted types or add attributes with neutral defaults).
+SAME_SEMANTICS = {
+    "Abs", "Add", "AveragePool", "BatchNormalization", "Cast", "Concat", "Constant",
+    "ConstantOfShape", "Conv", "ConvTranspose", "Div", "Dropout", "Equal", "Erf", "Exp",
+    "Expand", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Greater", "HardSigmoid",
+    "Identity", "InstanceNormalization", "LeakyRelu", "Less", "Log", "MatMul", "Max",
+    "MaxPool", "Min", "Mul", "Neg", "Not", "Pow", "Reciprocal", "Relu", "Reshape", "Shape",
+    "Sigmoid", "Size", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh", "Transpose", "Unsqueeze",
+    "Where", "Pad",
+}
+
+_REDUCE_OPS = {
+    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+    "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+}
+
+
+def _since_version(op: str, opset: int, domain: str = "") -> int | None:
+    try:
+        return defs.get_schema(op, max_inclusive_version=opset, domain=domain).since_version
+    except Exception:  # noqa: BLE001 - unknown op or domain
+        return None
+
+
+def _registered_versions(op: str, domain: str = "") -> list[int]:
+    return sorted(d.version for d in registry._CONVERTER_REGISTRY if d.operation_type == op and d.domain == domain)
+
+
+def _register(op: str, version: int, converter, domain: str = "") -> None:
+    key = registry.OperationDescription(domain=domain, operation_type=op, version=version)
+    if key not in registry._CONVERTER_REGISTRY:
+        registry.add_converter(operation_type=op, version=version, domain=domain)(converter)
+
+
+# ----------------------------------------------------------------------------- new ops
+
+
+class GlobalMaxPool(nn.Module, OnnxToTorchModule):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def _global_max_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    return OperationConverterResult(torch_module=GlobalMaxPool(), onnx_mapping=onnx_mapping_from_node(node))
+
+
+class Reduce18(nn.Module, OnnxToTorchModule):
+    """Reduce* from opset 18 on: ``axes`` is an (optional) constant input."""
+
+    def __init__(self, op: str, axes, keepdims: bool, noop_with_empty_axes: bool):
+        super().__init__()
+        self.op, self.axes, self.keepdims, self.noop = op, axes, keepdims, noop_with_empty_axes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not self.axes:
+            if self.noop:
+                return x
+            dims = tuple(range(x.dim()))
+        else:
+            dims = tuple(int(a) % x.dim() for a in self.axes)
+        k = self.keepdims
+        if self.op == "ReduceMean":
+            return x.mean(dim=dims, keepdim=k)
+        if self.op == "ReduceSum":
+            return x.sum(dim=dims, keepdim=k)
+        if self.op == "ReduceMax":
+            return torch.amax(x, dim=dims, keepdim=k)
+        if self.op == "ReduceMin":
+            return torch.amin(x, dim=dims, keepdim=k)
+        if self.op == "ReduceProd":
+            out = x
+            for d in sorted(dims, reverse=True):
+                out = out.prod(dim=d, keepdim=k)
+            return out
+        if self.op == "ReduceL1":
+            return x.abs().sum(dim=dims, keepdim=k)
+        if self.op == "ReduceL2":
+            return torch.sqrt((x * x).sum(dim=dims, keepdim=k))
+        if self.op == "ReduceLogSum":
+            return torch.log(x.sum(dim=dims, keepdim=k))
+        if self.op == "ReduceLogSumExp":
+            return torch.logsumexp(x, dim=dims, keepdim=k)
+        if self.op == "ReduceSumSquare":
+            return (x * x).sum(dim=dims, keepdim=k)
+        raise NotImplementedError(self.op)
+
+
+def _reduce18(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    attrs = node.attributes
+    axes = None
+    if len(node.input_values) > 1 and node.input_values[1]:
+        name = node.input_values[1]
+        if name not in graph.initializers:
+            raise NotImplementedError(f"{node.operation_type} with computed axes ({name}) is not supported")
+        axes = [int(a) for a in graph.initializers[name].to_torch().reshape(-1).tolist()]
+    module = Reduce18(node.operation_type, axes, bool(attrs.get("keepdims", 1)),
+                      bool(attrs.get("noop_with_empty_axes", 0)))
+    return OperationConverterResult(
+        torch_module=module,
+        onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+    )
+
+
+def _pad_without_axes(base):
+    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        if len(node.input_values) > 3 and node.input_values[3]:
+            raise NotImplementedError("Pad with an 'axes' input is not supported")
+        return base(node, graph)
+
+    return convert
+
+
+class ReshapeAllowZero(nn.Module, OnnxToTorchModule):
+    """Reshape with allowzero=1: a 0 in the shape is a zero-size dim, as in torch.reshape."""
+
+    def forward(self, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.reshape(x, tuple(int(s) for s in shape.tolist()))
+
+
+def _reshape_allowzero(base):
+    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        if node.attributes.get("allowzero", 0):
+            return OperationConverterResult(torch_module=ReshapeAllowZero(), onnx_mapping=onnx_mapping_from_node(node))
+        return base(node, graph)
+
+    convert._dynedit_wrapped = True
+    return convert
+
+
+def ensure_converters(model: onnx.ModelProto) -> list[str]:
+    """Register the converters ``model`` needs; return the ops still missing."""
+    _register("GlobalMaxPool", 1, _global_max_pool)
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    missing = []
+    needed = set()
+    for node in model.graph.node:
+        domain = node.domain if node.domain not in ("ai.onnx",) else ""
+        needed.add((domain, node.op_type))
+    for domain, op in sorted(needed):
+        opset = opsets.get(domain)
+        if opset is None:
+            missing.append(f"{op} (domain {domain!r} not imported)")
+            continue
+        since = _since_version(op, opset, domain)
+        if since is None:
+            missing.append(f"{domain + '.' if domain else ''}{op}-{opset} (unknown op)")
+            continue
+        have = _registered_versions(op, domain)
+        if since in have:
+            if op == "Reshape":
+                _wrap_reshape(since)
+            continue
+        if op in _REDUCE_OPS and since >= 18:
+            _register(op, since, _reduce18)
+            continue
+        if op in SAME_SEMANTICS and have:
+            lower = [v for v in have if v < since]
+            source = max(lower) if lower else min(have)
+            converter = registry._CONVERTER_REGISTRY[registry.OperationDescription(domain, op, source)]
+            if op == "Pad" and since >= 18:
+                converter = _pad_without_axes(converter)
+            _register(op, since, converter, domain)
+            if op == "Reshape":
+                _wrap_reshape(since)
+            log.debug("registered %s-%d with the converter of %s-%d", op, since, op, source)
+            continue
+        missing.append(f"{op}-{since}")
+    return missing
+
+
+def _wrap_reshape(version: int) -> None:
+    key = registry.OperationDescription(domain="", operation_type="Reshape", version=version)
+    base = registry._CONVERTER_REGISTRY[key]
+    if not getattr(base, "_dynedit_wrapped", False):
+        registry._CONVERTER_REGISTRY[key] = _reshape_allowzero(base)
+
+
+def tensor_from_numpy(arr: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(device)

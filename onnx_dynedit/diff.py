@@ -1,0 +1,186 @@
+"""Compare two ONNX models: which weights changed (relative Frobenius change, numerical
+rank of the difference) and every difference that is not a weight value.
+
+Needs onnx + numpy only. "Weights" are initializers and Constant-node tensors; the
+``dynedit.*`` metadata entries (provenance, undo record) are not reported as
+differences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .io import LoadedModel
+
+METADATA_PREFIX = "dynedit."
+
+
+@dataclass(frozen=True)
+class TensorChange:
+    initializer: str
+    rel_change: float
+    rank: int
+    max_abs_change: float
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"initializer": self.initializer, "rel_change": self.rel_change, "rank": self.rank,
+                "max_abs_change": self.max_abs_change, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ModelDiff:
+    changed: tuple[TensorChange, ...]
+    other_differences: tuple[str, ...]
+    a: str = field(default="")
+    b: str = field(default="")
+
+    @property
+    def identical(self) -> bool:
+        return not self.changed and not self.other_differences
+
+    def to_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, "changed": [c.to_dict() for c in self.changed],
+                "other_differences": list(self.other_differences), "identical": self.identical}
+
+
+def numerical_rank(delta: np.ndarray, reference: np.ndarray) -> int:
+    """Rank of ``delta`` reshaped [shape[0], -1], ignoring singular values at the level of
+    float rounding of ``reference`` (its dtype's eps x max |value| x (sqrt(m) + sqrt(n)))."""
+    if delta.size == 0:
+        return 0
+    mat = delta.reshape(delta.shape[0], -1) if delta.ndim > 1 else delta.reshape(1, -1)
+    mat = mat.astype(np.float64)
+    m, n = mat.shape
+    eps = float(np.finfo(reference.dtype).eps) if np.issubdtype(reference.dtype, np.floating) else 0.0
+    scale = float(np.abs(reference).max()) if reference.size else 0.0
+    sv = np.linalg.svd(mat, compute_uv=False)
+    if sv.size == 0 or sv[0] == 0:
+        return 0
+    tol = max(eps * scale * (np.sqrt(m) + np.sqrt(n)), sv[0] * max(m, n) * np.finfo(np.float64).eps)
+    return int((sv > tol).sum())
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    out = {}
+    for init in model.graph.initializer:
+        out[init.name] = numpy_helper.to_array(init)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    out[node.output[0]] = numpy_helper.to_array(attr.t)
+    return out
+
+
+def _strip(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without weight values and without our metadata: what must stay equal."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for init in copy.graph.initializer:
+        _clear_data(init)
+    for node in copy.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    _clear_data(attr.t)
+    kept = [(p.key, p.value) for p in copy.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del copy.metadata_props[:]
+    for k, v in kept:
+        e = copy.metadata_props.add()
+        e.key, e.value = k, v
+    return copy
+
+
+def _clear_data(t: onnx.TensorProto) -> None:
+    for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        t.ClearField(f)
+    t.ClearField("external_data")
+    t.data_location = onnx.TensorProto.DEFAULT
+
+
+def _describe(proto) -> str:
+    text = str(proto).strip().replace("\n", " ")
+    return text[:160] + ("..." if len(text) > 160 else "")
+
+
+def structural_differences(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:
+    a, b = _strip(a), _strip(b)
+    diffs = []
+    for fname in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        va, vb = getattr(a, fname), getattr(b, fname)
+        if va != vb:
+            diffs.append(f"{fname}: {va!r} -> {vb!r}")
+    oa = [(o.domain, o.version) for o in a.opset_import]
+    ob = [(o.domain, o.version) for o in b.opset_import]
+    if oa != ob:
+        diffs.append(f"opset_import: {oa} -> {ob}")
+    ma = [(p.key, p.value) for p in a.metadata_props]
+    mb = [(p.key, p.value) for p in b.metadata_props]
+    if ma != mb:
+        da, db = dict(ma), dict(mb)
+        for k in sorted(set(da) | set(db)):
+            if da.get(k) != db.get(k):
+                diffs.append(f"metadata_props[{k!r}]: {da.get(k)!r} -> {db.get(k)!r}")
+        if da == db:
+            diffs.append("metadata_props: order changed")
+    ga, gb = a.graph, b.graph
+    for fname in ("name", "doc_string"):
+        if getattr(ga, fname) != getattr(gb, fname):
+            diffs.append(f"graph.{fname}: {getattr(ga, fname)!r} -> {getattr(gb, fname)!r}")
+    for fname in ("input", "output", "value_info", "node", "initializer", "sparse_initializer"):
+        la, lb = list(getattr(ga, fname)), list(getattr(gb, fname))
+        sa = [x.SerializeToString(deterministic=True) for x in la]
+        sb = [x.SerializeToString(deterministic=True) for x in lb]
+        if sa == sb:
+            continue
+        if len(la) != len(lb):
+            names_a = [getattr(x, "name", "") for x in la]
+            names_b = [getattr(x, "name", "") for x in lb]
+            gone = [n for n in names_a if n not in names_b]
+            new = [n for n in names_b if n not in names_a]
+            diffs.append(f"graph.{fname}: {len(la)} -> {len(lb)} entries"
+                         + (f"; removed {gone[:5]}" if gone else "") + (f"; added {new[:5]}" if new else ""))
+            continue
+        for i, (x, y) in enumerate(zip(sa, sb)):
+            if x != y:
+                diffs.append(f"graph.{fname}[{i}] ({getattr(la[i], 'name', '') or la[i].op_type if fname == 'node' else getattr(la[i], 'name', '')}): "
+                             f"{_describe(la[i])} -> {_describe(lb[i])}")
+    if [f.SerializeToString(deterministic=True) for f in a.functions] != [f.SerializeToString(deterministic=True) for f in b.functions]:
+        diffs.append("functions differ")
+    return diffs
+
+
+def diff_models(a: LoadedModel, b: LoadedModel) -> ModelDiff:
+    wa, wb = _weights(a.model), _weights(b.model)
+    changed = []
+    other = []
+    for name in wa:
+        if name not in wb:
+            continue
+        x, y = wa[name], wb[name]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            other.append(f"tensor {name!r}: {x.dtype}{list(x.shape)} -> {y.dtype}{list(y.shape)}")
+            continue
+        if x.tobytes() == y.tobytes():
+            continue
+        if not np.issubdtype(x.dtype, np.floating):
+            other.append(f"tensor {name!r} ({x.dtype}) values differ")
+            continue
+        d = y.astype(np.float64) - x.astype(np.float64)
+        norm = float(np.linalg.norm(x.astype(np.float64)))
+        changed.append(TensorChange(
+            initializer=name, rel_change=float(np.linalg.norm(d)) / norm if norm > 0 else float("inf"),
+            rank=numerical_rank(d, x), max_abs_change=float(np.abs(d).max()), shape=tuple(x.shape)))
+    for name in wb:
+        if name not in wa:
+            other.append(f"tensor {name!r} added")
+    for name in wa:
+        if name not in wb:
+            other.append(f"tensor {name!r} removed")
+    other.extend(structural_differences(a.model, b.model))
+    return ModelDiff(changed=tuple(changed), other_differences=tuple(other), a=a.label, b=b.label)

@@ -1,0 +1,69 @@
+"""`dynedit inspect`: opset, inputs, outputs, the editable layers and twin parity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data import check_against_input, load_npz
+from .errors import DataError
+from .io import LoadedModel, load_model
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    path: str
+    opset: int
+    ir_version: int
+    inputs: list
+    outputs: list
+    layers: list
+    parity: dict
+    notes: tuple[str, ...] = field(default=())
+    device: str = "cpu"
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.parity.get("ok"))
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "opset": self.opset, "ir_version": self.ir_version, "inputs": self.inputs,
+                "outputs": self.outputs, "layers": self.layers, "parity": self.parity,
+                "notes": list(self.notes), "device": self.device}
+
+
+def _spec_dict(spec) -> dict:
+    return {"name": spec.name, "shape": [d if isinstance(d, int) and d > 0 else (d or "?") for d in spec.shape],
+            "dtype": str(spec.dtype)}
+
+
+def load_feeds(path, specs) -> dict[str, np.ndarray]:
+    """Parity inputs from an .npz: one array per model input, keyed by input name
+    (a single-input model also accepts the key ``x``)."""
+    names = [s.name for s in specs]
+    keys = tuple(names)
+    try:
+        arrays = load_npz(path, keys, what="inputs")
+    except DataError:
+        if len(specs) != 1:
+            raise
+        arrays = {specs[0].name: load_npz(path, ("x",), what="inputs")["x"]}
+    return {s.name: check_against_input(arrays[s.name], name=f"inputs {path}: {s.name!r}", input_name=s.name,
+                                        shape=list(s.shape), dtype=s.dtype) for s in specs}
+
+
+def inspect_model(src, *, inputs_file=None, device=None, seed: int = 0, int_range=(0, 10)) -> InspectReport:
+    from .twin import Twin, check_parity
+
+    loaded: LoadedModel = load_model(src)
+    twin = Twin(loaded, device)
+    feeds = load_feeds(inputs_file, twin.inputs) if inputs_file else None
+    parity = check_parity(twin, feeds, seed=seed, int_range=int_range)
+    opset = next((o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return InspectReport(
+        path=loaded.label, opset=opset, ir_version=loaded.model.ir_version,
+        inputs=[_spec_dict(s) for s in twin.inputs], outputs=[_spec_dict(s) for s in twin.outputs],
+        layers=[l.to_dict() for l in twin.layer_map.layers], parity=parity.to_dict(), notes=twin.notes,
+        device=str(twin.device),
+    )

@@ -1,0 +1,294 @@
+"""The layer map: every editable layer <-> its ONNX initializer(s) and their exact layout.
+
+Editing happens in one *canonical* space per layer: a matrix ``W`` of shape
+``[out, in]`` such that the layer's output (bias excluded) is ``W @ k`` for a key ``k``.
+The layout transform between ``W`` and the ONNX tensor is recorded here from the node's
+attributes (transB, alpha, which MatMul operand is constant), never guessed from a
+shape, so square weights come out right:
+
+  Conv      weight [O, I, *kernel] (group = 1)   W = weight.reshape(O, I * prod(kernel))
+            key = the unfolded input patch (channel-major, then kernel taps), one per
+            output position, exactly the order of ``torch.nn.functional.unfold``.
+  Gemm      Y = alpha * A @ B' + beta * C  (transA = 0)
+            transB = 1: B is [out, in], W = alpha * B
+            transB = 0: B is [in, out], W = alpha * B.T
+  MatMul    Y = X @ B with B a 2-D constant [in, out]: W = B.T
+
+This module needs onnx and numpy only.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import LayerError
+
+EDITABLE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One weight-bearing node of the ONNX graph and how to edit it."""
+
+    node: str                 # ONNX node name (generated as "<op>_<index>" when empty/duplicate)
+    node_index: int           # position in graph.node
+    op: str
+    initializer: str          # name of the weight tensor
+    bias: str | None
+    shape: tuple[int, ...]    # ONNX weight shape
+    dtype: str
+    source: str               # "initializer" | "constant" | "constant_of_shape"
+    shared: bool              # the weight tensor feeds more than this node
+    layout: str               # human-readable layout transform (see module doc)
+    key_input: str            # activation input of the node (the keys)
+    module: str               # module name of this node in the onnx2torch twin
+    editable: bool
+    reason: str | None = None
+    alpha: float = 1.0
+    trans_b: bool = True
+    groups: int = 1
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
+    kernel: tuple[int, ...] = ()
+
+    @property
+    def out_features(self) -> int:
+        if self.op == "Conv":
+            return self.shape[0]
+        if self.op == "Gemm":
+            return self.shape[0] if self.trans_b else self.shape[1]
+        return self.shape[1]  # MatMul [in, out]
+
+    @property
+    def in_features(self) -> int:
+        if self.op == "Conv":
+            return int(np.prod(self.shape[1:]))
+        if self.op == "Gemm":
+            return self.shape[1] if self.trans_b else self.shape[0]
+        return self.shape[0]
+
+    # -- layout transforms (float64 in and out) -------------------------------------
+    def to_canonical(self, weight: np.ndarray) -> np.ndarray:
+        """ONNX weight tensor -> canonical W [out, in]."""
+        w = np.asarray(weight, dtype=np.float64)
+        if self.op == "Conv":
+            return w.reshape(self.shape[0], -1)
+        if self.op == "Gemm":
+            return self.alpha * (w if self.trans_b else w.T)
+        if self.op == "MatMul":
+            return w.T
+        raise LayerError(f"layer {self.node!r} ({self.op}) has no canonical form")
+
+    def from_canonical(self, canon: np.ndarray) -> np.ndarray:
+        """Canonical W [out, in] -> ONNX weight tensor layout (float64)."""
+        c = np.asarray(canon, dtype=np.float64)
+        if self.op == "Conv":
+            return c.reshape(self.shape)
+        if self.op == "Gemm":
+            c = c / self.alpha
+            return c if self.trans_b else c.T
+        if self.op == "MatMul":
+            return c.T
+        raise LayerError(f"layer {self.node!r} ({self.op}) has no canonical form")
+
+    def to_dict(self) -> dict:
+        return {
+            "node": self.node, "op": self.op, "initializer": self.initializer, "bias": self.bias,
+            "shape": list(self.shape), "dtype": self.dtype, "shared": self.shared, "source": self.source,
+            "layout": self.layout, "editable": self.editable, "reason": self.reason, "module": self.module,
+        }
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    layers: tuple[Layer, ...]
+    node_names: tuple[str, ...] = field(repr=False)  # unique name of every node, by index
+
+    def editable(self) -> list[Layer]:
+        return [layer for layer in self.layers if layer.editable]
+
+    def get(self, name: str) -> Layer:
+        """A layer by node name or weight-initializer name; unknown names list close matches."""
+        for layer in self.layers:
+            if name in (layer.node, layer.initializer):
+                return layer
+        candidates = [l.node for l in self.layers] + [l.initializer for l in self.layers]
+        close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.4)
+        hint = ("close matches: " + ", ".join(close)) if close else (
+            "editable layers: " + ", ".join(l.node for l in self.editable()[:8]))
+        raise LayerError(f"no layer named {name!r} in this model", hint=hint + "; see `dynedit inspect`")
+
+
+def unique_node_names(graph: onnx.GraphProto) -> list[str]:
+    """Node names made unique: empty or repeated names become ``<op>_<index>``."""
+    seen: set[str] = set()
+    names = []
+    for i, node in enumerate(graph.node):
+        name = node.name
+        if not name or name in seen:
+            name = f"{node.op_type}_{i}"
+            while name in seen:
+                name += "_"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def twin_module_name(node_name: str, domain: str = "") -> str:
+    """The module name onnx2torch gives a node (its OnnxGraph.generate_node_name)."""
+    return (f"{domain}/" + node_name.replace(".", "/")).lstrip("/")
+
+
+def constant_sources(graph: onnx.GraphProto) -> dict[str, tuple[str, int]]:
+    """Tensor name -> (kind, node index) for values made by Constant / ConstantOfShape."""
+    out = {}
+    for i, node in enumerate(graph.node):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            out[node.output[0]] = ("constant", i)
+        elif node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx"):
+            out[node.output[0]] = ("constant_of_shape", i)
+    return out
+
+
+def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of a constant tensor (initializer, Constant or constant-shaped
+    ConstantOfShape), or None when it is computed at run time."""
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if name not in node.output:
+            continue
+        if node.op_type == "Constant":
+            return _constant_node_value(node)
+        if node.op_type == "ConstantOfShape":
+            shape = constant_value(graph, node.input[0]) if node.input else None
+            if shape is None:
+                return None
+            fill = np.zeros(1, dtype=np.float32)
+            for attr in node.attribute:
+                if attr.name == "value":
+                    fill = numpy_helper.to_array(attr.t)
+            return np.full(tuple(int(d) for d in shape.reshape(-1)), fill.reshape(-1)[0], dtype=fill.dtype)
+        return None
+    return None
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def build_layer_map(model: onnx.ModelProto) -> LayerMap:
+    graph = model.graph
+    names = unique_node_names(graph)
+    init_names = {init.name for init in graph.initializer}
+    graph_inputs = {vi.name for vi in graph.input} - init_names
+    sources = constant_sources(graph)
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for inp in node.input:
+            if inp:
+                consumers[inp] = consumers.get(inp, 0) + 1
+    graph_outputs = {o.name for o in graph.output}
+
+    def is_const(name: str) -> bool:
+        return name in init_names or name in sources
+
+    layers = []
+    for i, node in enumerate(graph.node):
+        if node.op_type not in EDITABLE_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = _attrs(node)
+        inputs = list(node.input)
+        reason = None
+        if node.op_type == "MatMul":
+            if len(inputs) < 2:
+                continue
+            if is_const(inputs[1]) and not is_const(inputs[0]):
+                weight, key = inputs[1], inputs[0]
+            elif is_const(inputs[0]) and not is_const(inputs[1]):
+                weight, key = inputs[0], inputs[1]
+                reason = "the constant is MatMul's first operand (W @ X); only X @ W is editable"
+            else:
+                continue  # activation x activation: no weight
+            bias = None
+        else:
+            if len(inputs) < 2 or not is_const(inputs[1]):
+                continue
+            weight, key = inputs[1], inputs[0]
+            bias = inputs[2] if len(inputs) > 2 and inputs[2] and is_const(inputs[2]) else None
+        value = constant_value(graph, weight)
+        if value is None:
+            continue
+        shape = tuple(int(d) for d in value.shape)
+        dtype = str(value.dtype)
+        source = sources.get(weight, ("initializer", -1))[0] if weight not in init_names else "initializer"
+        shared = consumers.get(weight, 0) > 1 or weight in graph_outputs or weight in graph_inputs
+        alpha, trans_b, groups = 1.0, True, 1
+        strides = pads = dilations = kernel = ()
+        auto_pad = "NOTSET"
+        if node.op_type == "Conv":
+            groups = int(attrs.get("group", 1))
+            kernel = tuple(int(k) for k in attrs.get("kernel_shape", shape[2:]))
+            nsp = len(shape) - 2
+            strides = tuple(int(s) for s in attrs.get("strides", [1] * nsp))
+            dilations = tuple(int(s) for s in attrs.get("dilations", [1] * nsp))
+            pads = tuple(int(s) for s in attrs.get("pads", [0] * 2 * nsp))
+            ap = attrs.get("auto_pad", b"NOTSET")
+            auto_pad = ap.decode() if isinstance(ap, bytes) else str(ap)
+            layout = f"W[out,in*k] = weight.reshape({shape[0]}, -1)"
+            if groups != 1:
+                reason = f"grouped convolution (group={groups}) is mapped but not editable"
+            elif nsp not in (1, 2):
+                reason = f"{nsp}-D convolution is mapped but not editable (1-D and 2-D are)"
+        elif node.op_type == "Gemm":
+            alpha = float(attrs.get("alpha", 1.0))
+            trans_b = bool(attrs.get("transB", 0))
+            layout = (f"W[out,in] = {alpha:g} * B" if trans_b else f"W[out,in] = {alpha:g} * B.T")
+            if attrs.get("transA", 0):
+                reason = "Gemm with transA=1 is not editable"
+            elif alpha == 0:
+                reason = "Gemm with alpha=0 ignores its weight"
+            elif len(shape) != 2:
+                reason = f"Gemm weight has rank {len(shape)}"
+        elif node.op_type == "MatMul":
+            layout = "W[out,in] = B.T"
+            if len(shape) != 2 and reason is None:
+                reason = f"MatMul with a {len(shape)}-D constant is not editable (2-D only)"
+        else:  # ConvTranspose
+            layout = "weight [in, out/group, *k]"
+            reason = "ConvTranspose is mapped but not editable"
+        if reason is None and shared:
+            reason = f"initializer {weight!r} is shared by several nodes; editing it would change all of them"
+        if reason is None and not np.issubdtype(value.dtype, np.floating):
+            reason = f"weight dtype {dtype} is not floating point"
+        layers.append(Layer(
+            node=names[i], node_index=i, op=node.op_type, initializer=weight, bias=bias, shape=shape,
+            dtype=dtype, source=source, shared=shared, layout=layout, key_input=key,
+            module=twin_module_name(names[i], node.domain), editable=reason is None, reason=reason,
+            alpha=alpha, trans_b=trans_b, groups=groups, strides=strides, pads=pads,
+            dilations=dilations, auto_pad=auto_pad, kernel=kernel,
+        ))
+    return LayerMap(layers=tuple(layers), node_names=tuple(names))
