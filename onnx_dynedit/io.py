@@ -183,7 +183,7 @@ def _load_external(model: onnx.ModelProto, path: Path) -> list[str]:
             fh.seek(offset)
             tensor.raw_data = fh.read(length)
         del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.ClearField("data_location")  # as if it had always been stored inline
         names.append(tensor.name)
     return names
 

@@ -77,9 +77,12 @@ def _tensor_proto(name: str, values: np.ndarray, like: onnx.TensorProto | None) 
     else:  # typed fields (float_data, int32_data for fp16, ...), as the original had
         proto = onnx.helper.make_tensor(name, like.data_type, list(values.shape),
                                         values.reshape(-1).tolist(), raw=False)
-    if like is not None:
-        proto.name = like.name
-        proto.doc_string = like.doc_string
+    if like is not None:  # proto2: copy presence too, not just the value
+        for fname in ("name", "doc_string"):
+            if like.HasField(fname):
+                setattr(proto, fname, getattr(like, fname))
+            else:
+                proto.ClearField(fname)
     return proto
 
 
