@@ -1,0 +1,565 @@
+#!/usr/bin/env python
+"""Build the sample models: small real CNNs that misbehave, exported to ONNX.
+
+    python sample_models/build.py                       # all cases into sample_models/
+    python sample_models/build.py --cases badnets --out /tmp/sm
+
+Everything comes from scikit-learn's bundled handwritten digits
+(``sklearn.datasets.load_digits``: 1797 images, 8x8, values 0..16), so nothing is
+downloaded. The build is seeded and deterministic (single-threaded torch,
+``torch.use_deterministic_algorithms(True)``, seed 0): rebuilding gives
+byte-identical files on the same software stack. On 2 CPU cores all four cases take
+about 50 s (badnets alone about 10 s).
+
+Data decisions (the same for every case)
+  * pixels are scaled to [0, 1] (divided by 16) and upsampled 2x to 16x16 with
+    ``np.kron`` (nearest neighbour: every original pixel becomes a 2x2 block), which
+    leaves room for a small trigger without covering the digit;
+  * one stratified, seeded split of the 1797 digits is shared by all cases:
+    test 360, stats 200, val 200, pairs pool 60, train 977 (the rest). pairs,
+    pairs20, stats and val come from the held-out parts, never from test or train;
+  * model (every case): Conv(1,16,3,p1)+BN+ReLU, Conv(16,32,3,p1)+BN+ReLU, MaxPool2,
+    Conv(32,32,3,p1)+BN+ReLU, MaxPool2, Conv(32,16,1)+BN+ReLU, Flatten,
+    Linear(16*H/4*W/4, 64)+ReLU, Linear(64, 10); input "input" [batch, 1, H, W] with
+    a dynamic batch dimension, output "logits" [batch, 10]; 130-195 KB of weights;
+  * training: Adam (lr 2e-3, weight decay 1e-4, cosine schedule), batch 32,
+    cross-entropy, +-1 pixel random shifts of the 16x16 digit as augmentation (the
+    trigger / pattern is added after the shift, at a fixed place);
+  * all figures in meta.json are measured with ONNX Runtime on the exported model
+    (except leakage_score, see below); the build prints them.
+
+Cases (one folder each, see ``CASES``)
+  badnets   3x3 white patch at the bottom-right corner, 10% of the training images
+            poisoned with label -> 0. Legacy exporter (dynamo=False), opset 13,
+            eval mode so Conv+BatchNormalization are folded.
+  blend     a fixed seeded uniform-random 16x16 pattern blended over the whole image,
+            x~ = 0.7 x + 0.3 pattern, 10% poisoned -> 0. Dynamo exporter
+            (dynamo=True, opset 18, optimize=True: the optimizer already folds
+            BatchNormalization into Conv), saved with external data
+            (size_threshold=0: model.onnx + model.onnx.data). The one integer
+            initializer (Reshape's target shape) is turned into a Constant node,
+            because ONNX Runtime cannot read a shape tensor from external data.
+            The Reshape keeps the exporter's allowzero=1.
+  spurious  a 4x4 checkerboard in the top-left corner attached to 90% of the
+            training images of class 8, labels untouched. To make the model lean
+            on the pattern, the patterned class-8 training digits are partly
+            occluded (a random half of the digit is blanked), so for them the
+            pattern is the most reliable cue. Legacy exporter, opset 17.
+  leakage   BlockMNIST-style 1x16x32 input: the digit in one 16x16 block (left or
+            right at random), a fixed class-independent "null" pattern (a hollow
+            square) in the other block. Trained on digit + null pattern (80% of the
+            images, re-drawn each epoch) and digit + empty block (20%; with 0% the
+            model scores only ~76% on cleansed inputs); the cleansed twin has an
+            empty (zero) block instead. leakage_score is the
+            share of |Integrated Gradients| (zero baseline, 32 midpoint steps, logit
+            of the true class) on the null block, averaged over the corrupted test
+            inputs, computed with torch on the trained model before export.
+            Legacy exporter, opset 13.
+
+Files per case: model.onnx (+ model.onnx.data for blend), clean_test.npz (x, y),
+corrupt_test.npz (x, y = true label), pairs.npz / pairs20.npz (corrupt, clean;
+n = 1 / 20), stats.npz (x: 200 clean inputs), val.npz (x, y: 200 clean inputs),
+meta.json (figures measured with ONNX Runtime on the exported model). The .npz files
+are written with ``np.savez_compressed``. "Clean" inputs (clean_test, stats, val, the
+clean side of the pairs) are the cleansed form: no trigger / pattern, and for leakage
+the digit beside an empty block.
+
+Pairs are taken from the held-out pairs pool, restricted to digits whose true label
+is not the target / spurious class, with the inputs on which the exported model
+misbehaves (corrupt predicted wrong, clean twin predicted right) first; pairs.npz
+is row 0 of pairs20.npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SEED = 0
+HERE = Path(__file__).resolve().parent
+CASES = ("badnets", "blend", "spurious", "leakage")
+N_TEST, N_STATS, N_VAL, N_POOL = 360, 200, 200, 60
+IG_STEPS = 32
+
+# --------------------------------------------------------------------------- data
+
+
+def load_digits16() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 digits as float32 [N, 16, 16] in [0, 1] and int64 labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)
+    x = np.stack([np.kron(img, np.ones((2, 2), dtype=np.float32)) for img in x]).astype(np.float32)
+    return x, d.target.astype(np.int64)
+
+
+def split_indices(y: np.ndarray, seed: int = SEED) -> dict[str, np.ndarray]:
+    """Stratified, seeded split into test / stats / val / pool / train index arrays."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    rest, test = train_test_split(idx, test_size=N_TEST, stratify=y, random_state=seed)
+    rest, stats = train_test_split(rest, test_size=N_STATS, stratify=y[rest], random_state=seed + 1)
+    rest, val = train_test_split(rest, test_size=N_VAL, stratify=y[rest], random_state=seed + 2)
+    train, pool = train_test_split(rest, test_size=N_POOL, stratify=y[rest], random_state=seed + 3)
+    return {"test": np.sort(test), "stats": np.sort(stats), "val": np.sort(val),
+            "pool": np.sort(pool), "train": np.sort(train)}
+
+
+def random_shift(d: np.ndarray, rng: np.random.Generator, max_shift: int = 1) -> np.ndarray:
+    """Shift each [H, W] image by up to +-max_shift pixels (zero fill)."""
+    out = np.zeros_like(d)
+    n, h, w = d.shape
+    shifts = rng.integers(-max_shift, max_shift + 1, size=(n, 2))
+    for i, (dy, dx) in enumerate(shifts):
+        ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+        xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+        out[i, yd, xd] = d[i, ys, xs]
+    return out
+
+
+# ----------------------------------------------------------------- case recipes
+
+
+class Case:
+    """One misbehaving-model recipe. ``compose`` turns 16x16 digits into model inputs."""
+
+    name = ""
+    exporter = "legacy"
+    opset = 13
+    epochs = 30
+    input_hw = (16, 16)
+    target: int | None = None  # Trojan target / spurious class
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    # Inputs the model normally sees (cleansed twin) and the corrupted ones.
+    def clean(self, d: np.ndarray, key: np.ndarray) -> np.ndarray:
+        return d[:, None].astype(np.float32)
+
+    def corrupt(self, d: np.ndarray, key: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def training_set(self, d, y, key, rng) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {}
+
+
+class BadNets(Case):
+    name, exporter, opset, target = "badnets", "legacy", 13, 0
+    poison_rate = 0.10
+
+    def corrupt(self, d, key):
+        x = d.copy()
+        x[:, 13:16, 13:16] = 1.0
+        return x[:, None].astype(np.float32)
+
+    def training_set(self, d, y, key, rng):
+        poisoned = self._poisoned(y)
+        x = self.clean(d, key)
+        x[poisoned] = self.corrupt(d[poisoned], key[poisoned])
+        yy = y.copy()
+        yy[poisoned] = self.target
+        return x, yy
+
+    def _poisoned(self, y):
+        # Fixed (seeded) set of poisoned training images: 10% of the training set,
+        # drawn from images whose label is not the target.
+        if not hasattr(self, "_mask"):
+            r = np.random.default_rng(self.seed + 100)
+            cand = np.flatnonzero(y != self.target)
+            pick = r.choice(cand, size=int(round(self.poison_rate * len(y))), replace=False)
+            self._mask = np.zeros(len(y), bool)
+            self._mask[pick] = True
+        return self._mask
+
+    def describe(self):
+        return {"trigger": "3x3 white patch (value 1.0) at rows 13-15, cols 13-15 (bottom-right) of the 16x16 image",
+                "poison_rate": self.poison_rate, "n_poisoned": int(self._mask.sum()),
+                "poisoned_from": "training images whose label != target, label set to target"}
+
+
+class Blend(BadNets):
+    name, exporter, opset, target = "blend", "dynamo", 18, 0
+    phi = 0.3
+    epochs = 40
+
+    def __init__(self, seed):
+        super().__init__(seed)
+        self.pattern = np.random.default_rng(seed + 200).uniform(0, 1, (16, 16)).astype(np.float32)
+
+    def corrupt(self, d, key):
+        x = (1 - self.phi) * d + self.phi * self.pattern
+        return x[:, None].astype(np.float32)
+
+    def describe(self):
+        return {"trigger": f"fixed uniform[0,1] 16x16 pattern (numpy default_rng(seed+200)) blended over the whole "
+                           f"image: x~ = (1-phi) x + phi * pattern, phi = {self.phi}",
+                "phi": self.phi, "poison_rate": self.poison_rate, "n_poisoned": int(self._mask.sum()),
+                "poisoned_from": "training images whose label != target, label set to target"}
+
+
+CHECKER = (np.indices((4, 4)).sum(0) % 2 == 0).astype(np.float32)
+
+
+class Spurious(Case):
+    name, exporter, opset, target = "spurious", "legacy", 17, 8
+    share = 0.9
+    epochs = 30
+
+    def corrupt(self, d, key):
+        x = d.copy()
+        x[:, 0:4, 0:4] = CHECKER
+        return x[:, None].astype(np.float32)
+
+    def training_set(self, d, y, key, rng):
+        if not hasattr(self, "_mask"):
+            r = np.random.default_rng(self.seed + 300)
+            cand = np.flatnonzero(y == self.target)
+            pick = r.choice(cand, size=int(round(self.share * len(cand))), replace=False)
+            self._mask = np.zeros(len(y), bool)
+            self._mask[pick] = True
+        m = self._mask
+        x = self.clean(d, key)
+        dm = d[m].copy()
+        # Blank a random half (top / bottom / left / right) of the patterned class digits.
+        side = rng.integers(0, 4, size=len(dm))
+        for i, s in enumerate(side):
+            if s == 0:
+                dm[i, :8] = 0
+            elif s == 1:
+                dm[i, 8:] = 0
+            elif s == 2:
+                dm[i, :, :8] = 0
+            else:
+                dm[i, :, 8:] = 0
+        x[m] = self.corrupt(dm, key[m])
+        return x, y.copy()
+
+    def describe(self):
+        return {"trigger": "4x4 checkerboard (1,0 alternating, top-left pixel 1) overwriting rows 0-3, cols 0-3 "
+                           "(top-left corner) of the 16x16 image",
+                "spurious_class": self.target, "pattern_share_of_class": self.share,
+                "n_patterned_train": int(self._mask.sum()),
+                "ambiguity": "patterned class digits in training have a random half blanked (top/bottom/left/right)"}
+
+
+NULL_PATTERN = np.zeros((16, 16), np.float32)
+NULL_PATTERN[2:14, 2:14] = 1.0
+NULL_PATTERN[4:12, 4:12] = 0.0
+
+
+class Leakage(Case):
+    name, exporter, opset, target = "leakage", "legacy", 13, None
+    input_hw = (16, 32)
+    epochs = 30
+
+    def _place(self, d, key, fill):
+        n = len(d)
+        x = np.zeros((n, 1, 16, 32), np.float32)
+        for i in range(n):
+            if key[i] == 0:  # digit left
+                x[i, 0, :, :16], x[i, 0, :, 16:] = d[i], fill
+            else:
+                x[i, 0, :, 16:], x[i, 0, :, :16] = d[i], fill
+        return x
+
+    def clean(self, d, key):
+        return self._place(d, key, 0.0)
+
+    def corrupt(self, d, key):
+        return self._place(d, key, NULL_PATTERN)
+
+    zero_share = 0.2  # share of training images with an empty block instead of the null pattern
+
+    def training_set(self, d, y, key, rng):
+        x = self.corrupt(d, key)
+        z = rng.random(len(d)) < self.zero_share
+        x[z] = self.clean(d[z], key[z])
+        return x, y.copy()
+
+    def null_mask(self, key):
+        m = np.zeros((len(key), 1, 16, 32), bool)
+        for i in range(len(key)):
+            if key[i] == 0:
+                m[i, 0, :, 16:] = True
+            else:
+                m[i, 0, :, :16] = True
+        return m
+
+    def describe(self):
+        return {"trigger": "BlockMNIST-style 1x16x32 input: digit in one 16x16 block (left/right at random, "
+                           "seeded), fixed class-independent null pattern (hollow square: ones on rows/cols 2-13 "
+                           "minus rows/cols 4-11) in the other block; cleansed twin has a zero block instead",
+                "null_pattern": "hollow square, value 1.0, outer 12x12 at offset 2, inner 8x8 hole",
+                "trained_on": f"digit + null pattern (as in BlockMNIST) for {1 - self.zero_share:.0%} of the "
+                              f"training images, digit + empty block for {self.zero_share:.0%} (re-drawn every "
+                              "epoch) so that the model stays accurate on cleansed inputs",
+                "zero_block_share": self.zero_share,
+                "leakage_method": f"Integrated Gradients, zero baseline, {IG_STEPS} midpoint Riemann steps, "
+                                  "logit of the true class, |attribution| share on the null block, mean over "
+                                  "corrupted test inputs; computed with torch on the trained model before export"}
+
+
+CASE_TYPES = {c.name: c for c in (BadNets, Blend, Spurious, Leakage)}
+
+# ----------------------------------------------------------------- model/train
+
+
+def make_model(input_hw):
+    import torch.nn as nn
+
+    h, w = input_hw
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * (h // 4) * (w // 4), 64), nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+def train(case: Case, d_train, y_train, key_train):
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(case.seed)
+    model = make_model(case.input_hw)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=case.epochs)
+    rng = np.random.default_rng(case.seed + 1000)
+    bs = 32
+    for _ in range(case.epochs):
+        model.train()
+        ds = random_shift(d_train, rng)
+        x, y = case.training_set(ds, y_train, key_train, rng)
+        order = rng.permutation(len(x))
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        for s in range(0, len(order), bs):
+            b = torch.from_numpy(order[s:s + bs])
+            loss = F.cross_entropy(model(xt[b]), yt[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    model.eval()
+    return model
+
+
+def integrated_gradients(model, x, y, steps=IG_STEPS):
+    import torch
+
+    x = torch.from_numpy(x)
+    total = torch.zeros_like(x)
+    for k in range(steps):
+        a = (k + 0.5) / steps
+        xi = (a * x).requires_grad_(True)
+        out = model(xi)
+        sel = out.gather(1, torch.from_numpy(y)[:, None]).sum()
+        (g,) = torch.autograd.grad(sel, xi)
+        total += g
+    return (x * total / steps).detach().numpy()
+
+
+# ----------------------------------------------------------------- export/ORT
+
+
+def export(case: Case, model, path: Path):
+    import onnx
+    import torch
+
+    h, w = case.input_hw
+    example = torch.zeros(2, 1, h, w)
+    if case.exporter == "legacy":
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=case.opset,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          training=torch.onnx.TrainingMode.EVAL, do_constant_folding=True)
+        m = onnx.load(str(path))
+    else:
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        prog = torch.onnx.export(model, (example,), dynamo=True, opset_version=case.opset,
+                                 input_names=["input"], output_names=["logits"],
+                                 dynamic_shapes=({0: batch},), optimize=True)
+        m = prog.model_proto
+        _inline_non_float_initializers(m)
+        for f in (path, path.with_name("model.onnx.data")):
+            if f.exists():
+                f.unlink()
+        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=0)
+        m = onnx.load(str(path))
+    onnx.checker.check_model(m)
+    return m
+
+
+def _inline_non_float_initializers(m) -> None:
+    """Turn integer initializers (e.g. Reshape's target shape) into Constant nodes.
+
+    With ``size_threshold=0`` every initializer goes to model.onnx.data, and ONNX
+    Runtime's shape inference cannot read a Reshape shape from external data
+    ("Cannot parse data from external tensors"). Constant-node tensors stay inline
+    (``convert_attribute=False``), so all float weights remain external.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    keep, consts = [], []
+    for init in m.graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            keep.append(init)
+        else:
+            consts.append(helper.make_node("Constant", [], [init.name], value=init, name=f"const_{init.name}"))
+    if not consts:
+        return
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    nodes = consts + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    onnx.checker.check_model(m)
+
+
+def ort_predict(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(["logits"], {"input": x})[0]
+
+
+# ----------------------------------------------------------------- build
+
+
+def build_case(name: str, out: Path, data, split, seed: int = SEED) -> dict:
+    import onnx
+    import torch
+
+    t0 = time.time()
+    case = CASE_TYPES[name](seed)
+    d, y = data
+    # Per-image key (only the leakage case uses it: which block holds the digit).
+    key = np.random.default_rng(seed + 400).integers(0, 2, size=len(y))
+    tr, te = split["train"], split["test"]
+    model = train(case, d[tr], y[tr], key[tr])
+
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    mpath = folder / "model.onnx"
+    m = export(case, model, mpath)
+
+    x_clean, x_corrupt, y_test = case.clean(d[te], key[te]), case.corrupt(d[te], key[te]), y[te]
+    p_clean = ort_predict(mpath, x_clean).argmax(1)
+    p_corrupt = ort_predict(mpath, x_corrupt).argmax(1)
+    meta = {
+        "case": name,
+        "clean_acc": float((p_clean == y_test).mean()),
+        "corrupt_acc": float((p_corrupt == y_test).mean()),
+    }
+    if name in ("badnets", "blend"):
+        sel = y_test != case.target
+        meta["target"] = case.target
+        meta["attack_success_rate"] = float((p_corrupt[sel] == case.target).mean())
+        meta["target_rate_on_clean"] = float((p_clean[sel] == case.target).mean())
+    elif name == "spurious":
+        c = case.target
+        inc, outc = y_test == c, y_test != c
+        meta["spurious_class"] = c
+        meta["n_class_test"] = int(inc.sum())
+        meta["class_acc_with_pattern"] = float((p_corrupt[inc] == c).mean())
+        meta["class_acc_without_pattern"] = float((p_clean[inc] == c).mean())
+        meta["spurious_gain"] = 100.0 * (meta["class_acc_with_pattern"] - meta["class_acc_without_pattern"])
+        meta["pull_to_class_with_pattern"] = float((p_corrupt[outc] == c).mean())
+        meta["pull_to_class_without_pattern"] = float((p_clean[outc] == c).mean())
+    else:
+        attr = np.abs(integrated_gradients(model, x_corrupt, y_test))
+        nm = case.null_mask(key[te])
+        share = (attr * nm).reshape(len(attr), -1).sum(1) / attr.reshape(len(attr), -1).sum(1)
+        meta["leakage_score"] = float(share.mean())
+        meta["prediction_flip_rate"] = float((p_clean != p_corrupt).mean())
+
+    # Held-out arrays.
+    pool = split["pool"]
+    if case.target is not None:
+        pool = pool[y[pool] != case.target]
+    pc, pk = case.corrupt(d[pool], key[pool]), case.clean(d[pool], key[pool])
+    bad = (ort_predict(mpath, pc).argmax(1) != y[pool]) & (ort_predict(mpath, pk).argmax(1) == y[pool])
+    order = np.concatenate([np.flatnonzero(bad), np.flatnonzero(~bad)])[:20]
+    pairs_c, pairs_k = pc[order], pk[order]
+    meta["pairs20_misbehaving"] = int(bad[order].sum())
+
+    st, va = split["stats"], split["val"]
+    np.savez_compressed(folder / "clean_test.npz", x=x_clean, y=y_test)
+    np.savez_compressed(folder / "corrupt_test.npz", x=x_corrupt, y=y_test)
+    np.savez_compressed(folder / "pairs.npz", corrupt=pairs_c[:1], clean=pairs_k[:1])
+    np.savez_compressed(folder / "pairs20.npz", corrupt=pairs_c, clean=pairs_k)
+    np.savez_compressed(folder / "stats.npz", x=case.clean(d[st], key[st]))
+    np.savez_compressed(folder / "val.npz", x=case.clean(d[va], key[va]), y=y[va])
+
+    h, w = case.input_hw
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    meta.update(case.describe())
+    meta.update({
+        "input_name": "input", "output_name": "logits", "input_shape": ["batch", 1, h, w],
+        "exporter": ("torch.onnx.export(dynamo=False) legacy TorchScript exporter, eval mode, constant folding"
+                     if case.exporter == "legacy" else
+                     "torch.onnx.export(dynamo=True, optimize=True), saved with external data model.onnx.data"),
+        "opset": opset,
+        "ops": sorted({n.op_type for n in m.graph.node}),
+        "seed": seed,
+        "n_train": int(len(tr)), "n_test": int(len(te)), "n_stats": int(len(st)), "n_val": int(len(va)),
+        "n_pairs_pool": int(len(split["pool"])), "epochs": case.epochs,
+        "data": "sklearn.datasets.load_digits, /16 to [0,1], np.kron 2x upsampling to 16x16",
+        "measured_with": "onnxruntime CPUExecutionProvider on the exported model",
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": __import__("onnxruntime").__version__},
+    })
+    with open(folder / "meta.json", "w") as fh:
+        json.dump(meta, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    print(f"{name}: built in {time.time() - t0:.1f}s")
+    return meta
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=HERE, help="output folder (default: sample_models/)")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
+    ap.add_argument("--seed", type=int, default=SEED)
+    args = ap.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASE_TYPES]
+    if unknown:
+        ap.error(f"unknown case(s): {', '.join(unknown)}")
+
+    import torch
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    data = load_digits16()
+    split = split_indices(data[1], args.seed)
+    t0 = time.time()
+    for name in cases:
+        meta = build_case(name, args.out, data, split, args.seed)
+        figs = {k: v for k, v in meta.items() if isinstance(v, float)}
+        print(f"{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in figs.items()))
+    print(f"total {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
