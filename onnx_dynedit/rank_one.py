@@ -1,0 +1,173 @@
+"""Key statistics and the rank-one update, as data.
+
+A layer with canonical weight W [out, in] maps keys k to values W k (layers.py). For a
+corrupted input x~ and its cleansed twin x, every output position p gives a corrupted
+key k~_p, a clean key k_p and their difference delta_p = k~_p - k_p (zero where the
+trigger does not reach).
+
+Direction (the "d" of W' = W + u d^T):
+  C = E[k k^T] over the stats inputs' keys (every position of every input), regularised
+  C_l = C + lam * mean(diag C) * I and factored once, C_l = R R^T (Cholesky; never inverted).
+  Rows r_p (delta_p by default, or k~_p weighted by ||delta_p||) are whitened, z_p = R^-1 r_p,
+  and the top singular direction a of {z_p} is taken (one SVD pooling every pair and
+  position, as in the prior work for n > 1). Then d = R^-T a = C_l^-1 k* with
+  k* = R a: the key direction along which the corrupted keys stand out most from the
+  keys the layer normally sees. d is scaled so that mean_p(d . delta_p) over the
+  affected positions is 1 and its sign so that it is positive.
+
+Value (the "u"):
+  local  closed form: minimise sum_p || (v_p - v~_p) - u (d . k~_p) ||^2, i.e.
+         u = sum_p s_p r_p / sum_p s_p^2 with s_p = d . k~_p and r_p the clean-minus-
+         corrupted output at p (bias cancels). For one dense key this is the textbook
+         u = (v* - W k*) / (d^T k*).
+  output fitted in rectify.py: u starts at the closed form and Adam makes the
+         NETWORK output on x~ match the output on x while keeping outputs on unlabeled
+         clean inputs unchanged (the measured hint in method.md).
+
+Pure functions over torch tensors; no state, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import EditError
+from .layers import Layer
+from .twin import Twin, layer_keys, layer_values
+
+DEFAULT_LAMBDA = 1e-2  # ridge, relative to the mean diagonal of C
+
+
+@dataclass(frozen=True)
+class RankOneEdit:
+    """W' = W + u d^T on one layer (canonical space). u, d: float64 numpy."""
+
+    layer: Layer
+    u: np.ndarray
+    d: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {"node": self.layer.node, "initializer": self.layer.initializer,
+                "u_norm": float(np.linalg.norm(self.u)), "d_norm": float(np.linalg.norm(self.d))}
+
+
+@dataclass(frozen=True)
+class KeyStats:
+    layer: Layer
+    chol: torch.Tensor      # lower Cholesky factor R of C + lam I (float64)
+    n_keys: int
+    lam: float
+    source: str
+
+    def whiten(self, rows: torch.Tensor) -> torch.Tensor:
+        """z = R^-1 r for rows [m, in] -> [m, in]."""
+        return torch.linalg.solve_triangular(self.chol, rows.T.double(), upper=False).T
+
+    def unwhiten_solve(self, a: torch.Tensor) -> torch.Tensor:
+        """d = R^-T a (so that d . k = a . R^-1 k)."""
+        return torch.linalg.solve_triangular(self.chol.T, a.double().unsqueeze(1), upper=True).squeeze(1)
+
+
+def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), batch_size: int = 32,
+                   lam: float = DEFAULT_LAMBDA, source: str = "stats") -> dict[str, KeyStats]:
+    """Second moments of every layer's keys over inputs ``x`` (current edits applied)."""
+    dim = {l.node: l.in_features for l in layers}
+    acc = {l.node: torch.zeros(dim[l.node], dim[l.node], dtype=torch.float64, device=twin.device) for l in layers}
+    count = {l.node: 0 for l in layers}
+    with torch.no_grad(), twin.applied(edits), twin.capture(layers) as store:
+        for i in range(0, len(x), batch_size):
+            for rec in store.values():
+                rec["in"].clear()
+            twin.forward(twin.to_tensor(x[i:i + batch_size]))
+            for layer in layers:
+                keys = layer_keys(layer, store[layer.node]["in"][0]).reshape(-1, dim[layer.node])
+                acc[layer.node] += (keys.T @ keys).double()
+                count[layer.node] += keys.shape[0]
+    out = {}
+    for layer in layers:
+        c = acc[layer.node] / max(count[layer.node], 1)
+        ridge = lam * float(torch.diagonal(c).mean().clamp_min(1e-12))
+        c = c + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+        chol, info = torch.linalg.cholesky_ex(c)
+        if int(info) != 0:
+            raise EditError(f"key statistics of layer {layer.node!r} are not positive definite",
+                            hint="give more --stats inputs or a larger ridge")
+        out[layer.node] = KeyStats(layer=layer, chol=chol, n_keys=count[layer.node], lam=ridge, source=source)
+    return out
+
+
+@dataclass(frozen=True)
+class PairKeys:
+    """Keys and outputs of one layer on the corrupted and clean inputs: [n, P, *]."""
+
+    k_corrupt: torch.Tensor
+    k_clean: torch.Tensor
+    v_corrupt: torch.Tensor
+    v_clean: torch.Tensor
+
+
+def pair_keys(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.ndarray, *, edits=()) -> dict[str, PairKeys]:
+    out = {}
+    with torch.no_grad(), twin.applied(edits), twin.capture(layers, inputs=True, outputs=True) as store:
+        twin.forward(twin.to_tensor(corrupt))
+        twin.forward(twin.to_tensor(clean))
+    for layer in layers:
+        rec = store[layer.node]
+        out[layer.node] = PairKeys(
+            k_corrupt=layer_keys(layer, rec["in"][0]).double(), k_clean=layer_keys(layer, rec["in"][1]).double(),
+            v_corrupt=layer_values(layer, rec["out"][0]).double(), v_clean=layer_values(layer, rec["out"][1]).double())
+    return out
+
+
+@dataclass(frozen=True)
+class Direction:
+    d: torch.Tensor          # [in], float64
+    specificity: float       # Mahalanobis norm of the per-pair summed key change, RMS over pairs
+    affected: float          # share of positions whose keys differ
+
+
+def edit_direction(stats: KeyStats, keys: PairKeys, *, key: str = "diff") -> Direction:
+    """d = C^-1 k* with k* the top whitened direction of the key differences (see module doc)."""
+    n = keys.k_corrupt.shape[0]
+    diff = (keys.k_corrupt - keys.k_clean).reshape(-1, keys.k_corrupt.shape[-1])
+    norms = diff.norm(dim=1)
+    scale = float(norms.max()) if norms.numel() else 0.0
+    if scale == 0.0:
+        raise EditError(f"layer {stats.layer.node!r}: corrupted and clean inputs give identical keys",
+                        hint="the pair does not differ before this layer; pick an earlier layer")
+    affected_mask = norms > 1e-3 * scale
+    if key == "diff":
+        rows = diff[affected_mask]
+    elif key == "corrupt":
+        k = keys.k_corrupt.reshape(-1, diff.shape[1])[affected_mask]
+        rows = k * (norms[affected_mask] / scale).unsqueeze(1)
+    else:
+        raise ValueError(f"unknown key formulation {key!r}")
+    z = stats.whiten(rows)  # [m, in]
+    gram = z.T @ z
+    evals, evecs = torch.linalg.eigh(gram)
+    a = evecs[:, -1]
+    d = stats.unwhiten_solve(a)
+    proj = diff[affected_mask] @ d
+    mean = float(proj.mean())
+    if mean == 0.0:
+        raise EditError(f"layer {stats.layer.node!r}: the edit direction does not separate corrupted from clean keys")
+    d = d / mean  # mean d . delta over affected positions = 1, sign positive
+    # k*_i = sum over positions of pair i's key change; its Mahalanobis norm under C
+    # (scale-free: the same whatever the scale of the layer's keys)
+    kstar = (keys.k_corrupt - keys.k_clean).sum(dim=1)  # [n, in]
+    maha = float(stats.whiten(kstar).pow(2).sum(1).mean().sqrt())
+    return Direction(d=d, specificity=maha, affected=float(affected_mask.double().mean()))
+
+
+def closed_form_u(keys: PairKeys, d: torch.Tensor) -> torch.Tensor:
+    """Least-squares u for fixed d: match the clean outputs at the layer itself."""
+    s = keys.k_corrupt.reshape(-1, keys.k_corrupt.shape[-1]) @ d          # [m]
+    r = (keys.v_clean - keys.v_corrupt).reshape(-1, keys.v_clean.shape[-1])  # [m, out]
+    denom = float((s * s).sum())
+    if denom == 0.0:
+        raise EditError("the edit direction is orthogonal to every corrupted key")
+    return (s.unsqueeze(1) * r).sum(0) / denom
