@@ -190,7 +190,7 @@ def _fit_output(twin: Twin, layer: Layer, d: torch.Tensor, u0: torch.Tensor, pre
         if loc_x.shape[0]:
             loss = loss + cfg.locality_weight * F.mse_loss(out[n:], loc_ref) / l_norm
         loss.backward()
-        loss_val = float(loss)
+        loss_val = float(loss.detach())
         if loss_val < best[0]:
             best = (loss_val, v.detach().clone())
         opt.step()

@@ -1,0 +1,60 @@
+import sys
+
+import click
+
+from cli.common import DEVICE_OPTION, echo_json, table
+from onnx_dynedit.api import edit_model
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--pairs", required=True, type=click.Path(dir_okay=False),
+              help="npz with arrays 'corrupt' and 'clean' [N, ...] (N >= 1).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Edited model to write.")
+@click.option("--stats", type=click.Path(dir_okay=False), default=None,
+              help="npz with 'x': unlabeled clean inputs (key statistics, locality, augmentation).")
+@click.option("--val", type=click.Path(dir_okay=False), default=None,
+              help="npz with 'x' and optional int labels 'y' for the degradation budget.")
+@click.option("--layer", "layers", multiple=True, help="Pin the layer(s) to edit (node or weight name); skips localisation.")
+@click.option("--max-edits", type=int, default=None, help="Most rank-one edits to accept (default 4).")
+@click.option("--max-degradation", type=float, default=None,
+              help="Budget: accuracy drop on val (or share of changed predictions) per run (default 0.01).")
+@click.option("--target-gap", type=float, default=None,
+              help="Stop when every pair's top-1 matches its clean twin and the mean TV distance is below this (default 0.1).")
+@click.option("--objective", type=click.Choice(["output", "local"]), default=None,
+              help="Fit u on the network output (default) or closed form at the layer.")
+@click.option("--augment", type=int, default=None,
+              help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default 32; 0 = off).")
+@click.option("--seed", type=int, default=None, help="Seed (default 0).")
+@DEVICE_OPTION
+@click.option("--in-place", is_flag=True, help="Allow -o to be the input model (a .bak copy is kept).")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
+def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, target_gap, objective, augment, seed,
+         device, in_place, report, as_json):
+    """Repair MODEL so that each corrupted input behaves like its clean twin; write OUT.
+
+    Exit 0 when every pair is fixed within budget, 1 when the target was not reached
+    (the best accepted edits are still written if there are any), 2 for unusable input.
+    """
+    outcome = edit_model(model, pairs, out, stats=stats, val=val, layers=layers or None, max_edits=max_edits,
+                         max_degradation=max_degradation, target_gap=target_gap, objective=objective,
+                         augment=augment, seed=seed, device=device, in_place=in_place, report=report)
+    res = outcome.result
+    if as_json:
+        echo_json(outcome.to_dict())
+    else:
+        rows = [[s.step, s.node, "-" if s.score is None else f"{s.score:.4g}", f"{s.gap_before:.4f}",
+                 f"{s.gap_after:.4f}", f"{s.fixed_after}/{res.n_pairs}", f"{s.degradation:.4f}", s.reason]
+                for s in res.steps]
+        if rows:
+            click.echo(table(rows, ["step", "layer", "score", "gap before", "gap after", "fixed", "degradation", "decision"]))
+        click.echo(f"pairs: {res.n_real_pairs} given + {res.n_pairs - res.n_real_pairs} synthetic; "
+                   f"key statistics from {res.stats_source}; degradation = {res.degradation_kind}")
+        click.echo(f"gap {res.gap_before:.4f} -> {res.gap_after:.4f}; fixed {res.fixed_before} -> {res.fixed_after} of "
+                   f"{res.n_pairs}; degradation {res.degradation:.4f}; {len(res.edits)} edit(s); stopped: {res.stopped_because}")
+        if outcome.parity_after:
+            click.echo(f"written-model parity (ONNX Runtime vs edited twin): max rel {outcome.parity_after['max_rel_diff']:.3g}")
+        click.echo(f"wrote {outcome.output}" if outcome.output else "nothing written (no edit accepted)")
+        click.echo("PASSED" if outcome.success else "FAILED: target not reached within the edit and degradation budgets")
+    sys.exit(0 if outcome.success else 1)
