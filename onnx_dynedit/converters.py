@@ -8,7 +8,8 @@ Two gaps matter for real shipped classifiers:
    registered version is registered for the missing version (``alias``). The list below
    is explicit; ops that changed meaning (Reduce-18 moved ``axes`` to an input, Split-18
    added ``num_outputs``) get converters of their own instead.
-2. *Ops onnx2torch lacks*: GlobalMaxPool.
+2. *Ops onnx2torch lacks*: GlobalMaxPool; and Conv with auto_pad SAME_UPPER/SAME_LOWER
+   (onnx2torch refuses it; ``SamePadding`` pads from the input size at run time).
 
 ``ensure_converters(model)`` registers what the model needs and returns the (op,
 version) pairs still missing; it is idempotent.
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 SAME_SEMANTICS = {
     "Abs", "Add", "AveragePool", "BatchNormalization", "Cast", "Concat", "Constant",
     "ConstantOfShape", "Conv", "ConvTranspose", "Div", "Dropout", "Equal", "Erf", "Exp",
-    "Expand", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Greater", "HardSigmoid",
+    "Expand", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "HardSigmoid",
     "Identity", "InstanceNormalization", "LeakyRelu", "Less", "Log", "MatMul", "Max",
     "MaxPool", "Min", "Mul", "Neg", "Not", "Pow", "Reciprocal", "Relu", "Reshape", "Shape",
     "Sigmoid", "Size", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh", "Transpose", "Unsqueeze",
@@ -160,6 +161,50 @@ def _reshape_allowzero(base):
     return convert
 
 
+class SamePadding(nn.Module, OnnxToTorchModule):
+    """auto_pad SAME_UPPER / SAME_LOWER: pads computed from the input size at run time
+    (with strides > 1 they depend on it), odd total padding at the end (UPPER) or
+    the beginning (LOWER), as ONNX defines it."""
+
+    def __init__(self, kernel, strides, dilations, upper: bool):
+        super().__init__()
+        self.kernel, self.strides, self.dilations, self.upper = list(kernel), list(strides), list(dilations), upper
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        pads = []
+        for i in reversed(range(len(self.kernel))):  # torch pads the last dim first
+            size, k, s, d = int(x.shape[2 + i]), self.kernel[i], self.strides[i], self.dilations[i]
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            pads += [small, large] if self.upper else [large, small]
+        return torch.nn.functional.pad(x, pads) if any(pads) else x
+
+
+def _conv_auto_pad(base):
+    """onnx2torch refuses Conv with auto_pad SAME_*: convert it without padding and put
+    a ``SamePadding`` in front (the node's module still takes the unpadded input)."""
+
+    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        auto_pad = node.attributes.get("auto_pad", "NOTSET")
+        if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+            return base(node, graph)
+        proto = onnx.NodeProto()
+        proto.CopyFrom(node.proto)
+        kept = [a for a in proto.attribute if a.name not in ("auto_pad", "pads")]
+        del proto.attribute[:]
+        proto.attribute.extend(kept)
+        result = base(OnnxNode(proto, node.unique_name), graph)
+        kernel_default = list(graph.initializers[node.input_values[1]].to_torch().shape[2:])
+        nsp, attrs = len(kernel_default), node.attributes
+        pad = SamePadding(attrs.get("kernel_shape", kernel_default), attrs.get("strides", [1] * nsp),
+                          attrs.get("dilations", [1] * nsp), auto_pad == "SAME_UPPER")
+        return OperationConverterResult(torch_module=nn.Sequential(pad, result.torch_module),
+                                        onnx_mapping=result.onnx_mapping)
+
+    convert._dynedit_wrapped = True
+    return convert
+
+
 def ensure_converters(model: onnx.ModelProto) -> list[str]:
     """Register the converters ``model`` needs; return the ops still missing."""
     _register("GlobalMaxPool", 1, _global_max_pool)
@@ -180,8 +225,8 @@ def ensure_converters(model: onnx.ModelProto) -> list[str]:
             continue
         have = _registered_versions(op, domain)
         if since in have:
-            if op == "Reshape":
-                _wrap_reshape(since)
+            if op in ("Reshape", "Conv"):
+                _wrap(op, since)
             continue
         if op in _REDUCE_OPS and since >= 18:
             _register(op, since, _reduce18)
@@ -193,19 +238,20 @@ def ensure_converters(model: onnx.ModelProto) -> list[str]:
             if op == "Pad" and since >= 18:
                 converter = _pad_without_axes(converter)
             _register(op, since, converter, domain)
-            if op == "Reshape":
-                _wrap_reshape(since)
+            if op in ("Reshape", "Conv"):
+                _wrap(op, since)
             log.debug("registered %s-%d with the converter of %s-%d", op, since, op, source)
             continue
         missing.append(f"{op}-{since}")
     return missing
 
 
-def _wrap_reshape(version: int) -> None:
-    key = registry.OperationDescription(domain="", operation_type="Reshape", version=version)
+def _wrap(op: str, version: int) -> None:
+    """Put our wrapper (Reshape allowzero, Conv auto_pad SAME_*) around a registered converter."""
+    key = registry.OperationDescription(domain="", operation_type=op, version=version)
     base = registry._CONVERTER_REGISTRY[key]
     if not getattr(base, "_dynedit_wrapped", False):
-        registry._CONVERTER_REGISTRY[key] = _reshape_allowzero(base)
+        registry._CONVERTER_REGISTRY[key] = (_reshape_allowzero if op == "Reshape" else _conv_auto_pad)(base)
 
 
 def tensor_from_numpy(arr: np.ndarray, device) -> torch.Tensor:

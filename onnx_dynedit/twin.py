@@ -191,7 +191,10 @@ class Twin:
         self.layer_map: LayerMap = build_layer_map(loaded.model)
         self.inputs = input_specs(loaded.model)
         self.outputs = output_specs(loaded.model)
-        norm = normalise(loaded.model)
+        try:
+            norm = normalise(loaded.model)
+        except ConversionError as exc:  # name the file: the CLI prints this one line
+            raise ConversionError(f"{loaded.label}: {exc.message}", hint=exc.hint) from None
         self.fp16 = norm.fp16
         self.notes = norm.notes
         try:
@@ -424,7 +427,7 @@ def ort_session_for(model: onnx.ModelProto, provider: str = "cpu"):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: failures surface as our own one-line errors
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
 
@@ -448,9 +451,17 @@ def check_parity(twin: Twin, feeds: dict[str, np.ndarray] | None = None, *, seed
     model = model if model is not None else twin.loaded.model
     if feeds is None:
         feeds = random_inputs(twin.inputs, seed=seed, int_range=int_range)
-    session = ort_session_for(model)
-    names = [o.name for o in session.get_outputs()]
-    expected = session.run(None, feeds)
+    try:
+        session = ort_session_for(model)
+        names = [o.name for o in session.get_outputs()]
+        expected = session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        from .errors import InputError
+
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise InputError(f"{twin.loaded.label}: ONNX Runtime cannot run the model on the parity inputs "
+                         f"({lines[0][:300]})",
+                         hint="check --inputs / --int-range (integer inputs must be valid ids)") from None
     xs = [twin.to_tensor(feeds[spec.name]) for spec in twin.inputs]
     with torch.no_grad(), twin.applied(edits):
         got = twin.module(*xs)
