@@ -21,6 +21,7 @@ in turn (the "static rectifying" baseline when it is the last layer).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -31,7 +32,7 @@ from .attribution import DEFAULT_STEPS, Localisation, locate
 from .errors import EditError, LayerError
 from .layers import Layer
 from .rank_one import DEFAULT_LAMBDA, RankOneEdit, closed_form_u, edit_direction, key_statistics, pair_keys
-from .twin import Twin
+from .twin import DownstreamRunner, Twin
 from .writeback import LayerUpdate
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class RectifyResult:
     stats_source: str
     stopped_because: str
     config: RectifyConfig = field(repr=False)
+    timings: dict = field(default_factory=dict)  # seconds per phase
 
     @property
     def success(self) -> bool:
@@ -138,6 +140,7 @@ class RectifyResult:
             "stats_source": self.stats_source, "stopped_because": self.stopped_because, "success": self.success,
             "edits": [e.to_dict() for e in self.edits], "steps": [s.to_dict() for s in self.steps],
             "localisations": list(self.localisations), "config": asdict(self.config),
+            "timings": dict(self.timings),
         }
 
 
@@ -180,19 +183,27 @@ def _fit_output(twin: Twin, layer: Layer, d: torch.Tensor, u0: torch.Tensor, pre
     n = corrupt_t.shape[0]
     t_norm = target_logits.pow(2).mean().clamp_min(1e-8)
     l_norm = loc_ref.pow(2).mean().clamp_min(1e-8)
-    loss_val = float("nan")
+    with twin.applied(prev):
+        runner = DownstreamRunner(twin, layer, xs)  # upstream of the layer stays cached
     best = (float("inf"), v.detach().clone())
+    since_best = 0
     for _ in range(cfg.fit_steps):
         opt.zero_grad(set_to_none=True)
         with twin.applied(prev + [_TorchEdit(layer, v * scale, d)]):
-            out = twin.forward(xs)
+            out = runner()
         loss = F.mse_loss(out[:n], target_logits) / t_norm
         if loc_x.shape[0]:
             loss = loss + cfg.locality_weight * F.mse_loss(out[n:], loc_ref) / l_norm
         loss.backward()
         loss_val = float(loss.detach())
+        if loss_val < best[0] * (1 - 1e-3):
+            since_best = 0
+        else:
+            since_best += 1
         if loss_val < best[0]:
             best = (loss_val, v.detach().clone())
+        if loss_val < 1e-5 or since_best >= 30:  # converged / stalled: stop early
+            break
         opt.step()
     return (best[1] * scale).float(), best[0]
 
@@ -253,6 +264,8 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
         loc_x = twin.to_tensor(loc_src[: cfg.locality_batch])
         loc_ref = twin.forward(loc_x).float()
 
+    timings = {"key_statistics": 0.0, "localisation": 0.0, "fit": 0.0, "check": 0.0}
+    clock = time.perf_counter
     accepted: list[RankOneEdit] = []
     steps: list[EditStep] = []
     localisations: list[dict] = []
@@ -267,7 +280,10 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
             break
         torch_edits = [_as_torch(e, twin.device) for e in accepted]
         # key statistics depend on upstream edits: recompute after every accepted edit
+        t0 = clock()
         stats = key_statistics(twin, candidates, key_x, edits=torch_edits, lam=cfg.lam, source=stats_source)
+        timings["key_statistics"] += clock() - t0
+        t0 = clock()
         if cfg.layers:
             order = [(l, None) for l in candidates]
             order = order[len(accepted) % len(order):] + order[: len(accepted) % len(order)]
@@ -279,6 +295,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
             if not order:
                 stopped = "no layer separates corrupted from clean keys"
                 break
+        timings["localisation"] += clock() - t0
         keys = pair_keys(twin, [l for l, _ in order], corrupt, clean, edits=torch_edits)
         took = False
         for layer, score in order:
@@ -291,6 +308,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
                 continue
             d32 = direction.d.float()
             fit_loss = None
+            t0 = clock()
             if cfg.objective == "output":
                 u, fit_loss = _fit_output(twin, layer, d32, u0, torch_edits, corrupt_t, target_logits,
                                           loc_x, loc_ref, cfg)
@@ -298,14 +316,17 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
                 u = u0.float()
             else:
                 raise ValueError(f"unknown objective {cfg.objective!r}")
+            timings["fit"] += clock() - t0
             edit = RankOneEdit(layer=layer, u=u.detach().double().cpu().numpy(), d=direction.d.cpu().numpy())
             if not (np.isfinite(edit.u).all() and np.isfinite(edit.d).all()):
                 steps.append(EditStep(step_no, layer.node, layer.initializer, score, gap, gap, fixed, fixed,
                                       float("nan"), False, "non-finite factors", float("nan"), float("nan"), fit_loss))
                 continue
             trial = torch_edits + [_as_torch(edit, twin.device)]
+            t0 = clock()
             new_gap, new_fixed = scorer.gap(trial)
             degr = scorer.degradation(trial)
+            timings["check"] += clock() - t0
             ok_budget = degr <= cfg.max_degradation + 1e-12
             improves = new_gap < gap - 1e-6 or new_fixed > fixed
             reason = "accepted" if ok_budget and improves else (
@@ -332,4 +353,4 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
         edits=tuple(accepted), steps=tuple(steps), localisations=tuple(localisations), n_pairs=int(len(corrupt)),
         n_real_pairs=real_n,
         gap_before=gap0, gap_after=gap, fixed_before=fixed0, fixed_after=fixed, degradation=final_degr,
-        degradation_kind=kind, stats_source=stats_source, stopped_because=stopped, config=cfg)
+        degradation_kind=kind, stats_source=stats_source, stopped_because=stopped, config=cfg, timings=timings)

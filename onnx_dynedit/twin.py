@@ -284,6 +284,55 @@ class Twin:
                 h.remove()
 
 
+class DownstreamRunner:
+    """Re-run only the part of the twin's fx graph that depends on one layer.
+
+    The first call runs the whole graph on the fixed input (under whatever edits are
+    applied then) and caches every value that does not depend on ``layer``; later
+    calls recompute the layer and what follows it. Used while fitting an edit, where
+    the input and everything upstream of the edited layer stay fixed.
+    """
+
+    def __init__(self, twin: "Twin", layer: Layer, *inputs: torch.Tensor):
+        from torch import fx
+
+        gm = twin.module
+        start = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer.module]
+        if not start:
+            raise InternalError(f"no fx node for module {layer.module!r}")
+        downstream: set = set()
+        stack = list(start)
+        while stack:
+            node = stack.pop()
+            if node not in downstream:
+                downstream.add(node)
+                stack.extend(node.users)
+        cache: dict = {}
+
+        class _Record(fx.Interpreter):
+            def run_node(self, n):
+                value = super().run_node(n)
+                if n not in downstream and n.op != "output":
+                    cache[n] = value
+                return value
+
+        with torch.no_grad():
+            _Record(gm).run(*inputs)
+
+        class _Replay(fx.Interpreter):
+            def run_node(self, n):
+                if n in cache:
+                    return cache[n]
+                return super().run_node(n)
+
+        self._replay = _Replay(gm)
+        self._inputs = inputs
+
+    def __call__(self) -> torch.Tensor:
+        out = self._replay.run(*self._inputs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def _delta_hook(layer: Layer, u, d, device):
     u = torch.as_tensor(u, dtype=torch.float32, device=device) if not torch.is_tensor(u) else u
     d = torch.as_tensor(d, dtype=torch.float32, device=device) if not torch.is_tensor(d) else d
