@@ -13,7 +13,8 @@ Direction (the "d" of W' = W + u d^T):
   position, as in the prior work for n > 1). Then d = R^-T a = C_l^-1 k* with
   k* = R a: the key direction along which the corrupted keys stand out most from the
   keys the layer normally sees. d is scaled so that mean_p(d . delta_p) over the
-  affected positions is 1 and its sign so that it is positive.
+  affected positions is 1 and its sign so that it is positive (when the changes cancel
+  in that mean, e.g. +k and -k, so that mean_p |d . delta_p| is 1).
 
 Value (the "u"):
   local  closed form: minimise sum_p || (v_p - v~_p) - u (d . k~_p) ||^2, i.e.
@@ -72,8 +73,10 @@ class KeyStats:
 
 
 def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), batch_size: int = 32,
-                   lam: float = DEFAULT_LAMBDA, source: str = "stats") -> dict[str, KeyStats]:
-    """Second moments of every layer's keys over inputs ``x`` (current edits applied)."""
+                   lam: float = DEFAULT_LAMBDA, source: str = "stats",
+                   max_keys: int = 8192) -> dict[str, KeyStats]:
+    """Second moments of every layer's keys over inputs ``x`` (current edits applied).
+    Per batch at most ``max_keys`` keys per layer are used (every k-th position)."""
     dim = {l.node: l.in_features for l in layers}
     acc = {l.node: torch.zeros(dim[l.node], dim[l.node], dtype=torch.float64, device=twin.device) for l in layers}
     count = {l.node: 0 for l in layers}
@@ -84,6 +87,8 @@ def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), 
             twin.forward(twin.to_tensor(x[i:i + batch_size]))
             for layer in layers:
                 keys = layer_keys(layer, store[layer.node]["in"][0]).reshape(-1, dim[layer.node])
+                if keys.shape[0] > max_keys:  # many conv positions: an even, deterministic subsample
+                    keys = keys[:: -(-keys.shape[0] // max_keys)]
                 acc[layer.node] += (keys.T @ keys).double()
                 count[layer.node] += keys.shape[0]
     out = {}
@@ -147,15 +152,24 @@ def edit_direction(stats: KeyStats, keys: PairKeys, *, key: str = "diff") -> Dir
     else:
         raise ValueError(f"unknown key formulation {key!r}")
     z = stats.whiten(rows)  # [m, in]
-    gram = z.T @ z
-    evals, evecs = torch.linalg.eigh(gram)
-    a = evecs[:, -1]
+    if z.shape[0] < z.shape[1]:  # top right singular vector from the smaller Gram matrix
+        evals, evecs = torch.linalg.eigh(z @ z.T)
+        a = z.T @ evecs[:, -1]
+        a = a / a.norm().clamp_min(1e-300)
+    else:
+        evals, evecs = torch.linalg.eigh(z.T @ z)
+        a = evecs[:, -1]
     d = stats.unwhiten_solve(a)
     proj = diff[affected_mask] @ d
     mean = float(proj.mean())
-    if mean == 0.0:
+    spread = float(proj.abs().mean())
+    if spread == 0.0:
         raise EditError(f"layer {stats.layer.node!r}: the edit direction does not separate corrupted from clean keys")
-    d = d / mean  # mean d . delta over affected positions = 1, sign positive
+    if abs(mean) > 1e-6 * spread:
+        d = d / mean  # mean d . delta over affected positions = 1, sign positive
+    else:  # changes that cancel in the mean (+k and -k) still separate: mean |d . delta| = 1,
+        # sign fixed by the largest projection
+        d = d / (spread if float(proj[proj.abs().argmax()]) > 0 else -spread)
     # k*_i = sum over positions of pair i's key change; its Mahalanobis norm under C
     # (scale-free: the same whatever the scale of the layer's keys)
     kstar = (keys.k_corrupt - keys.k_clean).sum(dim=1)  # [n, in]

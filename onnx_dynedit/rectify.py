@@ -52,11 +52,11 @@ class RectifyConfig:
     fit_steps: int = 200
     fit_lr: float = 0.05
     locality_weight: float = 1.0
-    locality_batch: int = 32
+    locality_batch: int = 16
     lam: float = DEFAULT_LAMBDA
     candidates_per_step: int = 3
     layers: tuple[str, ...] | None = None  # static mode: edit these, skip localisation
-    augment: int = 32                 # synthetic pairs: x~ - x transplanted onto stats inputs (0 = off)
+    augment: int = 16                 # synthetic pairs: x~ - x transplanted onto stats inputs (0 = off)
     seed: int = 0
 
     def replace(self, **changes) -> "RectifyConfig":
@@ -295,8 +295,9 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
             order = [(l, None) for l in candidates]
             order = order[len(accepted) % len(order):] + order[: len(accepted) % len(order)]
         else:
-            loc = locate(twin, candidates, corrupt, clean, stats, edits=torch_edits, steps=cfg.ig_steps,
-                         target=cfg.ig_target, key=cfg.key)
+            # localisation attributes the given pairs only (the paper's method)
+            loc = locate(twin, candidates, corrupt[:real_n], clean[:real_n], stats, edits=torch_edits,
+                         steps=cfg.ig_steps, target=cfg.ig_target, key=cfg.key)
             localisations.append(loc.to_dict())
             order = [(a.layer, a.score) for a in loc.ranked][: cfg.candidates_per_step]
             if not order:
