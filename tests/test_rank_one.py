@@ -1,0 +1,415 @@
+"""The rank-one update on hand-set weights, where the right answer is known on paper.
+
+Every model here is a single weight layer built with onnx.helper (output = the layer's
+output), loaded with ``io.load_model`` and turned into the real onnx2torch twin. Weights
+and keys are small integers / dyadic numbers, so the float32 forward passes are exact
+and the float64 algebra can be checked to 1e-9.
+
+For a dense layer with key statistics C (regularised C_l = C + lam*mean(diag C)*I) and
+one pair whose clean key is 0 (so delta = k~ = k*):
+
+  d  = C_l^-1 k* / (k*^T C_l^-1 k*)          (d . delta = 1)
+  u  = (v* - W k*) / (d . k*) = -W k*        (v* = W 0 = 0 without bias)
+  W' = W + u d^T maps k* to v*; any key with d . k = 0 keeps its output.
+
+The written ONNX model (write_back) is then run by plain onnxruntime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_dynedit.errors import EditError
+from onnx_dynedit.io import load_model
+from onnx_dynedit.rank_one import (DEFAULT_LAMBDA, RankOneEdit, closed_form_u, edit_direction, key_statistics,
+                                   pair_keys)
+from onnx_dynedit.twin import Twin, layer_keys
+from onnx_dynedit.writeback import LayerUpdate, write_back
+
+F32 = TensorProto.FLOAT
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _save(tmp_path, nodes, inputs, outputs, inits, name) -> str:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="test_rank_one")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save_model(model, str(path))
+    return str(path)
+
+
+def dense_model(tmp_path, op: str, weight: np.ndarray, bias: np.ndarray | None, *, trans_b: int = 1,
+                alpha: float = 1.0) -> str:
+    """x [N, in] -> one Gemm (transB, alpha, beta=1, bias) or MatMul (x @ B) -> y."""
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "W")]
+    if op == "Gemm":
+        n_in = weight.shape[1] if trans_b else weight.shape[0]
+        n_out = weight.shape[0] if trans_b else weight.shape[1]
+        ins = ["x", "W"]
+        if bias is not None:
+            inits.append(numpy_helper.from_array(bias.astype(np.float32), "b"))
+            ins.append("b")
+        node = helper.make_node("Gemm", ins, ["y"], name="fc", transB=trans_b, alpha=alpha)
+    else:
+        n_in, n_out = weight.shape
+        node = helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")
+    return _save(tmp_path, [node], [helper.make_tensor_value_info("x", F32, ["N", n_in])],
+                 [helper.make_tensor_value_info("y", F32, ["N", n_out])], inits, f"{op}_{trans_b}_{alpha:g}")
+
+
+def conv_model(tmp_path, weight: np.ndarray, bias: np.ndarray) -> str:
+    """x [N, 2, 5, 5] -> Conv(3x3, pads 1) -> y [N, 3, 5, 5]."""
+    node = helper.make_node("Conv", ["x", "W", "b"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "W"),
+             numpy_helper.from_array(bias.astype(np.float32), "b")]
+    return _save(tmp_path, [node], [helper.make_tensor_value_info("x", F32, ["N", 2, 5, 5])],
+                 [helper.make_tensor_value_info("y", F32, ["N", 3, 5, 5])], inits, "conv")
+
+
+def ort_run(model: onnx.ModelProto | str, x: np.ndarray) -> np.ndarray:
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32)})[0].astype(np.float64)
+
+
+def only_layer(twin: Twin):
+    layers = twin.layer_map.editable()
+    assert len(layers) == 1
+    return layers[0]
+
+
+def chol_np(stats) -> np.ndarray:
+    return stats.chol.cpu().numpy()
+
+
+# ------------------------------------------------------------------------ dense cases
+
+# Square 4x4 weights (a wrong transpose cannot go unnoticed), small integers.
+W_SQ = np.array([[1, -2, 0, 3], [2, 1, -1, 0], [0, 3, 1, -2], [-1, 0, 2, 1]], dtype=np.float64)
+BIAS = np.array([0.5, -1.0, 0.25, 2.0])
+K_STAR = np.array([1.0, 2.0, -1.0, 0.0])  # |k*|^2 = 6
+
+
+def _canonical(op, weight, trans_b, alpha):
+    """W [out, in] with y = W x (+ bias), written independently of layers.py."""
+    if op == "MatMul":
+        return weight.T
+    return alpha * (weight if trans_b else weight.T)
+
+
+DENSE_CASES = [
+    # (op, onnx weight, bias, transB, alpha)
+    pytest.param("Gemm", W_SQ, BIAS, 1, 1.0, id="gemm-transB1"),
+    pytest.param("Gemm", W_SQ, BIAS, 0, 2.0, id="gemm-transB0-alpha2"),
+    pytest.param("Gemm", np.array([[1, 0, -1, 2], [2, 1, 0, -1], [0, -2, 1, 1]], float), BIAS[:3], 1, 1.0,
+                 id="gemm-transB1-3x4"),  # transB=1: B is [out=3, in=4]
+    pytest.param("MatMul", W_SQ, None, 1, 1.0, id="matmul-square"),
+]
+
+
+@pytest.mark.parametrize("op, weight, bias, trans_b, alpha", DENSE_CASES)
+def test_dense_closed_form_identity_stats(tmp_path, op, weight, bias, trans_b, alpha):
+    path = dense_model(tmp_path, op, weight, bias, trans_b=trans_b, alpha=alpha)
+    loaded = load_model(path)
+    twin = Twin(loaded, "cpu")
+    layer = only_layer(twin)
+    W = _canonical(op, weight, trans_b, alpha)
+    n_out, n_in = W.shape
+    assert (layer.out_features, layer.in_features) == (n_out, n_in)
+    np.testing.assert_array_equal(layer.to_canonical(weight), W)
+    np.testing.assert_array_equal(layer.from_canonical(W), weight)
+
+    # stats: sqrt(n) * standard basis vectors -> C = E[k k^T] = I exactly
+    stats_x = (np.sqrt(n_in) * np.eye(n_in)).astype(np.float32)
+    stats = key_statistics(twin, [layer], stats_x)[layer.node]
+    ridge = DEFAULT_LAMBDA * 1.0
+    assert stats.n_keys == n_in
+    assert stats.lam == pytest.approx(ridge, rel=1e-12)
+    R = chol_np(stats)
+    np.testing.assert_allclose(R @ R.T, (1 + ridge) * np.eye(n_in), rtol=0, atol=1e-12)
+
+    k_star = K_STAR[:n_in]
+    corrupt = k_star[None].astype(np.float32)
+    clean = np.zeros_like(corrupt)
+    keys = pair_keys(twin, [layer], corrupt, clean)[layer.node]
+    np.testing.assert_array_equal(keys.k_corrupt.numpy().reshape(-1), k_star)
+    np.testing.assert_array_equal(keys.k_clean.numpy().reshape(-1), 0.0)
+
+    direction = edit_direction(stats, keys)
+    d = direction.d.numpy()
+    c_l = (1 + ridge) * np.eye(n_in)
+    expected_d = np.linalg.solve(c_l, k_star)
+    expected_d = expected_d / (expected_d @ k_star)  # scaled so that d . delta = 1
+    np.testing.assert_allclose(d, expected_d, rtol=0, atol=1e-12)
+    assert d @ k_star == pytest.approx(1.0, abs=1e-12)
+    assert direction.affected == 1.0
+    # specificity: Mahalanobis norm of k* under C_l
+    assert direction.specificity == pytest.approx(np.sqrt(k_star @ np.linalg.solve(c_l, k_star)), rel=1e-12)
+
+    u = closed_form_u(keys, direction.d).numpy()
+    v_star = np.zeros(n_out)  # W @ clean key (bias excluded)
+    u_by_hand = (v_star - W @ k_star) / (d @ k_star)
+    np.testing.assert_allclose(u, u_by_hand, rtol=0, atol=1e-9)
+    W_new = W + np.outer(u, d)
+    np.testing.assert_allclose(W_new @ k_star, v_star, rtol=0, atol=1e-9)
+
+    # write back into the ONNX initializer, run plain onnxruntime
+    edit = RankOneEdit(layer=layer, u=u, d=d)
+    new_model = write_back(loaded, [LayerUpdate(layer=layer, factors=((u, d),))])
+    new_w = numpy_helper.to_array(next(i for i in new_model.graph.initializer if i.name == "W"))
+    expected_w = (weight + layer.from_canonical(np.outer(u, d))).astype(np.float32)
+    np.testing.assert_array_equal(new_w, expected_w)
+    if op == "Gemm" and not trans_b:  # layout by hand: B' = B + (u d^T)^T / alpha
+        np.testing.assert_allclose(new_w, weight + np.outer(d, u) / alpha, rtol=0, atol=1e-6)
+    b = bias if bias is not None else np.zeros(n_out)
+    y_star = ort_run(new_model, corrupt)[0]
+    np.testing.assert_allclose(y_star, v_star + b, rtol=0, atol=1e-5)
+    # the original still maps k* to W k* + b
+    np.testing.assert_allclose(ort_run(path, corrupt)[0], W @ k_star + b, rtol=0, atol=1e-5)
+
+    # keys orthogonal to d keep their output
+    rng = np.random.default_rng(0)
+    others = rng.standard_normal((5, n_in))
+    others -= np.outer(others @ d, d) / (d @ d)
+    np.testing.assert_allclose(others @ d, 0.0, atol=1e-12)
+    x_orth = others.astype(np.float32)
+    np.testing.assert_allclose(ort_run(new_model, x_orth), ort_run(path, x_orth), rtol=0, atol=1e-5)
+    # ... and a generic key moves by exactly u (d . k)
+    x_gen = rng.standard_normal((4, n_in)).astype(np.float32)
+    shift = np.outer(x_gen.astype(np.float64) @ d, u)
+    np.testing.assert_allclose(ort_run(new_model, x_gen), ort_run(path, x_gen) + shift, rtol=0, atol=1e-5)
+    # the twin with the edit applied as a hook agrees with the written model
+    with twin.applied([edit]):
+        np.testing.assert_allclose(twin.run(x_gen), ort_run(new_model, x_gen), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(twin.run(x_gen), ort_run(path, x_gen), rtol=0, atol=1e-5)  # hook removed
+
+
+def test_dense_direction_follows_key_statistics(tmp_path):
+    """With a non-identity C the direction is C_l^-1 k*, not k*: the edit moves the
+    corrupted key and spares the key directions the layer normally sees."""
+    path = dense_model(tmp_path, "Gemm", W_SQ, BIAS, trans_b=0, alpha=2.0)
+    loaded = load_model(path)
+    twin = Twin(loaded, "cpu")
+    layer = only_layer(twin)
+    scales = np.array([4.0, 1.0, 0.5, 2.0])
+    stats_x = (2.0 * np.diag(scales)).astype(np.float32)  # C = diag(scales^2)
+    stats = key_statistics(twin, [layer], stats_x)[layer.node]
+    C = np.diag(scales ** 2)
+    ridge = DEFAULT_LAMBDA * float(np.mean(scales ** 2))
+    c_l = C + ridge * np.eye(4)
+    assert stats.lam == pytest.approx(ridge, rel=1e-12)
+    R = chol_np(stats)
+    np.testing.assert_allclose(R @ R.T, c_l, rtol=1e-12, atol=1e-12)
+
+    corrupt = K_STAR[None].astype(np.float32)
+    keys = pair_keys(twin, [layer], corrupt, np.zeros_like(corrupt))[layer.node]
+    d = edit_direction(stats, keys).d.numpy()
+    expected = np.linalg.solve(c_l, K_STAR)
+    expected /= expected @ K_STAR
+    np.testing.assert_allclose(d, expected, rtol=0, atol=1e-12)
+    assert not np.allclose(d / np.linalg.norm(d), K_STAR / np.linalg.norm(K_STAR), atol=1e-3)
+
+    u = closed_form_u(keys, torch.as_tensor(d)).numpy()
+    W = 2.0 * W_SQ.T
+    np.testing.assert_allclose(u, -W @ K_STAR / (d @ K_STAR), rtol=0, atol=1e-9)
+    new_model = write_back(loaded, [LayerUpdate(layer=layer, factors=((u, d),))])
+    np.testing.assert_allclose(ort_run(new_model, corrupt)[0], BIAS, rtol=0, atol=1e-5)
+
+
+def test_dense_multi_pair_direction_and_u(tmp_path):
+    """Two pairs whose key changes are the same direction (different lengths): d is
+    C_l^-1 delta normalised to mean(d . delta) = 1, u is the least-squares fit."""
+    path = dense_model(tmp_path, "Gemm", W_SQ, BIAS, trans_b=1)
+    loaded = load_model(path)
+    twin = Twin(loaded, "cpu")
+    layer = only_layer(twin)
+    stats = key_statistics(twin, [layer], (2.0 * np.eye(4)).astype(np.float32))[layer.node]
+    clean = np.array([[1, 0, 0, 1], [0, 1, 1, 0]], dtype=np.float32)
+    corrupt = clean + np.array([1.0, 2.0], dtype=np.float32)[:, None] * K_STAR[None].astype(np.float32)
+    keys = pair_keys(twin, [layer], corrupt, clean)[layer.node]
+    d = edit_direction(stats, keys).d.numpy()
+    expected = K_STAR / (K_STAR @ K_STAR) / 1.5  # mean over the pairs of d . delta = 1
+    np.testing.assert_allclose(d, expected, rtol=0, atol=1e-12)
+    u = closed_form_u(keys, torch.as_tensor(d)).numpy()
+    s = corrupt.astype(np.float64) @ d
+    r = (clean.astype(np.float64) - corrupt.astype(np.float64)) @ W_SQ.T
+    np.testing.assert_allclose(u, (s[:, None] * r).sum(0) / (s @ s), rtol=0, atol=1e-9)
+
+
+def test_dense_opposite_key_changes_are_editable(tmp_path):
+    """Two pairs whose keys move in opposite directions (+k*, -k*) from clean keys with
+    d . k = 0: the signed mean of d . delta is exactly 0, yet d ∝ k* separates them
+    perfectly and one rank-one edit repairs both (u = -W k*). Regression: this was
+    refused with "the edit direction does not separate corrupted from clean keys"."""
+    path = dense_model(tmp_path, "Gemm", W_SQ, BIAS, trans_b=1)
+    loaded = load_model(path)
+    twin = Twin(loaded, "cpu")
+    layer = only_layer(twin)
+    stats = key_statistics(twin, [layer], (2.0 * np.eye(4)).astype(np.float32))[layer.node]
+    clean = np.array([[2, -1, 0, 0], [0, 0, 0, 1]], dtype=np.float32)  # both orthogonal to k*
+    assert np.all(clean.astype(np.float64) @ K_STAR == 0)
+    corrupt = clean + np.array([[1.0], [-1.0]], dtype=np.float32) * K_STAR[None].astype(np.float32)
+    keys = pair_keys(twin, [layer], corrupt, clean)[layer.node]
+    direction = edit_direction(stats, keys)
+    d = direction.d.numpy()
+    np.testing.assert_allclose(np.abs(d), np.abs(K_STAR) / 6.0, rtol=0, atol=1e-12)  # d = ±k*/|k*|^2
+    proj = (corrupt - clean).astype(np.float64) @ d
+    assert np.mean(np.abs(proj)) == pytest.approx(1.0, abs=1e-12)
+    u = closed_form_u(keys, direction.d).numpy()
+    W_new = W_SQ + np.outer(u, d)
+    np.testing.assert_allclose(W_new @ corrupt.T.astype(np.float64), W_SQ @ clean.T.astype(np.float64),
+                               rtol=0, atol=1e-9)
+    new_model = write_back(loaded, [LayerUpdate(layer=layer, factors=((u, d),))])
+    np.testing.assert_allclose(ort_run(new_model, corrupt), ort_run(path, clean), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ conv
+
+
+def numpy_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int = 1) -> np.ndarray:
+    """Plain float64 2-D convolution (cross-correlation), stride 1, symmetric zero pads."""
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    win = sliding_window_view(xp, w.shape[2:], axis=(2, 3))  # [N, C, H, W, kh, kw]
+    return np.einsum("nchwij,ocij->nohw", win, w.astype(np.float64)) + b.reshape(1, -1, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def conv_case(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    weight = rng.integers(-3, 4, size=(3, 2, 3, 3)).astype(np.float64) / 4
+    bias = np.array([0.5, -0.25, 1.0])
+    path = conv_model(tmp_path_factory.mktemp("conv"), weight, bias)
+    loaded = load_model(path)
+    return path, loaded, Twin(loaded, "cpu"), weight, bias
+
+
+def test_conv_keys_are_unfolded_patches(conv_case):
+    _, _, twin, _, _ = conv_case
+    layer = only_layer(twin)
+    assert layer.op == "Conv" and layer.in_features == 18 and layer.out_features == 3
+    x = np.random.default_rng(1).standard_normal((2, 2, 5, 5)).astype(np.float32)
+    keys = layer_keys(layer, torch.as_tensor(x)).numpy()
+    assert keys.shape == (2, 25, 18)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    for i, j in [(0, 0), (2, 3), (4, 4)]:
+        patch = xp[:, :, i:i + 3, j:j + 3].reshape(2, -1)  # channel-major, then kernel taps
+        np.testing.assert_array_equal(keys[:, i * 5 + j, :], patch)
+    # the keys times the canonical weight are the conv (bias excluded)
+    W = layer.to_canonical(conv_case[3])
+    out = np.einsum("npi,oi->nop", keys.astype(np.float64), W).reshape(2, 3, 5, 5)
+    np.testing.assert_allclose(out, numpy_conv(x, conv_case[3], np.zeros(3)), atol=1e-5)
+
+
+def test_conv_key_statistics_match_numpy(conv_case):
+    _, _, twin, _, _ = conv_case
+    layer = only_layer(twin)
+    x = np.random.default_rng(2).standard_normal((6, 2, 5, 5)).astype(np.float32)
+    stats = key_statistics(twin, [layer], x, batch_size=4)[layer.node]  # two batches
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    win = sliding_window_view(xp, (3, 3), axis=(2, 3))  # [N, C, 5, 5, 3, 3]
+    keys = win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, 18)
+    C = keys.T @ keys / len(keys)
+    assert stats.n_keys == 6 * 25
+    ridge = DEFAULT_LAMBDA * np.mean(np.diag(C))
+    assert stats.lam == pytest.approx(ridge, rel=1e-6)
+    R = chol_np(stats)
+    # keys are float32 in the twin: C is float32-accurate (relative to its scale)
+    np.testing.assert_allclose(R @ R.T, C + ridge * np.eye(18), rtol=1e-5, atol=1e-6 * np.abs(C).max())
+
+
+def test_conv_rank_one_edit_written_model(conv_case):
+    path, loaded, twin, weight, bias = conv_case
+    layer = only_layer(twin)
+    rng = np.random.default_rng(4)
+    stats_x = rng.uniform(0, 1, (16, 2, 5, 5)).astype(np.float32)
+    clean = rng.uniform(0, 1, (2, 2, 5, 5)).astype(np.float32)
+    corrupt = clean.copy()
+    corrupt[:, :, 3:5, 3:5] = 1.0  # a 2x2 patch in the bottom-right corner
+    stats = key_statistics(twin, [layer], stats_x)[layer.node]
+    keys = pair_keys(twin, [layer], corrupt, clean)[layer.node]
+    direction = edit_direction(stats, keys)
+    d = direction.d.numpy()
+    u = closed_form_u(keys, direction.d).numpy()
+    assert 0 < direction.affected < 1  # only positions whose window sees the patch
+    diff = (keys.k_corrupt - keys.k_clean).numpy().reshape(-1, 18)
+    affected = np.linalg.norm(diff, axis=1) > 1e-3 * np.linalg.norm(diff, axis=1).max()
+    assert np.mean(diff[affected] @ d) == pytest.approx(1.0, abs=1e-9)
+
+    new_model = write_back(loaded, [LayerUpdate(layer=layer, factors=((u, d),))])
+    new_w = weight + layer.from_canonical(np.outer(u, d))
+    assert new_w.shape == weight.shape
+    x = np.concatenate([corrupt, clean, rng.standard_normal((3, 2, 5, 5)).astype(np.float32)])
+    got = ort_run(new_model, x)
+    np.testing.assert_allclose(got, numpy_conv(x, new_w, bias), rtol=0, atol=1e-4)
+    with twin.applied([RankOneEdit(layer=layer, u=u, d=d)]):
+        hooked = twin.run(x)
+    np.testing.assert_allclose(hooked, got, rtol=0, atol=1e-4)
+    # the closed form is the least-squares u at the layer: the corrupted outputs move
+    # toward the clean ones
+    before = np.linalg.norm(ort_run(path, corrupt) - ort_run(path, clean))
+    after = np.linalg.norm(got[:2] - ort_run(path, clean))
+    assert after < before
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_edit_direction_identical_keys_raises(tmp_path):
+    path = dense_model(tmp_path, "Gemm", W_SQ, BIAS)
+    twin = Twin(load_model(path), "cpu")
+    layer = only_layer(twin)
+    stats = key_statistics(twin, [layer], (2.0 * np.eye(4)).astype(np.float32))[layer.node]
+    x = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+    keys = pair_keys(twin, [layer], x, x.copy())[layer.node]
+    with pytest.raises(EditError, match="identical keys"):
+        edit_direction(stats, keys)
+
+
+def test_key_statistics_gemm_random_inputs(tmp_path):
+    path = dense_model(tmp_path, "Gemm", W_SQ, BIAS, trans_b=0, alpha=2.0)
+    twin = Twin(load_model(path), "cpu")
+    layer = only_layer(twin)
+    x = np.random.default_rng(5).standard_normal((7, 4)).astype(np.float32)
+    for lam in (DEFAULT_LAMBDA, 0.5):
+        stats = key_statistics(twin, [layer], x, lam=lam, batch_size=3)[layer.node]
+        k = x.astype(np.float64)
+        C = k.T @ k / len(k)
+        R = chol_np(stats)
+        assert np.allclose(R, np.tril(R))  # lower triangular
+        np.testing.assert_allclose(R @ R.T, C + lam * np.mean(np.diag(C)) * np.eye(4), rtol=1e-6, atol=1e-9)
+        assert stats.n_keys == 7
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+def test_hooks_removed_when_body_raises(tmp_path):
+    path = dense_model(tmp_path, "Gemm", W_SQ, BIAS)
+    twin = Twin(load_model(path), "cpu")
+    layer = only_layer(twin)
+    module = twin.module_of(layer)
+    assert len(module._forward_hooks) == 0
+    edit = RankOneEdit(layer=layer, u=np.ones(4), d=np.ones(4))
+    x = np.eye(4, dtype=np.float32)
+    with pytest.raises(RuntimeError, match="boom"):
+        with twin.applied([edit, edit]):
+            assert len(module._forward_hooks) == 2
+            raise RuntimeError("boom")
+    assert len(module._forward_hooks) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with twin.capture([layer], outputs=True) as store:
+            twin.run(x)
+            assert len(store[layer.node]["in"]) == 1
+            raise RuntimeError("boom")
+    assert len(module._forward_hooks) == 0
+    np.testing.assert_allclose(twin.run(x), ort_run(path, x), atol=1e-5)
