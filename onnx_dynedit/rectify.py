@@ -336,10 +336,11 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
             degr = scorer.degradation(trial)
             timings["check"] += clock() - t0
             ok_budget = degr <= cfg.max_degradation + 1e-12
-            improves = new_gap < gap - 1e-6 or new_fixed > fixed
+            # lexicographic: more pairs fixed, or as many fixed and a smaller gap
+            improves = new_fixed > fixed or (new_fixed == fixed and new_gap < gap - 1e-6)
             reason = "accepted" if ok_budget and improves else (
                 f"rolled back: degradation {degr:.4f} > budget {cfg.max_degradation:.4f}" if not ok_budget
-                else "rolled back: the gap did not shrink")
+                else "rolled back: neither more pairs fixed nor a smaller gap")
             steps.append(EditStep(step_no, layer.node, layer.initializer, score, gap, new_gap, fixed, new_fixed,
                                   degr, ok_budget and improves, reason, float(np.linalg.norm(edit.u)),
                                   float(np.linalg.norm(edit.d)), fit_loss))
