@@ -1,0 +1,63 @@
+"""Every command shown in the README is run here (in a scratch folder that links the
+bundled samples), in order, and must exit 0; the demo script too."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("dynedit ")]
+
+
+def test_readme_lists_every_command():
+    names = {shlex.split(c)[1] for c in readme_commands()}
+    assert names == {"inspect", "locate", "edit", "revert", "diff", "verify"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("readme")
+    (work / "sample_models").symlink_to(ROOT / "sample_models")
+    (work / "out").mkdir()
+    return work
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_readme_commands_run_in_order(workdir):
+    commands = readme_commands()
+    assert len(commands) >= 10
+    for cmd in commands:
+        argv = [sys.executable, "-m", "cli.main"] + shlex.split(cmd)[1:]
+        proc = subprocess.run(argv, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{cmd}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}"
+        assert "Traceback" not in proc.stderr
+    assert (workdir / "out" / "badnets-locate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (workdir / "out" / "badnets.restored.onnx").read_bytes() == (ROOT / "sample_models/badnets/model.onnx").read_bytes()
+
+
+def test_demo_script(tmp_path):
+    """The README's main command: edit + verify on badnets, ending in PASSED."""
+    env = _env()
+    env["DYNEDIT_VENV"] = str(Path(sys.executable).parent.parent)
+    env["DYNEDIT_OUT"] = str(tmp_path)
+    proc = subprocess.run(["bash", str(ROOT / "scripts/demo.sh")], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "PASSED"
+    assert (tmp_path / "badnets.fixed.onnx").exists()
