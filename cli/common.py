@@ -11,6 +11,32 @@ DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
                              help="Where the torch twin runs (default auto: CUDA when available).")
 
 
+# Option types that refuse values the library cannot use (one-line usage error, exit 2).
+SEED = click.IntRange(0, 2 ** 32 - 1)
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float in [low, high] (click.FloatRange lets NaN through)."""
+
+    name = "float"
+
+    def __init__(self, low: float | None = None, high: float | None = None):
+        self.low, self.high = low, high
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.low is not None and number < self.low:
+            self.fail(f"{value} is below the smallest allowed value ({self.low:g})", param, ctx)
+        if self.high is not None and number > self.high:
+            self.fail(f"{value} is above the largest allowed value ({self.high:g})", param, ctx)
+        return number
+
+
 def _clean(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None

@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from cli.common import DEVICE_OPTION, echo_json, table
+from cli.common import DEVICE_OPTION, SEED, FiniteFloat, echo_json, table
 from onnx_dynedit.api import edit_model
 
 
@@ -16,16 +16,16 @@ from onnx_dynedit.api import edit_model
 @click.option("--val", type=click.Path(dir_okay=False), default=None,
               help="npz with 'x' and optional int labels 'y' for the degradation budget.")
 @click.option("--layer", "layers", multiple=True, help="Pin the layer(s) to edit (node or weight name); skips localisation.")
-@click.option("--max-edits", type=int, default=None, help="Most rank-one edits to accept (default 4).")
-@click.option("--max-degradation", type=float, default=None,
+@click.option("--max-edits", type=click.IntRange(min=1), default=None, help="Most rank-one edits to accept (default 4).")
+@click.option("--max-degradation", type=FiniteFloat(0.0, 1.0), default=None,
               help="Budget: accuracy drop on val (or share of changed predictions) per run (default 0.01).")
-@click.option("--target-gap", type=float, default=None,
+@click.option("--target-gap", type=FiniteFloat(0.0, 1.0), default=None,
               help="Stop when every pair's top-1 matches its clean twin and the mean TV distance is below this (default 0.1).")
 @click.option("--objective", type=click.Choice(["output", "local"]), default=None,
               help="Fit u on the network output (default) or closed form at the layer.")
-@click.option("--augment", type=int, default=None,
+@click.option("--augment", type=click.IntRange(min=0), default=None,
               help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default 32; 0 = off).")
-@click.option("--seed", type=int, default=None, help="Seed (default 0).")
+@click.option("--seed", type=SEED, default=None, help="Seed (default 0).")
 @DEVICE_OPTION
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input model (a .bak copy is kept).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")

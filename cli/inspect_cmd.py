@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from cli.common import DEVICE_OPTION, echo_json, table
+from cli.common import DEVICE_OPTION, SEED, echo_json, table
 from onnx_dynedit.inspect import inspect_model
 
 
@@ -10,8 +10,8 @@ from onnx_dynedit.inspect import inspect_model
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None,
               help="Parity inputs (.npz, one array per model input, keyed by input name).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random parity inputs.")
-@click.option("--int-range", nargs=2, type=int, default=(0, 10), show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random parity inputs.")
+@click.option("--int-range", nargs=2, type=click.IntRange(-(2 ** 63), 2 ** 63 - 1), default=(0, 10), show_default=True,
               help="Range [low, high) of random values for integer inputs.")
 @DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
@@ -20,6 +20,8 @@ def inspect(model, inputs_file, seed, int_range, device, as_json):
 
     Exit 0 when the torch twin matches ONNX Runtime, 1 when it does not, 2 for unusable input.
     """
+    if int_range[0] >= int_range[1]:
+        raise click.BadParameter(f"low {int_range[0]} must be below high {int_range[1]}", param_hint="--int-range")
     report = inspect_model(model, inputs_file=inputs_file, device=device, seed=seed, int_range=tuple(int_range))
     if as_json:
         echo_json(report.to_dict())

@@ -12,7 +12,7 @@ from onnx_dynedit.api import locate_model
               help="npz with arrays 'corrupt' and 'clean' [N, ...], row i of clean = cleansed twin of row i.")
 @click.option("--stats", type=click.Path(dir_okay=False), default=None,
               help="npz with array 'x': unlabeled clean inputs for the keys' second moments.")
-@click.option("--steps", type=int, default=None, help="Integrated-gradients steps (default 16).")
+@click.option("--steps", type=click.IntRange(1, 4096), default=None, help="Integrated-gradients steps (default 16).")
 @click.option("--target", type=click.Choice(["corrupt_logit", "gap"]), default=None,
               help="Scalar attributed (default corrupt_logit: the logit of the class predicted on the corrupted input).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart of the scores.")

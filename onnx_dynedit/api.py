@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Pairs, Samples, check_against_input, check_labels, load_pairs, load_samples
-from .errors import CheckFailed, DataError, EditError
+from .errors import CheckFailed, DataError, EditError, InputError, OutputError
 from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, save_model
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,58 @@ def _twin(loaded: LoadedModel, device):
             "editing supports single-input models",
             hint="several inputs would be given as arrays keyed '<key>:<input name>' in the npz; not supported yet",
         )
+    _check_finite_weights(loaded, twin)
     parity = check_parity(twin)
     require_parity(parity, loaded.label)
     return twin, parity
+
+
+def _check_finite_weights(loaded: LoadedModel, twin) -> None:
+    """A model whose layer weights hold NaN/Inf is unusable input: say so instead of
+    reporting a NaN parity or propagating NaN into the edit."""
+    from .layers import constant_value
+
+    graph = loaded.model.graph
+    for layer in twin.layer_map.layers:
+        for kind, name in (("weight", layer.initializer), ("bias", layer.bias)):
+            if not name:
+                continue
+            value = constant_value(graph, name)
+            if value is None or not np.issubdtype(value.dtype, np.floating):
+                continue
+            bad = int(np.count_nonzero(~np.isfinite(value.astype(np.float32, copy=False))))
+            if bad:
+                raise DataError(f"{loaded.label}: {kind} {name!r} of layer {layer.node!r} holds {bad} NaN/Inf "
+                                "value(s)", hint="the model is broken; re-export it from a healthy checkpoint")
+
+
+def _refuse_data_overwrite(outputs, data_inputs) -> None:
+    """An output must never replace one of the .npz inputs (no --in-place for those)."""
+    data = {Path(p).resolve(): p for p in data_inputs if p is not None}
+    for out in outputs:
+        if out is not None and Path(out).resolve() in data:
+            raise OutputError(f"refusing to overwrite the input {data[Path(out).resolve()]} with an output",
+                              hint="write the output to another path")
+
+
+def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
+    """ORT on the written model vs the twin with the same edits, on ``feeds_x``; a model
+    with a fixed batch size is fed that many rows at a time (the worst chunk counts)."""
+    from .twin import check_parity
+
+    spec = twin.inputs[0]
+    batch = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
+    if batch is None:
+        return check_parity(twin, {spec.name: feeds_x}, model=new_model, edits=edits)
+    if len(feeds_x) < batch:
+        reps = -(-batch // len(feeds_x))
+        feeds_x = np.concatenate([feeds_x] * reps)
+    worst = None
+    for start in range(0, min(len(feeds_x), max(batch, 64)) - batch + 1, batch):
+        parity = check_parity(twin, {spec.name: feeds_x[start:start + batch]}, model=new_model, edits=edits)
+        if worst is None or not (parity.max_rel_diff <= worst.max_rel_diff):
+            worst = parity
+    return worst
 
 
 def _fit_input(twin, arr: np.ndarray, name: str) -> np.ndarray:
@@ -58,23 +107,36 @@ class Inputs:
     val: Samples | None
 
 
-def load_inputs(twin, pairs_path, stats_path=None, val_path=None) -> Inputs:
+def read_inputs(pairs_path, stats_path=None, val_path=None) -> Inputs:
+    """Read and check the .npz inputs on their own (before any model work: fail fast)."""
     pairs = load_pairs(pairs_path)
-    pairs = Pairs(corrupt=_fit_input(twin, pairs.corrupt, f"pairs {pairs_path}: 'corrupt'"),
-                  clean=_fit_input(twin, pairs.clean, f"pairs {pairs_path}: 'clean'"), source=pairs.source)
+    stats = load_samples(stats_path, what="stats", labels="ignored") if stats_path is not None else None
+    val = load_samples(val_path, what="val") if val_path is not None else None
+    return Inputs(pairs=pairs, stats=stats, val=val)
+
+
+def fit_inputs(twin, raw: Inputs) -> Inputs:
+    """Check the inputs against the model's input (shape, dtype) and output (labels)."""
+    p = raw.pairs
+    pairs = Pairs(corrupt=_fit_input(twin, p.corrupt, f"pairs {p.source}: 'corrupt'"),
+                  clean=_fit_input(twin, p.clean, f"pairs {p.source}: 'clean'"), source=p.source)
     stats = None
-    if stats_path is not None:
-        s = load_samples(stats_path, what="stats", labels="ignored")
-        stats = Samples(x=_fit_input(twin, s.x, f"stats {stats_path}: 'x'"), y=None, source=s.source)
+    if raw.stats is not None:
+        s = raw.stats
+        stats = Samples(x=_fit_input(twin, s.x, f"stats {s.source}: 'x'"), y=None, source=s.source)
     val = None
-    if val_path is not None:
-        v = load_samples(val_path, what="val")
-        x = _fit_input(twin, v.x, f"val {val_path}: 'x'")
+    if raw.val is not None:
+        v = raw.val
+        x = _fit_input(twin, v.x, f"val {v.source}: 'x'")
         if v.y is not None:
             n = _num_classes(twin) or int(twin.run(x[:1]).shape[-1])
-            check_labels(v.y, n, name=f"val {val_path}: 'y'")
+            check_labels(v.y, n, name=f"val {v.source}: 'y'")
         val = Samples(x=x, y=v.y, source=v.source)
     return Inputs(pairs=pairs, stats=stats, val=val)
+
+
+def load_inputs(twin, pairs_path, stats_path=None, val_path=None) -> Inputs:
+    return fit_inputs(twin, read_inputs(pairs_path, stats_path, val_path))
 
 
 # --------------------------------------------------------------------------- locate
@@ -101,10 +163,12 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     from .rank_one import key_statistics
 
     loaded = load_model(model)
-    twin, _ = _twin(loaded, device)
-    inputs = load_inputs(twin, pairs, stats)
     if plot is not None:
+        _refuse_data_overwrite([plot], [pairs, stats])
         check_output_path(plot, loaded.protected_paths())
+    raw = read_inputs(pairs, stats)
+    twin, _ = _twin(loaded, device)
+    inputs = fit_inputs(twin, raw)
     layers = twin.layer_map.editable()
     if not layers:
         raise EditError(f"{loaded.label} has no editable layer")
@@ -178,17 +242,21 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     import torch
 
     from .rectify import RectifyConfig, rectify
-    from .twin import check_parity, require_parity
+    from .twin import require_parity
     from .writeback import write_back
 
     loaded = load_model(model)
     protected = loaded.protected_paths()
+    _refuse_data_overwrite([out, report], [pairs, stats, val])
     if out is not None:
         check_output_path(out, protected, in_place=in_place)
     if report is not None:
         check_output_path(report, protected)
+        if out is not None and Path(report).resolve() == Path(out).resolve():
+            raise OutputError(f"--report {report} is the same file as -o {out}", hint="give the report its own name")
+    raw = read_inputs(pairs, stats, val)
     twin, parity0 = _twin(loaded, device)
-    inputs = load_inputs(twin, pairs, stats, val)
+    inputs = fit_inputs(twin, raw)
     cfg = RectifyConfig().replace(layers=tuple(layers) if layers else None, max_edits=max_edits,
                                   max_degradation=max_degradation, target_gap=target_gap, objective=objective,
                                   augment=augment, seed=seed, **config)
@@ -212,8 +280,7 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
         from .rectify import _as_torch
 
         edits = [_as_torch(e, twin.device) for e in result.edits]
-        feeds = {twin.inputs[0].name: np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean])}
-        parity = check_parity(twin, feeds, model=new_model, edits=edits)
+        parity = _parity_after(twin, np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean]), new_model, edits)
         require_parity(parity, f"{loaded.label} (edited)")
         parity_after = parity.to_dict()
         changed = tuple(u.layer.initializer for u in updates)
@@ -260,9 +327,95 @@ def revert_model(edited, out, *, in_place: bool = False) -> str:
 
     loaded = load_model(edited)
     check_output_path(out, loaded.protected_paths(), in_place=in_place)
+    _check_edit_record(loaded)
     original = revert(loaded)
     return str(save_model(original, out, external_names=loaded.external_names if loaded.has_external_data else None,
                           protected=loaded.protected_paths(), in_place=in_place))
+
+
+def _check_edit_record(loaded: LoadedModel) -> None:
+    """The undo record (``dynedit.edits`` metadata) is file content, hence untrusted: check
+    its structure, encodings and sizes before ``writeback.revert`` relies on them."""
+    import base64
+    import binascii
+    import zlib
+
+    import onnx
+
+    from .layers import build_layer_map, constant_value
+    from .writeback import EDITS_KEY, edit_record
+
+    try:
+        record = edit_record(loaded.model)
+    except ValueError:  # not JSON: revert says there is no record
+        return
+    if record is None:
+        return
+
+    def corrupt(why: str):
+        raise InputError(f"{loaded.label}: the edit record ({EDITS_KEY}) is corrupt: {why}",
+                         hint="the file was changed after `dynedit edit`; use the original or its .bak")
+
+    if not isinstance(record, dict):
+        corrupt("not a JSON object")
+    if not isinstance(record.get("original_sha256"), str):
+        corrupt("no original_sha256")
+    previous = record.get("previous_metadata", {})
+    if not isinstance(previous, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in previous.items()):
+        corrupt("previous_metadata is not a string map")
+    tensors = record.get("tensors")
+    if not isinstance(tensors, list) or not tensors:
+        corrupt("no list of edited tensors")
+    layers = build_layer_map(loaded.model).layers
+    graph = loaded.model.graph
+
+    def b64(text, what) -> bytes:
+        if not isinstance(text, str):
+            corrupt(f"{what} is not a string")
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            corrupt(f"{what} is not base64")
+
+    for i, rec in enumerate(tensors):
+        if not isinstance(rec, dict):
+            corrupt(f"entry {i} is not an object")
+        name = rec.get("initializer")
+        if not isinstance(name, str) or not isinstance(rec.get("source"), str):
+            corrupt(f"entry {i} has no initializer/source")
+        layer = next((l for l in layers if l.initializer == name), None)
+        weight = constant_value(graph, name)
+        if layer is None or weight is None:
+            continue  # writeback.revert reports this one itself
+        factors = rec.get("factors")
+        if not isinstance(factors, list) or not factors:
+            corrupt(f"entry {i} ({name!r}) has no factors")
+        for j, pair in enumerate(factors):
+            if not isinstance(pair, list) or len(pair) != 2:
+                corrupt(f"factor {j} of {name!r} is not a (u, d) pair")
+            u, d = (b64(v, f"factor {j} of {name!r}") for v in pair)
+            if len(u) != 8 * layer.out_features or len(d) != 8 * layer.in_features:
+                corrupt(f"factor {j} of {name!r} does not fit the layer's {layer.out_features}x{layer.in_features} "
+                        "weight")
+        xor = b64(rec.get("xor_zlib"), f"xor_zlib of {name!r}")
+        need = weight.size * weight.dtype.itemsize
+        try:
+            inflater = zlib.decompressobj()
+            raw = inflater.decompress(xor, need + 1)  # bounded: no zip bomb
+        except zlib.error:
+            corrupt(f"xor_zlib of {name!r} is not zlib data")
+        if len(raw) != need:
+            corrupt(f"xor_zlib of {name!r} has {len(raw)} bytes, the weight needs {need}")
+        if rec["source"] == "constant_of_shape":
+            index = rec.get("node_index")
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= len(graph.node):
+                corrupt(f"entry {i} ({name!r}) has no valid node_index")
+            node_bytes = b64(rec.get("node_proto"), f"node_proto of {name!r}")
+            try:
+                onnx.NodeProto().ParseFromString(node_bytes)
+            except Exception:  # noqa: BLE001 - protobuf DecodeError and friends
+                corrupt(f"node_proto of {name!r} is not a NodeProto")
 
 
 __all__ = ["edit_model", "locate_model", "revert_model", "EditOutcome", "LocateOutcome", "CheckFailed"]

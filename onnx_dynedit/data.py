@@ -34,13 +34,15 @@ def load_npz(path: str | os.PathLike, required: tuple[str, ...], optional: tuple
     path = Path(path)
     if not path.exists():
         raise DataError(f"{what} file {path} does not exist", hint="check the path")
+    if path.is_dir():
+        raise DataError(f"{what} file {path} is a directory", hint="give the path of an .npz file")
     if not zipfile.is_zipfile(path):
         raise DataError(f"{what} file {path} is not an .npz archive",
                         hint="save it with numpy.savez(path, " + ", ".join(f"{k}=..." for k in required) + ")")
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - numpy raises many kinds here
-        raise DataError(f"{what} file {path} cannot be read: {exc}") from None
+        raise DataError(f"{what} file {path} cannot be read: {_short(exc)}") from None
     with archive:
         found = list(archive.files)
         missing = [k for k in required if k not in found]
@@ -56,27 +58,47 @@ def load_npz(path: str | os.PathLike, required: tuple[str, ...], optional: tuple
 
 
 def _read_member(archive, path: Path, key: str, what: str) -> np.ndarray:
-    # Check the header (shape, dtype) before numpy allocates the array.
+    # Check the header (shape, dtype) against the member's size before numpy allocates.
+    member = key + ".npy"
     try:
-        with archive.zip.open(key + ".npy") as fh:
+        info = archive.zip.getinfo(member)
+        with archive.zip.open(member) as fh:
             version = np.lib.format.read_magic(fh)
             if version == (1, 0):
                 shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
             else:
                 shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{what} file {path}: array {key!r} has a broken header ({exc})") from None
+            header_end = fh.tell()
+    except Exception as exc:  # noqa: BLE001 - numpy / zipfile raise many kinds on bad headers
+        raise DataError(f"{what} file {path}: array {key!r} has a broken header ({_short(exc)})",
+                        hint="re-save it with numpy.savez") from None
     if dtype.hasobject:
         raise UnsafeInputError(f"{what} file {path}: array {key!r} holds Python objects",
                                hint="only numeric arrays are accepted (allow_pickle=False)")
-    n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
-    if n > MAX_ARRAY_ELEMENTS or any(d < 0 for d in shape):
-        raise UnsafeInputError(f"{what} file {path}: array {key!r} declares an absurd shape {tuple(shape)}")
+    dims = [int(d) for d in shape]
+    n = 1
+    for d in dims:
+        n *= d
+    if any(d < 0 for d in dims) or n > MAX_ARRAY_ELEMENTS:
+        raise UnsafeInputError(f"{what} file {path}: array {key!r} declares an absurd shape {tuple(dims)}",
+                               hint="the file is corrupt or hostile")
+    need = n * dtype.itemsize
+    have = info.file_size - header_end
+    if need > have:
+        raise DataError(f"{what} file {path}: array {key!r} declares shape {tuple(dims)} ({need} bytes) "
+                        f"but holds only {max(have, 0)} bytes", hint="the file is truncated or tampered with")
     try:
         arr = archive[key]
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{what} file {path}: array {key!r} cannot be read ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - numpy / zipfile raise many kinds here
+        raise DataError(f"{what} file {path}: array {key!r} cannot be read ({_short(exc)})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
+        raise UnsafeInputError(f"{what} file {path}: array {key!r} is not a plain numeric array")
     return arr
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_finite(arr: np.ndarray, *, name: str) -> None:
@@ -107,6 +129,11 @@ def load_pairs(path: str | os.PathLike) -> Pairs:
     for key, arr in arrays.items():
         check_nonempty(arr, name=f"pairs {path}: {key!r}")
         check_finite(arr, name=f"pairs {path}: {key!r}")
+    if corrupt.shape[0] != clean.shape[0]:
+        raise DataError(
+            f"pairs {path}: {corrupt.shape[0]} rows in 'corrupt' but {clean.shape[0]} in 'clean'",
+            hint="row i of clean must be the cleansed twin of row i of corrupt: give as many of each",
+        )
     if corrupt.shape != clean.shape:
         raise DataError(
             f"pairs {path}: 'corrupt' has shape {corrupt.shape} but 'clean' has {clean.shape}",
@@ -171,8 +198,14 @@ def check_against_input(arr: np.ndarray, *, name: str, input_name: str, shape: l
         same_kind = (np.issubdtype(arr.dtype, np.floating) and np.issubdtype(dtype, np.floating)) or (
             np.issubdtype(arr.dtype, np.integer) and np.issubdtype(dtype, np.integer))
         if not same_kind:
-            raise DataError(f"{name} is {arr.dtype} but model input {input_name!r} expects {np.dtype(dtype)}")
-        arr = arr.astype(dtype)
+            raise DataError(f"{name} is {arr.dtype} but model input {input_name!r} expects {np.dtype(dtype)}",
+                            hint=f"save the array as {np.dtype(dtype)}")
+        was_finite = not np.issubdtype(arr.dtype, np.floating) or bool(np.isfinite(arr).all())
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = arr.astype(dtype)
+        if np.issubdtype(arr.dtype, np.floating) and was_finite and not np.isfinite(arr).all():
+            raise DataError(f"{name} holds values too large for the model's {np.dtype(dtype)} input "
+                            f"{input_name!r} (they would become Inf)", hint="rescale the data as the model expects")
     return arr
 
 

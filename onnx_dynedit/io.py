@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 # Refuse any single tensor that declares more elements than this (8 G elements).
 MAX_TENSOR_ELEMENTS = 1 << 33
+# Refuse a model input, or a tensor made from a shape (ConstantOfShape), with more
+# elements than this (256 M): dynedit allocates such tensors itself (parity inputs,
+# weight placeholders), and a few bytes of a hostile file must not ask for terabytes.
+MAX_SYNTH_ELEMENTS = 1 << 28
 # Tensors at least this large (bytes) go to external data for newly created tensors.
 EXTERNAL_THRESHOLD = 1024
 
@@ -42,6 +46,7 @@ class LoadedModel:
     path: Path | None
     sha256: str
     external_names: frozenset[str] = frozenset()  # tensors that lived in external data
+    external_files: frozenset[Path] = frozenset()  # the (resolved) files they were read from
 
     @property
     def has_external_data(self) -> bool:
@@ -55,8 +60,8 @@ class LoadedModel:
         """Files that must never be overwritten: the model and its external data."""
         if self.path is None:
             return []
-        out = [self.path.resolve()]
-        for tensor in _all_tensors(self.model):
+        out = [self.path.resolve(), *sorted(self.external_files)]
+        for tensor in _all_tensors(self.model):  # external data left in place (not loaded)
             for entry in tensor.external_data:
                 if entry.key == "location":
                     out.append((self.path.parent / entry.value).resolve())
@@ -77,34 +82,90 @@ def load_model(src: str | os.PathLike | onnx.ModelProto | LoadedModel, *, check:
     if isinstance(src, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(src)
-        _check_sizes(model, "<in-memory model>")
+        label = "<in-memory model>"
+        _check_strings(model, label)
+        _check_sizes(model, label)
+        _check_tensor_data(model, label)
+        _check_io(model, label)
+        _check_constant_of_shape(model, label)
         if check:
             _run_checker(model, "<in-memory model>")
         return LoadedModel(model=model, path=None, sha256=model_sha256(model))
 
     path = Path(src)
-    if not path.exists():
-        raise ModelLoadError(f"model file {path} does not exist", hint="check the path")
-    if not path.is_file():
-        raise ModelLoadError(f"model path {path} is not a file")
-    if path.stat().st_size == 0:
-        raise ModelLoadError(f"model file {path} is empty")
+    model = _parse(path)
+    _check_sizes(model, str(path))
+    external = _load_external(model, path)
+    _check_tensor_data(model, str(path))
+    _check_io(model, str(path))
+    _check_constant_of_shape(model, str(path))
+    if check:
+        _run_checker(model, str(path))
+    return LoadedModel(model=model, path=path, sha256=model_sha256(model),
+                       external_names=frozenset(name for name, _ in external),
+                       external_files=frozenset(file for _, file in external))
+
+
+def check_model_file(src: str | os.PathLike, *, what: str = "model") -> None:
+    """The safety checks of ``load_model`` for a file another runtime will load (e.g.
+    ONNX Runtime in ``dynedit verify``), without reading external data into memory:
+    readable ONNX, no external data outside the model's folder or past the end of its
+    file, no absurd shapes, stored data consistent with the declared shapes, tensor
+    inputs and outputs. Raises ``ModelLoadError`` / ``UnsafeInputError``."""
+    path = Path(src)
+    model = _parse(path, what=what)
+    label = f"{what} {path}"
+    _check_sizes(model, label)
+    for _tensor, _target, _offset, _length in _external_entries(model, path, label):
+        pass
+    _check_tensor_data(model, label)
+    _check_io(model, label)
+    _check_constant_of_shape(model, label)
+
+
+def _parse(path: Path, *, what: str = "model") -> onnx.ModelProto:
     try:
+        if not path.exists():
+            raise ModelLoadError(f"{what} file {path} does not exist", hint="check the path")
+        if not path.is_file():
+            raise ModelLoadError(f"{what} path {path} is not a file", hint="give the path of an .onnx file")
+        if path.stat().st_size == 0:
+            raise ModelLoadError(f"{what} file {path} is empty", hint="is the file truncated?")
         with open(path, "rb") as fh:
-            model = onnx.load_model_from_string(fh.read())
+            data = fh.read()
+    except OSError as exc:
+        raise ModelLoadError(f"{what} file {path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        model = onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(
             f"{path} is not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})",
             hint="is the file truncated or of another format?",
         ) from None
-    if not model.HasField("graph") or model.ir_version == 0:
+    if not model.HasField("graph") or model.ir_version <= 0:
         raise ModelLoadError(f"{path} is not an ONNX model (no graph or no ir_version)",
                              hint="is the file truncated or of another format?")
-    _check_sizes(model, str(path))
-    external = _load_external(model, path)
-    if check:
-        _run_checker(model, str(path))
-    return LoadedModel(model=model, path=path, sha256=model_sha256(model), external_names=frozenset(external))
+    _check_strings(model, str(path))
+    return model
+
+
+def _check_strings(message, label: str, where: str = "model") -> None:
+    """Every string field (names, op types, domains, ...) must be valid UTF-8; protobuf
+    hands invalid ones back as bytes, which would break every later step."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for field_desc, value in message.ListFields():
+        repeated = (field_desc.is_repeated if hasattr(field_desc, "is_repeated")
+                    else field_desc.label == FieldDescriptor.LABEL_REPEATED)
+        if field_desc.type == FieldDescriptor.TYPE_STRING:
+            values = value if repeated else [value]
+            if any(not isinstance(v, str) for v in values):
+                raise ModelLoadError(f"{label}: field {where}.{field_desc.name} is not valid UTF-8",
+                                     hint="the file is corrupt")
+        elif field_desc.type == FieldDescriptor.TYPE_MESSAGE:
+            items = value if repeated else [value]
+            for item in items:
+                _check_strings(item, label, f"{where}.{field_desc.name}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -131,8 +192,9 @@ def _all_tensors(model: onnx.ModelProto):
 
 
 def _check_sizes(model: onnx.ModelProto, label: str) -> None:
+    """Refuse negative or absurd dims before anything is allocated from them."""
     for tensor in _all_tensors(model):
-        dims = list(tensor.dims)
+        dims = [int(d) for d in tensor.dims]
         if any(d < 0 for d in dims):
             raise UnsafeInputError(f"{label}: tensor {tensor.name!r} has a negative dimension {dims}")
         n = 1
@@ -143,48 +205,201 @@ def _check_sizes(model: onnx.ModelProto, label: str) -> None:
                                        hint="the file is corrupt or hostile")
 
 
-def _load_external(model: onnx.ModelProto, path: Path) -> list[str]:
+# Elements per typed field entry, for the types whose values do not live in int32_data.
+_TYPED_FIELD = {
+    onnx.TensorProto.FLOAT: ("float_data", 1), onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1), onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1), onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1), onnx.TensorProto.STRING: ("string_data", 1),
+}
+# Sub-byte types: bits per element (packed in raw_data).
+_SUB_BYTE_BITS = {name: bits for name, bits in (("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2),
+                                                 ("INT2", 2), ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))}
+_SUB_BYTE = {getattr(onnx.TensorProto, name): bits for name, bits in _SUB_BYTE_BITS.items()
+             if hasattr(onnx.TensorProto, name)}
+
+
+def _numel(tensor) -> int:
+    n = 1
+    for d in tensor.dims:
+        n *= int(d)
+    return n
+
+
+def _type_name(data_type: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(data_type)
+    except ValueError:
+        return str(data_type)
+
+
+def _expected_nbytes(tensor) -> int | None:
+    """Bytes of raw data that ``tensor``'s dims and data_type call for (None: unknown type)."""
+    n = _numel(tensor)
+    if tensor.data_type in _SUB_BYTE:
+        return -(-n * _SUB_BYTE[tensor.data_type] // 8)
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    itemsize = _itemsize(tensor.data_type)
+    return None if itemsize is None else n * itemsize
+
+
+def _check_tensor_data(model: onnx.ModelProto, label: str) -> None:
+    """Every stored tensor has a known data type and exactly the data its dims call for,
+    so that reading it later (numpy_helper.to_array, the twin, ORT) cannot fail or guess."""
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # not loaded (in-memory model): left to the runtime
+        where = f"{label}: tensor {tensor.name!r}"
+        if tensor.data_type == onnx.TensorProto.UNDEFINED or (
+                tensor.data_type not in _SUB_BYTE and tensor.data_type != onnx.TensorProto.STRING
+                and _itemsize(tensor.data_type) is None):
+            raise ModelLoadError(f"{where} has an unknown data type ({_type_name(tensor.data_type)})",
+                                 hint="the file is corrupt or needs a newer onnx")
+        n = _numel(tensor)
+        if tensor.HasField("raw_data"):
+            expected = _expected_nbytes(tensor)
+            if expected is not None and len(tensor.raw_data) != expected:
+                raise ModelLoadError(
+                    f"{where} ({_type_name(tensor.data_type)}{list(tensor.dims)}) holds {len(tensor.raw_data)} "
+                    f"bytes of data, its shape needs {expected}", hint="the file is corrupt or truncated")
+            continue
+        if tensor.data_type in _SUB_BYTE:
+            continue  # packed typed storage: left to onnx
+        field_name, per = _TYPED_FIELD.get(tensor.data_type, ("int32_data", 1))
+        have = len(getattr(tensor, field_name))
+        if have != n * per:
+            raise ModelLoadError(
+                f"{where} ({_type_name(tensor.data_type)}{list(tensor.dims)}) holds {have} value(s) in "
+                f"{field_name}, its shape needs {n * per}", hint="the file is corrupt")
+
+
+def _check_io(model: onnx.ModelProto, label: str) -> None:
+    """Graph inputs and outputs must be tensors of a known element type."""
+    inits = {i.name for i in model.graph.initializer}
+    if not model.graph.output:
+        raise ModelLoadError(f"{label}: the graph has no outputs", hint="the file is corrupt or not a classifier")
+    if not [vi for vi in model.graph.input if vi.name not in inits]:
+        raise ModelLoadError(f"{label}: the graph has no inputs", hint="the file is corrupt or not a classifier")
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for vi in values:
+            if kind == "input" and vi.name in inits:
+                continue
+            if not vi.type.HasField("tensor_type"):
+                what = vi.type.WhichOneof("value") or "no type"
+                raise ModelLoadError(f"{label}: graph {kind} {vi.name!r} is not a tensor ({what})",
+                                     hint="dynedit handles models whose inputs and outputs are tensors")
+            elem = vi.type.tensor_type.elem_type
+            if elem == onnx.TensorProto.UNDEFINED or (_itemsize(elem) is None and elem != onnx.TensorProto.STRING):
+                raise ModelLoadError(f"{label}: graph {kind} {vi.name!r} has an unknown element type "
+                                     f"({_type_name(elem)})", hint="the file is corrupt or needs a newer onnx")
+            if kind == "input":
+                fixed = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
+                n = 1
+                for d in fixed:
+                    n *= max(int(d), 1)
+                if n > MAX_SYNTH_ELEMENTS:
+                    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                            for d in vi.type.tensor_type.shape.dim]
+                    raise UnsafeInputError(f"{label}: graph input {vi.name!r} declares an absurd shape {dims}",
+                                           hint="the file is corrupt or hostile")
+
+
+def _check_constant_of_shape(model: onnx.ModelProto, label: str) -> None:
+    """ConstantOfShape nodes fed by a constant shape make tensors we may allocate (weight
+    placeholders): their shape must be a sane 1-D list of non-negative sizes."""
+    graph = model.graph
+    shapes = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    shapes[node.output[0]] = attr.t
+    for node in graph.node:
+        if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx") or not node.input:
+            continue
+        tensor = shapes.get(node.input[0])
+        if tensor is None:
+            continue  # computed at run time: ONNX Runtime's business
+        try:
+            dims = numpy_helper.to_array(tensor)
+        except Exception as exc:  # noqa: BLE001 - corrupt tensor contents
+            raise ModelLoadError(f"{label}: shape {node.input[0]!r} of ConstantOfShape node {node.name!r} "
+                                 f"cannot be read ({_first_line(exc)})") from None
+        if dims.ndim > 1 or not np.issubdtype(dims.dtype, np.integer):
+            raise ModelLoadError(f"{label}: ConstantOfShape node {node.name!r} has a malformed shape input "
+                                 f"({dims.dtype}{list(dims.shape)})", hint="the shape must be a 1-D int64 tensor")
+        values = [int(d) for d in dims.reshape(-1)]
+        n = 1
+        for d in values:
+            n *= d
+        if any(d < 0 for d in values) or n > MAX_SYNTH_ELEMENTS:
+            raise UnsafeInputError(f"{label}: ConstantOfShape node {node.name!r} asks for an absurd shape {values}",
+                                   hint="the file is corrupt or hostile")
+
+
+def _external_entries(model: onnx.ModelProto, path: Path, label: str | None = None):
+    """Yield (tensor, file, offset, length) for every tensor stored as external data,
+    after refusing locations outside the model's folder and ranges outside the file."""
+    label = label or str(path)
     base = path.parent.resolve()
-    names = []
     for tensor in _all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
         if not location:
-            raise ModelLoadError(f"{path}: tensor {tensor.name!r} is marked external but names no file")
+            raise ModelLoadError(f"{label}: tensor {tensor.name!r} is marked external but names no file")
+        if any(ord(c) < 32 for c in location):
+            raise UnsafeInputError(f"{label}: external data location of tensor {tensor.name!r} holds control "
+                                   f"characters ({location!r})", hint="the file is corrupt or hostile")
         if os.path.isabs(location) or ".." in Path(location).parts or location.startswith(("/", "\\")):
             raise UnsafeInputError(
-                f"{path}: external data of tensor {tensor.name!r} points outside the model's folder ({location!r})",
+                f"{label}: external data of tensor {tensor.name!r} points outside the model's folder ({location!r})",
                 hint="external data must be a relative path inside the model's folder",
             )
         target = (base / location).resolve()
-        if base not in target.parents and target != base:
-            raise UnsafeInputError(f"{path}: external data of tensor {tensor.name!r} resolves outside the model's folder ({location!r})")
+        if base not in target.parents:
+            raise UnsafeInputError(f"{label}: external data of tensor {tensor.name!r} resolves outside the "
+                                   f"model's folder ({location!r})",
+                                   hint="external data must be a file inside the model's folder (no symlinks out)")
         if not target.is_file():
-            raise ModelLoadError(f"{path}: external data file {location!r} for tensor {tensor.name!r} is missing",
+            raise ModelLoadError(f"{label}: external data file {location!r} for tensor {tensor.name!r} is missing",
                                  hint=f"copy it next to {path.name}")
         try:
             offset = int(info.get("offset", 0))
             length = int(info["length"]) if "length" in info else None
         except ValueError:
-            raise ModelLoadError(f"{path}: tensor {tensor.name!r} has a malformed external-data offset/length") from None
+            raise ModelLoadError(f"{label}: tensor {tensor.name!r} has a malformed external-data offset/length") from None
         size = target.stat().st_size
-        itemsize = _itemsize(tensor.data_type)
-        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize if itemsize else None
+        expected = _expected_nbytes(tensor)
         if length is None:
             length = size - offset
         if offset < 0 or length < 0 or offset + length > size:
-            raise ModelLoadError(f"{path}: external data for {tensor.name!r} ({location!r}) is truncated: "
+            raise ModelLoadError(f"{label}: external data for {tensor.name!r} ({location!r}) is truncated: "
                                  f"needs bytes {offset}..{offset + length}, file has {size}")
         if expected is not None and length != expected:
-            raise ModelLoadError(f"{path}: external data for {tensor.name!r} has {length} bytes, its shape needs {expected}")
-        with open(target, "rb") as fh:
-            fh.seek(offset)
-            tensor.raw_data = fh.read(length)
+            raise ModelLoadError(f"{label}: external data for {tensor.name!r} has {length} bytes, its shape needs {expected}")
+        yield tensor, target, offset, length
+
+
+def _load_external(model: onnx.ModelProto, path: Path) -> list[tuple[str, Path]]:
+    """Read every external tensor into raw_data; returns (tensor name, file) pairs."""
+    names = []
+    for tensor, target, offset, length in list(_external_entries(model, path)):
+        try:
+            with open(target, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read(length)
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: external data {target.name} of tensor {tensor.name!r} cannot be read "
+                                 f"({exc.strerror or exc})") from None
+        if len(data) != length:
+            raise ModelLoadError(f"{path}: external data {target.name} of tensor {tensor.name!r} is truncated")
+        tensor.raw_data = data
         del tensor.external_data[:]
         tensor.ClearField("data_location")  # as if it had always been stored inline
-        names.append(tensor.name)
+        names.append((tensor.name, target))
     return names
 
 
@@ -210,34 +425,46 @@ def _run_checker(model: onnx.ModelProto, label: str) -> None:
 
 
 def check_output_path(out: str | os.PathLike, protected: list[Path], *, in_place: bool = False) -> Path:
-    """Refuse writing over an input unless ``in_place``; refuse a missing folder."""
+    """Refuse writing over an input; refuse a missing folder.
+
+    ``protected``: the input model first (the one file ``in_place`` allows to replace),
+    then its external data files (never replaced)."""
     out = Path(out)
     if out.exists() and out.is_dir():
         raise OutputError(f"output {out} is a directory", hint="give a file name such as model.fixed.onnx")
     if not out.parent.exists():
         raise OutputError(f"output folder {out.parent} does not exist", hint="create it first")
     resolved = out.resolve()
-    if resolved in protected and not in_place:
-        raise OutputError(f"refusing to overwrite the input {out}",
-                          hint="write to another path, or pass --in-place (a .bak copy is kept)")
+    if resolved in protected:
+        if not protected or resolved != protected[0]:
+            raise OutputError(f"refusing to overwrite {out}: it is the external data of the input model",
+                              hint="write to another path")
+        if not in_place:
+            raise OutputError(f"refusing to overwrite the input {out}",
+                              hint="write to another path, or pass --in-place (a .bak copy is kept)")
     return out
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write bytes to ``path`` atomically: temp file in the same folder, fsync, rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}",
+                          hint="check that the folder exists and is writable") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, permissions, target is a directory...
+        _unlink_quietly(tmp)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}",
+                          hint="nothing was changed; check free space and permissions") from None
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp)
         raise
     _fsync_dir(path.parent)
 
@@ -266,19 +493,26 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external_names
     protected = protected or []
     out = check_output_path(out, protected, in_place=in_place)
     if in_place and out.resolve() in protected and out.exists():
-        backup = out.with_name(out.name + ".bak")
-        shutil.copy2(out, backup)
+        backup = backup_file(out)
         log.info("kept a backup of %s at %s", out, backup)
 
     model = _copy(model)
     old_data = _previous_data_files(out)
     data_name = None
+    new_data = None
     if external_names:
         blob, data_name = _externalize(model, set(external_names), out.name)
         if data_name is not None:
+            if not (out.parent / data_name).exists():
+                new_data = out.parent / data_name
             atomic_write_bytes(out.parent / data_name, blob)
     payload = model.SerializeToString(deterministic=True)
-    atomic_write_bytes(out, payload)
+    try:
+        atomic_write_bytes(out, payload)
+    except BaseException:
+        if new_data is not None:  # the old model (if any) does not use it: do not leave it behind
+            _unlink_quietly(new_data)
+        raise
     for stale in old_data:
         if stale.name != data_name and stale.resolve() not in protected:
             try:
@@ -286,6 +520,43 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external_names
             except OSError:
                 pass
     return out
+
+
+def backup_file(path: Path) -> Path:
+    """Copy ``path`` to ``<name>.bak`` (``.bak.1``, ``.bak.2``, ... when taken: an older
+    backup is never overwritten), atomically, keeping its timestamps. Returns the copy."""
+    path = Path(path)
+    backup = path.with_name(path.name + ".bak")
+    i = 0
+    while backup.exists():
+        i += 1
+        backup = path.with_name(f"{path.name}.bak.{i}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{backup.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write the backup {backup}: {exc.strerror or exc}") from None
+    os.close(fd)
+    try:
+        shutil.copy2(path, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, backup)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise OutputError(f"cannot write the backup {backup}: {exc.strerror or exc}",
+                          hint="nothing was changed") from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return backup
+
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
