@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import click
+
+from onnx_dynedit.report import to_json
 
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                              help="Where the torch twin runs (default auto: CUDA when available).")
@@ -37,18 +38,8 @@ class FiniteFloat(click.ParamType):
         return number
 
 
-def _clean(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def echo_json(obj) -> None:
-    click.echo(json.dumps(_clean(obj), indent=2, sort_keys=False))
+    click.echo(to_json(obj))
 
 
 def table(rows: list[list], headers: list[str]) -> str:

@@ -11,7 +11,6 @@ nothing unless asked to (``out``); every user error is a DynEditError.
 from __future__ import annotations
 
 import io as _io
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from .data import Pairs, Samples, check_against_input, check_labels, load_pairs, load_samples
 from .errors import CheckFailed, DataError, EditError, InputError, OutputError
+from .report import to_json
 from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, save_model
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,13 @@ def _twin(loaded: LoadedModel, device):
             "editing supports single-input models",
             hint="several inputs would be given as arrays keyed '<key>:<input name>' in the npz; not supported yet",
         )
-    _check_finite_weights(loaded, twin)
+    check_finite_weights(loaded, twin)
     parity = check_parity(twin)
     require_parity(parity, loaded.label)
     return twin, parity
 
 
-def _check_finite_weights(loaded: LoadedModel, twin) -> None:
+def check_finite_weights(loaded: LoadedModel, twin) -> None:
     """A model whose layer weights hold NaN/Inf is unusable input: say so instead of
     reporting a NaN parity or propagating NaN into the edit."""
     from .layers import constant_value
@@ -290,7 +290,7 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     outcome = EditOutcome(model=loaded.label, output=written, result=result, parity_before=parity0.to_dict(),
                           parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info)
     if report is not None:
-        atomic_write_bytes(Path(report), (json.dumps(_finite(outcome.to_dict()), indent=2) + "\n").encode())
+        atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())
     return outcome
 
 
@@ -305,18 +305,6 @@ def _external_names(loaded: LoadedModel, new_model) -> set[str]:
         if init.name not in old and init.ByteSize() >= 1024:
             names.add(init.name)
     return names
-
-
-def _finite(obj):
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return _finite(obj.item())
-    return obj
 
 
 # --------------------------------------------------------------------------- revert

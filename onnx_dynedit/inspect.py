@@ -58,6 +58,9 @@ def inspect_model(src, *, inputs_file=None, device=None, seed: int = 0, int_rang
 
     loaded: LoadedModel = load_model(src)
     twin = Twin(loaded, device)
+    from .api import check_finite_weights
+
+    check_finite_weights(loaded, twin)  # NaN/Inf weights: unusable input (exit 2), not a parity failure
     feeds = load_feeds(inputs_file, twin.inputs) if inputs_file else None
     parity = check_parity(twin, feeds, seed=seed, int_range=int_range)
     opset = next((o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")), 0)

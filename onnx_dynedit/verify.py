@@ -93,7 +93,7 @@ def ort_session(path: str | os.PathLike, provider: str | None = DEFAULT_PROVIDER
     if not path.is_file():
         raise ModelLoadError(f"{what} path {path} is not a file", hint="give the path of an .onnx file")
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: keep stderr to our own one-liners
+    options.log_severity_level = 4  # fatal only: keep stderr to our own one-liners
     try:
         session = ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind classes

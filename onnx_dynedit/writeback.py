@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from . import __version__
@@ -218,6 +217,6 @@ def revert(loaded: LoadedModel) -> onnx.ModelProto:
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     if model_sha256(model) != record["original_sha256"]:
-        raise EditError(f"{loaded.label}: reverting did not reproduce the original model (hash mismatch)",
-                        hint="the file was changed after editing")
+        raise InputError(f"{loaded.label}: reverting did not reproduce the original model (hash mismatch)",
+                         hint="the file was changed after editing; revert needs the file `dynedit edit` wrote")
     return model

@@ -318,6 +318,8 @@ def test_model_with_nan_weights(work, capfd):
     before = snapshot(path)
     assert_refused(run(edit_argv(work, model=path), capfd), 2, "'W2'", "NaN/Inf", out_dir=work["out"],
                    before=before)
+    # inspect too: unusable input (exit 2), not a failed parity check (exit 1)
+    assert_refused(run(["inspect", path], capfd), 2, "'W2'", "NaN/Inf", out_dir=work["out"], before=before)
 
 
 # ------------------------------------------------------------------------ bad npz files
