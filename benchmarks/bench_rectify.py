@@ -6,7 +6,8 @@ One table per sample model. Rows: the model as shipped; fine-tuning the whole tw
 the same n pairs (n = 1 and 20); static rank-one on the last layer; static rank-one on
 the best single layer (found by trying every layer and keeping the best on the TEST set:
 an oracle no user has); dynedit with n = 1 as the paper describes it (no augmentation),
-dynedit with n = 1 and n = 20 (defaults). Every rank-one row goes through
+dynedit with n = 1 and n = 20 (defaults), and dynedit without stats inputs (the key
+statistics then come from the clean twins of the pairs, and no augmentation). Every rank-one row goes through
 `onnx_dynedit.api.edit_model` (written ONNX) and is measured with ONNX Runtime;
 fine-tuning is measured on the torch twin (it produces no ONNX).
 
@@ -146,11 +147,12 @@ def run_case(case: str, tmp: Path) -> list[tuple[str, int, dict, float, str]]:
 
     extra = {"target_gap": 0.005} if case == "leakage" else {}
 
-    def rank_one(label, n, **kw):
+    def rank_one(label, n, with_stats=True, **kw):
         pf = "pairs.npz" if n == 1 else "pairs20.npz"
         out = tmp / f"{case}-{label.replace(' ', '_').replace('/', '_')}-{n}.onnx"
         t0 = time.perf_counter()
-        outcome = edit_model(model, d / pf, out, stats=d / "stats.npz", val=d / "val.npz", device="cpu", **{**extra, **kw})
+        outcome = edit_model(model, d / pf, out, stats=d / "stats.npz" if with_stats else None, val=d / "val.npz",
+                             device="cpu", **{**extra, **kw})
         dt = time.perf_counter() - t0
         if outcome.output is None:
             return base, dt, "no edit accepted"
@@ -181,6 +183,9 @@ def run_case(case: str, tmp: Path) -> list[tuple[str, int, dict, float, str]]:
     for n in (1, 20):
         fig, dt, note = rank_one("dynedit", n)
         rows.append(("dynedit dynamic + transplant augmentation (default)", n, fig, dt, note))
+    for n in (1, 20):
+        fig, dt, note = rank_one("dynedit nostats", n, with_stats=False)
+        rows.append(("dynedit without --stats (C from the clean twins, no augmentation)", n, fig, dt, note))
     return rows
 
 
