@@ -72,7 +72,7 @@ def _refuse_data_overwrite(outputs, data_inputs) -> None:
 def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
     """ORT on the written model vs the twin with the same edits, on ``feeds_x``; a model
     with a fixed batch size is fed that many rows at a time (the worst chunk counts)."""
-    from .twin import check_parity
+    from .twin import check_parity, ort_session_for
 
     spec = twin.inputs[0]
     batch = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
@@ -82,8 +82,10 @@ def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
         reps = -(-batch // len(feeds_x))
         feeds_x = np.concatenate([feeds_x] * reps)
     worst = None
+    session = ort_session_for(new_model)  # one session for every chunk
     for start in range(0, min(len(feeds_x), max(batch, 64)) - batch + 1, batch):
-        parity = check_parity(twin, {spec.name: feeds_x[start:start + batch]}, model=new_model, edits=edits)
+        parity = check_parity(twin, {spec.name: feeds_x[start:start + batch]}, model=new_model, edits=edits,
+                              session=session)
         if worst is None or not (parity.max_rel_diff <= worst.max_rel_diff):
             worst = parity
     return worst

@@ -495,13 +495,15 @@ def compare_outputs(names, expected: list[np.ndarray], got: list[np.ndarray]) ->
 
 
 def check_parity(twin: Twin, feeds: dict[str, np.ndarray] | None = None, *, seed: int = 0,
-                 int_range=(0, 10), model: onnx.ModelProto | None = None, edits=()) -> Parity:
-    """ONNX Runtime on ``model`` (default: the twin's original) vs the twin with ``edits``."""
+                 int_range=(0, 10), model: onnx.ModelProto | None = None, edits=(), session=None) -> Parity:
+    """ONNX Runtime on ``model`` (default: the twin's original) vs the twin with ``edits``.
+    ``session``: an ORT session of ``model`` to reuse across calls."""
     model = model if model is not None else twin.loaded.model
     if feeds is None:
         feeds = random_inputs(twin.inputs, seed=seed, int_range=int_range)
     try:
-        session = ort_session_for(model)
+        if session is None:
+            session = ort_session_for(model)
         names = [o.name for o in session.get_outputs()]
         expected = session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
