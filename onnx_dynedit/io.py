@@ -445,28 +445,38 @@ def check_output_path(out: str | os.PathLike, protected: list[Path], *, in_place
     return out
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
+def _atomic_replace(path: Path, fill, *, what: str) -> None:
+    """Create a temp file next to ``path``, let ``fill(fd, tmp_path)`` write it (and close
+    ``fd``), fsync, rename over ``path``; on any failure the temp file is removed and
+    ``path`` is untouched."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}",
+        raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}",
                           hint="check that the folder exists and is writable") from None
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        fill(fd, tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:  # disk full, permissions, target is a directory...
         _unlink_quietly(tmp)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}",
+        raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}",
                           hint="nothing was changed; check free space and permissions") from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes to ``path`` atomically: temp file in the same folder, fsync, rename."""
+
+    def fill(fd, tmp):
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+
+    _atomic_replace(Path(path), fill, what="file")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -531,24 +541,11 @@ def backup_file(path: Path) -> Path:
     while backup.exists():
         i += 1
         backup = path.with_name(f"{path.name}.bak.{i}")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{backup.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write the backup {backup}: {exc.strerror or exc}") from None
-    os.close(fd)
-    try:
+    def fill(fd, tmp):
+        os.close(fd)
         shutil.copy2(path, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, backup)
-    except OSError as exc:
-        _unlink_quietly(tmp)
-        raise OutputError(f"cannot write the backup {backup}: {exc.strerror or exc}",
-                          hint="nothing was changed") from None
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    _fsync_dir(path.parent)
+
+    _atomic_replace(backup, fill, what="the backup")
     return backup
 
 
