@@ -15,6 +15,7 @@ This module needs numpy only (``dynedit verify`` must work without torch).
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -26,6 +27,18 @@ from .errors import DataError, UnsafeInputError
 
 # Refuse arrays larger than this many elements before allocating them.
 MAX_ARRAY_ELEMENTS = 1 << 31
+
+
+def exceeds(dims, limit: int) -> bool:
+    """True when a declared shape has a negative dim or more than ``limit`` elements
+    (checked before anything is allocated from it)."""
+    n = 1
+    for d in dims:
+        d = int(d)
+        if d < 0:
+            return True
+        n *= d
+    return n > limit
 
 
 def load_npz(path: str | os.PathLike, required: tuple[str, ...], optional: tuple[str, ...] = (),
@@ -76,13 +89,10 @@ def _read_member(archive, path: Path, key: str, what: str) -> np.ndarray:
         raise UnsafeInputError(f"{what} file {path}: array {key!r} holds Python objects",
                                hint="only numeric arrays are accepted (allow_pickle=False)")
     dims = [int(d) for d in shape]
-    n = 1
-    for d in dims:
-        n *= d
-    if any(d < 0 for d in dims) or n > MAX_ARRAY_ELEMENTS:
+    if exceeds(dims, MAX_ARRAY_ELEMENTS):
         raise UnsafeInputError(f"{what} file {path}: array {key!r} declares an absurd shape {tuple(dims)}",
                                hint="the file is corrupt or hostile")
-    need = n * dtype.itemsize
+    need = math.prod(dims) * dtype.itemsize
     have = info.file_size - header_end
     if need > have:
         raise DataError(f"{what} file {path}: array {key!r} declares shape {tuple(dims)} ({need} bytes) "

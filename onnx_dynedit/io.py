@@ -24,6 +24,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from .data import exceeds
 from .errors import ModelLoadError, OutputError, UnsafeInputError
 
 log = logging.getLogger(__name__)
@@ -197,12 +198,9 @@ def _check_sizes(model: onnx.ModelProto, label: str) -> None:
         dims = [int(d) for d in tensor.dims]
         if any(d < 0 for d in dims):
             raise UnsafeInputError(f"{label}: tensor {tensor.name!r} has a negative dimension {dims}")
-        n = 1
-        for d in dims:
-            n *= d
-            if n > MAX_TENSOR_ELEMENTS:
-                raise UnsafeInputError(f"{label}: tensor {tensor.name!r} declares an absurd shape {dims}",
-                                       hint="the file is corrupt or hostile")
+        if exceeds(dims, MAX_TENSOR_ELEMENTS):
+            raise UnsafeInputError(f"{label}: tensor {tensor.name!r} declares an absurd shape {dims}",
+                                   hint="the file is corrupt or hostile")
 
 
 # Elements per typed field entry, for the types whose values do not live in int32_data.
@@ -294,11 +292,8 @@ def _check_io(model: onnx.ModelProto, label: str) -> None:
                 raise ModelLoadError(f"{label}: graph {kind} {vi.name!r} has an unknown element type "
                                      f"({_type_name(elem)})", hint="the file is corrupt or needs a newer onnx")
             if kind == "input":
-                fixed = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
-                n = 1
-                for d in fixed:
-                    n *= max(int(d), 1)
-                if n > MAX_SYNTH_ELEMENTS:
+                fixed = [max(int(d.dim_value), 1) for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
+                if exceeds(fixed, MAX_SYNTH_ELEMENTS):
                     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
                             for d in vi.type.tensor_type.shape.dim]
                     raise UnsafeInputError(f"{label}: graph input {vi.name!r} declares an absurd shape {dims}",
@@ -330,10 +325,7 @@ def _check_constant_of_shape(model: onnx.ModelProto, label: str) -> None:
             raise ModelLoadError(f"{label}: ConstantOfShape node {node.name!r} has a malformed shape input "
                                  f"({dims.dtype}{list(dims.shape)})", hint="the shape must be a 1-D int64 tensor")
         values = [int(d) for d in dims.reshape(-1)]
-        n = 1
-        for d in values:
-            n *= d
-        if any(d < 0 for d in values) or n > MAX_SYNTH_ELEMENTS:
+        if exceeds(values, MAX_SYNTH_ELEMENTS):
             raise UnsafeInputError(f"{label}: ConstantOfShape node {node.name!r} asks for an absurd shape {values}",
                                    hint="the file is corrupt or hostile")
 

@@ -159,25 +159,20 @@ class InputSpec:
     dtype: np.dtype
 
 
+def _spec(vi) -> InputSpec:
+    tt = vi.type.tensor_type
+    shape = tuple((d.dim_value if d.HasField("dim_value") else (d.dim_param or None)) for d in tt.shape.dim)
+    return InputSpec(vi.name, shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))
+
+
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph's real inputs (initializers listed as inputs, IR 3, are left out)."""
     init = {i.name for i in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in init:
-            continue
-        tt = vi.type.tensor_type
-        shape = tuple((d.dim_value if d.HasField("dim_value") else (d.dim_param or None)) for d in tt.shape.dim)
-        out.append(InputSpec(vi.name, shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))))
-    return out
+    return [_spec(vi) for vi in model.graph.input if vi.name not in init]
 
 
 def output_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    out = []
-    for vi in model.graph.output:
-        tt = vi.type.tensor_type
-        shape = tuple((d.dim_value if d.HasField("dim_value") else (d.dim_param or None)) for d in tt.shape.dim)
-        out.append(InputSpec(vi.name, shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))))
-    return out
+    return [_spec(vi) for vi in model.graph.output]
 
 
 class Twin:
