@@ -19,19 +19,26 @@ from onnx_dynedit.api import edit_model
 @click.option("--max-edits", type=click.IntRange(min=1), default=None, help="Most rank-one edits to accept (default 4).")
 @click.option("--max-degradation", type=FiniteFloat(0.0, 1.0), default=None,
               help="Budget: accuracy drop on val (or share of changed predictions) per run (default 0.01).")
+@click.option("--criterion", type=click.Choice(["auto", "output", "attribution"]), default=None,
+              help="What 'behaves like its clean twin' means: the output gap (Trojans, spurious features), the "
+                   "share of input attribution on the region where the pair differs (feature leakage), or auto "
+                   "(default): attribution when the pairs' outputs already agree.")
 @click.option("--target-gap", type=FiniteFloat(0.0, 1.0), default=None,
               help="Stop when every pair's top-1 matches its clean twin and the mean TV distance is below this (default 0.1).")
+@click.option("--target-attribution", type=FiniteFloat(0.0, 1.0), default=None,
+              help="Attribution criterion: stop when the share of attribution on the differing region, in excess "
+                   "of the clean twin's, is below this (default 0.05).")
 @click.option("--objective", type=click.Choice(["output", "local"]), default=None,
               help="Fit u on the network output (default) or closed form at the layer.")
 @click.option("--augment", type=click.IntRange(min=0), default=None,
-              help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default 32; 0 = off).")
+              help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default 16; 0 = off).")
 @click.option("--seed", type=SEED, default=None, help="Seed (default 0).")
 @DEVICE_OPTION
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input model (a .bak copy is kept).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
-def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, target_gap, objective, augment, seed,
-         device, in_place, report, as_json):
+def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, criterion, target_gap, target_attribution,
+         objective, augment, seed, device, in_place, report, as_json):
     """Repair MODEL so that each corrupted input behaves like its clean twin; write OUT.
 
     Exit 0 when every pair is fixed within budget, 1 when the target was not reached
@@ -39,7 +46,8 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, targ
     """
     outcome = edit_model(model, pairs, out, stats=stats, val=val, layers=layers or None, max_edits=max_edits,
                          max_degradation=max_degradation, target_gap=target_gap, objective=objective,
-                         augment=augment, seed=seed, device=device, in_place=in_place, report=report)
+                         augment=augment, criterion=criterion, target_attribution=target_attribution, seed=seed,
+                         device=device, in_place=in_place, report=report)
     res = outcome.result
     if as_json:
         echo_json(outcome.to_dict())
@@ -49,12 +57,15 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, targ
                 for s in res.steps]
         if rows:
             click.echo(table(rows, ["step", "layer", "score", "gap before", "gap after", "fixed", "degradation", "decision"]))
+        gap_name = ("attribution share on the differing region" if res.criterion == "attribution"
+                    else "output TV distance")
+        click.echo(f"criterion: {res.criterion} (gap = {gap_name})")
         click.echo(f"pairs: {res.n_real_pairs} given + {res.n_pairs - res.n_real_pairs} synthetic; "
                    f"key statistics from {res.stats_source}; degradation = {res.degradation_kind}")
         click.echo(f"gap {res.gap_before:.4f} -> {res.gap_after:.4f}; fixed {res.fixed_before} -> {res.fixed_after} of "
                    f"{res.n_pairs}; degradation {res.degradation:.4f}; {len(res.edits)} edit(s); stopped: {res.stopped_because}")
         click.echo(f"given pairs: {res.real_fixed_after}/{res.n_real_pairs} behave like their clean twin "
-                   f"(gap {res.real_gap_after:.4f}, target {res.config.target_gap})")
+                   f"(gap {res.real_gap_after:.4f}, target {res.target})")
         if outcome.parity_after:
             click.echo(f"written-model parity (ONNX Runtime vs edited twin): max rel {outcome.parity_after['max_rel_diff']:.3g}")
         click.echo(f"wrote {outcome.output}" if outcome.output else "nothing written (no edit accepted)")
