@@ -64,8 +64,8 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, crit
                    f"key statistics from {res.stats_source}; degradation = {res.degradation_kind}")
         click.echo(f"gap {res.gap_before:.4f} -> {res.gap_after:.4f}; fixed {res.fixed_before} -> {res.fixed_after} of "
                    f"{res.n_pairs}; degradation {res.degradation:.4f}; {len(res.edits)} edit(s); stopped: {res.stopped_because}")
-        click.echo(f"given pairs: {res.real_fixed_after}/{res.n_real_pairs} behave like their clean twin "
-                   f"(gap {res.real_gap_after:.4f}, target {res.target})")
+        click.echo(f"given pairs: {res.real_fixed_after}/{res.n_real_pairs} classified like their clean twin; "
+                   f"gap {res.real_gap_before:.4f} -> {res.real_gap_after:.4f} (target {res.target})")
         if outcome.parity_after:
             click.echo(f"written-model parity (ONNX Runtime vs edited twin): max rel {outcome.parity_after['max_rel_diff']:.3g}")
         click.echo(f"wrote {outcome.output}" if outcome.output else "nothing written (no edit accepted)")

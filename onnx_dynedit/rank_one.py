@@ -24,6 +24,9 @@ Value (the "u"):
   output fitted in rectify.py: u starts at the closed form and Adam makes the
          NETWORK output on x~ match the output on x while keeping outputs on unlabeled
          clean inputs unchanged (the measured hint in method.md).
+  attribution (feature leakage, rectify.py): u and the whitened key a are fitted
+         together, d = R^-T a = C_l^-1 k with k = R a, starting at this module's k*;
+         d keeps the form C^-1 k, only k moves.
 
 Pure functions over torch tensors; no state, no I/O.
 """

@@ -9,7 +9,8 @@
     stop when every pair is fixed and gap <= target (target_gap / target_attribution)
     re-run localisation on the current (edited) model, rank the layers
     for the best few layers: fit a rank-one edit; keep the first one that lowers the gap
-      and keeps degradation within budget (others are rolled back)
+      and keeps degradation within budget (others are rolled back); under the attribution
+      criterion every candidate is fitted and the one with the smallest gap is kept
     stop when none does
   return the accepted edits
 
