@@ -317,95 +317,9 @@ def revert_model(edited, out, *, in_place: bool = False) -> str:
 
     loaded = load_model(edited)
     check_output_path(out, loaded.protected_paths(), in_place=in_place)
-    _check_edit_record(loaded)
     original = revert(loaded)
     return str(save_model(original, out, external_names=loaded.external_names if loaded.has_external_data else None,
                           protected=loaded.protected_paths(), in_place=in_place))
-
-
-def _check_edit_record(loaded: LoadedModel) -> None:
-    """The undo record (``dynedit.edits`` metadata) is file content, hence untrusted: check
-    its structure, encodings and sizes before ``writeback.revert`` relies on them."""
-    import base64
-    import binascii
-    import zlib
-
-    import onnx
-
-    from .layers import build_layer_map, constant_value
-    from .writeback import EDITS_KEY, edit_record
-
-    try:
-        record = edit_record(loaded.model)
-    except ValueError:  # not JSON: revert says there is no record
-        return
-    if record is None:
-        return
-
-    def corrupt(why: str):
-        raise InputError(f"{loaded.label}: the edit record ({EDITS_KEY}) is corrupt: {why}",
-                         hint="the file was changed after `dynedit edit`; use the original or its .bak")
-
-    if not isinstance(record, dict):
-        corrupt("not a JSON object")
-    if not isinstance(record.get("original_sha256"), str):
-        corrupt("no original_sha256")
-    previous = record.get("previous_metadata", {})
-    if not isinstance(previous, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in previous.items()):
-        corrupt("previous_metadata is not a string map")
-    tensors = record.get("tensors")
-    if not isinstance(tensors, list) or not tensors:
-        corrupt("no list of edited tensors")
-    layers = build_layer_map(loaded.model).layers
-    graph = loaded.model.graph
-
-    def b64(text, what) -> bytes:
-        if not isinstance(text, str):
-            corrupt(f"{what} is not a string")
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            corrupt(f"{what} is not base64")
-
-    for i, rec in enumerate(tensors):
-        if not isinstance(rec, dict):
-            corrupt(f"entry {i} is not an object")
-        name = rec.get("initializer")
-        if not isinstance(name, str) or not isinstance(rec.get("source"), str):
-            corrupt(f"entry {i} has no initializer/source")
-        layer = next((l for l in layers if l.initializer == name), None)
-        weight = constant_value(graph, name)
-        if layer is None or weight is None:
-            continue  # writeback.revert reports this one itself
-        factors = rec.get("factors")
-        if not isinstance(factors, list) or not factors:
-            corrupt(f"entry {i} ({name!r}) has no factors")
-        for j, pair in enumerate(factors):
-            if not isinstance(pair, list) or len(pair) != 2:
-                corrupt(f"factor {j} of {name!r} is not a (u, d) pair")
-            u, d = (b64(v, f"factor {j} of {name!r}") for v in pair)
-            if len(u) != 8 * layer.out_features or len(d) != 8 * layer.in_features:
-                corrupt(f"factor {j} of {name!r} does not fit the layer's {layer.out_features}x{layer.in_features} "
-                        "weight")
-        xor = b64(rec.get("xor_zlib"), f"xor_zlib of {name!r}")
-        need = weight.size * weight.dtype.itemsize
-        try:
-            inflater = zlib.decompressobj()
-            raw = inflater.decompress(xor, need + 1)  # bounded: no zip bomb
-        except zlib.error:
-            corrupt(f"xor_zlib of {name!r} is not zlib data")
-        if len(raw) != need:
-            corrupt(f"xor_zlib of {name!r} has {len(raw)} bytes, the weight needs {need}")
-        if rec["source"] == "constant_of_shape":
-            index = rec.get("node_index")
-            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= len(graph.node):
-                corrupt(f"entry {i} ({name!r}) has no valid node_index")
-            node_bytes = b64(rec.get("node_proto"), f"node_proto of {name!r}")
-            try:
-                onnx.NodeProto().ParseFromString(node_bytes)
-            except Exception:  # noqa: BLE001 - protobuf DecodeError and friends
-                corrupt(f"node_proto of {name!r} is not a NodeProto")
 
 
 __all__ = ["edit_model", "locate_model", "revert_model", "EditOutcome", "LocateOutcome", "CheckFailed"]
