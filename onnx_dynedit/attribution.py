@@ -11,7 +11,8 @@ Decisions the paper leaves open (defaults, all measured in benchmarks/):
     class predicted on x.
   - steps: 16 midpoints (IG's completeness error on the sample models is reported).
   - spatial reduction: units are output channels; M is summed over positions (and
-    pairs) before the norm, so opposite-signed positions cancel like they do in F.
+    pairs) before the norm, so opposite-signed positions cancel like they do in F
+    (``reduction="sum"``); alternative ``"abs"``: |M| summed, nothing cancels.
   - score: G_l = ||M^l||_2 * sqrt(k*^T C^-1 k*), with k* the layer's key change summed
     over positions (RMS over pairs; rank_one.Direction.specificity). The paper's
     ||M (C^-1 k*)^T||_F = ||M|| ||C^-1 k*|| depends on the arbitrary scale of a layer's
@@ -65,7 +66,7 @@ def _scalar(logits: torch.Tensor, target: str, c_corrupt: torch.Tensor, c_clean:
 
 def integrated_gradients(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.ndarray, *,
                          edits=(), steps: int = DEFAULT_STEPS, target: str = "corrupt_logit",
-                         chunk: int = 256) -> dict[str, tuple[torch.Tensor, float]]:
+                         reduction: str = "sum", chunk: int = 256) -> dict[str, tuple[torch.Tensor, float]]:
     """M^l for each layer, reduced over positions and pairs -> (vector [out], sum |M|),
     plus the completeness error under key ``"_completeness"``."""
     xc, xk = twin.to_tensor(corrupt), twin.to_tensor(clean)
@@ -97,13 +98,16 @@ def integrated_gradients(twin: Twin, layers: list[Layer], corrupt: np.ndarray, c
             g = out.grad.double()
             idx = pair_of[sl]
             grads[layer.node].index_add_(0, idx, g)
+    if reduction not in ("sum", "abs"):
+        raise ValueError(f"unknown reduction {reduction!r}")
     result = {}
     for layer in layers:
         m = delta_f[layer.node] * grads[layer.node] / steps  # [n, out, *spatial] or [n, ..., out]
+        r = m if reduction == "sum" else m.abs()
         if layer.op == "Conv":
-            per_unit = m.sum(dim=tuple(d for d in range(m.dim()) if d != 1))
+            per_unit = r.sum(dim=tuple(d for d in range(r.dim()) if d != 1))
         else:
-            per_unit = m.reshape(-1, m.shape[-1]).sum(0)
+            per_unit = r.reshape(-1, r.shape[-1]).sum(0)
         result[layer.node] = (per_unit, float(m.abs().sum()), float(m.sum()))
     result["_f_gap"] = f_gap
     return result
@@ -130,12 +134,14 @@ class Localisation:
 
 
 def locate(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.ndarray, stats: dict, *,
-           edits=(), steps: int = DEFAULT_STEPS, target: str = "corrupt_logit", key: str = "diff") -> Localisation:
+           edits=(), steps: int = DEFAULT_STEPS, target: str = "corrupt_logit", key: str = "diff",
+           reduction: str = "sum") -> Localisation:
     """Score every layer in ``layers`` (key statistics ``stats`` from rank_one.key_statistics)."""
     from .errors import EditError
     from .rank_one import edit_direction, pair_keys
 
-    ig = integrated_gradients(twin, layers, corrupt, clean, edits=edits, steps=steps, target=target)
+    ig = integrated_gradients(twin, layers, corrupt, clean, edits=edits, steps=steps, target=target,
+                              reduction=reduction)
     keys = pair_keys(twin, layers, corrupt, clean, edits=edits)
     scored, skipped = [], []
     for layer in layers:

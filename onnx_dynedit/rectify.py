@@ -64,6 +64,7 @@ class RectifyConfig:
     key: str = "diff"                 # rows for the direction: "diff" (k~ - k) or "corrupt" (k~ weighted)
     ig_steps: int = DEFAULT_STEPS
     ig_target: str = "corrupt_logit"
+    ig_reduction: str = "sum"         # positions: "sum" (signed, before the norm) or "abs"
     fit_steps: int = 200
     fit_lr: float = 0.05
     attr_weight: float = 3.0          # weight of the region's attribution in the attribution fit
@@ -419,7 +420,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
         else:
             # localisation attributes the given pairs only (the paper's method)
             loc = locate(twin, candidates, corrupt[:real_n], clean[:real_n], stats, edits=torch_edits,
-                         steps=cfg.ig_steps, target=cfg.ig_target, key=cfg.key)
+                         steps=cfg.ig_steps, target=cfg.ig_target, key=cfg.key, reduction=cfg.ig_reduction)
             localisations.append(loc.to_dict())
             order = [(a.layer, a.score) for a in loc.ranked][: cfg.candidates_per_step]
             if not order:

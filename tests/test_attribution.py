@@ -96,6 +96,20 @@ def test_ig_linear_model_exact(linear_twin, target):
         assert total == pytest.approx(f_gap, rel=1e-6)
 
 
+def test_ig_abs_reduction_sums_magnitudes(linear_twin):
+    """reduction="abs": |M| summed over pairs (and positions), so nothing cancels."""
+    layers = linear_twin.layer_map.editable()
+    hc, lc = _f(CORRUPT.astype(np.float64))
+    hk, _ = _f(CLEAN.astype(np.float64))
+    g_logits = np.zeros((2, 2))
+    g_logits[np.arange(2), lc.argmax(1)] = 1.0
+    m1 = (hk - hc) * (g_logits @ W2)
+    ig = integrated_gradients(linear_twin, layers, CORRUPT, CLEAN, steps=4, reduction="abs")
+    np.testing.assert_allclose(ig["fc1"][0].numpy(), np.abs(m1).sum(0), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        integrated_gradients(linear_twin, layers, CORRUPT, CLEAN, reduction="max")
+
+
 def test_ig_independent_of_steps_for_linear_model(linear_twin):
     layers = linear_twin.layer_map.editable()
     a = integrated_gradients(linear_twin, layers, CORRUPT, CLEAN, steps=1)
