@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
-from .errors import EditError, LayerError
+from .errors import EditError, InputError, LayerError
 from .layers import Layer
 from .rank_one import DEFAULT_LAMBDA, RankOneEdit, closed_form_u, edit_direction, key_statistics, pair_keys
 from .twin import DownstreamRunner, Twin
@@ -378,6 +378,9 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     elif criterion not in ("output", "attribution"):
         raise ValueError(f"unknown criterion {cfg.criterion!r}")
     attribution = criterion == "attribution"
+    if attribution and cfg.objective == "local":
+        raise InputError("--objective local (the closed form) only applies to the output criterion; the pairs "
+                         "call for the attribution criterion", hint="drop --objective local, or pass --criterion output")
     target = cfg.target_attribution if attribution else cfg.target_gap
     if cfg.augment and stats_x is not None:
         corrupt, clean = transplant_pairs(corrupt, clean, stats_x, cfg.augment, match=attribution)

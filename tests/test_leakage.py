@@ -129,3 +129,11 @@ def test_edited_onnx_has_no_leak_in_onnxruntime(leaky, tmp_path):
     weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     effective = weights["W2"] @ weights["W1"]
     np.testing.assert_allclose(effective[:, 2:], 0.0, atol=0.05)
+
+
+def test_closed_form_objective_is_refused_under_the_attribution_criterion(leaky):
+    from onnx_dynedit.errors import InputError
+
+    twin = Twin(load_model(leaky), "cpu")
+    with pytest.raises(InputError, match="objective local"):
+        rectify(twin, CORRUPT, CLEAN, stats_x=_stats(), config=RectifyConfig(objective="local"))
