@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_rectify import figures, ort_logits  # noqa: E402
+from bench_rectify import figures, ort_logits, print_tables  # noqa: E402
 from onnx_dynedit.api import edit_model  # noqa: E402
 from onnx_dynedit.attribution import locate  # noqa: E402
 from onnx_dynedit.io import load_model  # noqa: E402
@@ -102,14 +101,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) here")
     args = ap.parse_args()
     text = [f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"]
-    with tempfile.TemporaryDirectory() as tmp:
-        for case in args.cases:
-            table = run_case(case, Path(tmp), edit=not args.no_edit_leakage)
-            print(table, flush=True)
-            text.append(table)
-    if args.out:
-        args.out.write_text("\n".join(text))
-
+    print_tables(args.cases, lambda case, tmp: run_case(case, tmp, edit=not args.no_edit_leakage), args.out, text)
 
 if __name__ == "__main__":
     main()

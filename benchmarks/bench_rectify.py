@@ -170,26 +170,19 @@ def run_case(case: str, tmp: Path) -> list[tuple[str, int, dict, float, str]]:
                    torch_forward(twin.module))
     rows.append(("shipped", 0, base, 0.0, ""))
 
-    for n, pf in ((1, "pairs.npz"), (20, "pairs20.npz")):
-        p = np.load(d / pf)
-        t0 = time.perf_counter()
-        module = finetune(twin, p["corrupt"], p["clean"])
-        dt = time.perf_counter() - t0
-        with torch.no_grad():
-            lc = torch_forward(module)(twin.to_tensor(data["clean_x"])).numpy()
-            lx = torch_forward(module)(twin.to_tensor(data["corrupt_x"])).numpy()
-        rows.append(("fine-tune all weights (Adam 1e-4, until pairs fixed)", n, figures(case, meta, data, lc, lx, torch_forward(module)), dt, ""))
+    tuners = [(finetune, "fine-tune all weights (Adam 1e-4, until pairs fixed)")]
     if case == "leakage":  # the pairs are fixed from the start: also fine-tune on the attribution loss
+        tuners.append((finetune_attribution, "fine-tune all weights, attribution loss (Adam 1e-4, 100 steps)"))
+    for tune, label in tuners:
         for n, pf in ((1, "pairs.npz"), (20, "pairs20.npz")):
             p = np.load(d / pf)
             t0 = time.perf_counter()
-            module = finetune_attribution(twin, p["corrupt"], p["clean"])
+            module = tune(twin, p["corrupt"], p["clean"])
             dt = time.perf_counter() - t0
             with torch.no_grad():
                 lc = torch_forward(module)(twin.to_tensor(data["clean_x"])).numpy()
                 lx = torch_forward(module)(twin.to_tensor(data["corrupt_x"])).numpy()
-            rows.append(("fine-tune all weights, attribution loss (Adam 1e-4, 100 steps)", n,
-                         figures(case, meta, data, lc, lx, torch_forward(module)), dt, ""))
+            rows.append((label, n, figures(case, meta, data, lc, lx, torch_forward(module)), dt, ""))
 
     def rank_one(label, n, with_stats=True, **kw):
         pf = "pairs.npz" if n == 1 else "pairs20.npz"
@@ -264,13 +257,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     text = [f"torch {torch.__version__}, onnxruntime {ort.__version__}, {torch.get_num_threads()} threads\n"]
+    print_tables(args.cases, lambda case, tmp: render(case, run_case(case, tmp)), args.out, text)
+
+
+def print_tables(cases, table_of, out: Path | None, text: list[str]) -> None:
+    """Print ``table_of(case, scratch folder)`` for each case as it is measured; with
+    ``out``, also write ``text`` (the header lines) plus every table there."""
     with tempfile.TemporaryDirectory() as tmp:
-        for case in args.cases:
-            table = render(case, run_case(case, Path(tmp)))
+        for case in cases:
+            table = table_of(case, Path(tmp))
             print(table, flush=True)
             text.append(table)
-    if args.out:
-        args.out.write_text("\n".join(text))
+    if out:
+        out.write_text("\n".join(text))
 
 
 if __name__ == "__main__":
