@@ -179,26 +179,49 @@ def test_misbehaves_but_accurate(case):
         assert meta["corrupt_acc"] >= 0.95
 
 
+# What a rebuild reproduces where (see sample_models/README.md): the data arrays (test sets,
+# stats, val) come from seeded numpy + scikit-learn's bundled digits and are byte-identical on
+# any machine; the trained weights depend on the CPU's float kernels (AVX2 vs AVX-512 give
+# different roundings), so the figures of a rebuild on another CPU agree within REBUILD_TOL and
+# the model bytes are only identical between two rebuilds on the same machine.
+REBUILD_TOL = 0.03  # 0.03 = 11 of 360 test images; seen: 0.0028 (1 image) on an AVX2-only EPYC
+
+
+def _rebuild(out: Path) -> dict:
+    r = subprocess.run([sys.executable, str(SAMPLES / "build.py"), "--cases", "badnets", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((out / "badnets" / "meta.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None or importlib.util.find_spec("sklearn") is None,
                     reason="rebuilding needs torch and scikit-learn")
 def test_rebuild_badnets_reproduces(tmp_path):
-    """`build.py --cases badnets --out DIR` (about 10 s) gives the committed figures and arrays."""
-    r = subprocess.run([sys.executable, str(SAMPLES / "build.py"), "--cases", "badnets", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    new = json.loads((tmp_path / "badnets" / "meta.json").read_text())
+    """`build.py --cases badnets --out DIR` (about 10 s each) twice: the data is the committed
+    data byte for byte, the figures are the committed ones within REBUILD_TOL, and the two
+    rebuilds on this machine are byte-identical (model included)."""
+    new = _rebuild(tmp_path / "a")
+    again = _rebuild(tmp_path / "b")
     old = _meta("badnets")
     assert set(new) == set(old)
     for k, v in old.items():
         if k == "versions":
             continue
         if isinstance(v, float):
-            assert abs(new[k] - v) <= TOL, k
+            assert abs(new[k] - v) <= REBUILD_TOL, (k, new[k], v)
+        elif k == "pairs20_misbehaving":
+            assert new[k] >= 18, (k, new[k])  # which pool digits misbehave depends on the weights
         else:
             assert new[k] == v, k
-    for name in ("clean_test.npz", "corrupt_test.npz", "pairs.npz", "pairs20.npz", "stats.npz", "val.npz"):
-        with np.load(tmp_path / "badnets" / name) as a, np.load(SAMPLES / "badnets" / name) as b:
+    for name in ("clean_test.npz", "corrupt_test.npz", "stats.npz", "val.npz"):
+        with np.load(tmp_path / "a" / "badnets" / name) as a, np.load(SAMPLES / "badnets" / name) as b:
             assert a.files == b.files
             for k in a.files:
                 np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}:{k}")
+    # The pairs are pool digits picked by the rebuilt model's misbehaviour: rows of the same pool.
+    with np.load(tmp_path / "a" / "badnets" / "pairs20.npz") as a, np.load(SAMPLES / "badnets" / "pairs20.npz") as b:
+        assert a["corrupt"].shape == b["corrupt"].shape
+        assert np.abs(a["corrupt"] - a["clean"]).reshape(20, -1).max(1).min() > 0
+    for name in ("model.onnx", "meta.json", "pairs20.npz", "pairs.npz"):
+        assert (tmp_path / "a" / "badnets" / name).read_bytes() == (tmp_path / "b" / "badnets" / name).read_bytes(), name
