@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from cli.common import DEVICE_OPTION, SEED, FiniteFloat, echo_json, table
+from cli.common import DEVICE_OPTION, INPUT_SHAPE_OPTION, SEED, FiniteFloat, echo_json, table
 from onnx_dynedit.api import edit_model
 
 
@@ -34,11 +34,12 @@ from onnx_dynedit.api import edit_model
               help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default 16; 0 = off).")
 @click.option("--seed", type=SEED, default=None, help="Seed (default 0).")
 @DEVICE_OPTION
+@INPUT_SHAPE_OPTION
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input model (a .bak copy is kept).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
 def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, criterion, target_gap, target_attribution,
-         objective, augment, seed, device, in_place, report, as_json):
+         objective, augment, seed, device, input_shapes, in_place, report, as_json):
     """Repair MODEL so that each corrupted input behaves like its clean twin; write OUT.
 
     Exit 0 when every pair is fixed within budget, 1 when the target was not reached
@@ -47,7 +48,7 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, crit
     outcome = edit_model(model, pairs, out, stats=stats, val=val, layers=layers or None, max_edits=max_edits,
                          max_degradation=max_degradation, target_gap=target_gap, objective=objective,
                          augment=augment, criterion=criterion, target_attribution=target_attribution, seed=seed,
-                         device=device, in_place=in_place, report=report)
+                         device=device, input_shapes=input_shapes, in_place=in_place, report=report)
     res = outcome.result
     if as_json:
         echo_json(outcome.to_dict())

@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from cli.common import DEVICE_OPTION, echo_json, table
+from cli.common import DEVICE_OPTION, INPUT_SHAPE_OPTION, echo_json, table
 from onnx_dynedit.api import locate_model
 
 
@@ -17,10 +17,12 @@ from onnx_dynedit.api import locate_model
               help="Scalar attributed (default corrupt_logit: the logit of the class predicted on the corrupted input).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart of the scores.")
 @DEVICE_OPTION
+@INPUT_SHAPE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
-def locate(model, pairs, stats, steps, target, plot, device, as_json):
+def locate(model, pairs, stats, steps, target, plot, device, input_shapes, as_json):
     """Rank MODEL's editable layers by attribution-guided editability for the PAIRS."""
-    outcome = locate_model(model, pairs, stats=stats, device=device, steps=steps, target=target, plot=plot)
+    outcome = locate_model(model, pairs, stats=stats, device=device, steps=steps, target=target, plot=plot,
+                           input_shapes=input_shapes)
     loc = outcome.localisation
     if as_json:
         echo_json(outcome.to_dict())

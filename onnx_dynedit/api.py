@@ -25,10 +25,12 @@ from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, 
 log = logging.getLogger(__name__)
 
 
-def _twin(loaded: LoadedModel, device):
+def _twin(loaded: LoadedModel, device, input_shapes=None, data=None):
+    """The twin, parity required. Parity inputs take their sizes from ``input_shapes``
+    (--input-shape), else the graph, else (symbolic non-batch dims) the rows of ``data``."""
     from .twin import Twin, check_parity, require_parity
 
-    twin = Twin(loaded, device)
+    twin = Twin(loaded, device, input_shapes=_with_data_shapes(loaded, input_shapes, data))
     if len(twin.inputs) != 1:
         raise DataError(
             f"{loaded.label} has {len(twin.inputs)} inputs ({', '.join(s.name for s in twin.inputs)}); "
@@ -39,6 +41,23 @@ def _twin(loaded: LoadedModel, device):
     parity = check_parity(twin)
     require_parity(parity, loaded.label)
     return twin, parity
+
+
+def _with_data_shapes(loaded: LoadedModel, given, data):
+    from .twin import input_specs
+
+    given = dict(given or {})
+    if data is None:
+        return given
+    for spec in input_specs(loaded.model):
+        if spec.name in given or all(isinstance(d, int) and d > 0 for d in spec.shape[1:]):
+            continue
+        arr = data[spec.name] if data.dtype.names and spec.name in data.dtype.names else (
+            None if data.dtype.names else data)
+        if arr is not None and arr.ndim == len(spec.shape):
+            first = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else min(len(arr), 2)
+            given[spec.name] = (first,) + tuple(int(d) for d in arr.shape[1:])
+    return given
 
 
 def check_finite_weights(loaded: LoadedModel, twin) -> None:
@@ -150,15 +169,17 @@ class LocateOutcome:
     localisation: object = field(repr=False)
     stats_source: str = ""
     device: str = "cpu"
+    attributed_output: str = ""
 
     def to_dict(self) -> dict:
         out = self.localisation.to_dict()
-        out.update({"model": self.model, "stats_source": self.stats_source, "device": self.device})
+        out.update({"model": self.model, "stats_source": self.stats_source, "device": self.device,
+                    "attributed_output": self.attributed_output})
         return out
 
 
 def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=None, key=None,
-                 plot=None) -> LocateOutcome:
+                 plot=None, input_shapes=None) -> LocateOutcome:
     import torch
 
     from .attribution import DEFAULT_STEPS, locate
@@ -169,7 +190,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
         _refuse_data_overwrite([plot], [pairs, stats])
         check_output_path(plot, loaded.protected_paths())
     raw = read_inputs(pairs, stats)
-    twin, _ = _twin(loaded, device)
+    twin, _ = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
     inputs = fit_inputs(twin, raw)
     layers = twin.layer_map.editable()
     if not layers:
@@ -182,7 +203,8 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
                  steps=steps or DEFAULT_STEPS, target=target or "corrupt_logit", key=key or "diff")
     if plot is not None:
         write_plot(loc, Path(plot), title=f"editability: {Path(loaded.label).name}")
-    return LocateOutcome(model=loaded.label, localisation=loc, stats_source=source, device=str(twin.device))
+    return LocateOutcome(model=loaded.label, localisation=loc, stats_source=source, device=str(twin.device),
+                         attributed_output=twin.attributed_output)
 
 
 def write_plot(loc, path: Path, *, title: str) -> None:
@@ -222,6 +244,7 @@ class EditOutcome:
     changed: tuple[str, ...] = ()
     device: str = "cpu"
     inputs: dict = field(default_factory=dict)
+    attributed_output: str = ""
 
     @property
     def success(self) -> bool:
@@ -231,12 +254,13 @@ class EditOutcome:
         return {"model": self.model, "output": self.output, "success": self.success, "device": self.device,
                 "inputs": self.inputs, "changed_initializers": list(self.changed),
                 "parity_before": self.parity_before, "parity_after": self.parity_after,
+                "attributed_output": self.attributed_output,
                 **self.result.to_dict()}
 
 
 def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max_edits=None,
                max_degradation=None, target_gap=None, objective=None, augment=None, seed=None,
-               device=None, in_place=False, report=None, **config) -> EditOutcome:
+               device=None, in_place=False, report=None, input_shapes=None, **config) -> EditOutcome:
     """Rectify ``model`` from ``pairs`` and (when ``out`` is given) save the edited model.
 
     Keyword arguments left as None take the defaults of ``RectifyConfig``.
@@ -257,7 +281,7 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
         if out is not None and Path(report).resolve() == Path(out).resolve():
             raise OutputError(f"--report {report} is the same file as -o {out}", hint="give the report its own name")
     raw = read_inputs(pairs, stats, val)
-    twin, parity0 = _twin(loaded, device)
+    twin, parity0 = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
     inputs = fit_inputs(twin, raw)
     cfg = RectifyConfig().replace(layers=tuple(layers) if layers else None, max_edits=max_edits,
                                   max_degradation=max_degradation, target_gap=target_gap, objective=objective,
@@ -290,7 +314,8 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
             written = str(save_model(new_model, out, external_names=_external_names(loaded, new_model),
                                      protected=protected, in_place=in_place))
     outcome = EditOutcome(model=loaded.label, output=written, result=result, parity_before=parity0.to_dict(),
-                          parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info)
+                          parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info,
+                          attributed_output=twin.attributed_output)
     if report is not None:
         atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())
     return outcome
