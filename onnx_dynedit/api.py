@@ -31,12 +31,6 @@ def _twin(loaded: LoadedModel, device, input_shapes=None, data=None):
     from .twin import Twin, check_parity, require_parity
 
     twin = Twin(loaded, device, input_shapes=_with_data_shapes(loaded, input_shapes, data))
-    if len(twin.inputs) != 1:
-        raise DataError(
-            f"{loaded.label} has {len(twin.inputs)} inputs ({', '.join(s.name for s in twin.inputs)}); "
-            "editing supports single-input models",
-            hint="several inputs would be given as arrays keyed '<key>:<input name>' in the npz; not supported yet",
-        )
     check_finite_weights(loaded, twin)
     parity = check_parity(twin)
     require_parity(parity, loaded.label)
@@ -94,16 +88,20 @@ def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
     from .twin import check_parity, ort_session_for
 
     spec = twin.inputs[0]
+
+    def feeds(x):
+        return {s.name: x[s.name] for s in twin.inputs} if x.dtype.names else {spec.name: x}
+
     batch = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
     if batch is None:
-        return check_parity(twin, {spec.name: feeds_x}, model=new_model, edits=edits)
+        return check_parity(twin, feeds(feeds_x), model=new_model, edits=edits)
     if len(feeds_x) < batch:
         reps = -(-batch // len(feeds_x))
         feeds_x = np.concatenate([feeds_x] * reps)
     worst = None
     session = ort_session_for(new_model)  # one session for every chunk
     for start in range(0, min(len(feeds_x), max(batch, 64)) - batch + 1, batch):
-        parity = check_parity(twin, {spec.name: feeds_x[start:start + batch]}, model=new_model, edits=edits,
+        parity = check_parity(twin, feeds(feeds_x[start:start + batch]), model=new_model, edits=edits,
                               session=session)
         if worst is None or not (parity.max_rel_diff <= worst.max_rel_diff):
             worst = parity
@@ -111,8 +109,26 @@ def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
 
 
 def _fit_input(twin, arr: np.ndarray, name: str) -> np.ndarray:
-    spec = twin.inputs[0]
-    return check_against_input(arr, name=name, input_name=spec.name, shape=list(spec.shape), dtype=spec.dtype)
+    """Check ``arr`` against the model's input(s). Several inputs: a packed array with a
+    field per input (``<key>:<input name>`` in the npz), checked field by field."""
+    from .data import pack_inputs
+
+    names = [s.name for s in twin.inputs]
+    if len(twin.inputs) == 1 and not arr.dtype.names:
+        spec = twin.inputs[0]
+        return check_against_input(arr, name=name, input_name=spec.name, shape=list(spec.shape), dtype=spec.dtype)
+    if not arr.dtype.names:
+        raise DataError(f"{name}: the model has {len(names)} inputs ({', '.join(names)}); give one array per input",
+                        hint="key them '<key>:<input name>' in the npz, e.g. " + ", ".join(
+                            f"corrupt:{n}" for n in names))
+    extra = [k for k in arr.dtype.names if k not in names]
+    missing = [n for n in names if n not in arr.dtype.names]
+    if missing or extra:
+        raise DataError(f"{name}: arrays for inputs {', '.join(arr.dtype.names)} but the model's inputs are "
+                        f"{', '.join(names)}", hint="key them '<key>:<input name>' with the model's input names")
+    return pack_inputs({s.name: check_against_input(arr[s.name], name=f"{name}[{s.name!r}]", input_name=s.name,
+                                                    shape=[None] + list(s.shape[1:]) if s.shape else [],
+                                                    dtype=s.dtype) for s in twin.inputs}, name=name)
 
 
 def _num_classes(twin) -> int | None:
@@ -283,6 +299,14 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     raw = read_inputs(pairs, stats, val)
     twin, parity0 = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
     inputs = fit_inputs(twin, raw)
+    if twin.token_inputs or len(twin.inputs) > 1:
+        if augment is None:
+            augment = 0  # transplanting x~ - x onto stats inputs means nothing for token ids
+        if config.get("criterion") == "attribution":
+            raise InputError(f"{loaded.label}: --criterion attribution needs one float input (input-level "
+                             "attribution); this model has integer or several inputs", hint="use --criterion output")
+        if config.get("criterion") in (None, "auto"):
+            config["criterion"] = "output"
     cfg = RectifyConfig().replace(layers=tuple(layers) if layers else None, max_edits=max_edits,
                                   max_degradation=max_degradation, target_gap=target_gap, objective=objective,
                                   augment=augment, seed=seed, **config)

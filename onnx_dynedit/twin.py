@@ -256,6 +256,9 @@ class Twin:
         self.softmax_node = norm.softmax_node
         self._select = ([o.name for o in norm.model.graph.output].index(norm.logits)
                         if norm.logits is not None else 0)
+        # Integer token inputs have no gradient: attribution interpolates the outputs of the
+        # Gathers on embedding tables that read them (``interpolate``).
+        self.embeddings = find_embeddings(loaded.model, unique_node_names(loaded.model.graph))
         # Class scores declared [N, C, 1, 1] (a conv head, e.g. SqueezeNet): seen as [N, C].
         first = self.outputs[0].shape if self.outputs else ()
         self._flatten = (len(first) > 2 and all(isinstance(d, int) and d == 1 for d in first[2:])
@@ -326,6 +329,56 @@ class Twin:
                 outs.append(self.forward(self.to_tensor(x[i:i + batch_size])).double().cpu().numpy())
         return np.concatenate(outs, axis=0)
 
+    @property
+    def token_inputs(self) -> bool:
+        """Some input is integer (token ids): no gradient reaches it."""
+        return any(not np.issubdtype(spec.dtype, np.floating) for spec in self.inputs)
+
+    # -- straight-line paths for integrated gradients ------------------------------
+    def interpolate(self, xc, xk, alphas: torch.Tensor) -> "Path":
+        """The points ``xc + a (xk - xc)`` for every pair and every ``a`` (pair-major).
+        Float inputs are interpolated themselves; integer token inputs through the outputs
+        of their embedding Gathers (``embeddings``), the other inputs kept at ``xc``'s."""
+        if self.embeddings:
+            return _EmbeddingPath(self, xc, xk, alphas)
+        if isinstance(xc, tuple):
+            raise InternalError("interpolating several float inputs is not supported")
+        return _InputPath(self, xc, xk, alphas)
+
+    @contextlib.contextmanager
+    def _embedding_hooks(self, replace=None, store=None):
+        handles = []
+
+        def make(i):
+            def hook(module, args, output):
+                if store is not None:
+                    store.append(output)
+                if replace is not None:
+                    return replace[i]
+                return None
+
+            return hook
+
+        try:
+            for i, (name, _) in enumerate(self.embeddings):
+                handles.append(self._modules[name].register_forward_hook(make(i)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def embed(self, x) -> list[torch.Tensor]:
+        """Outputs of the embedding Gathers for the input batch ``x`` (a tensor or tuple)."""
+        store: list = []
+        with torch.no_grad(), self._embedding_hooks(store=store):
+            self.forward(x)
+        return [t.detach() for t in store[:len(self.embeddings)]]
+
+    def forward_embedded(self, x, values: list[torch.Tensor]) -> torch.Tensor:
+        """The attributed output with the embedding Gathers' outputs replaced by ``values``."""
+        with self._embedding_hooks(replace=values):
+            return self.forward(x)
+
     # -- hooks ---------------------------------------------------------------------
     @contextlib.contextmanager
     def applied(self, edits):
@@ -366,6 +419,86 @@ class Twin:
         finally:
             for h in handles:
                 h.remove()
+
+
+def _take(x, index):
+    return tuple(t[index] for t in x) if isinstance(x, tuple) else x[index]
+
+
+def batch_size_of(x) -> int:
+    """Rows of a batch: a tensor, or a tuple of tensors (one per model input)."""
+    return int((x[0] if isinstance(x, tuple) else x).shape[0])
+
+
+def cat_inputs(*batches):
+    """Concatenate batches along the rows (tuples field by field)."""
+    if isinstance(batches[0], tuple):
+        return tuple(torch.cat(parts, 0) for parts in zip(*batches))
+    return torch.cat(batches, 0)
+
+
+class _InputPath:
+    """IG path points on the (float) input itself."""
+
+    def __init__(self, twin: Twin, xc, xk, alphas):
+        n, steps = xc.shape[0], alphas.shape[0]
+        path = xc.unsqueeze(1) + alphas.view(1, -1, *([1] * (xc.dim() - 1))) * (xk - xc).unsqueeze(1)
+        self.twin, self.path, self.n = twin, path.reshape(n * steps, *xc.shape[1:]), n
+
+    def __len__(self) -> int:
+        return int(self.path.shape[0])
+
+    def forward(self, sl: slice) -> torch.Tensor:
+        """The attributed output at points ``sl`` (a graph for backward is kept)."""
+        return self.twin.forward(self.path[sl].clone().requires_grad_(True))
+
+
+class _EmbeddingPath:
+    """IG path points on the embedding outputs: e(xc) + a (e(xk) - e(xc)); every other
+    input (attention mask, ...) is taken from the corrupted input."""
+
+    def __init__(self, twin: Twin, xc, xk, alphas):
+        n, steps = batch_size_of(xc), alphas.shape[0]
+        ec, ek = twin.embed(xc), twin.embed(xk)
+        self.points = []
+        for a, b in zip(ec, ek):
+            p = a.unsqueeze(1) + alphas.view(1, -1, *([1] * (a.dim() - 1))).to(a.dtype) * (b - a).unsqueeze(1)
+            self.points.append(p.reshape(n * steps, *a.shape[1:]))
+        self.base = _take(xc, torch.arange(n, device=twin.device).repeat_interleave(steps))
+        self.twin, self.n = twin, n
+
+    def __len__(self) -> int:
+        return int(self.points[0].shape[0])
+
+    def forward(self, sl: slice) -> torch.Tensor:
+        values = [p[sl].clone().requires_grad_(True) for p in self.points]
+        return self.twin.forward_embedded(_take(self.base, sl), values)
+
+
+def find_embeddings(model: onnx.ModelProto, names) -> tuple[tuple[str, str], ...]:
+    """(twin module name, ONNX node name) of each Gather that looks up a float table
+    (an initializer or Constant) with indices read from an integer graph input (directly,
+    or through Cast / Identity / Unsqueeze / Reshape)."""
+    from .layers import constant_sources, twin_module_name
+
+    graph = model.graph
+    init = {i.name: i for i in graph.initializer}
+    consts = constant_sources(graph)
+    ints = {vi.name for vi in graph.input if vi.name not in init
+            and vi.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
+    derived = set(ints)
+    out = []
+    for node, name in zip(graph.node, names):
+        if node.op_type in ("Cast", "Identity", "Unsqueeze", "Reshape") and node.input and node.input[0] in derived:
+            derived.update(node.output)
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        table = node.input[0]
+        is_float_table = (table in init and init[table].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+                          and len(init[table].dims) == 2) or table in consts
+        if is_float_table and node.input[1] in derived:
+            out.append((twin_module_name(name, node.domain), name))
+    return tuple(out)
 
 
 class DownstreamRunner:

@@ -215,3 +215,117 @@ def tf2onnx_style(seed: int = 2) -> onnx.ModelProto:
     model.ir_version = 7
     onnx.checker.check_model(model)
     return model
+
+
+# ------------------------------------------------------------------ torch-exported models
+
+
+def _export(net, example: tuple, *, dynamo: bool, opset: int, input_names, dynamic: dict | None = None,
+            output_names=("logits",)) -> onnx.ModelProto:
+    """Export ``net`` in eval mode to a ModelProto (legacy TorchScript or dynamo exporter)."""
+    import torch
+
+    net = net.eval()
+    if not dynamo:
+        buf = io.BytesIO()
+        axes = {n: {0: "batch"} for n in input_names}
+        axes.update({n: {0: "batch"} for n in output_names})
+        torch.onnx.export(net, example, buf, dynamo=False, opset_version=opset, input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=axes,
+                          training=torch.onnx.TrainingMode.EVAL, do_constant_folding=True)
+        return onnx.load_from_string(buf.getvalue())
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    shapes = tuple({0: batch} for _ in example)
+    program = torch.onnx.export(net, example, dynamo=True, opset_version=opset, input_names=list(input_names),
+                                output_names=list(output_names), dynamic_shapes=shapes, optimize=True,
+                                verbose=False)
+    return program.model_proto
+
+
+def _seeded(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def torchvision_net(arch: str, *, num_classes: int = 10):
+    """A torchvision architecture with seeded random weights (no download)."""
+    import torchvision
+
+    _seeded(0)
+    kwargs = {"weights": None, "num_classes": num_classes}
+    if arch == "vit_tiny":
+        return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                    hidden_dim=32, mlp_dim=64, num_classes=num_classes)
+    return getattr(torchvision.models, arch)(**kwargs)
+
+
+def tv(arch: str, *, dynamo: bool, opset: int, size: int = 32) -> onnx.ModelProto:
+    import torch
+
+    net = torchvision_net(arch)
+    x = torch.randn(2, 3, size, size)
+    return _export(net, (x,), dynamo=dynamo, opset=opset, input_names=("input",))
+
+
+def bert_net(vocab: int = 50, dim: int = 32, heads: int = 2, layers: int = 2, classes: int = 3, max_len: int = 16):
+    """A BERT/MiniLM-style text classifier: token + position embeddings, LayerNorm,
+    ``layers`` post-norm blocks (attention with an additive mask, GELU MLP), a tanh
+    pooler on the first token and a linear head."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+            self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+        def forward(self, h, bias):
+            b, t, _ = h.shape
+            hd = dim // heads
+
+            def split(z):
+                return z.view(b, t, heads, hd).transpose(1, 2)
+
+            q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+            att = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5 + bias, dim=-1)
+            ctx = (att @ v).transpose(1, 2).reshape(b, t, dim)
+            h = self.ln1(h + self.o(ctx))
+            return self.ln2(h + self.fc2(torch.nn.functional.gelu(self.fc1(h))))
+
+    class Bert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(vocab, dim)
+            self.pos = nn.Embedding(max_len, dim)
+            self.ln = nn.LayerNorm(dim)
+            self.blocks = nn.ModuleList(Block() for _ in range(layers))
+            self.pool = nn.Linear(dim, dim)
+            self.cls = nn.Linear(dim, classes)
+
+        def forward(self, input_ids, attention_mask):
+            t = input_ids.shape[1]
+            pos = torch.arange(t, device=input_ids.device).unsqueeze(0)
+            h = self.ln(self.tok(input_ids) + self.pos(pos))
+            bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * -10000.0
+            for block in self.blocks:
+                h = block(h, bias)
+            return self.cls(torch.tanh(self.pool(h[:, 0])))
+
+    _seeded(1)
+    return Bert()
+
+
+def bert_tiny(*, dynamo: bool = False, opset: int = 17, seq: int = 8) -> onnx.ModelProto:
+    """Token ids [batch, 8] int64 + attention mask [batch, 8] int64 -> 3 logits."""
+    import torch
+
+    ids = torch.randint(0, 50, (2, seq))
+    mask = torch.ones(2, seq, dtype=torch.int64)
+    return _export(bert_net(), (ids, mask), dynamo=dynamo, opset=opset, input_names=("input_ids", "attention_mask"))
+
+
+def vit_tiny(*, dynamo: bool = False, opset: int = 17) -> onnx.ModelProto:
+    return tv("vit_tiny", dynamo=dynamo, opset=opset, size=32)
