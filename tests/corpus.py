@@ -329,3 +329,55 @@ def bert_tiny(*, dynamo: bool = False, opset: int = 17, seq: int = 8) -> onnx.Mo
 
 def vit_tiny(*, dynamo: bool = False, opset: int = 17) -> onnx.ModelProto:
     return tv("vit_tiny", dynamo=dynamo, opset=opset, size=32)
+
+
+# ------------------------------------------------------------------ the registry
+
+_HEAVY_ZOO = {"bvlc_alexnet", "vgg19", "zfnet512", "resnet50", "densenet121", "inception_v2"}
+
+
+def _entries() -> list[Entry]:
+    out = [Entry(f"zoo_{n}", "zoo (IR 3, opset 9)", lambda n=n: zoo(n), heavy=n in _HEAVY_ZOO) for n in ZOO]
+    out.append(Entry("zoo_squeezenet_placeholder", "zoo as shipped (ConstantOfShape weights)",
+                     lambda: zoo_placeholder("squeezenet")))
+    out.append(Entry("paddle_style", "paddle2onnx style", paddle_style, input_shapes={"x": (2, 3, 16, 20)}))
+    out.append(Entry("tf2onnx_style", "tf2onnx (Keras, NHWC)", tf2onnx_style))
+    for arch, dynamo, opset, heavy in (
+            ("resnet18", False, 13, False), ("resnet18", True, 18, True), ("resnet18", True, 23, True),
+            ("mobilenet_v3_small", False, 17, False), ("mobilenet_v3_small", True, 18, True),
+            ("squeezenet1_1", False, 9, False), ("efficientnet_b0", False, 17, True),
+            ("efficientnet_b0", True, 18, True)):
+        tag = f"tv_{arch}_{'dynamo' if dynamo else 'legacy'}{opset}"
+        out.append(Entry(tag, f"torchvision, {'dynamo' if dynamo else 'legacy'} exporter",
+                         lambda a=arch, d=dynamo, o=opset: tv(a, dynamo=d, opset=o), heavy=heavy))
+    out.append(Entry("vit_tiny_legacy17", "ViT (torchvision), legacy exporter", lambda: vit_tiny(dynamo=False, opset=17)))
+    out.append(Entry("vit_tiny_dynamo18", "ViT (torchvision), dynamo exporter", lambda: vit_tiny(dynamo=True, opset=18),
+                     heavy=True))
+    out.append(Entry("bert_tiny_legacy17", "BERT-style, legacy exporter", lambda: bert_tiny(dynamo=False, opset=17),
+                     token_inputs=True))
+    out.append(Entry("bert_tiny_dynamo18", "BERT-style, dynamo exporter", lambda: bert_tiny(dynamo=True, opset=18),
+                     token_inputs=True, heavy=True))
+    return out
+
+
+CORPUS: dict[str, Entry] = {e.name: e for e in _entries()}
+
+
+def build(name: str) -> onnx.ModelProto:
+    return CORPUS[name].build()
+
+
+def sample_inputs(twin, entry: Entry, n: int, seed: int):
+    """``n`` seeded rows fitting the model's inputs (token ids in [0, 50)), as one array
+    or, for several inputs, a packed array (``data.pack_inputs``)."""
+    from onnx_dynedit.data import pack_inputs
+    from onnx_dynedit.twin import random_inputs
+
+    feeds = random_inputs(twin.inputs, batch=n, seed=seed, int_range=(0, 50),
+                          shapes={k: (n,) + tuple(v[1:]) for k, v in entry.input_shapes.items()})
+    for spec in twin.inputs:
+        if not np.issubdtype(spec.dtype, np.floating) and "mask" in spec.name:
+            feeds[spec.name] = np.ones_like(feeds[spec.name])
+    if len(feeds) == 1:
+        return next(iter(feeds.values()))
+    return pack_inputs(feeds)
