@@ -115,6 +115,24 @@ def normalise(model: onnx.ModelProto) -> Normalised:
         graph.initializer.extend(new_inits)
         notes.append(f"{len(new_inits)} Constant/ConstantOfShape node(s) turned into initializers")
 
+    # Identity of an initializer -> an initializer of the output's name (the legacy torch
+    # exporter deduplicates equal tensors, e.g. zero biases, and re-exposes them so).
+    inits = {i.name: i for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    aliased = [n for n in graph.node if n.op_type == "Identity" and n.domain in ("", "ai.onnx")
+               and n.input and n.input[0] in inits and n.output[0] not in outputs]
+    if aliased:
+        drop = {n.output[0] for n in aliased}
+        for n in aliased:
+            t = onnx.TensorProto()
+            t.CopyFrom(inits[n.input[0]])
+            t.name = n.output[0]
+            graph.initializer.append(t)
+        keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in drop)]
+        del graph.node[:]
+        graph.node.extend(keep)
+        notes.append(f"{len(aliased)} Identity node(s) of initializers turned into initializers")
+
     init_names = {i.name for i in graph.initializer}
     inputs = [vi for vi in graph.input if vi.name not in init_names]
     if len(inputs) != len(graph.input):
