@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from . import progress, threads
 from .errors import ConversionError, InternalError, ParityError
 from .io import LoadedModel
 from .layers import Layer, LayerMap, build_layer_map, constant_value, unique_node_names
@@ -183,6 +185,7 @@ class Twin:
 
         self.loaded = loaded
         self.device = resolve_device(device)
+        threads.apply_torch()
         self.layer_map: LayerMap = build_layer_map(loaded.model)
         self.inputs = input_specs(loaded.model)
         self.outputs = output_specs(loaded.model)
@@ -193,7 +196,11 @@ class Twin:
         self.fp16 = norm.fp16
         self.notes = norm.notes
         try:
-            module = convert(norm.model)
+            with progress.phase("torch twin (onnx2torch)"), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                module = convert(norm.model)
+            for w in caught:  # converter notes are for -vv, not the user's terminal
+                log.debug("onnx2torch: %s: %s", w.category.__name__, w.message)
         except NotImplementedError as exc:
             raise ConversionError(f"{loaded.label}: the torch twin cannot be built: {str(exc).splitlines()[0]}",
                                   hint="onnx2torch lacks a converter for this op") from None
@@ -470,7 +477,7 @@ def random_inputs(specs: list[InputSpec], *, batch: int = 2, seed: int = 0, int_
 def ort_session_for(model: onnx.ModelProto, provider: str = "cpu"):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    opts = threads.session_options(ort.SessionOptions())
     opts.log_severity_level = 4  # fatal only: failures surface as our own one-line errors
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)

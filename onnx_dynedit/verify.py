@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import threads
 from .data import Samples, check_against_input, check_labels, load_samples
 from .errors import DataError, InputError, ModelLoadError
 
@@ -92,7 +93,7 @@ def ort_session(path: str | os.PathLike, provider: str | None = DEFAULT_PROVIDER
         raise ModelLoadError(f"{what} file {path} does not exist", hint="check the path")
     if not path.is_file():
         raise ModelLoadError(f"{what} path {path} is not a file", hint="give the path of an .onnx file")
-    options = ort.SessionOptions()
+    options = threads.session_options(ort.SessionOptions())
     options.log_severity_level = 4  # fatal only: keep stderr to our own one-liners
     try:
         session = ort.InferenceSession(str(path), options, providers=list(providers))

@@ -1,0 +1,70 @@
+"""How many CPU threads the computing steps use (torch intra-op and ONNX Runtime intra-op).
+
+Default (None): every core this process may run on. Under contention from other busy
+processes fewer threads can be much faster (OpenMP threads wait for each other); the
+README gives measured figures. ``configure`` records the number; the twin applies it to
+torch when it is built (``apply_torch``) and every ONNX Runtime session takes it
+(``session_options``). torch is never imported here, so ``dynedit verify`` works
+without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+_threads: int | None = None  # None: all cores
+
+
+def all_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def configure(threads: int | None = None) -> int:
+    """Use ``threads`` CPU threads from now on (None: all cores). Returns the number.
+    Applied to torch at once when torch is already imported, else when a twin is built."""
+    global _threads
+    if threads is not None and int(threads) < 1:
+        from .errors import InputError
+
+        raise InputError(f"--threads must be at least 1, got {threads}")
+    _threads = None if threads is None else int(threads)
+    import sys
+
+    if "torch" in sys.modules:
+        apply_torch()
+    return count()
+
+
+def count() -> int:
+    return _threads if _threads is not None else all_cores()
+
+
+def apply_torch() -> None:
+    """Set torch's intra-op thread count (call where torch work starts)."""
+    import torch
+
+    n = count()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+        log.debug("torch intra-op threads: %d", n)
+
+
+def session_options(options=None):
+    """ONNX Runtime ``SessionOptions`` with ``intra_op_num_threads`` set (a new object
+    when ``options`` is None)."""
+    if options is None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+    options.intra_op_num_threads = count()
+    return options
+
+
+__all__ = ["all_cores", "configure", "count", "apply_torch", "session_options"]
