@@ -91,7 +91,8 @@ def run_options(*, threads: bool = True):
         if threads:
             wrapper = click.option(
                 "--threads", type=click.IntRange(min=1), default=None, metavar="N",
-                help=f"CPU threads for torch and ONNX Runtime (default: all cores, {_threads.all_cores()} here).",
+                help=f"CPU threads for torch and ONNX Runtime (default: OMP_NUM_THREADS if set, else all cores: "
+                     f"{_threads.all_cores()} here).",
             )(wrapper)
         return wrapper
 

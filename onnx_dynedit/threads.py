@@ -1,6 +1,7 @@
 """How many CPU threads the computing steps use (torch intra-op and ONNX Runtime intra-op).
 
-Default (None): every core this process may run on. Under contention from other busy
+Default (None): ``OMP_NUM_THREADS`` when it is set, else every core this process may run
+on. Under contention from other busy
 processes fewer threads can be much faster (OpenMP threads wait for each other); the
 README gives measured figures. ``configure`` records the number; the twin applies it to
 torch when it is built (``apply_torch``) and every ONNX Runtime session takes it
@@ -27,7 +28,7 @@ def all_cores() -> int:
 
 
 def configure(threads: int | None = None) -> int:
-    """Use ``threads`` CPU threads from now on (None: all cores). Returns the number.
+    """Use ``threads`` CPU threads from now on (None: ``default()``). Returns the number.
     Applied to torch at once when torch is already imported, else when a twin is built."""
     global _threads
     if threads is not None and int(threads) < 1:
@@ -42,8 +43,17 @@ def configure(threads: int | None = None) -> int:
     return count()
 
 
+def default() -> int:
+    """``OMP_NUM_THREADS`` when set to a positive integer (the user's environment wins),
+    else all cores."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return all_cores()
+
+
 def count() -> int:
-    return _threads if _threads is not None else all_cores()
+    return _threads if _threads is not None else default()
 
 
 def apply_torch() -> None:
@@ -67,4 +77,4 @@ def session_options(options=None):
     return options
 
 
-__all__ = ["all_cores", "configure", "count", "apply_torch", "session_options"]
+__all__ = ["all_cores", "default", "configure", "count", "apply_torch", "session_options"]
