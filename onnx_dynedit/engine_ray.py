@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from . import errors
 from .errors import DynEditError, InputError
@@ -145,18 +146,24 @@ class VerifyWorker:
 class KeyStatsWorker:
     """A Ray actor: a torch twin of the model (CPU), key moments of one shard at a time."""
 
-    def __init__(self, model_path, fit):
+    def __init__(self, model_path):
         import torch
 
         torch.set_num_threads(1)
-        self.fit = fit
         self.init = _guarded(_build_twin, model_path)
 
     def moments(self, dataset, index, layer_nodes, edits, batch_size, max_keys):
         _crash_once_for_tests()
         if self.init[0] != "ok":
             return self.init
-        return _guarded(_shard_moments, self.init[1], self.fit, dataset, index, layer_nodes, edits, batch_size, max_keys)
+        return _guarded(_shard_moments, self.init[1], dataset, index, layer_nodes, edits, batch_size, max_keys)
+
+
+@dataclass(frozen=True)
+class _Edit:
+    layer: object
+    u: object
+    d: object
 
 
 def _build_twin(model_path):
@@ -166,16 +173,15 @@ def _build_twin(model_path):
     return Twin(load_model(model_path), "cpu")
 
 
-def _shard_moments(twin, fit, dataset, index, layer_nodes, edits, batch_size, max_keys):
+def _shard_moments(twin, dataset, index, layer_nodes, edits, batch_size, max_keys):
     import torch
 
+    from .keystats import fitted_shard
     from .rank_one import key_moments
-    from .rectify import _as_torch
 
     layers = [twin.layer_map.get(n) for n in layer_nodes]
-    x = fit(twin, dataset, index)
-    torch_edits = [_as_torch(e, twin.device) for e in edits]
-    torch.manual_seed(0)
+    x = fitted_shard(twin, dataset, index)
+    torch_edits = [_Edit(twin.layer_map.get(node), torch.as_tensor(u), torch.as_tensor(d)) for node, u, d in edits]
     return key_moments(twin, layers, x, edits=torch_edits, batch_size=batch_size, max_keys=max_keys)
 
 
@@ -218,10 +224,9 @@ class RayKeyStats:
     """Key moments over a sharded stats set on Ray, for the length of a ``with`` block
     (the actors, each holding a twin, live across the loop's repeated requests)."""
 
-    def __init__(self, model_path, dataset, fit, *, address: str | None = None):
+    def __init__(self, model_path, dataset, *, address: str | None = None):
         self.model_path = str(model_path)
         self.dataset = dataset
-        self.fit = fit
         self.address = address
         self.workers = 0
         self._stack = None
@@ -232,7 +237,7 @@ class RayKeyStats:
         self._ray = self._stack.enter_context(ray_session(self.address))
         self.workers = min(cluster_cpus(self._ray), len(self.dataset.shards))
         worker = _actor(self._ray, KeyStatsWorker)
-        self._actors = [worker.remote(self.model_path, self.fit) for _ in range(self.workers)]
+        self._actors = [worker.remote(self.model_path) for _ in range(self.workers)]
         logger.info("key statistics on Ray: %d shards over %d workers", len(self.dataset.shards), self.workers)
         return self
 
