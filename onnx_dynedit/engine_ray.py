@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -68,6 +69,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None):
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                   configure_logging=True)
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ...
@@ -76,12 +78,27 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None):
         logger.info("connected to Ray at %s", address)
     else:
         cpus = num_cpus or os.cpu_count() or 1
-        ray.init(num_cpus=cpus, **kwargs)
+        ray.init(address="local", num_cpus=cpus, **kwargs)  # "local": a new instance, never a running one
         logger.info("started a local Ray with %d CPUs", cpus)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A quick TCP check of ``host:port`` (Ray itself retries an unreachable address for
+    minutes); ``auto`` and other forms are left to Ray."""
+    text = address.split("://", 1)[-1]
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise InputError(f"cannot connect to the Ray cluster at {address}: {_short(exc)}",
+                         hint="start it with `ray start --head` and give its address (or auto), "
+                              "or drop --ray-address to start a local Ray") from None
 
 
 def cluster_cpus(ray) -> int:
