@@ -3,9 +3,11 @@
 Default (None): ``OMP_NUM_THREADS`` when it is set, else every core this process may run
 on. Under contention from other busy
 processes fewer threads can be much faster (OpenMP threads wait for each other); the
-README gives measured figures. ``configure`` records the number; the twin applies it to
-torch when it is built (``apply_torch``) and every ONNX Runtime session takes it
-(``session_options``). torch is never imported here, so ``dynedit verify`` works
+README gives measured figures. ``configure`` records the number (the CLI always calls
+it); the twin then applies it to torch when it is built (``apply_torch``) and every ONNX
+Runtime session takes it (``session_options``). Until ``configure`` is called, torch and
+ONNX Runtime keep their own defaults (a library caller, or a Ray worker that set its own
+count, is left alone). torch is never imported here, so ``dynedit verify`` works
 without it.
 """
 
@@ -16,7 +18,8 @@ import os
 
 log = logging.getLogger(__name__)
 
-_threads: int | None = None  # None: all cores
+_threads: int | None = None  # None: default()
+_configured = False          # False: leave torch and ONNX Runtime at their own defaults
 
 
 def all_cores() -> int:
@@ -30,12 +33,13 @@ def all_cores() -> int:
 def configure(threads: int | None = None) -> int:
     """Use ``threads`` CPU threads from now on (None: ``default()``). Returns the number.
     Applied to torch at once when torch is already imported, else when a twin is built."""
-    global _threads
+    global _threads, _configured
     if threads is not None and int(threads) < 1:
         from .errors import InputError
 
         raise InputError(f"--threads must be at least 1, got {threads}")
     _threads = None if threads is None else int(threads)
+    _configured = True
     import sys
 
     if "torch" in sys.modules:
@@ -56,8 +60,22 @@ def count() -> int:
     return _threads if _threads is not None else default()
 
 
+def current() -> int | None:
+    """The configured count, None while torch and ONNX Runtime keep their own defaults."""
+    return count() if _configured else None
+
+
+def reset() -> None:
+    """Back to torch's and ONNX Runtime's own defaults for later sessions and twins."""
+    global _threads, _configured
+    _threads, _configured = None, False
+
+
 def apply_torch() -> None:
-    """Set torch's intra-op thread count (call where torch work starts)."""
+    """Set torch's intra-op thread count (call where torch work starts); nothing until
+    ``configure`` was called."""
+    if not _configured:
+        return
     import torch
 
     n = count()
@@ -67,14 +85,15 @@ def apply_torch() -> None:
 
 
 def session_options(options=None):
-    """ONNX Runtime ``SessionOptions`` with ``intra_op_num_threads`` set (a new object
-    when ``options`` is None)."""
+    """ONNX Runtime ``SessionOptions`` with ``intra_op_num_threads`` set once
+    ``configure`` was called (a new object when ``options`` is None)."""
     if options is None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-    options.intra_op_num_threads = count()
+    if _configured:
+        options.intra_op_num_threads = count()
     return options
 
 
-__all__ = ["all_cores", "default", "configure", "count", "apply_torch", "session_options"]
+__all__ = ["all_cores", "default", "configure", "count", "current", "reset", "apply_torch", "session_options"]

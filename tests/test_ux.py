@@ -209,7 +209,8 @@ def test_threads_option_sets_torch_and_onnxruntime(small):
         assert threads.configure(None) == threads.default()
     finally:
         torch.set_num_threads(before)
-        threads.configure(None)
+        threads.reset()
+    assert threads.current() is None and threads.session_options().intra_op_num_threads == 0
 
 
 def test_threads_on_every_computing_command(small, tmp_path):
