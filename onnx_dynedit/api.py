@@ -222,6 +222,8 @@ class EditOutcome:
     changed: tuple[str, ...] = ()
     device: str = "cpu"
     inputs: dict = field(default_factory=dict)
+    rounding: tuple[dict, ...] = ()      # per written tensor: float edit vs what was written
+    rounding_effect: dict = field(default_factory=dict)  # ORT on the written model vs the float edit
 
     @property
     def success(self) -> bool:
@@ -231,6 +233,7 @@ class EditOutcome:
         return {"model": self.model, "output": self.output, "success": self.success, "device": self.device,
                 "inputs": self.inputs, "changed_initializers": list(self.changed),
                 "parity_before": self.parity_before, "parity_after": self.parity_after,
+                "rounding": list(self.rounding), "rounding_effect": self.rounding_effect,
                 **self.result.to_dict()}
 
 
@@ -273,6 +276,8 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     info = {"pairs": inputs.pairs.source, "n_pairs": inputs.pairs.n,
             "stats": inputs.stats.source if inputs.stats else None, "val": inputs.val.source if inputs.val else None}
     parity_after = {}
+    rounding: tuple[dict, ...] = ()
+    rounding_effect: dict = {}
     changed: tuple[str, ...] = ()
     written = None
     if result.edits:
@@ -280,17 +285,32 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
         new_model = write_back(loaded, updates, extra_provenance={
             "edits": len(result.edits), "layers": [u.layer.node for u in updates]})
         from .rectify import _as_torch
+        from .writeback import edit_record, written_edits
 
         edits = [_as_torch(e, twin.device) for e in result.edits]
-        parity = _parity_after(twin, np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean]), new_model, edits)
+        feeds_x = np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean])
+        quantised = any(u.layer.quant is not None for u in updates)
+        # parity of what was written: a requantised layer's change is not the float edit
+        parity = _parity_after(twin, feeds_x, new_model,
+                               written_edits(loaded.model, new_model, updates) if quantised else edits)
         require_parity(parity, f"{loaded.label} (edited)")
         parity_after = parity.to_dict()
         changed = tuple(u.layer.initializer for u in updates)
+        rounding = tuple({"initializer": r["initializer"], "node": r["node"], "dtype": r["dtype"],
+                          **({"quant": r["quant"]} if "quant" in r else {}),
+                          "aux_changed": [a["initializer"] for a in r.get("aux", [])], **r["rounding"]}
+                         for r in edit_record(new_model)["tensors"])
+        if quantised or any(r["dtype"] not in ("float32", "float64") for r in rounding):
+            effect = _parity_after(twin, feeds_x, new_model, edits)
+            rounding_effect = {"max_abs_logit_change": effect.max_abs_diff, "max_rel_logit_change": effect.max_rel_diff,
+                               "n_inputs": effect.n_inputs,
+                               "what": "ONNX Runtime on the written model vs the twin with the float edit"}
         if out is not None:
             written = str(save_model(new_model, out, external_names=_external_names(loaded, new_model),
                                      protected=protected, in_place=in_place))
     outcome = EditOutcome(model=loaded.label, output=written, result=result, parity_before=parity0.to_dict(),
-                          parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info)
+                          parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info,
+                          rounding=rounding, rounding_effect=rounding_effect)
     if report is not None:
         atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())
     return outcome
