@@ -272,7 +272,8 @@ def _symmetric(z, dtype) -> bool:
     if z is None:
         return True
     qmin, qmax = INT_RANGES[np.dtype(dtype)]
-    return float(z) == 0.0 or float(z) == float((qmin + qmax + 1) // 2)
+    middle = 0 if qmin < 0 else (qmin + qmax + 1) // 2  # int8: 0; uint8: 128
+    return float(z) == float(middle)
 
 
 def _new_scale(vals: np.ndarray, s_old, z_old, qmin: int, qmax: int, *, symmetric: bool):
