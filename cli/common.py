@@ -11,6 +11,13 @@ from onnx_dynedit.report import to_json
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                              help="Where the torch twin runs (default auto: CUDA when available).")
 
+ENGINE_OPTION = click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
+                             help="Where the per-shard work runs: this process (local, default) or a Ray "
+                                  "cluster (ray; needs the [ray] extra).")
+RAY_ADDRESS_OPTION = click.option("--ray-address", default=None, metavar="ADDR",
+                                  help="With --engine ray: connect to this running Ray cluster (e.g. auto, "
+                                       "ray://head:10001) instead of starting a local Ray for the run.")
+
 
 # Option types that refuse values the library cannot use (one-line usage error, exit 2).
 SEED = click.IntRange(0, 2 ** 32 - 1)

@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from cli.common import DEVICE_OPTION, SEED, FiniteFloat, echo_json, table
+from cli.common import DEVICE_OPTION, ENGINE_OPTION, RAY_ADDRESS_OPTION, SEED, FiniteFloat, echo_json, table
 from onnx_dynedit.api import edit_model
 
 
@@ -11,10 +11,11 @@ from onnx_dynedit.api import edit_model
 @click.option("--pairs", required=True, type=click.Path(dir_okay=False),
               help="npz with arrays 'corrupt' and 'clean' [N, ...] (N >= 1).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Edited model to write.")
-@click.option("--stats", type=click.Path(dir_okay=False), default=None,
-              help="npz with 'x': unlabeled clean inputs (key statistics, locality, augmentation).")
-@click.option("--val", type=click.Path(dir_okay=False), default=None,
-              help="npz with 'x' and optional int labels 'y' for the degradation budget.")
+@click.option("--stats", type=click.Path(), default=None, metavar="S.npz|DIR|GLOB",
+              help="npz with 'x': unlabeled clean inputs (key statistics, locality, augmentation); or a folder / "
+                   "glob of .npz shards: the key statistics stream over every shard, the rest uses the first.")
+@click.option("--val", type=click.Path(), default=None, metavar="V.npz|DIR|GLOB",
+              help="npz with 'x' and optional int labels 'y' for the degradation budget (or a folder / glob of shards).")
 @click.option("--layer", "layers", multiple=True, help="Pin the layer(s) to edit (node or weight name); skips localisation.")
 @click.option("--max-edits", type=click.IntRange(min=1), default=None, help="Most rank-one edits to accept (default 4).")
 @click.option("--max-degradation", type=FiniteFloat(0.0, 1.0), default=None,
@@ -34,11 +35,13 @@ from onnx_dynedit.api import edit_model
               help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default 16; 0 = off).")
 @click.option("--seed", type=SEED, default=None, help="Seed (default 0).")
 @DEVICE_OPTION
+@ENGINE_OPTION
+@RAY_ADDRESS_OPTION
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input model (a .bak copy is kept).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
 def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, criterion, target_gap, target_attribution,
-         objective, augment, seed, device, in_place, report, as_json):
+         objective, augment, seed, device, engine, ray_address, in_place, report, as_json):
     """Repair MODEL so that each corrupted input behaves like its clean twin; write OUT.
 
     Exit 0 when every pair is fixed within budget, 1 when the target was not reached
@@ -47,7 +50,7 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, crit
     outcome = edit_model(model, pairs, out, stats=stats, val=val, layers=layers or None, max_edits=max_edits,
                          max_degradation=max_degradation, target_gap=target_gap, objective=objective,
                          augment=augment, criterion=criterion, target_attribution=target_attribution, seed=seed,
-                         device=device, in_place=in_place, report=report)
+                         device=device, in_place=in_place, report=report, engine=engine, ray_address=ray_address)
     res = outcome.result
     if as_json:
         echo_json(outcome.to_dict())

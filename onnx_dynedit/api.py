@@ -10,6 +10,7 @@ nothing unless asked to (``out``); every user error is a DynEditError.
 
 from __future__ import annotations
 
+import contextlib
 import io as _io
 import logging
 from dataclasses import dataclass, field
@@ -107,14 +108,52 @@ class Inputs:
     pairs: Pairs
     stats: Samples | None
     val: Samples | None
+    # A stats set given as shards (or with the ray engine): the key statistics stream over
+    # every shard (keystats.ShardedKeys); ``stats`` then holds its first shard only, for
+    # the uses that need inputs in memory (augmentation, locality, held-out checks).
+    stats_shards: object = None
 
 
-def read_inputs(pairs_path, stats_path=None, val_path=None) -> Inputs:
-    """Read and check the .npz inputs on their own (before any model work: fail fast)."""
+def read_inputs(pairs_path, stats_path=None, val_path=None, *, engine: str | None = None) -> Inputs:
+    """Read and check the .npz inputs on their own (before any model work: fail fast).
+    ``stats_path`` / ``val_path`` may name a folder or glob of shards (datasets.py): a
+    sharded stats set streams (see ``Inputs``); a sharded val set is read into memory,
+    since the loop evaluates it after every candidate edit."""
+    from .datasets import open_dataset
+
     pairs = load_pairs(pairs_path)
-    stats = load_samples(stats_path, what="stats", labels="ignored") if stats_path is not None else None
-    val = load_samples(val_path, what="val") if val_path is not None else None
-    return Inputs(pairs=pairs, stats=stats, val=val)
+    stats = shards = None
+    if stats_path is not None:
+        ds = open_dataset(stats_path, what="stats", labels="ignored")
+        if ds.sharded or _engine(engine) == "ray":
+            shards = ds
+            stats = ds.load(0)
+        else:
+            stats = load_samples(stats_path, what="stats", labels="ignored")
+    val = None
+    if val_path is not None:
+        ds = open_dataset(val_path, what="val")
+        val = ds.load_all() if ds.sharded else load_samples(val_path, what="val")
+    return Inputs(pairs=pairs, stats=stats, val=val, stats_shards=shards)
+
+
+def _engine(engine: str | None, ray_address: str | None = None) -> str:
+    engine = "local" if engine is None else str(engine).lower()
+    if engine not in ("local", "ray"):
+        raise InputError(f"unknown engine {engine!r}", hint="use local or ray")
+    if ray_address is not None and engine != "ray":
+        raise InputError("a Ray address needs the ray engine", hint="add --engine ray or drop --ray-address")
+    return engine
+
+
+def _sharded_keys(twin, raw: Inputs, model, engine, ray_address):
+    """The key-statistics source for a sharded stats set (None: the stats are in memory)."""
+    if raw.stats_shards is None:
+        return None
+    from .keystats import ShardedKeys, check_shards
+
+    check_shards(twin, raw.stats_shards)
+    return ShardedKeys(raw.stats_shards, engine=engine, ray_address=ray_address, model_path=Path(model).resolve())
 
 
 def fit_inputs(twin, raw: Inputs) -> Inputs:
@@ -134,7 +173,7 @@ def fit_inputs(twin, raw: Inputs) -> Inputs:
             n = _num_classes(twin) or int(twin.run(x[:1]).shape[-1])
             check_labels(v.y, n, name=f"val {v.source}: 'y'")
         val = Samples(x=x, y=v.y, source=v.source)
-    return Inputs(pairs=pairs, stats=stats, val=val)
+    return Inputs(pairs=pairs, stats=stats, val=val, stats_shards=raw.stats_shards)
 
 
 def load_inputs(twin, pairs_path, stats_path=None, val_path=None) -> Inputs:
@@ -150,15 +189,20 @@ class LocateOutcome:
     localisation: object = field(repr=False)
     stats_source: str = ""
     device: str = "cpu"
+    engine: str = "local"       # where the key statistics ran: "local" or "ray"
+    workers: int = 1
 
     def to_dict(self) -> dict:
         out = self.localisation.to_dict()
-        out.update({"model": self.model, "stats_source": self.stats_source, "device": self.device})
+        out.update({"model": self.model, "stats_source": self.stats_source, "device": self.device,
+                    "engine": self.engine, "workers": self.workers})
         return out
 
 
 def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=None, key=None,
-                 plot=None) -> LocateOutcome:
+                 plot=None, engine=None, ray_address=None) -> LocateOutcome:
+    """``stats`` may be an .npz or a folder / glob of shards; ``engine`` (local or ray)
+    says where the key statistics over a sharded stats set run (engine_ray)."""
     import torch
 
     from .attribution import DEFAULT_STEPS, locate
@@ -168,21 +212,28 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     if plot is not None:
         _refuse_data_overwrite([plot], [pairs, stats])
         check_output_path(plot, loaded.protected_paths())
-    raw = read_inputs(pairs, stats)
+    engine = _engine(engine, ray_address)
+    raw = read_inputs(pairs, stats, engine=engine)
     twin, _ = _twin(loaded, device)
     inputs = fit_inputs(twin, raw)
     layers = twin.layer_map.editable()
     if not layers:
         raise EditError(f"{loaded.label} has no editable layer")
-    key_x = inputs.stats.x if inputs.stats is not None else inputs.pairs.clean
-    source = f"stats ({len(key_x)} inputs)" if inputs.stats is not None else "clean twins of the pairs (no --stats)"
-    torch.manual_seed(0)
-    stats_ = key_statistics(twin, layers, key_x, source=source)
+    keys = _sharded_keys(twin, raw, model, engine, ray_address)
+    with keys if keys is not None else contextlib.nullcontext():
+        if keys is not None:
+            key_x, source = keys, keys.source
+        else:
+            key_x = inputs.stats.x if inputs.stats is not None else inputs.pairs.clean
+            source = f"stats ({len(key_x)} inputs)" if inputs.stats is not None else "clean twins of the pairs (no --stats)"
+        torch.manual_seed(0)
+        stats_ = key_statistics(twin, layers, key_x, source=source)
     loc = locate(twin, layers, inputs.pairs.corrupt, inputs.pairs.clean, stats_,
                  steps=steps or DEFAULT_STEPS, target=target or "corrupt_logit", key=key or "diff")
     if plot is not None:
         write_plot(loc, Path(plot), title=f"editability: {Path(loaded.label).name}")
-    return LocateOutcome(model=loaded.label, localisation=loc, stats_source=source, device=str(twin.device))
+    return LocateOutcome(model=loaded.label, localisation=loc, stats_source=source, device=str(twin.device),
+                         engine=engine, workers=keys.workers if keys is not None else 1)
 
 
 def write_plot(loc, path: Path, *, title: str) -> None:
@@ -222,6 +273,8 @@ class EditOutcome:
     changed: tuple[str, ...] = ()
     device: str = "cpu"
     inputs: dict = field(default_factory=dict)
+    engine: str = "local"       # where the key statistics ran: "local" or "ray"
+    workers: int = 1
     rounding: tuple[dict, ...] = ()      # per written tensor: float edit vs what was written
     rounding_effect: dict = field(default_factory=dict)  # ORT on the written model vs the float edit
 
@@ -231,6 +284,7 @@ class EditOutcome:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "output": self.output, "success": self.success, "device": self.device,
+                "engine": self.engine, "workers": self.workers,
                 "inputs": self.inputs, "changed_initializers": list(self.changed),
                 "parity_before": self.parity_before, "parity_after": self.parity_after,
                 "rounding": list(self.rounding), "rounding_effect": self.rounding_effect,
@@ -239,10 +293,12 @@ class EditOutcome:
 
 def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max_edits=None,
                max_degradation=None, target_gap=None, objective=None, augment=None, seed=None,
-               device=None, in_place=False, report=None, **config) -> EditOutcome:
+               device=None, in_place=False, report=None, engine=None, ray_address=None, **config) -> EditOutcome:
     """Rectify ``model`` from ``pairs`` and (when ``out`` is given) save the edited model.
 
-    Keyword arguments left as None take the defaults of ``RectifyConfig``.
+    Keyword arguments left as None take the defaults of ``RectifyConfig``. ``stats`` /
+    ``val`` may be an .npz or a folder / glob of shards (``read_inputs``); ``engine``
+    (local or ray) says where the key statistics over a sharded stats set run.
     """
     import torch
 
@@ -259,9 +315,11 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
         check_output_path(report, protected)
         if out is not None and Path(report).resolve() == Path(out).resolve():
             raise OutputError(f"--report {report} is the same file as -o {out}", hint="give the report its own name")
-    raw = read_inputs(pairs, stats, val)
+    engine = _engine(engine, ray_address)
+    raw = read_inputs(pairs, stats, val, engine=engine)
     twin, parity0 = _twin(loaded, device)
     inputs = fit_inputs(twin, raw)
+    keys = _sharded_keys(twin, raw, model, engine, ray_address)
     cfg = RectifyConfig().replace(layers=tuple(layers) if layers else None, max_edits=max_edits,
                                   max_degradation=max_degradation, target_gap=target_gap, objective=objective,
                                   augment=augment, seed=seed, **config)
@@ -269,12 +327,15 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
         for name in cfg.layers:
             twin.layer_map.get(name)  # unknown names fail early with close matches
     torch.use_deterministic_algorithms(True, warn_only=True)
-    result = rectify(twin, inputs.pairs.corrupt, inputs.pairs.clean,
-                     stats_x=inputs.stats.x if inputs.stats else None,
-                     val_x=inputs.val.x if inputs.val else None,
-                     val_y=inputs.val.y if inputs.val else None, config=cfg)
+    with keys if keys is not None else contextlib.nullcontext():
+        result = rectify(twin, inputs.pairs.corrupt, inputs.pairs.clean,
+                         stats_x=inputs.stats.x if inputs.stats else None,
+                         val_x=inputs.val.x if inputs.val else None,
+                         val_y=inputs.val.y if inputs.val else None, config=cfg, key_source=keys)
     info = {"pairs": inputs.pairs.source, "n_pairs": inputs.pairs.n,
-            "stats": inputs.stats.source if inputs.stats else None, "val": inputs.val.source if inputs.val else None}
+            "stats": (raw.stats_shards.source if raw.stats_shards is not None
+                      else inputs.stats.source if inputs.stats else None),
+            "val": inputs.val.source if inputs.val else None}
     parity_after = {}
     rounding: tuple[dict, ...] = ()
     rounding_effect: dict = {}
@@ -310,6 +371,7 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
                                      protected=protected, in_place=in_place))
     outcome = EditOutcome(model=loaded.label, output=written, result=result, parity_before=parity0.to_dict(),
                           parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info,
+                          engine=engine, workers=keys.workers if keys is not None else 1,
                           rounding=rounding, rounding_effect=rounding_effect)
     if report is not None:
         atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())

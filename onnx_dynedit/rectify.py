@@ -341,7 +341,9 @@ def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m
 
 def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.ndarray | None = None,
             val_x: np.ndarray | None = None, val_y: np.ndarray | None = None,
-            config: RectifyConfig | None = None) -> RectifyResult:
+            config: RectifyConfig | None = None, key_source=None) -> RectifyResult:
+    """``key_source``: a ``keystats.ShardedKeys`` standing in for ``stats_x`` in the key
+    statistics (a sharded stats set; ``stats_x`` is then its first shard, for the rest)."""
     cfg = config or RectifyConfig()
     torch.manual_seed(cfg.seed)
     editable = twin.layer_map.editable()
@@ -356,7 +358,9 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     else:
         candidates = editable
 
-    if stats_x is not None:
+    if key_source is not None:
+        stats_source, key_x = key_source.source, key_source
+    elif stats_x is not None:
         stats_source = f"stats ({len(stats_x)} inputs)"
         key_x = stats_x
     else:
