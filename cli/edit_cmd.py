@@ -81,6 +81,22 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, crit
                    f"gap {res.real_gap_before:.4f} -> {res.real_gap_after:.4f} (target {res.target})")
         if outcome.parity_after:
             click.echo(f"written-model parity (ONNX Runtime vs edited twin): max rel {outcome.parity_after['max_rel_diff']:.3g}")
+        for r in outcome.rounding:
+            if r["dtype"] in ("float32", "float64"):
+                continue
+            extra = ""
+            if "quant" in r:
+                kept = "kept" if r["scale_kept"] else f"recomputed for {r['rescaled_groups']}/{r['groups']} group(s)"
+                extra = f"; scale {kept}"
+                if r["clipped"]:
+                    extra += f"; {r['clipped']} value(s) clipped (shared scale)"
+                if r["aux_changed"]:
+                    extra += f"; also changed: {', '.join(r['aux_changed'])}"
+            click.echo(f"written as {r['dtype']}: {r['initializer']}: max rounding {r['max_abs_rounding_error']:.3g} "
+                       f"({r['rel_rounding_error']:.2%} of max |edit|){extra}")
+        if outcome.rounding_effect:
+            click.echo(f"rounding effect (ONNX Runtime on the written model vs the float edit on the twin): "
+                       f"max |logit change| {outcome.rounding_effect['max_abs_logit_change']:.3g}")
         if outcome.output_unchanged:
             click.echo(f"wrote {outcome.output} (unchanged: no edit needed)")
         else:
