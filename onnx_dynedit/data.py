@@ -71,6 +71,34 @@ def load_npz(path: str | os.PathLike, required: tuple[str, ...], optional: tuple
 
 
 def _read_member(archive, path: Path, key: str, what: str) -> np.ndarray:
+    _member_header(archive, path, key, what)
+    try:
+        arr = archive[key]
+    except Exception as exc:  # noqa: BLE001 - numpy / zipfile raise many kinds here
+        raise DataError(f"{what} file {path}: array {key!r} cannot be read ({_short(exc)})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
+        raise UnsafeInputError(f"{what} file {path}: array {key!r} is not a plain numeric array")
+    return arr
+
+
+def npz_headers(path: str | os.PathLike, *, what: str = "data") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{key: (shape, dtype)}`` of every array in an .npz, from the headers only (nothing
+    is allocated from the data); the same checks as ``load_npz`` (no pickles, sizes that
+    fit the archive), every failure a one-line ``DataError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} file {path} does not exist or is not a file", hint="check the path")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{what} file {path} is not an .npz archive", hint="save it with numpy.savez")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - numpy raises many kinds here
+        raise DataError(f"{what} file {path} cannot be read: {_short(exc)}") from None
+    with archive:
+        return {key: _member_header(archive, path, key, what) for key in archive.files}
+
+
+def _member_header(archive, path: Path, key: str, what: str) -> tuple[tuple[int, ...], np.dtype]:
     # Check the header (shape, dtype) against the member's size before numpy allocates.
     member = key + ".npy"
     try:
@@ -97,13 +125,7 @@ def _read_member(archive, path: Path, key: str, what: str) -> np.ndarray:
     if need > have:
         raise DataError(f"{what} file {path}: array {key!r} declares shape {tuple(dims)} ({need} bytes) "
                         f"but holds only {max(have, 0)} bytes", hint="the file is truncated or tampered with")
-    try:
-        arr = archive[key]
-    except Exception as exc:  # noqa: BLE001 - numpy / zipfile raise many kinds here
-        raise DataError(f"{what} file {path}: array {key!r} cannot be read ({_short(exc)})") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
-        raise UnsafeInputError(f"{what} file {path}: array {key!r} is not a plain numeric array")
-    return arr
+    return tuple(dims), np.dtype(dtype)
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:

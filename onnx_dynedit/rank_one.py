@@ -79,7 +79,29 @@ def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), 
                    lam: float = DEFAULT_LAMBDA, source: str = "stats",
                    max_keys: int = 8192) -> dict[str, KeyStats]:
     """Second moments of every layer's keys over inputs ``x`` (current edits applied).
-    Per batch at most ``max_keys`` keys per layer are used (every k-th position)."""
+    Per batch at most ``max_keys`` keys per layer are used (every k-th position).
+    ``x`` may also be a ``keystats.ShardedKeys`` (a stats set read shard by shard, here or
+    on Ray): its per-shard ``key_moments`` are added in shard order."""
+    if hasattr(x, "shard_moments"):
+        parts = x.shard_moments(twin, layers, edits=edits, batch_size=batch_size, max_keys=max_keys)
+    else:
+        parts = [key_moments(twin, layers, x, edits=edits, batch_size=batch_size, max_keys=max_keys)]
+    return stats_from_moments(layers, parts, lam=lam, source=source, device=twin.device)
+
+
+@dataclass(frozen=True)
+class KeyMoments:
+    """Sum of k k^T (float64 [in, in], numpy) and the number of keys k, over some inputs:
+    the part of the key statistics that adds up across shards and workers."""
+
+    sum_kk: np.ndarray
+    count: int
+
+
+def key_moments(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), batch_size: int = 32,
+                max_keys: int = 8192) -> dict[str, KeyMoments]:
+    """Per-layer ``KeyMoments`` of the keys over inputs ``x`` (edits applied), batch by batch
+    (at most ``max_keys`` keys per layer and batch: every k-th position)."""
     dim = {l.node: l.in_features for l in layers}
     acc = {l.node: torch.zeros(dim[l.node], dim[l.node], dtype=torch.float64, device=twin.device) for l in layers}
     count = {l.node: 0 for l in layers}
@@ -94,16 +116,29 @@ def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), 
                     keys = keys[:: -(-keys.shape[0] // max_keys)]
                 acc[layer.node] += (keys.T @ keys).double()
                 count[layer.node] += keys.shape[0]
+    return {l.node: KeyMoments(sum_kk=acc[l.node].cpu().numpy(), count=count[l.node]) for l in layers}
+
+
+def stats_from_moments(layers: list[Layer], parts, *, lam: float = DEFAULT_LAMBDA, source: str = "stats",
+                       device=None) -> dict[str, KeyStats]:
+    """Add per-shard ``key_moments`` results (in the order given) and factor each layer's
+    regularised second moment C + lam * mean(diag C) * I (Cholesky)."""
     out = {}
     for layer in layers:
-        c = acc[layer.node] / max(count[layer.node], 1)
+        total = None
+        n = 0
+        for part in parts:
+            m = part[layer.node]
+            total = m.sum_kk.copy() if total is None else total + m.sum_kk
+            n += m.count
+        c = torch.as_tensor(total, dtype=torch.float64, device=device) / max(n, 1)
         ridge = lam * float(torch.diagonal(c).mean().clamp_min(1e-12))
         c = c + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
         chol, info = torch.linalg.cholesky_ex(c)
         if int(info) != 0:
             raise EditError(f"key statistics of layer {layer.node!r} are not positive definite",
                             hint="give more --stats inputs or a larger ridge")
-        out[layer.node] = KeyStats(layer=layer, chol=chol, n_keys=count[layer.node], lam=ridge, source=source)
+        out[layer.node] = KeyStats(layer=layer, chol=chol, n_keys=n, lam=ridge, source=source)
     return out
 
 
