@@ -129,11 +129,16 @@ def main() -> None:
     ap.add_argument("--all", action="store_true", help="include the heavy graphs")
     ap.add_argument("--only", nargs="*", default=None, help="graph names (tests/corpus.py CORPUS)")
     ap.add_argument("--no-edit", action="store_true", help="round trips only")
+    ap.add_argument("--jsonl", default=None, help="also append each graph's row (JSON) to this file as it completes")
+    ap.add_argument("--render", default=None, help="print the table of the rows in this JSON-lines file and exit")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one, Path(args.folder), not args.no_edit)))
+        return
+    if args.render:
+        render([json.loads(line) for line in Path(args.render).read_text().splitlines() if line.strip()])
         return
     import corpus
 
@@ -148,8 +153,15 @@ def main() -> None:
             else:
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"{name}: done", file=sys.stderr, flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as fh:
+                    fh.write(json.dumps(rows[-1]) + "\n")
             for f in Path(tmp).iterdir():
                 f.unlink()
+    render(rows)
+
+
+def render(rows: list[dict]) -> None:
     head = ["graph", "loads", "twin parity (rel)", "attributed", "editable", "diff M M", "edit written",
             "ORT parity after", "rank-1 diff", "revert identical", "peak RSS MB", "seconds"]
     print("| " + " | ".join(head) + " |")
