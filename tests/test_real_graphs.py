@@ -184,3 +184,30 @@ def test_locate_takes_symbolic_sizes_from_the_pairs(files, tmp_path, capsys):
     assert code == 0, err
     report = json.loads(out)
     assert report["attributed_output"].startswith("logits 'linear_0.tmp_1'")
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("logits_is_output", [False, True])
+def test_final_softmax_logits_are_attributed(op, logits_is_output):
+    """x -> Gemm -> (Log)Softmax -> Identity -> probs: the twin attributes the Gemm output,
+    also when the graph already returns it as a second output."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((3, 4)) * 3).astype(np.float32), "w")
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["z"], name="fc", transB=1),
+             helper.make_node(op, ["z"], ["p"], name="sm", axis=1),
+             helper.make_node("Identity", ["p"], ["probs"], name="id")]
+    outputs = [helper.make_tensor_value_info("probs", F32, ["N", 3])]
+    if logits_is_output:
+        outputs.append(helper.make_tensor_value_info("z", F32, ["N", 3]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 4])], outputs,
+                              initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    twin = Twin(load_model(model), "cpu")
+    assert twin.logits_tensor == "z" and twin.attributed_output == f"logits 'z' before {op} node 'sm'"
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    with torch.no_grad():
+        got = twin.forward(twin.to_tensor(x)).numpy()
+    np.testing.assert_allclose(got, x @ numpy_helper.to_array(w).T, rtol=1e-5, atol=1e-5)
+    parity = check_parity(twin)
+    assert parity.ok and "z" in [o.name for o in parity.outputs]
