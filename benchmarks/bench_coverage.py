@@ -4,8 +4,9 @@ its own subprocess (so peak RSS is that graph's own), through the public API:
   loads        the twin builds (onnx2torch + our converters)
   parity       max relative |ORT - twin| on seeded inputs (the model's own sizes)
   editable     editable layers / mapped layers
-  edit         a forced one-edit repair of a synthetic pair (criterion output,
-               target gap 0, max 1 edit, 4 stats inputs) written to disk
+  edit         a forced one-edit repair of a synthetic pair (two seeded inputs the
+               model assigns different classes; criterion output, target gap 0,
+               max 1 edit, degradation budget off, 4 stats inputs) written to disk
   ORT after    parity of ONNX Runtime on the written model vs the twin with the edit
   rank-1       `diff` shows only initializer changes, each of rank 1
   revert       `revert` gives back a model `diff` calls identical to the original
@@ -31,6 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+
+# Stats inputs of the forced edit (key statistics, locality term).
+N_STATS = 4
 
 
 def peak_rss_mb() -> float:
@@ -78,17 +83,17 @@ def one(name: str, folder: Path, edit: bool) -> dict:
     same = diff_models(load_model(path), load_model(path))
     row["diff_self_identical"] = same.identical
     if edit and entry.classifier:
-        x = corpus.sample_inputs(twin, entry, 6, seed=3)
+        corrupt, clean, stats_x = corpus.synthetic_pair(twin, entry, N_STATS)
         del twin
         pairs, stats, out = folder / f"{name}_pairs.npz", folder / f"{name}_stats.npz", folder / f"{name}_e.onnx"
-        _save(pairs, {"corrupt": x[:1], "clean": x[1:2]})
-        _save(stats, {"x": x[2:]})
+        _save(pairs, {"corrupt": corrupt, "clean": clean})
+        _save(stats, {"x": stats_x})
         try:
             outcome = edit_model(path, pairs, out, stats=stats, max_edits=1, target_gap=0.0, criterion="output",
-                                 input_shapes=entry.input_shapes or None)
-            row["edit_written"] = outcome.output is not None
+                                 max_degradation=1.0, input_shapes=entry.input_shapes or None)
+            row["edit_written"] = outcome.output is not None and not outcome.output_unchanged
             row["ort_after"] = outcome.parity_after.get("max_rel_diff")
-            if outcome.output:
+            if row["edit_written"]:
                 d = diff_models(load_model(path), load_model(out))
                 row["rank1"] = bool(d.changed) and all(c.rank == 1 for c in d.changed) and not d.other_differences
                 back = folder / f"{name}_back.onnx"

@@ -381,13 +381,23 @@ def sample_inputs(twin, entry: Entry, n: int, seed: int):
     """``n`` seeded rows fitting the model's inputs (token ids in [0, 50)), as one array
     or, for several inputs, a packed array (``data.pack_inputs``)."""
     from onnx_dynedit.data import pack_inputs
-    from onnx_dynedit.twin import random_inputs
+    from onnx_dynedit.twin import random_inputs, resolve_input_shapes
 
-    feeds = random_inputs(twin.inputs, batch=n, seed=seed, int_range=(0, 50),
-                          shapes={k: (n,) + tuple(v[1:]) for k, v in entry.input_shapes.items()})
+    shapes = resolve_input_shapes(twin.inputs, entry.input_shapes or None, batch=n)
+    feeds = random_inputs(twin.inputs, seed=seed, int_range=(0, 50),
+                          shapes={k: (n,) + tuple(v[1:]) for k, v in shapes.items()})  # n rows, fixed batch too
     for spec in twin.inputs:
         if not np.issubdtype(spec.dtype, np.floating) and "mask" in spec.name:
             feeds[spec.name] = np.ones_like(feeds[spec.name])
     if len(feeds) == 1:
         return next(iter(feeds.values()))
     return pack_inputs(feeds)
+
+
+def synthetic_pair(twin, entry: Entry, n_stats: int, seed: int = 3):
+    """(corrupt, clean, stats) for a forced edit: seeded rows, the clean twin being the
+    first candidate the model assigns another class than the corrupted row."""
+    x = sample_inputs(twin, entry, 8 + n_stats, seed=seed)
+    pred = twin.run(x[:8], batch_size=1).argmax(1)
+    other = next((i for i in range(1, 8) if pred[i] != pred[0]), 1)
+    return x[:1], x[other:other + 1], x[8:]

@@ -70,9 +70,9 @@ def test_forced_edit_is_rank_one_and_reverts(name, built, tmp_path, capsys):
     entry = corpus.CORPUS[name]
     path = built(name)
     twin = Twin(load_model(path), "cpu", input_shapes=entry.input_shapes or None)
-    x = corpus.sample_inputs(twin, entry, 5, seed=3)
-    np.savez(tmp_path / "pairs.npz", corrupt=x[:1], clean=x[1:2])
-    np.savez(tmp_path / "stats.npz", x=x[2:])
+    corrupt, clean, stats = corpus.synthetic_pair(twin, entry, 3)
+    np.savez(tmp_path / "pairs.npz", corrupt=corrupt, clean=clean)
+    np.savez(tmp_path / "stats.npz", x=stats)
     out = tmp_path / "edited.onnx"
     code, stdout, err = run_cli(["edit", path, "--pairs", tmp_path / "pairs.npz", "--stats", tmp_path / "stats.npz",
                                  "-o", out, "--criterion", "output", "--target-gap", "0", "--max-edits", "1",
