@@ -255,8 +255,12 @@ def torchvision_net(arch: str, *, num_classes: int = 10):
     _seeded(0)
     kwargs = {"weights": None, "num_classes": num_classes}
     if arch == "vit_tiny":
-        return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                    hidden_dim=32, mlp_dim=64, num_classes=num_classes)
+        import torch
+
+        net = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                   hidden_dim=32, mlp_dim=64, num_classes=num_classes)
+        torch.nn.init.normal_(net.heads.head.weight, std=0.5)  # torchvision zero-inits the head
+        return net
     return getattr(torchvision.models, arch)(**kwargs)
 
 
