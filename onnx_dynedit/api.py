@@ -146,6 +146,11 @@ def _engine(engine: str | None, ray_address: str | None = None) -> str:
     return engine
 
 
+def _engine_info(keys) -> dict:
+    """Where the key statistics ran (a stats set in memory: here, whatever was asked)."""
+    return {"engine": "local", "workers": 1} if keys is None else {"engine": keys.engine, "workers": keys.workers}
+
+
 def _sharded_keys(twin, raw: Inputs, model, engine, ray_address):
     """The key-statistics source for a sharded stats set (None: the stats are in memory)."""
     if raw.stats_shards is None:
@@ -233,7 +238,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     if plot is not None:
         write_plot(loc, Path(plot), title=f"editability: {Path(loaded.label).name}")
     return LocateOutcome(model=loaded.label, localisation=loc, stats_source=source, device=str(twin.device),
-                         engine=engine, workers=keys.workers if keys is not None else 1)
+                         **_engine_info(keys))
 
 
 def write_plot(loc, path: Path, *, title: str) -> None:
@@ -352,7 +357,7 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
                                      protected=protected, in_place=in_place))
     outcome = EditOutcome(model=loaded.label, output=written, result=result, parity_before=parity0.to_dict(),
                           parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info,
-                          engine=engine, workers=keys.workers if keys is not None else 1)
+                          **_engine_info(keys))
     if report is not None:
         atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())
     return outcome

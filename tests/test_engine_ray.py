@@ -127,12 +127,16 @@ def test_key_statistics_ray_equals_local_with_a_crash(cluster):
 
 
 def test_cli_starts_and_stops_its_own_ray(cluster, tmp_path):
-    """The CLI's own start (a separate process: a new local Ray, not the module's), JSON
-    naming the engine; and a bad --ray-address is one line, exit 2."""
+    """The CLI's own start (a separate process: a new local Ray, not the module's), with a
+    worker that dies once: stdout is still JSON only, naming the engine; and a bad
+    --ray-address is one line, exit 2."""
+    marker = tmp_path / "crashed"
+    env = {**os.environ, CRASH_ONCE_ENV: str(marker)}
     proc = subprocess.run([sys.executable, "-m", "cli.main", "verify", str(BADNETS / "model.onnx"),
                            str(cluster["edited"]), "--clean", str(cluster["clean"]), "--engine", "ray", "--json"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
+    assert marker.exists()
     data = json.loads(proc.stdout)
     assert data["engine"] == "ray" and data["workers"] >= 1 and data["shards"]["clean"] == 4
     local = verify(BADNETS / "model.onnx", cluster["edited"], cluster["clean"]).to_dict()
