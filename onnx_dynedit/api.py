@@ -11,13 +11,14 @@ nothing unless asked to (``out``); every user error is a DynEditError.
 from __future__ import annotations
 
 import contextlib
-import io as _io
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import progress, threads
 from .data import Pairs, Samples, check_against_input, check_labels, load_pairs, load_samples
 from .errors import CheckFailed, DataError, EditError, InputError, OutputError
 from .report import to_json
@@ -37,7 +38,8 @@ def _twin(loaded: LoadedModel, device):
             hint="several inputs would be given as arrays keyed '<key>:<input name>' in the npz; not supported yet",
         )
     check_finite_weights(loaded, twin)
-    parity = check_parity(twin)
+    with progress.phase("parity (ONNX Runtime vs twin)"):
+        parity = check_parity(twin)
     require_parity(parity, loaded.label)
     return twin, parity
 
@@ -232,40 +234,25 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
             key_x = inputs.stats.x if inputs.stats is not None else inputs.pairs.clean
             source = f"stats ({len(key_x)} inputs)" if inputs.stats is not None else "clean twins of the pairs (no --stats)"
         torch.manual_seed(0)
-        stats_ = key_statistics(twin, layers, key_x, source=source)
-    loc = locate(twin, layers, inputs.pairs.corrupt, inputs.pairs.clean, stats_,
-                 steps=steps or DEFAULT_STEPS, target=target or "corrupt_logit", key=key or "diff")
+        with progress.phase(f"key statistics ({len(layers)} layers)"):
+            stats_ = key_statistics(twin, layers, key_x, source=source)
+    with progress.phase(f"localisation (IG, {steps or DEFAULT_STEPS} steps)"):
+        loc = locate(twin, layers, inputs.pairs.corrupt, inputs.pairs.clean, stats_,
+                     steps=steps or DEFAULT_STEPS, target=target or "corrupt_logit", key=key or "diff")
     if plot is not None:
-        write_plot(loc, Path(plot), title=f"editability: {Path(loaded.label).name}")
+        from .plot import write_locate_plot
+
+        with progress.phase("plot"):
+            write_locate_plot(Path(plot), loc, twin.layer_map, model_label=loaded.label)
     return LocateOutcome(model=loaded.label, localisation=loc, stats_source=source, device=str(twin.device),
                          **_engine_info(keys))
 
 
-def write_plot(loc, path: Path, *, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    items = loc.in_graph_order
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(items) + 1.5), 3.2), dpi=120)
-    names = [a.layer.node for a in items]
-    scores = [a.score for a in items]
-    chosen = loc.chosen.layer.node if loc.chosen else None
-    colors = ["#d62728" if n == chosen else "#1f77b4" for n in names]
-    ax.bar(range(len(items)), scores, color=colors)
-    ax.set_xticks(range(len(items)))
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("editability score G")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 # ----------------------------------------------------------------------------- edit
+
+
+# How many of the given pairs `edit --plot` shows.
+PLOT_PAIRS = 3
 
 
 @dataclass(frozen=True)
@@ -280,27 +267,56 @@ class EditOutcome:
     inputs: dict = field(default_factory=dict)
     engine: str = "local"       # where the key statistics ran: "local" or "ray"
     workers: int = 1
+    output_unchanged: bool = False  # nothing needed an edit: the model was written as it came
+    timings: dict = field(default_factory=dict)  # seconds per phase, the whole run ("total")
+    plot: str | None = None
+    rounding: tuple[dict, ...] = ()      # per written tensor: float edit vs what was written
+    rounding_effect: dict = field(default_factory=dict)  # ORT on the written model vs the float edit
 
     @property
     def success(self) -> bool:
         return self.result.success
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "output": self.output, "success": self.success, "device": self.device,
-                "engine": self.engine, "workers": self.workers,
-                "inputs": self.inputs, "changed_initializers": list(self.changed),
-                "parity_before": self.parity_before, "parity_after": self.parity_after,
-                **self.result.to_dict()}
+        out = {"model": self.model, "output": self.output, "output_unchanged": self.output_unchanged,
+               "success": self.success, "device": self.device, "threads": threads.current(),
+               "engine": self.engine, "workers": self.workers,
+               "inputs": self.inputs, "changed_initializers": list(self.changed),
+               "parity_before": self.parity_before, "parity_after": self.parity_after, "plot": self.plot,
+               "rounding": list(self.rounding), "rounding_effect": self.rounding_effect,
+               **self.result.to_dict()}
+        out["timings"] = {**out.get("timings", {}), **self.timings}
+        return out
+
+
+class _Clock:
+    """Seconds per phase, in the order the phases ran."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def phase(self, name: str, t0: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def total(self) -> dict:
+        return {**{k: round(v, 4) for k, v in self.seconds.items()},
+                "total": round(time.perf_counter() - self.start, 4)}
 
 
 def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max_edits=None,
                max_degradation=None, target_gap=None, objective=None, augment=None, seed=None,
-               device=None, in_place=False, report=None, engine=None, ray_address=None, **config) -> EditOutcome:
+               device=None, in_place=False, report=None, plot=None, engine=None, ray_address=None,
+               **config) -> EditOutcome:
     """Rectify ``model`` from ``pairs`` and (when ``out`` is given) save the edited model.
 
-    Keyword arguments left as None take the defaults of ``RectifyConfig``. ``stats`` /
-    ``val`` may be an .npz or a folder / glob of shards (``read_inputs``); ``engine``
-    (local or ray) says where the key statistics over a sharded stats set run.
+    When the pairs already behave (success without any edit), ``out`` gets the model
+    unchanged (``output_unchanged``), so that a pipeline always finds its output after a
+    success. ``plot``: a PNG of the first given pairs and their input attribution before
+    and after, and the layer scores of each round. Keyword arguments left as None take
+    the defaults of ``RectifyConfig``. ``stats`` / ``val`` may be an .npz or a folder /
+    glob of shards (``read_inputs``); ``engine`` (local or ray) says where the key
+    statistics over a sharded stats set run.
     """
     import torch
 
@@ -308,19 +324,29 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     from .twin import require_parity
     from .writeback import write_back
 
-    loaded = load_model(model)
+    clock = _Clock()
+    t0 = time.perf_counter()
+    with progress.phase("load and check the model"):
+        loaded = load_model(model)
     protected = loaded.protected_paths()
-    _refuse_data_overwrite([out, report], [pairs, stats, val])
+    _refuse_data_overwrite([out, report, plot], [pairs, stats, val])
     if out is not None:
         check_output_path(out, protected, in_place=in_place)
-    if report is not None:
-        check_output_path(report, protected)
-        if out is not None and Path(report).resolve() == Path(out).resolve():
-            raise OutputError(f"--report {report} is the same file as -o {out}", hint="give the report its own name")
+    named = [(n, p) for n, p in (("-o", out), ("--report", report), ("--plot", plot)) if p is not None]
+    for i, (name, path) in enumerate(named):
+        if name != "-o":
+            check_output_path(path, protected)
+        for other, other_path in named[:i]:
+            if Path(path).resolve() == Path(other_path).resolve():
+                raise OutputError(f"{name} {path} is the same file as {other} {other_path}",
+                                  hint="give each output its own name")
     engine = _engine(engine, ray_address)
     raw = read_inputs(pairs, stats, val, engine=engine)
+    clock.phase("load", t0)
+    t0 = time.perf_counter()
     twin, parity0 = _twin(loaded, device)
     inputs = fit_inputs(twin, raw)
+    clock.phase("twin_and_parity", t0)
     keys = _sharded_keys(twin, raw, model, engine, ray_address)
     cfg = RectifyConfig().replace(layers=tuple(layers) if layers else None, max_edits=max_edits,
                                   max_degradation=max_degradation, target_gap=target_gap, objective=objective,
@@ -329,38 +355,131 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
         for name in cfg.layers:
             twin.layer_map.get(name)  # unknown names fail early with close matches
     torch.use_deterministic_algorithms(True, warn_only=True)
+    t0 = time.perf_counter()
     with keys if keys is not None else contextlib.nullcontext():
-        result = rectify(twin, inputs.pairs.corrupt, inputs.pairs.clean,
-                         stats_x=inputs.stats.x if inputs.stats else None,
-                         val_x=inputs.val.x if inputs.val else None,
-                         val_y=inputs.val.y if inputs.val else None, config=cfg, key_source=keys)
+        try:
+            result = rectify(twin, inputs.pairs.corrupt, inputs.pairs.clean,
+                             stats_x=inputs.stats.x if inputs.stats else None,
+                             val_x=inputs.val.x if inputs.val else None,
+                             val_y=inputs.val.y if inputs.val else None, config=cfg, key_source=keys)
+        finally:
+            progress.end()
+    clock.phase("rectify", t0)
     info = {"pairs": inputs.pairs.source, "n_pairs": inputs.pairs.n,
             "stats": (raw.stats_shards.source if raw.stats_shards is not None
                       else inputs.stats.source if inputs.stats else None),
             "val": inputs.val.source if inputs.val else None}
     parity_after = {}
+    rounding: tuple[dict, ...] = ()
+    rounding_effect: dict = {}
     changed: tuple[str, ...] = ()
     written = None
-    if result.edits:
-        updates = result.updates()
-        new_model = write_back(loaded, updates, extra_provenance={
-            "edits": len(result.edits), "layers": [u.layer.node for u in updates]})
-        from .rectify import _as_torch
+    unchanged = False
+    from .rectify import _as_torch
 
-        edits = [_as_torch(e, twin.device) for e in result.edits]
-        parity = _parity_after(twin, np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean]), new_model, edits)
+    edits = [_as_torch(e, twin.device) for e in result.edits]
+    if result.edits:
+        from .writeback import edit_record, written_edits
+
+        t0 = time.perf_counter()
+        with progress.phase("write back into the ONNX initializers"):
+            updates = result.updates()
+            new_model = write_back(loaded, updates, extra_provenance={
+                "edits": len(result.edits), "layers": [u.layer.node for u in updates]})
+        clock.phase("write_back", t0)
+        feeds_x = np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean])
+        quantised = any(u.layer.quant is not None for u in updates)
+        t0 = time.perf_counter()
+        with progress.phase("parity of the written model (ONNX Runtime vs edited twin)"):
+            # parity of what was written: a requantised layer's change is not the float edit
+            parity = _parity_after(twin, feeds_x, new_model,
+                                   written_edits(loaded.model, new_model, updates) if quantised else edits)
+        clock.phase("parity_after", t0)
         require_parity(parity, f"{loaded.label} (edited)")
         parity_after = parity.to_dict()
         changed = tuple(u.layer.initializer for u in updates)
+        rounding = tuple({"initializer": r["initializer"], "node": r["node"], "dtype": r["dtype"],
+                          **({"quant": r["quant"]} if "quant" in r else {}),
+                          "aux_changed": [a["initializer"] for a in r.get("aux", [])], **r["rounding"]}
+                         for r in edit_record(new_model)["tensors"])
+        if quantised or any(r["dtype"] not in ("float32", "float64") for r in rounding):
+            effect = _parity_after(twin, feeds_x, new_model, edits)
+            rounding_effect = {"max_abs_logit_change": effect.max_abs_diff, "max_rel_logit_change": effect.max_rel_diff,
+                               "n_inputs": effect.n_inputs,
+                               "what": "ONNX Runtime on the written model vs the twin with the float edit"}
         if out is not None:
-            written = str(save_model(new_model, out, external_names=_external_names(loaded, new_model),
-                                     protected=protected, in_place=in_place))
+            t0 = time.perf_counter()
+            with progress.phase(f"save {out}"):
+                written = str(save_model(new_model, out, external_names=_external_names(loaded, new_model),
+                                         protected=protected, in_place=in_place))
+            clock.phase("save", t0)
+    elif out is not None and result.success:
+        # Nothing needed changing: a pipeline step still finds its output.
+        unchanged = True
+        t0 = time.perf_counter()
+        if in_place and Path(out).resolve() == (protected[0] if protected else None):
+            written = str(Path(out))  # the input is already the unchanged model: leave it alone
+        else:
+            with progress.phase(f"save {out} (unchanged)"):
+                written = str(save_model(loaded.model, out, external_names=_external_names(loaded, loaded.model),
+                                         protected=protected, in_place=in_place))
+        clock.phase("save", t0)
+        log.info("nothing to change: every given pair already behaves like its clean twin; "
+                 "%s is the model unchanged", written)
+    plot_path = None
+    if plot is not None:
+        t0 = time.perf_counter()
+        with progress.phase(f"plot {plot}"):
+            _write_edit_plot(Path(plot), twin, loaded, inputs, result, edits)
+        plot_path = str(plot)
+        clock.phase("plot", t0)
     outcome = EditOutcome(model=loaded.label, output=written, result=result, parity_before=parity0.to_dict(),
                           parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info,
-                          **_engine_info(keys))
+                          output_unchanged=unchanged, timings=clock.total(), plot=plot_path,
+                          rounding=rounding, rounding_effect=rounding_effect, **_engine_info(keys))
     if report is not None:
         atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())
     return outcome
+
+
+def _write_edit_plot(path: Path, twin, loaded: LoadedModel, inputs: Inputs, result, edits) -> None:
+    """Gather what `edit --plot` shows (input attribution on the first given pairs before
+    and after the edits, the layer scores of each round) and draw it (plot.py)."""
+    import torch
+
+    from .attribution import DEFAULT_STEPS, input_attribution
+    from .plot import PairView, Round, write_edit_plot
+
+    k = min(PLOT_PAIRS, inputs.pairs.n)
+    corrupt, clean = inputs.pairs.corrupt[:k], inputs.pairs.clean[:k]
+    xc = twin.to_tensor(corrupt)
+    with torch.no_grad():
+        p_clean = torch.softmax(twin.forward(twin.to_tensor(clean)).float(), 1)
+        p_before = torch.softmax(twin.forward(xc).float(), 1)
+        with twin.applied(edits):
+            p_after = torch.softmax(twin.forward(xc).float(), 1)
+    # the logit attributed: the class each model predicts on the corrupted input
+    a_before = input_attribution(twin, xc, p_before.argmax(1), steps=DEFAULT_STEPS).detach().cpu().numpy()
+    with twin.applied(edits):
+        a_after = input_attribution(twin, xc, p_after.argmax(1), steps=DEFAULT_STEPS).detach().cpu().numpy()
+
+    def label(p, i):
+        c = int(p[i].argmax())
+        return f"class {c} (p {float(p[i, c]):.2f})"
+
+    views = [PairView(corrupt=corrupt[i], clean=clean[i], attr_before=a_before[i], attr_after=a_after[i],
+                      label_corrupt=label(p_before, i), label_clean=label(p_clean, i),
+                      label_after=label(p_after, i)) for i in range(k)]
+    order = [l.node for l in sorted(twin.layer_map.editable(), key=lambda l: l.node_index)]
+    rounds = []
+    for i, loc in enumerate(result.localisations):
+        scores = {entry["node"]: float(entry["score"]) for entry in loc.get("layers", [])}
+        rounds.append(Round(scores=scores, edited=result.edits[i].layer.node if i < len(result.edits) else None))
+    done = "success" if result.success else "target not reached"
+    summary = (f"{len(result.edits)} edit(s) [{', '.join(e.layer.node for e in result.edits) or 'none'}], "
+               f"criterion {result.criterion}, given pairs' gap {result.real_gap_before:.3f} -> "
+               f"{result.real_gap_after:.3f} (target {result.target:g}): {done}")
+    write_edit_plot(path, views, rounds, order, model_label=loaded.label, summary=summary)
 
 
 def _external_names(loaded: LoadedModel, new_model) -> set[str]:

@@ -8,7 +8,9 @@ Two gaps matter for real shipped classifiers:
    registered version is registered for the missing version (``alias``). The list below
    is explicit; ops that changed meaning (Reduce-18 moved ``axes`` to an input, Split-18
    added ``num_outputs``) get converters of their own instead.
-2. *Ops onnx2torch lacks*: GlobalMaxPool; and Conv with auto_pad SAME_UPPER/SAME_LOWER
+2. *Ops onnx2torch lacks*: GlobalMaxPool; QuantizeLinear / DequantizeLinear (the
+   activations of a QDQ-quantised graph; constant weights are folded by the twin, see
+   quant.py): fake quantisation in float with a straight-through gradient; and Conv with auto_pad SAME_UPPER/SAME_LOWER
    (onnx2torch refuses it; ``SamePadding`` pads from the input size at run time).
 
 ``ensure_converters(model)`` registers what the model needs and returns the (op,
@@ -76,6 +78,87 @@ class GlobalMaxPool(nn.Module, OnnxToTorchModule):
 
 def _global_max_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     return OperationConverterResult(torch_module=GlobalMaxPool(), onnx_mapping=onnx_mapping_from_node(node))
+
+
+_Q_RANGES = {onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255),
+             onnx.TensorProto.INT16: (-32768, 32767), onnx.TensorProto.UINT16: (0, 65535),
+             onnx.TensorProto.INT32: (-(2 ** 31), 2 ** 31 - 1)}
+_TORCH_Q = {torch.int8: onnx.TensorProto.INT8, torch.uint8: onnx.TensorProto.UINT8,
+            torch.int16: onnx.TensorProto.INT16, torch.int32: onnx.TensorProto.INT32}
+
+
+def _per_axis(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A scale / zero point shaped to broadcast over ``x`` (scalar, or 1-D along ``axis``)."""
+    if t.dim() == 0 or t.numel() == 1:
+        return t.reshape(())
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = t.numel()
+    return t.reshape(shape)
+
+
+class QuantizeLinear(nn.Module, OnnxToTorchModule):
+    """y = saturate(rint(x / scale) + zero_point), kept in float (integer values) so that
+    gradients pass: rounding has a straight-through gradient (identity inside the range,
+    zero where the value saturates), as in quantisation-aware training."""
+
+    def __init__(self, axis: int, qrange: tuple[int, int] | None):
+        super().__init__()
+        self.axis, self.qrange = axis, qrange
+
+    def forward(self, x, scale, zero_point=None):  # noqa: D102
+        s = _per_axis(scale.to(torch.float32), x, self.axis)
+        if self.qrange is not None:
+            qmin, qmax = self.qrange
+        elif zero_point is not None:
+            qmin, qmax = _Q_RANGES[_TORCH_Q.get(zero_point.dtype, onnx.TensorProto.UINT8)]
+        else:
+            qmin, qmax = 0, 255  # no zero point: uint8
+        z = _per_axis(zero_point.to(torch.float32), x, self.axis) if zero_point is not None else 0.0
+        v = x.to(torch.float32) / s
+        v = v + (torch.round(v) - v).detach()  # round half to even, straight-through
+        return torch.clamp(v + z, qmin, qmax)
+
+
+class DequantizeLinear(nn.Module, OnnxToTorchModule):
+    """y = (x - zero_point) * scale, per tensor or along ``axis``."""
+
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x, scale, zero_point=None):  # noqa: D102
+        s = _per_axis(scale, x, self.axis)
+        v = x.to(s.dtype)
+        if zero_point is not None:
+            v = v - _per_axis(zero_point.to(s.dtype), x, self.axis)
+        return v * s
+
+
+def _qdq_converter(op: str):
+    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        attrs = node.attributes
+        if attrs.get("block_size", 0):
+            raise NotImplementedError(f"{op} with block_size (blocked quantisation) is not supported")
+        axis = int(attrs.get("axis", 1))
+        if op == "DequantizeLinear":
+            return OperationConverterResult(torch_module=DequantizeLinear(axis), onnx_mapping=onnx_mapping_from_node(node))
+        qrange = None
+        if "output_dtype" in attrs and attrs["output_dtype"]:
+            if attrs["output_dtype"] not in _Q_RANGES:
+                raise NotImplementedError(f"QuantizeLinear to type {attrs['output_dtype']} is not supported")
+            qrange = _Q_RANGES[attrs["output_dtype"]]
+        elif len(node.input_values) > 2 and node.input_values[2] in graph.initializers:
+            zp_type = graph.initializers[node.input_values[2]].proto.data_type
+            if zp_type not in _Q_RANGES:
+                raise NotImplementedError(f"QuantizeLinear to type {zp_type} is not supported")
+            qrange = _Q_RANGES[zp_type]
+        return OperationConverterResult(torch_module=QuantizeLinear(axis, qrange), onnx_mapping=onnx_mapping_from_node(node))
+
+    return convert
+
+
+def _schema_versions(op: str) -> list[int]:
+    return sorted({s.since_version for s in defs.get_all_schemas_with_history() if s.name == op and s.domain == ""})
 
 
 class Reduce18(nn.Module, OnnxToTorchModule):
@@ -208,6 +291,10 @@ def _conv_auto_pad(base):
 def ensure_converters(model: onnx.ModelProto) -> list[str]:
     """Register the converters ``model`` needs; return the ops still missing."""
     _register("GlobalMaxPool", 1, _global_max_pool)
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        for op in ("QuantizeLinear", "DequantizeLinear"):
+            for version in _schema_versions(op):
+                _register(op, version, _qdq_converter(op))
     opsets = {o.domain or "": o.version for o in model.opset_import}
     missing = []
     needed = set()
