@@ -22,6 +22,24 @@ RAY_ADDRESS_OPTION = click.option("--ray-address", default=None, metavar="ADDR",
                                        "ray://head:10001) instead of starting a local Ray for the run.")
 
 
+
+
+def _input_shapes(ctx, param, value):
+    from onnx_dynedit.errors import InputError
+    from onnx_dynedit.twin import parse_input_shapes
+
+    try:
+        return parse_input_shapes(value) or None
+    except InputError as exc:
+        raise click.BadParameter(exc.message, ctx=ctx, param=param) from None
+
+
+INPUT_SHAPE_OPTION = click.option(
+    "--input-shape", "input_shapes", multiple=True, callback=_input_shapes, metavar="NAME:D1,D2,...",
+    help="Size of a model input for generated inputs (repeat per input), e.g. input:1,3,224,224; "
+         "default: the graph's own dims, a symbolic batch dim is 2.")
+
+
 # Option types that refuse values the library cannot use (one-line usage error, exit 2).
 SEED = click.IntRange(0, 2 ** 32 - 1)
 

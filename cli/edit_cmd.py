@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from cli.common import (DEVICE_OPTION, ENGINE_OPTION, RAY_ADDRESS_OPTION, SEED, FiniteFloat, echo_json, run_options,
+from cli.common import (DEVICE_OPTION, INPUT_SHAPE_OPTION, ENGINE_OPTION, RAY_ADDRESS_OPTION, SEED, FiniteFloat, echo_json, run_options,
                         table)
 from onnx_dynedit.api import edit_model
 
@@ -36,6 +36,7 @@ from onnx_dynedit.api import edit_model
               help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default 16; 0 = off).")
 @click.option("--seed", type=SEED, default=None, help="Seed (default 0).")
 @DEVICE_OPTION
+@INPUT_SHAPE_OPTION
 @ENGINE_OPTION
 @RAY_ADDRESS_OPTION
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input model (a .bak copy is kept).")
@@ -46,7 +47,8 @@ from onnx_dynedit.api import edit_model
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
 @run_options()
 def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, criterion, target_gap, target_attribution,
-         objective, augment, seed, device, engine, ray_address, in_place, report, plot, as_json):
+         objective, augment, seed, device, input_shapes, engine, ray_address, in_place, report, plot,
+         as_json):
     """Repair MODEL so that each corrupted input behaves like its clean twin; write OUT.
 
     Exit 0 when every pair is fixed within budget (OUT is always written then: the model
@@ -57,7 +59,7 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, crit
                          max_degradation=max_degradation, target_gap=target_gap, objective=objective,
                          augment=augment, criterion=criterion, target_attribution=target_attribution, seed=seed,
                          device=device, in_place=in_place, report=report, plot=plot, engine=engine,
-                         ray_address=ray_address)
+                         ray_address=ray_address, input_shapes=input_shapes)
     res = outcome.result
     if outcome.output_unchanged:
         click.echo(f"dynedit: nothing to change (every given pair already behaves like its clean twin); "

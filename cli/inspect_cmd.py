@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from cli.common import DEVICE_OPTION, INT64, SEED, echo_json, run_options, table
+from cli.common import DEVICE_OPTION, INPUT_SHAPE_OPTION, INT64, SEED, echo_json, run_options, table
 from onnx_dynedit.inspect import inspect_model
 
 
@@ -14,16 +14,18 @@ from onnx_dynedit.inspect import inspect_model
 @click.option("--int-range", nargs=2, type=INT64, default=(0, 10), metavar="LOW HIGH",
               help="Range [low, high) of random values for integer inputs [default: 0 10].")
 @DEVICE_OPTION
+@INPUT_SHAPE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 @run_options()
-def inspect(model, inputs_file, seed, int_range, device, as_json):
+def inspect(model, inputs_file, seed, int_range, device, input_shapes, as_json):
     """Show opset, inputs, outputs, editable layers and twin parity of MODEL.
 
     Exit 0 when the torch twin matches ONNX Runtime, 1 when it does not, 2 for unusable input.
     """
     if int_range[0] >= int_range[1]:
         raise click.BadParameter(f"low {int_range[0]} must be below high {int_range[1]}", param_hint="--int-range")
-    report = inspect_model(model, inputs_file=inputs_file, device=device, seed=seed, int_range=tuple(int_range))
+    report = inspect_model(model, inputs_file=inputs_file, device=device, seed=seed, int_range=tuple(int_range),
+                            input_shapes=input_shapes)
     if as_json:
         echo_json(report.to_dict())
     else:
@@ -35,6 +37,7 @@ def inspect(model, inputs_file, seed, int_range, device, as_json):
                  "yes" if l["shared"] else "", "yes" if l["editable"] else f"no: {l['reason']}"]
                 for l in report.layers]
         click.echo(table(rows, ["node", "op", "weight", "shape", "shared", "editable"]))
+        click.echo(f"attributed output: {report.attributed_output}")
         for note in report.notes:
             click.echo(f"note: {note}")
         click.echo(parity_line(report.parity))

@@ -27,21 +27,34 @@ from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, 
 log = logging.getLogger(__name__)
 
 
-def _twin(loaded: LoadedModel, device):
+def _twin(loaded: LoadedModel, device, input_shapes=None, data=None):
+    """The twin, parity required. Parity inputs take their sizes from ``input_shapes``
+    (--input-shape), else the graph, else (symbolic non-batch dims) the rows of ``data``."""
     from .twin import Twin, check_parity, require_parity
 
-    twin = Twin(loaded, device)
-    if len(twin.inputs) != 1:
-        raise DataError(
-            f"{loaded.label} has {len(twin.inputs)} inputs ({', '.join(s.name for s in twin.inputs)}); "
-            "editing supports single-input models",
-            hint="several inputs would be given as arrays keyed '<key>:<input name>' in the npz; not supported yet",
-        )
+    twin = Twin(loaded, device, input_shapes=_with_data_shapes(loaded, input_shapes, data))
     check_finite_weights(loaded, twin)
     with progress.phase("parity (ONNX Runtime vs twin)"):
         parity = check_parity(twin)
     require_parity(parity, loaded.label)
     return twin, parity
+
+
+def _with_data_shapes(loaded: LoadedModel, given, data):
+    from .twin import input_specs
+
+    given = dict(given or {})
+    if data is None:
+        return given
+    for spec in input_specs(loaded.model):
+        if spec.name in given or all(isinstance(d, int) and d > 0 for d in spec.shape[1:]):
+            continue
+        arr = data[spec.name] if data.dtype.names and spec.name in data.dtype.names else (
+            None if data.dtype.names else data)
+        if arr is not None and arr.ndim == len(spec.shape):
+            first = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else min(len(arr), 2)
+            given[spec.name] = (first,) + tuple(int(d) for d in arr.shape[1:])
+    return given
 
 
 def check_finite_weights(loaded: LoadedModel, twin) -> None:
@@ -78,16 +91,20 @@ def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
     from .twin import check_parity, ort_session_for
 
     spec = twin.inputs[0]
+
+    def feeds(x):
+        return {s.name: x[s.name] for s in twin.inputs} if x.dtype.names else {spec.name: x}
+
     batch = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
     if batch is None:
-        return check_parity(twin, {spec.name: feeds_x}, model=new_model, edits=edits)
+        return check_parity(twin, feeds(feeds_x), model=new_model, edits=edits)
     if len(feeds_x) < batch:
         reps = -(-batch // len(feeds_x))
         feeds_x = np.concatenate([feeds_x] * reps)
     worst = None
     session = ort_session_for(new_model)  # one session for every chunk
     for start in range(0, min(len(feeds_x), max(batch, 64)) - batch + 1, batch):
-        parity = check_parity(twin, {spec.name: feeds_x[start:start + batch]}, model=new_model, edits=edits,
+        parity = check_parity(twin, feeds(feeds_x[start:start + batch]), model=new_model, edits=edits,
                               session=session)
         if worst is None or not (parity.max_rel_diff <= worst.max_rel_diff):
             worst = parity
@@ -95,8 +112,26 @@ def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
 
 
 def _fit_input(twin, arr: np.ndarray, name: str) -> np.ndarray:
-    spec = twin.inputs[0]
-    return check_against_input(arr, name=name, input_name=spec.name, shape=list(spec.shape), dtype=spec.dtype)
+    """Check ``arr`` against the model's input(s). Several inputs: a packed array with a
+    field per input (``<key>:<input name>`` in the npz), checked field by field."""
+    from .data import pack_inputs
+
+    names = [s.name for s in twin.inputs]
+    if len(twin.inputs) == 1 and not arr.dtype.names:
+        spec = twin.inputs[0]
+        return check_against_input(arr, name=name, input_name=spec.name, shape=list(spec.shape), dtype=spec.dtype)
+    if not arr.dtype.names:
+        raise DataError(f"{name}: the model has {len(names)} inputs ({', '.join(names)}); give one array per input",
+                        hint="key them '<key>:<input name>' in the npz, e.g. " + ", ".join(
+                            f"corrupt:{n}" for n in names))
+    extra = [k for k in arr.dtype.names if k not in names]
+    missing = [n for n in names if n not in arr.dtype.names]
+    if missing or extra:
+        raise DataError(f"{name}: arrays for inputs {', '.join(arr.dtype.names)} but the model's inputs are "
+                        f"{', '.join(names)}", hint="key them '<key>:<input name>' with the model's input names")
+    return pack_inputs({s.name: check_against_input(arr[s.name], name=f"{name}[{s.name!r}]", input_name=s.name,
+                                                    shape=[None] + list(s.shape[1:]) if s.shape else [],
+                                                    dtype=s.dtype) for s in twin.inputs}, name=name)
 
 
 def _num_classes(twin) -> int | None:
@@ -198,16 +233,18 @@ class LocateOutcome:
     device: str = "cpu"
     engine: str = "local"       # where the key statistics ran: "local" or "ray"
     workers: int = 1
+    attributed_output: str = ""
 
     def to_dict(self) -> dict:
         out = self.localisation.to_dict()
         out.update({"model": self.model, "stats_source": self.stats_source, "device": self.device,
-                    "engine": self.engine, "workers": self.workers})
+                    "engine": self.engine, "workers": self.workers,
+                    "attributed_output": self.attributed_output})
         return out
 
 
 def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=None, key=None,
-                 plot=None, engine=None, ray_address=None) -> LocateOutcome:
+                 plot=None, engine=None, ray_address=None, input_shapes=None) -> LocateOutcome:
     """``stats`` may be an .npz or a folder / glob of shards; ``engine`` (local or ray)
     says where the key statistics over a sharded stats set run (engine_ray)."""
     import torch
@@ -221,7 +258,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
         check_output_path(plot, loaded.protected_paths())
     engine = _engine(engine, ray_address)
     raw = read_inputs(pairs, stats, engine=engine)
-    twin, _ = _twin(loaded, device)
+    twin, _ = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
     inputs = fit_inputs(twin, raw)
     layers = twin.layer_map.editable()
     if not layers:
@@ -245,7 +282,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
         with progress.phase("plot"):
             write_locate_plot(Path(plot), loc, twin.layer_map, model_label=loaded.label)
     return LocateOutcome(model=loaded.label, localisation=loc, stats_source=source, device=str(twin.device),
-                         **_engine_info(keys))
+                         attributed_output=twin.attributed_output, **_engine_info(keys))
 
 
 # ----------------------------------------------------------------------------- edit
@@ -272,6 +309,7 @@ class EditOutcome:
     plot: str | None = None
     rounding: tuple[dict, ...] = ()      # per written tensor: float edit vs what was written
     rounding_effect: dict = field(default_factory=dict)  # ORT on the written model vs the float edit
+    attributed_output: str = ""  # what localisation and the output criterion saw
 
     @property
     def success(self) -> bool:
@@ -284,6 +322,7 @@ class EditOutcome:
                "inputs": self.inputs, "changed_initializers": list(self.changed),
                "parity_before": self.parity_before, "parity_after": self.parity_after, "plot": self.plot,
                "rounding": list(self.rounding), "rounding_effect": self.rounding_effect,
+               "attributed_output": self.attributed_output,
                **self.result.to_dict()}
         out["timings"] = {**out.get("timings", {}), **self.timings}
         return out
@@ -307,7 +346,7 @@ class _Clock:
 def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max_edits=None,
                max_degradation=None, target_gap=None, objective=None, augment=None, seed=None,
                device=None, in_place=False, report=None, plot=None, engine=None, ray_address=None,
-               **config) -> EditOutcome:
+               input_shapes=None, **config) -> EditOutcome:
     """Rectify ``model`` from ``pairs`` and (when ``out`` is given) save the edited model.
 
     When the pairs already behave (success without any edit), ``out`` gets the model
@@ -344,8 +383,16 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     raw = read_inputs(pairs, stats, val, engine=engine)
     clock.phase("load", t0)
     t0 = time.perf_counter()
-    twin, parity0 = _twin(loaded, device)
+    twin, parity0 = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
     inputs = fit_inputs(twin, raw)
+    if twin.token_inputs or len(twin.inputs) > 1:
+        if augment is None:
+            augment = 0  # transplanting x~ - x onto stats inputs means nothing for token ids
+        if config.get("criterion") == "attribution":
+            raise InputError(f"{loaded.label}: --criterion attribution needs one float input (input-level "
+                             "attribution); this model has integer or several inputs", hint="use --criterion output")
+        if config.get("criterion") in (None, "auto"):
+            config["criterion"] = "output"
     clock.phase("twin_and_parity", t0)
     keys = _sharded_keys(twin, raw, model, engine, ray_address)
     cfg = RectifyConfig().replace(layers=tuple(layers) if layers else None, max_edits=max_edits,
@@ -436,7 +483,8 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     outcome = EditOutcome(model=loaded.label, output=written, result=result, parity_before=parity0.to_dict(),
                           parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info,
                           output_unchanged=unchanged, timings=clock.total(), plot=plot_path,
-                          rounding=rounding, rounding_effect=rounding_effect, **_engine_info(keys))
+                          rounding=rounding, rounding_effect=rounding_effect,
+                          attributed_output=twin.attributed_output, **_engine_info(keys))
     if report is not None:
         atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())
     return outcome

@@ -46,7 +46,7 @@ from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
 from .errors import EditError, InputError, LayerError
 from .layers import Layer
 from .rank_one import DEFAULT_LAMBDA, RankOneEdit, closed_form_u, edit_direction, key_statistics, pair_keys
-from .twin import DownstreamRunner, Twin
+from .twin import DownstreamRunner, Twin, batch_size_of, cat_inputs
 from .writeback import LayerUpdate
 
 log = logging.getLogger(__name__)
@@ -253,8 +253,8 @@ def _fit_output(twin: Twin, layer: Layer, d: torch.Tensor, u0: torch.Tensor, pre
     outputs on unlabeled clean inputs stay put. Returns (u float32, final loss)."""
     scale = _u_scale(u0)
     v = (u0 / scale).float().clone().requires_grad_(True)
-    xs = torch.cat([corrupt_t, loc_x], 0)
-    n = corrupt_t.shape[0]
+    xs = cat_inputs(corrupt_t, loc_x)  # tensors, or tuples of them for several inputs
+    n = batch_size_of(corrupt_t)
     t_norm = target_logits.pow(2).mean().clamp_min(1e-8)
     l_norm = loc_ref.pow(2).mean().clamp_min(1e-8)
     with twin.applied(prev):
@@ -264,7 +264,7 @@ def _fit_output(twin: Twin, layer: Layer, d: torch.Tensor, u0: torch.Tensor, pre
         with twin.applied(prev + [_TorchEdit(layer, v * scale, d)]):
             out = runner()
         loss = F.mse_loss(out[:n], target_logits) / t_norm
-        if loc_x.shape[0]:
+        if batch_size_of(loc_x):
             loss = loss + cfg.locality_weight * F.mse_loss(out[n:], loc_ref) / l_norm
         return loss
 
