@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -97,8 +98,7 @@ def test_key_statistics_ray_equals_local_with_a_crash(cluster):
 
     from onnx_dynedit.io import load_model
     from onnx_dynedit.keystats import ShardedKeys
-    from onnx_dynedit.rank_one import RankOneEdit, key_statistics
-    from onnx_dynedit.rectify import _as_torch
+    from onnx_dynedit.rank_one import key_statistics
     from onnx_dynedit.twin import Twin
 
     model = BADNETS / "model.onnx"
@@ -107,9 +107,9 @@ def test_key_statistics_ray_equals_local_with_a_crash(cluster):
     # With an edit upstream applied (as in the loop after an accepted edit).
     first = layers[0]
     rng = np.random.default_rng(0)
-    edit = RankOneEdit(layer=first, u=rng.standard_normal(first.out_features) * 0.1,
-                       d=rng.standard_normal(first.in_features) * 0.1)
-    edits = [_as_torch(edit, twin.device)]
+    edits = [SimpleNamespace(layer=first,  # what Twin.applied takes: .layer, .u, .d
+                             u=torch.as_tensor(rng.standard_normal(first.out_features) * 0.1, dtype=torch.float32),
+                             d=torch.as_tensor(rng.standard_normal(first.in_features) * 0.1, dtype=torch.float32))]
     dataset = open_dataset(cluster["stats"], what="stats", labels="ignored")
     with ShardedKeys(dataset) as keys:
         local = key_statistics(twin, layers, keys, edits=edits)
