@@ -476,6 +476,9 @@ def verify(original: str | os.PathLike, edited: str | os.PathLike, clean, corrup
         raise InputError(f"unknown engine {engine!r}", hint="use " + " or ".join(ENGINES))
     if ray_address is not None and engine != "ray":
         raise InputError("a Ray address needs the ray engine", hint="add --engine ray or drop --ray-address")
+    if engine == "ray" and provider != "cpu":
+        raise InputError(f"--engine ray runs ONNX Runtime on CPU workers; provider {provider} is not supported there",
+                         hint="use --provider cpu with --engine ray, or --engine local")
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     limits = Thresholds.coerce(thresholds)

@@ -185,3 +185,14 @@ def test_locate_streams_a_sharded_stats_folder(shards):
     np.savez(bad / "b.npz", x=np.zeros((3, 16, 16), np.float32))
     assert_one_line_error(cli("locate", BADNETS / "model.onnx", "--pairs", BADNETS / "pairs.npz", "--stats", bad),
                           "b.npz", "(3, 16, 16)")
+
+
+def test_engine_options_are_checked_before_any_work(shards):
+    from onnx_dynedit.errors import InputError as IE
+
+    with pytest.raises(IE, match="unknown engine"):
+        verify(BADNETS / "model.onnx", shards["edited"], shards["clean"], engine="spark")
+    with pytest.raises(IE, match="needs the ray engine"):
+        verify(BADNETS / "model.onnx", shards["edited"], shards["clean"], ray_address="auto")
+    with pytest.raises(IE, match="CPU workers"):
+        verify(BADNETS / "model.onnx", shards["edited"], shards["clean"], engine="ray", provider="cuda")
