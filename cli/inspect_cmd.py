@@ -30,7 +30,7 @@ def inspect(model, inputs_file, seed, int_range, device, as_json):
         for kind, specs in (("input", report.inputs), ("output", report.outputs)):
             for s in specs:
                 click.echo(f"  {kind:6} {s['name']}  {s['dtype']}{s['shape']}")
-        rows = [[l["node"], l["op"], l["initializer"], "x".join(map(str, l["shape"])) or "scalar",
+        rows = [[l["node"], l["op"], l["initializer"] + _quant_note(l), "x".join(map(str, l["shape"])) or "scalar",
                  "yes" if l["shared"] else "", "yes" if l["editable"] else f"no: {l['reason']}"]
                 for l in report.layers]
         click.echo(table(rows, ["node", "op", "weight", "shape", "shared", "editable"]))
@@ -41,3 +41,12 @@ def inspect(model, inputs_file, seed, int_range, device, as_json):
                    f"max rel {p['max_rel_diff']:.3g}, tol {p['tol']:g}")
         click.echo("PASSED" if report.ok else "FAILED: parity outside tolerance")
     sys.exit(0 if report.ok else 1)
+
+
+def _quant_note(layer: dict) -> str:
+    """' (int8, qdq per-channel axis 0)' for a weight dequantised from integers; '' else."""
+    q = layer.get("quant")
+    if not q:
+        return " (float16)" if layer.get("dtype") == "float16" else ""
+    how = f"per-channel axis {q['axis']}" if q["axis"] is not None else "per-tensor"
+    return f" ({q['dtype']}, {q['scheme']} {how})"
