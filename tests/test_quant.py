@@ -275,3 +275,24 @@ def test_fake_quantisation_passes_gradients_straight_through():
     y = DequantizeLinear(axis=1)(q, torch.tensor(0.5), torch.tensor(0, dtype=torch.int8))
     y.sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_quantize_of_a_float_constant_is_folded_for_the_twin(tmp_path):
+    """quantize_static leaves Constant-node weights as float -> QuantizeLinear ->
+    DequantizeLinear: the twin evaluates the pair (parity with ONNX Runtime); the layer is
+    not offered for editing (the stored tensor is float, the scale applies at run time)."""
+    from onnx_dynedit.twin import Twin, check_parity
+
+    w = np.array([[0.3, -0.71], [1.2, 0.05]], np.float32)
+    nodes = [helper.make_node("Constant", [], ["Wf"], value=numpy_helper.from_array(w, "Wf")),
+             helper.make_node("QuantizeLinear", ["Wf", "s", "zp"], ["Wq"], axis=0),
+             helper.make_node("DequantizeLinear", ["Wq", "s", "zp"], ["W"], axis=0),
+             helper.make_node("Gemm", ["x", "W"], ["y"], transB=1, name="fc")]
+    inits = [numpy_helper.from_array(np.array([0.01, 0.02], np.float32), "s"), numpy_helper.from_array(Z, "zp")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    twin = Twin(load_model(_save(model, tmp_path / "m.onnx")), "cpu")
+    assert check_parity(twin).max_rel_diff < 1e-6
+    assert twin.layer_map.editable() == []
