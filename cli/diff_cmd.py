@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from cli.common import echo_json, table
+from cli.common import echo_json, run_options, table
 from onnx_dynedit.diff import diff_models
 from onnx_dynedit.io import load_model
 
@@ -11,6 +11,7 @@ from onnx_dynedit.io import load_model
 @click.argument("a", type=click.Path(dir_okay=False))
 @click.argument("b", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
+@run_options(threads=False)
 def diff(a, b, as_json):
     """Show which weights differ between A and B (relative change, rank) and any other difference.
 

@@ -7,14 +7,11 @@ import sys
 
 import click
 
-from cli.common import ENGINE_OPTION, RAY_ADDRESS_OPTION
+from cli.common import ENGINE_OPTION, RAY_ADDRESS_OPTION, run_options
+from onnx_dynedit import progress as _progress
 from onnx_dynedit.errors import CheckFailed
 from onnx_dynedit.io import check_model_file
 from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, DEFAULT_PROVIDER, VerifyReport, verify as run_verify
-
-# Show a progress bar only for runs at least this long (in batches, all runs together).
-PROGRESS_MIN_BATCHES = 20
-
 
 @click.command("verify")
 @click.argument("original", metavar="ORIGINAL")
@@ -41,6 +38,7 @@ PROGRESS_MIN_BATCHES = 20
 @ENGINE_OPTION
 @RAY_ADDRESS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
+@run_options()
 def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate, max_logit_change,
            max_asr, provider, batch_size, engine, ray_address, as_json):
     """Check EDITED against ORIGINAL: accuracy, agreement, logit change, fix rate, attack success.
@@ -54,7 +52,7 @@ def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate,
     # consistent tensor data) before ONNX Runtime opens the files.
     check_model_file(original, what="original model")
     check_model_file(edited, what="edited model")
-    progress = _Progress()
+    progress = _progress.callback("verify (ONNX Runtime)")
     try:
         report = run_verify(original, edited, clean, corrupt=corrupt, target=target, thresholds=thresholds,
                             provider=provider, batch_size=batch_size, progress=progress, engine=engine,
@@ -69,34 +67,6 @@ def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate,
         # The FAILED lines are the report's last lines; no extra error line on stderr,
         # so "last line" stays true even when stdout and stderr are merged.
         sys.exit(CheckFailed.exit_code)
-
-
-class _Progress:
-    """A progress bar on stderr, only for a terminal and a long run."""
-
-    def __init__(self):
-        self.bar = None
-        self.enabled = _isatty(sys.stderr)
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or total < PROGRESS_MIN_BATCHES:
-            return
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label="verifying", file=sys.stderr)
-            self.bar.__enter__()
-        self.bar.update(done - self.bar.pos)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except Exception:  # noqa: BLE001 - closed or odd streams
-        return False
 
 
 def _f(value, signed: bool = False) -> str:

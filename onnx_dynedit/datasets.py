@@ -173,6 +173,11 @@ def _header(path: Path, what: str, labels: str) -> Shard:
     if path.is_dir():
         raise DataError(f"{what} file {path} is a directory", hint="give the path of an .npz file")
     headers = npz_headers(path, what=what)
+    keyed = sorted(k for k in headers if k.startswith("x:"))
+    if "x" not in headers and keyed:  # several model inputs: 'x:<input name>' arrays, packed on load
+        rows = {headers[k][0][0] if headers[k][0] else None for k in keyed}
+        packed = np.dtype([(k[2:], headers[k][1], tuple(headers[k][0][1:])) for k in keyed])
+        headers = {**headers, "x": ((rows.pop() if len(rows) == 1 else 0,), packed)}
     if "x" not in headers:
         raise DataError(f"{what} file {path} has no array 'x' (found: {', '.join(headers) or 'none'})",
                         hint="expected keys: x" + ("" if labels == "ignored" else ", y"))

@@ -41,11 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import progress
 from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
 from .errors import EditError, InputError, LayerError
 from .layers import Layer
 from .rank_one import DEFAULT_LAMBDA, RankOneEdit, closed_form_u, edit_direction, key_statistics, pair_keys
-from .twin import DownstreamRunner, Twin
+from .twin import DownstreamRunner, Twin, batch_size_of, cat_inputs
 from .writeback import LayerUpdate
 
 log = logging.getLogger(__name__)
@@ -252,8 +253,8 @@ def _fit_output(twin: Twin, layer: Layer, d: torch.Tensor, u0: torch.Tensor, pre
     outputs on unlabeled clean inputs stay put. Returns (u float32, final loss)."""
     scale = _u_scale(u0)
     v = (u0 / scale).float().clone().requires_grad_(True)
-    xs = torch.cat([corrupt_t, loc_x], 0)
-    n = corrupt_t.shape[0]
+    xs = cat_inputs(corrupt_t, loc_x)  # tensors, or tuples of them for several inputs
+    n = batch_size_of(corrupt_t)
     t_norm = target_logits.pow(2).mean().clamp_min(1e-8)
     l_norm = loc_ref.pow(2).mean().clamp_min(1e-8)
     with twin.applied(prev):
@@ -263,7 +264,7 @@ def _fit_output(twin: Twin, layer: Layer, d: torch.Tensor, u0: torch.Tensor, pre
         with twin.applied(prev + [_TorchEdit(layer, v * scale, d)]):
             out = runner()
         loss = F.mse_loss(out[:n], target_logits) / t_norm
-        if loc_x.shape[0]:
+        if batch_size_of(loc_x):
             loss = loss + cfg.locality_weight * F.mse_loss(out[n:], loc_ref) / l_norm
         return loss
 
@@ -346,6 +347,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     statistics (a sharded stats set; ``stats_x`` is then its first shard, for the rest)."""
     cfg = config or RectifyConfig()
     torch.manual_seed(cfg.seed)
+    progress.step("prepare the pairs (criterion, synthetic pairs, reference outputs)")
     editable = twin.layer_map.editable()
     if not editable:
         raise LayerError(f"{twin.loaded.label} has no editable layer (Conv/Gemm/MatMul with a constant weight)")
@@ -418,6 +420,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
         torch_edits = [_as_torch(e, twin.device) for e in accepted]
         # key statistics depend on upstream edits: recompute after every accepted edit
         t0 = clock()
+        progress.step(f"round {len(accepted) + 1}: key statistics ({len(candidates)} layers)")
         stats = key_statistics(twin, candidates, key_x, edits=torch_edits, lam=cfg.lam, source=stats_source)
         timings["key_statistics"] += clock() - t0
         t0 = clock()
@@ -426,6 +429,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
             order = order[len(accepted) % len(order):] + order[: len(accepted) % len(order)]
         else:
             # localisation attributes the given pairs only (the paper's method)
+            progress.step(f"round {len(accepted) + 1}: localisation")
             loc = locate(twin, candidates, corrupt[:real_n], clean[:real_n], stats, edits=torch_edits,
                          steps=cfg.ig_steps, target=cfg.ig_target, key=cfg.key, reduction=cfg.ig_reduction)
             localisations.append(loc.to_dict())
@@ -449,6 +453,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
             d_np = direction.d.cpu().numpy()
             fit_loss = None
             t0 = clock()
+            progress.step(f"round {len(accepted) + 1}: fit {layer.node}")
             if attribution:
                 u, d_fit, fit_loss = _fit_attribution(twin, layer, stats[layer.node].chol, d32, u0, torch_edits,
                                                       corrupt_t, region_t, cls_t, target_logits, loc_x, loc_ref, cfg)
@@ -469,6 +474,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
                 continue
             trial = torch_edits + [_as_torch(edit, twin.device)]
             t0 = clock()
+            progress.step(f"round {len(accepted) + 1}: check {layer.node}")
             new_gap, new_fixed = scorer.gap(trial)
             degr = scorer.degradation(trial)
             timings["check"] += clock() - t0
@@ -514,6 +520,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     else:
         if fixed == len(corrupt) and gap <= target:
             stopped = "target reached"
+    progress.step("final checks")
     final_edits = [_as_torch(e, twin.device) for e in accepted]
     final_degr = scorer.degradation(final_edits) if accepted else 0.0
     real_gap, real_fixed = scorer.gap(final_edits, first=real_n)

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import threads as _threads
 from .data import Samples, check_against_input, check_labels
 from .errors import DataError, InputError, ModelLoadError
 
@@ -83,8 +84,8 @@ def ort_session(path: str | os.PathLike, provider: str | None = DEFAULT_PROVIDER
     CUDAExecutionProvider in this onnxruntime build and fails loudly (``InputError``)
     rather than silently falling back to the CPU. A file that ONNX Runtime cannot load
     (missing, not ONNX, truncated, external data missing) is a ``ModelLoadError``
-    naming the file. ``threads``: ONNX Runtime's intra-op threads (``None`` = its own
-    default, one per core).
+    naming the file. ``threads``: ONNX Runtime's intra-op threads (``None`` = the
+    process setting, ``onnx_dynedit.threads``: --threads, else OMP_NUM_THREADS, else all cores).
     """
     provider = DEFAULT_PROVIDER if provider is None else provider
     providers = provider_list(provider)
@@ -93,7 +94,7 @@ def ort_session(path: str | os.PathLike, provider: str | None = DEFAULT_PROVIDER
         raise ModelLoadError(f"{what} file {path} does not exist", hint="check the path")
     if not path.is_file():
         raise ModelLoadError(f"{what} path {path} is not a file", hint="give the path of an .onnx file")
-    options = ort.SessionOptions()
+    options = _threads.session_options(ort.SessionOptions())  # --threads (onnx_dynedit.threads)
     options.log_severity_level = 4  # fatal only: keep stderr to our own one-liners
     if threads is not None:
         options.intra_op_num_threads = int(threads)
