@@ -333,6 +333,12 @@ def bert_tiny(*, dynamo: bool = False, opset: int = 17, seq: int = 8) -> onnx.Mo
     return _export(bert_net(), (ids, mask), dynamo=dynamo, opset=opset, input_names=("input_ids", "attention_mask"))
 
 
+def newest_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` converted by onnx.version_converter to the newest opset onnx knows (the
+    torch exporters stop at 20 (legacy) and 23 (dynamo))."""
+    return onnx.version_converter.convert_version(model, onnx.defs.onnx_opset_version())
+
+
 def vit_tiny(*, dynamo: bool = False, opset: int = 17) -> onnx.ModelProto:
     return tv("vit_tiny", dynamo=dynamo, opset=opset, size=32)
 
@@ -356,6 +362,10 @@ def _entries() -> list[Entry]:
         tag = f"tv_{arch}_{'dynamo' if dynamo else 'legacy'}{opset}"
         out.append(Entry(tag, f"torchvision, {'dynamo' if dynamo else 'legacy'} exporter",
                          lambda a=arch, d=dynamo, o=opset: tv(a, dynamo=d, opset=o), heavy=heavy))
+    out.append(Entry("tv_resnet18_legacy20", "torchvision, legacy exporter (its newest opset)",
+                     lambda: tv("resnet18", dynamo=False, opset=20), heavy=True))
+    out.append(Entry(f"tv_resnet18_opset{onnx.defs.onnx_opset_version()}", "torchvision, up-converted to onnx's newest opset",
+                     lambda: newest_opset(tv("resnet18", dynamo=False, opset=17))))
     out.append(Entry("vit_tiny_legacy17", "ViT (torchvision), legacy exporter", lambda: vit_tiny(dynamo=False, opset=17)))
     out.append(Entry("vit_tiny_dynamo18", "ViT (torchvision), dynamo exporter", lambda: vit_tiny(dynamo=True, opset=18),
                      heavy=True))
