@@ -13,7 +13,7 @@ Each row is one fresh Python process (so its peak RSS is its own) that runs
   ray    a local Ray with ``--cpus`` CPUs started in that process first (its start-up is
          timed apart), then one actor per CPU holding both sessions (one thread each)
 ``inputs/s`` counts each input once (both models run on it) over the verify call alone;
-``peak driver MiB`` is the process's own ru_maxrss (the Ray workers' memory is not in it).
+``peak driver MiB`` is the process's own peak RSS (VmHWM; the Ray workers' memory is not in it).
 ``--big`` adds a row with all the inputs of the largest size in ONE file, to show that
 peak memory follows the largest shard, not the number of shards.
 Results are printed as a Markdown table; figures from the local and the Ray run are
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 BADNETS = ROOT / "sample_models" / "badnets"
 
 CHILD = r"""
-import json, resource, sys, time, logging
+import json, sys, time, logging
 sys.path.insert(0, {root!r})
 from onnx_dynedit.verify import verify
 engine, folder, original, edited, cpus = sys.argv[1:6]
@@ -56,7 +56,9 @@ run = time.perf_counter() - t
 if engine == "ray":
     ray.shutdown()
 d = report.to_dict()
-print(json.dumps({{"run_s": run, "startup_s": startup, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+# VmHWM: this process's own peak RSS (ru_maxrss would start at the parent's, kept across exec)
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({{"run_s": run, "startup_s": startup, "maxrss_kb": hwm,
                   "workers": d["workers"], "n": d["clean"]["n"], "clean": d["clean"]}}))
 """
 

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -63,9 +64,18 @@ def import_ray():
 def ray_session(address: str | None = None, *, num_cpus: int | None = None):
     """Ray for the length of the block (see module doc); yields the ``ray`` module."""
     ray = import_ray()
-    if ray.is_initialized():
-        yield ray
-        return
+    # Ray prints its notices (a worker died, a task is retried) on stdout; send them to
+    # stderr while Ray runs, so that stdout stays the command's own (--json: JSON only).
+    with contextlib.redirect_stdout(sys.stderr):
+        if ray.is_initialized():
+            yield ray
+            return
+        with _started(ray, address, num_cpus):
+            yield ray
+
+
+@contextlib.contextmanager
+def _started(ray, address, num_cpus):
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                   configure_logging=True)
     if address:
