@@ -123,6 +123,14 @@ def normalise(model: onnx.ModelProto) -> Normalised:
         graph.initializer.extend(new_inits)
         notes.append(f"{len(new_inits)} Constant/ConstantOfShape node(s) turned into initializers")
 
+    # dequantised constants first: an Identity may alias one (quant.py)
+    from .quant import fold_dequantisation
+
+    folded = fold_dequantisation(copy)
+    if folded:
+        notes.append(f"{folded} dequantised constant(s) (DequantizeLinear / Cast+Mul of integers) folded "
+                     "into float initializers")
+
     # Identity of an initializer -> an initializer of the output's name (the legacy torch
     # exporter deduplicates equal tensors, e.g. zero biases, and re-exposes them so).
     inits = {i.name: i for i in graph.initializer}
@@ -162,13 +170,6 @@ def normalise(model: onnx.ModelProto) -> Normalised:
             graph.output.append(onnx.helper.make_empty_tensor_value_info(logits))
         notes.append(f"attributed output: the logits {logits!r} before {_op_of(graph, softmax_node)} node "
                      f"{softmax_node!r} (probabilities saturate)")
-
-    from .quant import fold_dequantisation
-
-    folded = fold_dequantisation(copy)
-    if folded:
-        notes.append(f"{folded} dequantised constant(s) (DequantizeLinear / Cast+Mul of integers) folded "
-                     "into float initializers")
 
     fp16 = _has_fp16(graph)
     if fp16:
