@@ -312,6 +312,25 @@ def rounding_stats(float_delta: np.ndarray, written_delta: np.ndarray) -> dict:
             "unchanged_fraction": float(np.mean(np.asarray(written_delta) == 0)) if err.size else 1.0}
 
 
+def _quantize_constant(node: onnx.NodeProto, value) -> np.ndarray | None:
+    """ONNX QuantizeLinear on constant inputs (int8/uint8/int16/uint16 outputs), or None."""
+    x, scale = value(node.input[0]), value(node.input[1])
+    zp = value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    dtype = zp.dtype if zp is not None else np.dtype(np.uint8)
+    if dtype not in INT_RANGES or not np.issubdtype(x.dtype, np.floating):
+        return None
+    axis = int(_attrs(node).get("axis", 1)) % max(x.ndim, 1)
+    shape = [1] * x.ndim
+    if scale.size > 1:
+        shape[axis] = scale.size
+    s = scale.reshape(shape) if scale.size > 1 else scale.reshape(())
+    z = (zp.astype(np.float64).reshape(shape) if zp.size > 1 else zp.astype(np.float64).reshape(())) \
+        if zp is not None else 0.0
+    qmin, qmax = INT_RANGES[dtype]
+    ratio = (x.astype(scale.dtype) / s).astype(np.float64)  # divided in the scale's type, as ONNX Runtime does
+    return np.clip(np.rint(ratio) + z, qmin, qmax).astype(dtype)
+
+
 def fold_dequantisation(model: onnx.ModelProto) -> int:
     """Replace every dequantisation chain of a constant integer tensor (module doc) by a
     float initializer of the same output name, in place (used on the twin's normalised
@@ -323,6 +342,23 @@ def fold_dequantisation(model: onnx.ModelProto) -> int:
 
     def value(name):
         return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    # QuantizeLinear of a float constant (quantize_static does this to Constant-node
+    # weights): evaluate it, so that the DequantizeLinear after it sees integers
+    kept, quantized = [], 0
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and _is_default_domain(node) and len(node.input) >= 2 \
+                and all(i in inits for i in node.input if i) and not _attrs(node).get("block_size", 0):
+            q = _quantize_constant(node, value)
+            if q is not None:
+                inits[node.output[0]] = numpy_helper.from_array(q, node.output[0])
+                graph.initializer.append(inits[node.output[0]])
+                quantized += 1
+                continue
+        kept.append(node)
+    if quantized:
+        del graph.node[:]
+        graph.node.extend(kept)
 
     chains = weight_dequantisations(graph, value)
     drop: set[int] = set()

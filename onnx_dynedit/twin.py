@@ -123,6 +123,14 @@ def normalise(model: onnx.ModelProto) -> Normalised:
         graph.initializer.extend(new_inits)
         notes.append(f"{len(new_inits)} Constant/ConstantOfShape node(s) turned into initializers")
 
+    # dequantised constants first: an Identity may alias one (quant.py)
+    from .quant import fold_dequantisation
+
+    folded = fold_dequantisation(copy)
+    if folded:
+        notes.append(f"{folded} dequantised constant(s) (DequantizeLinear / Cast+Mul of integers) folded "
+                     "into float initializers")
+
     # Identity of an initializer -> an initializer of the output's name (the legacy torch
     # exporter deduplicates equal tensors, e.g. zero biases, and re-exposes them so).
     inits = {i.name: i for i in graph.initializer}
@@ -162,13 +170,6 @@ def normalise(model: onnx.ModelProto) -> Normalised:
             graph.output.append(onnx.helper.make_empty_tensor_value_info(logits))
         notes.append(f"attributed output: the logits {logits!r} before {_op_of(graph, softmax_node)} node "
                      f"{softmax_node!r} (probabilities saturate)")
-
-    from .quant import fold_dequantisation
-
-    folded = fold_dequantisation(copy)
-    if folded:
-        notes.append(f"{folded} dequantised constant(s) (DequantizeLinear / Cast+Mul of integers) folded "
-                     "into float initializers")
 
     fp16 = _has_fp16(graph)
     if fp16:
@@ -836,6 +837,18 @@ def compare_outputs(names, expected: list[np.ndarray], got: list[np.ndarray]) ->
     return out
 
 
+def _session_with_output(model: onnx.ModelProto, name: str):
+    """An ORT session of ``model`` that also returns tensor ``name`` (the model proto is
+    serialised with the extra output and left as it was)."""
+    if name in {o.name for o in model.graph.output}:
+        return ort_session_for(model)
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    try:
+        return ort_session_for(model)
+    finally:
+        del model.graph.output[-1]
+
+
 def check_parity(twin: Twin, feeds: dict[str, np.ndarray] | None = None, *, seed: int = 0,
                  int_range=(0, 10), model: onnx.ModelProto | None = None, edits=(), session=None) -> Parity:
     """ONNX Runtime on ``model`` (default: the twin's original) vs the twin with ``edits``.
@@ -851,7 +864,10 @@ def check_parity(twin: Twin, feeds: dict[str, np.ndarray] | None = None, *, seed
             "valid ids (--int-range)")
     try:
         if session is None:
-            session = ort_session_for(model)
+            if model is twin.loaded.model and twin.logits_tensor is not None:
+                session = _session_with_output(model, twin.logits_tensor)  # the attributed logits too
+            else:
+                session = ort_session_for(model)
         names = [o.name for o in session.get_outputs()]
         expected = session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types

@@ -22,7 +22,8 @@ from onnx_dynedit.twin import Twin  # noqa: E402
 from test_roundtrip import run_cli  # noqa: E402
 
 ROUND_TRIPS = ["zoo_inception_v1", "zoo_shufflenet", "tv_resnet18_legacy13", "tv_mobilenet_v3_small_legacy17",
-               "tv_squeezenet1_1_legacy9", "paddle_style", "tf2onnx_style"]
+               "tv_squeezenet1_1_legacy9", f"tv_resnet18_opset{onnx.defs.onnx_opset_version()}", "paddle_style",
+               "tf2onnx_style"]
 FORCED_EDITS = ["paddle_style", "tf2onnx_style"]  # + bert in test_transformers; resnet18 etc.: the benchmark
 
 

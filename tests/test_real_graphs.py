@@ -171,3 +171,16 @@ def test_missing_converter_message_does_not_contradict_itself():
         Twin(load_model(model), "cpu")
     text = info.value.one_line()
     assert "Det" in text and "opset 17" in text and "13-17" not in text and "13 to 17" not in text
+
+
+def test_locate_takes_symbolic_sizes_from_the_pairs(files, tmp_path, capsys):
+    """No --input-shape: the width of the pairs' rows sizes the parity inputs."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 16, 12)).astype(np.float32)
+    np.savez(tmp_path / "pairs.npz", corrupt=x[:1], clean=x[1:2])
+    np.savez(tmp_path / "stats.npz", x=x[2:])
+    code, out, err = run_cli(["locate", files["paddle"], "--pairs", tmp_path / "pairs.npz", "--stats",
+                              tmp_path / "stats.npz", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["attributed_output"].startswith("logits 'linear_0.tmp_1'")
