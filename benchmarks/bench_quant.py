@@ -72,7 +72,7 @@ def ort_pred(path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {inp.name: x})[0].argmax(1)
 
 
-def run_case(case: str, tmp: Path) -> str:
+def run_case(case: str, tmp: Path, only: list[str] | None = None, edits=("repair", "forced")) -> str:
     d = ROOT / "sample_models" / case
     meta = json.loads((d / "meta.json").read_text())
     ct, xt = np.load(d / "clean_test.npz"), np.load(d / "corrupt_test.npz")
@@ -88,9 +88,13 @@ def run_case(case: str, tmp: Path) -> str:
             "logit effect", "parity rel", "diff rank", "diff only edited", "revert identical", "time s"]
     lines = [f"#### {case}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, path in variants(d / "model.onnx", calib, tmp).items():
+        if only and not any(o in label for o in only):
+            continue
         clean, asr = figures(path)
         lines.append(f"| {label} | shipped | {clean:.2f} | {asr:.2f} |" + " |" * (len(head) - 4))
         for edit, kw in (("repair", {}), ("forced", {"criterion": "output", "target_gap": 0.0, "max_edits": 1})):
+            if edit not in edits:
+                continue
             out = tmp / f"e_{case}_{abs(hash(label))}_{edit}.onnx"
             t0 = time.perf_counter()
             res = edit_model(path, d / "pairs.npz", out, stats=d / "stats.npz", **kw)
@@ -122,11 +126,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="*", default=["badnets"])
     ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) here")
+    ap.add_argument("--only", nargs="*", default=None, help="copies whose label contains one of these (e.g. QDQ)")
+    ap.add_argument("--edits", nargs="*", default=["repair", "forced"], choices=["repair", "forced"])
     args = ap.parse_args()
     text = [f"torch {torch.__version__}, onnxruntime {ort.__version__}, {torch.get_num_threads()} threads\n"]
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
-            table = run_case(case, Path(tmp))
+            table = run_case(case, Path(tmp), args.only, tuple(args.edits))
             print(table, flush=True)
             text.append(table)
     if args.out:
