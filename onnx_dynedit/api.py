@@ -183,6 +183,11 @@ def _engine(engine: str | None, ray_address: str | None = None) -> str:
     return engine
 
 
+def _engine_info(keys) -> dict:
+    """Where the key statistics ran (a stats set in memory: here, whatever was asked)."""
+    return {"engine": "local", "workers": 1} if keys is None else {"engine": keys.engine, "workers": keys.workers}
+
+
 def _sharded_keys(twin, raw: Inputs, model, engine, ray_address):
     """The key-statistics source for a sharded stats set (None: the stats are in memory)."""
     if raw.stats_shards is None:
@@ -277,8 +282,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
         with progress.phase("plot"):
             write_locate_plot(Path(plot), loc, twin.layer_map, model_label=loaded.label)
     return LocateOutcome(model=loaded.label, localisation=loc, stats_source=source, device=str(twin.device),
-                         engine=engine, workers=keys.workers if keys is not None else 1,
-                         attributed_output=twin.attributed_output)
+                         attributed_output=twin.attributed_output, **_engine_info(keys))
 
 
 # ----------------------------------------------------------------------------- edit
@@ -478,10 +482,9 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
         clock.phase("plot", t0)
     outcome = EditOutcome(model=loaded.label, output=written, result=result, parity_before=parity0.to_dict(),
                           parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info,
-                          engine=engine, workers=keys.workers if keys is not None else 1,
                           output_unchanged=unchanged, timings=clock.total(), plot=plot_path,
                           rounding=rounding, rounding_effect=rounding_effect,
-                          attributed_output=twin.attributed_output)
+                          attributed_output=twin.attributed_output, **_engine_info(keys))
     if report is not None:
         atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())
     return outcome
