@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnx_dynedit.io import load_model, save_model  # noqa: E402
-from onnx_dynedit.rectify import RectifyConfig, _as_torch, rectify  # noqa: E402
+from onnx_dynedit.rectify import RectifyConfig, rectify  # noqa: E402
 from onnx_dynedit.twin import Twin, check_parity  # noqa: E402
 from onnx_dynedit.writeback import write_back  # noqa: E402
 
@@ -135,7 +135,7 @@ def main() -> None:
         new = write_back(loaded, result.updates()) if result.edits else loaded.model
         times["write-back"] = clock() - t
         t = clock()
-        edits = [_as_torch(e, twin.device) for e in result.edits]
+        edits = [e.to_torch(twin.device) for e in result.edits]
         feeds = {twin.inputs[0].name: np.concatenate([corrupt, clean])}
         parity_after = check_parity(twin, feeds, model=new, edits=edits)
         times["parity after (ORT)"] = clock() - t

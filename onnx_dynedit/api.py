@@ -279,9 +279,7 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
         updates = result.updates()
         new_model = write_back(loaded, updates, extra_provenance={
             "edits": len(result.edits), "layers": [u.layer.node for u in updates]})
-        from .rectify import _as_torch
-
-        edits = [_as_torch(e, twin.device) for e in result.edits]
+        edits = [e.to_torch(twin.device) for e in result.edits]
         parity = _parity_after(twin, np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean]), new_model, edits)
         require_parity(parity, f"{loaded.label} (edited)")
         parity_after = parity.to_dict()

@@ -42,7 +42,19 @@ from .errors import EditError
 from .layers import Layer
 from .twin import Twin, layer_keys, layer_values
 
-DEFAULT_LAMBDA = 1e-2  # ridge, relative to the mean diagonal of C
+DEFAULT_LAMBDA = 1e-2      # ridge, relative to the mean diagonal of C (keeps C invertible with few keys)
+KEY_BATCH = 32             # stats inputs per forward pass while accumulating C
+MAX_KEYS_PER_BATCH = 8192  # conv positions per batch and layer used for C (an even subsample; bounds the cost)
+AFFECTED_SHARE = 1e-3      # a position is "affected" when its key change exceeds this share of the largest
+
+
+@dataclass(frozen=True)
+class TorchEdit:
+    """A rank-one edit as torch tensors on the twin's device (what ``Twin.applied`` takes)."""
+
+    layer: Layer
+    u: torch.Tensor
+    d: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,14 @@ class RankOneEdit:
     layer: Layer
     u: np.ndarray
     d: np.ndarray
+
+    def to_torch(self, device) -> TorchEdit:
+        return TorchEdit(self.layer, torch.as_tensor(self.u, dtype=torch.float32, device=device),
+                         torch.as_tensor(self.d, dtype=torch.float32, device=device))
+
+    @property
+    def finite(self) -> bool:
+        return bool(np.isfinite(self.u).all() and np.isfinite(self.d).all())
 
     def to_dict(self) -> dict:
         return {"node": self.layer.node, "initializer": self.layer.initializer,
@@ -75,9 +95,9 @@ class KeyStats:
         return torch.linalg.solve_triangular(self.chol.T, a.double().unsqueeze(1), upper=True).squeeze(1)
 
 
-def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), batch_size: int = 32,
+def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), batch_size: int = KEY_BATCH,
                    lam: float = DEFAULT_LAMBDA, source: str = "stats",
-                   max_keys: int = 8192) -> dict[str, KeyStats]:
+                   max_keys: int = MAX_KEYS_PER_BATCH) -> dict[str, KeyStats]:
     """Second moments of every layer's keys over inputs ``x`` (current edits applied).
     Per batch at most ``max_keys`` keys per layer are used (every k-th position)."""
     dim = {l.node: l.in_features for l in layers}
@@ -133,20 +153,22 @@ def pair_keys(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.nd
 @dataclass(frozen=True)
 class Direction:
     d: torch.Tensor          # [in], float64
-    specificity: float       # Mahalanobis norm of the per-pair summed key change, RMS over pairs
+    specificity: float       # Mahalanobis norm of the per-pair summed key change, RMS over the scored pairs
     affected: float          # share of positions whose keys differ
+    u_local: torch.Tensor | None = None  # closed-form u for this d (None: d misses every corrupted key)
 
 
-def edit_direction(stats: KeyStats, keys: PairKeys, *, key: str = "diff") -> Direction:
-    """d = C^-1 k* with k* the top whitened direction of the key differences (see module doc)."""
-    n = keys.k_corrupt.shape[0]
+def edit_direction(stats: KeyStats, keys: PairKeys, *, key: str = "diff", score_pairs: int | None = None) -> Direction:
+    """d = C^-1 k* with k* the top whitened direction of the key differences (see module doc),
+    and the layer-local closed-form u for it. ``score_pairs``: the specificity is measured
+    on the first ``score_pairs`` pairs only (the given ones; the rest are synthetic)."""
     diff = (keys.k_corrupt - keys.k_clean).reshape(-1, keys.k_corrupt.shape[-1])
     norms = diff.norm(dim=1)
     scale = float(norms.max()) if norms.numel() else 0.0
     if scale == 0.0:
         raise EditError(f"layer {stats.layer.node!r}: corrupted and clean inputs give identical keys",
                         hint="the pair does not differ before this layer; pick an earlier layer")
-    affected_mask = norms > 1e-3 * scale
+    affected_mask = norms > AFFECTED_SHARE * scale
     if key == "diff":
         rows = diff[affected_mask]
     elif key == "corrupt":
@@ -175,9 +197,13 @@ def edit_direction(stats: KeyStats, keys: PairKeys, *, key: str = "diff") -> Dir
         d = d / (spread if float(proj[proj.abs().argmax()]) > 0 else -spread)
     # k*_i = sum over positions of pair i's key change; its Mahalanobis norm under C
     # (scale-free: the same whatever the scale of the layer's keys)
-    kstar = (keys.k_corrupt - keys.k_clean).sum(dim=1)  # [n, in]
+    kstar = (keys.k_corrupt[:score_pairs] - keys.k_clean[:score_pairs]).sum(dim=1)  # [n, in]
     maha = float(stats.whiten(kstar).pow(2).sum(1).mean().sqrt())
-    return Direction(d=d, specificity=maha, affected=float(affected_mask.double().mean()))
+    try:
+        u_local = closed_form_u(keys, d)
+    except EditError:
+        u_local = None
+    return Direction(d=d, specificity=maha, affected=float(affected_mask.double().mean()), u_local=u_local)
 
 
 def closed_form_u(keys: PairKeys, d: torch.Tensor) -> torch.Tensor:
