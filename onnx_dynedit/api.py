@@ -162,7 +162,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     import torch
 
     from .attribution import DEFAULT_STEPS, locate
-    from .rank_one import key_statistics
+    from .rank_one import key_statistics, too_wide
 
     loaded = load_model(model)
     if plot is not None:
@@ -171,7 +171,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     raw = read_inputs(pairs, stats)
     twin, _ = _twin(loaded, device)
     inputs = fit_inputs(twin, raw)
-    layers = twin.layer_map.editable()
+    layers = [layer for layer in twin.layer_map.editable() if not too_wide(layer)]
     if not layers:
         raise EditError(f"{loaded.label} has no editable layer")
     key_x = inputs.stats.x if inputs.stats is not None else inputs.pairs.clean

@@ -34,7 +34,7 @@ import torch
 
 from .errors import EditError
 from .layers import Layer
-from .rank_one import Direction, KeyStats, edit_direction, pair_keys
+from .rank_one import ACTIVATION_BUDGET, Direction, KeyStats, activation_sizes, edit_direction, pair_key_groups
 from .twin import Twin
 
 log = logging.getLogger(__name__)
@@ -161,15 +161,17 @@ def locate(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.ndarr
     IG runs on the given pairs; each layer's edit direction is found from ``key_pairs``
     (default: the same pairs; the loop passes the pairs after augmentation, whose first
     ``len(corrupt)`` are the given ones) and kept on the result for the edit."""
+    sizes = activation_sizes(twin, layers, corrupt, edits=edits)
+    per_point = 4 * sum(i + 3 * o for i, o, _ in sizes.values())  # activations, retained outputs and grads
+    chunk = max(1, min(IG_CHUNK, ACTIVATION_BUDGET // max(per_point, 1)))
     ig = integrated_gradients(twin, layers, corrupt, clean, edits=edits, steps=steps, target=target,
-                              reduction=reduction)
+                              reduction=reduction, chunk=chunk)
     kc, kk = key_pairs if key_pairs is not None else (corrupt, clean)
-    keys = pair_keys(twin, layers, kc, kk, edits=edits)
     scored, skipped = [], []
-    for layer in layers:
+    for layer, keys in pair_key_groups(twin, layers, kc, kk, edits=edits, sizes=sizes):
         lig = ig[layer.node]
         try:
-            direction = edit_direction(stats[layer.node], keys.pop(layer.node), key=key, score_pairs=len(corrupt))
+            direction = edit_direction(stats[layer.node], keys, key=key, score_pairs=len(corrupt))
         except EditError as err:
             skipped.append((layer.node, err.message))
             continue

@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
 from .errors import EditError, InputError, LayerError
 from .layers import Layer
-from .rank_one import DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, edit_direction, key_statistics, pair_keys
+from .rank_one import (DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, edit_direction, key_statistics, pair_keys,
+                       too_wide)
 from .twin import DownstreamRunner, Twin
 from .writeback import LayerUpdate
 
@@ -235,16 +236,21 @@ class Plan:
 
 
 def _candidates(twin: Twin, cfg: RectifyConfig) -> tuple[tuple[Layer, ...], bool]:
+    if cfg.layers:
+        pinned = tuple(twin.layer_map.get(name) for name in cfg.layers)
+        for layer in pinned:
+            why = layer.reason if not layer.editable else too_wide(layer)
+            if why:
+                raise LayerError(f"layer {layer.node!r} cannot be edited: {why}")
+        return pinned, True
     editable = twin.layer_map.editable()
+    for layer in editable:
+        if too_wide(layer):
+            log.info("layer %s is not a candidate: %s", layer.node, too_wide(layer))
+    editable = [layer for layer in editable if not too_wide(layer)]
     if not editable:
         raise LayerError(f"{twin.loaded.label} has no editable layer (Conv/Gemm/MatMul with a constant weight)")
-    if not cfg.layers:
-        return tuple(editable), False
-    pinned = tuple(twin.layer_map.get(name) for name in cfg.layers)
-    for layer in pinned:
-        if not layer.editable:
-            raise LayerError(f"layer {layer.node!r} cannot be edited: {layer.reason}")
-    return pinned, True
+    return tuple(editable), False
 
 
 def split_stats(stats_x: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
