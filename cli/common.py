@@ -2,18 +2,64 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import click
 
+from onnx_dynedit import progress
+from onnx_dynedit import threads as _threads
 from onnx_dynedit.report import to_json
 
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                              help="Where the torch twin runs (default auto: CUDA when available).")
 
+ENGINE_OPTION = click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
+                             help="Where the per-shard work runs: this process (local, default) or a Ray "
+                                  "cluster (ray; needs the [ray] extra).")
+RAY_ADDRESS_OPTION = click.option("--ray-address", default=None, metavar="ADDR",
+                                  help="With --engine ray: connect to this running Ray cluster (e.g. auto, "
+                                       "ray://head:10001) instead of starting a local Ray for the run.")
+
+
+
+
+def _input_shapes(ctx, param, value):
+    from onnx_dynedit.errors import InputError
+    from onnx_dynedit.twin import parse_input_shapes
+
+    try:
+        return parse_input_shapes(value) or None
+    except InputError as exc:
+        raise click.BadParameter(exc.message, ctx=ctx, param=param) from None
+
+
+INPUT_SHAPE_OPTION = click.option(
+    "--input-shape", "input_shapes", multiple=True, callback=_input_shapes, metavar="NAME:D1,D2,...",
+    help="Size of a model input for generated inputs (repeat per input), e.g. input:1,3,224,224; "
+         "default: the graph's own dims, a symbolic batch dim is 2.")
+
 
 # Option types that refuse values the library cannot use (one-line usage error, exit 2).
 SEED = click.IntRange(0, 2 ** 32 - 1)
+
+
+class Int64(click.ParamType):
+    """A 64-bit signed integer (checked, but the range is not printed in --help)."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        if not -(2 ** 63) <= number <= 2 ** 63 - 1:
+            self.fail(f"{value} does not fit in int64", param, ctx)
+        return number
+
+
+INT64 = Int64()
 
 
 class FiniteFloat(click.ParamType):
@@ -48,3 +94,31 @@ def table(rows: list[list], headers: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def run_options(*, threads: bool = True):
+    """Options every command shares: ``--quiet`` (no progress on stderr) and, for the
+    commands that compute, ``--threads N``. The command runs with progress on when
+    stderr is a terminal (or DYNEDIT_PROGRESS=1) unless --quiet is given here or on the
+    group (``dynedit --quiet CMD``); the wrapped function never sees these options."""
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, quiet: bool = False, threads: int | None = None, **kwargs):
+            ctx = click.get_current_context(silent=True)
+            group_quiet = bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("quiet"))
+            _threads.configure(threads)
+            with progress.enabled(progress.wanted() and not (quiet or group_quiet)):
+                return f(*args, **kwargs)
+
+        wrapper = click.option("-q", "--quiet", is_flag=True,
+                               help="No progress on stderr (shown by default when stderr is a terminal).")(wrapper)
+        if threads:
+            wrapper = click.option(
+                "--threads", type=click.IntRange(min=1), default=None, metavar="N",
+                help=f"CPU threads for torch and ONNX Runtime (default: OMP_NUM_THREADS if set, else all cores: "
+                     f"{_threads.all_cores()} here).",
+            )(wrapper)
+        return wrapper
+
+    return decorate

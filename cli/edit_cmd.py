@@ -2,7 +2,8 @@ import sys
 
 import click
 
-from cli.common import DEVICE_OPTION, SEED, FiniteFloat, echo_json, table
+from cli.common import (DEVICE_OPTION, INPUT_SHAPE_OPTION, ENGINE_OPTION, RAY_ADDRESS_OPTION, SEED, FiniteFloat, echo_json, run_options,
+                        table)
 from onnx_dynedit.api import edit_model
 
 
@@ -11,10 +12,11 @@ from onnx_dynedit.api import edit_model
 @click.option("--pairs", required=True, type=click.Path(dir_okay=False),
               help="npz with arrays 'corrupt' and 'clean' [N, ...] (N >= 1).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Edited model to write.")
-@click.option("--stats", type=click.Path(dir_okay=False), default=None,
-              help="npz with 'x': unlabeled clean inputs (key statistics, locality, augmentation).")
-@click.option("--val", type=click.Path(dir_okay=False), default=None,
-              help="npz with 'x' and optional int labels 'y' for the degradation budget.")
+@click.option("--stats", type=click.Path(), default=None, metavar="S.npz|DIR|GLOB",
+              help="npz with 'x': unlabeled clean inputs (key statistics, locality, augmentation); or a folder / "
+                   "glob of .npz shards: the key statistics stream over every shard, the rest uses the first.")
+@click.option("--val", type=click.Path(), default=None, metavar="V.npz|DIR|GLOB",
+              help="npz with 'x' and optional int labels 'y' for the degradation budget (or a folder / glob of shards).")
 @click.option("--layer", "layers", multiple=True, help="Pin the layer(s) to edit (node or weight name); skips localisation.")
 @click.option("--max-edits", type=click.IntRange(min=1), default=None, help="Most rank-one edits to accept (default 4).")
 @click.option("--max-degradation", type=FiniteFloat(0.0, 1.0), default=None,
@@ -34,21 +36,34 @@ from onnx_dynedit.api import edit_model
               help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default 16; 0 = off).")
 @click.option("--seed", type=SEED, default=None, help="Seed (default 0).")
 @DEVICE_OPTION
+@INPUT_SHAPE_OPTION
+@ENGINE_OPTION
+@RAY_ADDRESS_OPTION
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input model (a .bak copy is kept).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: the first given pairs, their input attribution before and after, the layer scores "
+                   "of each round.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
+@run_options()
 def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, criterion, target_gap, target_attribution,
-         objective, augment, seed, device, in_place, report, as_json):
+         objective, augment, seed, device, input_shapes, engine, ray_address, in_place, report, plot,
+         as_json):
     """Repair MODEL so that each corrupted input behaves like its clean twin; write OUT.
 
-    Exit 0 when every pair is fixed within budget, 1 when the target was not reached
-    (the best accepted edits are still written if there are any), 2 for unusable input.
+    Exit 0 when every pair is fixed within budget (OUT is always written then: the model
+    unchanged when no edit was needed), 1 when the target was not reached (the best
+    accepted edits are still written if there are any), 2 for unusable input.
     """
     outcome = edit_model(model, pairs, out, stats=stats, val=val, layers=layers or None, max_edits=max_edits,
                          max_degradation=max_degradation, target_gap=target_gap, objective=objective,
                          augment=augment, criterion=criterion, target_attribution=target_attribution, seed=seed,
-                         device=device, in_place=in_place, report=report)
+                         device=device, in_place=in_place, report=report, plot=plot, engine=engine,
+                         ray_address=ray_address, input_shapes=input_shapes)
     res = outcome.result
+    if outcome.output_unchanged:
+        click.echo(f"dynedit: nothing to change (every given pair already behaves like its clean twin); "
+                   f"{outcome.output} is the model unchanged", err=True)
     if as_json:
         echo_json(outcome.to_dict())
     else:
@@ -68,6 +83,27 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, crit
                    f"gap {res.real_gap_before:.4f} -> {res.real_gap_after:.4f} (target {res.target})")
         if outcome.parity_after:
             click.echo(f"written-model parity (ONNX Runtime vs edited twin): max rel {outcome.parity_after['max_rel_diff']:.3g}")
-        click.echo(f"wrote {outcome.output}" if outcome.output else "nothing written (no edit accepted)")
+        for r in outcome.rounding:
+            if r["dtype"] in ("float32", "float64"):
+                continue
+            extra = ""
+            if "quant" in r:
+                kept = "kept" if r["scale_kept"] else f"recomputed for {r['rescaled_groups']}/{r['groups']} group(s)"
+                extra = f"; scale {kept}"
+                if r["clipped"]:
+                    extra += f"; {r['clipped']} value(s) clipped (shared scale)"
+                if r["aux_changed"]:
+                    extra += f"; also changed: {', '.join(r['aux_changed'])}"
+            click.echo(f"written as {r['dtype']}: {r['initializer']}: max rounding {r['max_abs_rounding_error']:.3g} "
+                       f"({r['rel_rounding_error']:.2%} of max |edit|){extra}")
+        if outcome.rounding_effect:
+            click.echo(f"rounding effect (ONNX Runtime on the written model vs the float edit on the twin): "
+                       f"max |logit change| {outcome.rounding_effect['max_abs_logit_change']:.3g}")
+        if outcome.output_unchanged:
+            click.echo(f"wrote {outcome.output} (unchanged: no edit needed)")
+        else:
+            click.echo(f"wrote {outcome.output}" if outcome.output else "nothing written (no edit accepted)")
+        if outcome.plot:
+            click.echo(f"plot written to {outcome.plot}")
         click.echo("PASSED" if outcome.success else "FAILED: target not reached within the edit and degradation budgets")
     sys.exit(0 if outcome.success else 1)

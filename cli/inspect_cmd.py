@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from cli.common import DEVICE_OPTION, SEED, echo_json, table
+from cli.common import DEVICE_OPTION, INPUT_SHAPE_OPTION, INT64, SEED, echo_json, run_options, table
 from onnx_dynedit.inspect import inspect_model
 
 
@@ -11,18 +11,21 @@ from onnx_dynedit.inspect import inspect_model
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None,
               help="Parity inputs (.npz, one array per model input, keyed by input name).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random parity inputs.")
-@click.option("--int-range", nargs=2, type=click.IntRange(-(2 ** 63), 2 ** 63 - 1), default=(0, 10), show_default=True,
-              help="Range [low, high) of random values for integer inputs.")
+@click.option("--int-range", nargs=2, type=INT64, default=(0, 10), metavar="LOW HIGH",
+              help="Range [low, high) of random values for integer inputs [default: 0 10].")
 @DEVICE_OPTION
+@INPUT_SHAPE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
-def inspect(model, inputs_file, seed, int_range, device, as_json):
+@run_options()
+def inspect(model, inputs_file, seed, int_range, device, input_shapes, as_json):
     """Show opset, inputs, outputs, editable layers and twin parity of MODEL.
 
     Exit 0 when the torch twin matches ONNX Runtime, 1 when it does not, 2 for unusable input.
     """
     if int_range[0] >= int_range[1]:
         raise click.BadParameter(f"low {int_range[0]} must be below high {int_range[1]}", param_hint="--int-range")
-    report = inspect_model(model, inputs_file=inputs_file, device=device, seed=seed, int_range=tuple(int_range))
+    report = inspect_model(model, inputs_file=inputs_file, device=device, seed=seed, int_range=tuple(int_range),
+                            input_shapes=input_shapes)
     if as_json:
         echo_json(report.to_dict())
     else:
@@ -34,10 +37,22 @@ def inspect(model, inputs_file, seed, int_range, device, as_json):
                  "yes" if l["shared"] else "", "yes" if l["editable"] else f"no: {l['reason']}"]
                 for l in report.layers]
         click.echo(table(rows, ["node", "op", "weight", "shape", "shared", "editable"]))
+        click.echo(f"attributed output: {report.attributed_output}")
         for note in report.notes:
             click.echo(f"note: {note}")
-        p = report.parity
-        click.echo(f"parity (ONNX Runtime vs torch twin, {p['n_inputs']} inputs): max abs {p['max_abs_diff']:.3g}, "
-                   f"max rel {p['max_rel_diff']:.3g}, tol {p['tol']:g}")
+        click.echo(parity_line(report.parity))
         click.echo("PASSED" if report.ok else "FAILED: parity outside tolerance")
     sys.exit(0 if report.ok else 1)
+
+
+def parity_line(p: dict) -> str:
+    """Which figure the tolerance applies to: max rel = max abs / max(1, max |output|)
+    must be <= tol, i.e. max abs <= tol x max(1, max |output|)."""
+    worst = max(p.get("outputs") or [{}], key=lambda o: o.get("max_rel_diff") or 0.0)
+    abs_, rel = worst.get("max_abs_diff") or 0.0, worst.get("max_rel_diff") or 0.0
+    scale = abs_ / rel if rel > 0 else None
+    allowed = f" = {p['tol'] * scale:.3g}" if scale is not None else ""
+    verdict = "within tolerance" if p["ok"] else "OUTSIDE tolerance"
+    return (f"parity (ONNX Runtime vs torch twin, {p['n_inputs']} inputs): max abs {p['max_abs_diff']:.3g} "
+            f"(tolerance {p['tol']:g} x max(1, max|output|){allowed}), max rel {p['max_rel_diff']:.3g} "
+            f"(tolerance {p['tol']:g}): {verdict}")

@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from cli.common import DEVICE_OPTION, echo_json, table
+from cli.common import DEVICE_OPTION, INPUT_SHAPE_OPTION, ENGINE_OPTION, RAY_ADDRESS_OPTION, echo_json, run_options, table
 from onnx_dynedit.api import locate_model
 
 
@@ -10,17 +10,23 @@ from onnx_dynedit.api import locate_model
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--pairs", required=True, type=click.Path(dir_okay=False),
               help="npz with arrays 'corrupt' and 'clean' [N, ...], row i of clean = cleansed twin of row i.")
-@click.option("--stats", type=click.Path(dir_okay=False), default=None,
-              help="npz with array 'x': unlabeled clean inputs for the keys' second moments.")
+@click.option("--stats", type=click.Path(), default=None, metavar="S.npz|DIR|GLOB",
+              help="npz with array 'x': unlabeled clean inputs for the keys' second moments (or a folder / glob "
+                   "of .npz shards, streamed).")
 @click.option("--steps", type=click.IntRange(1, 4096), default=None, help="Integrated-gradients steps (default 16).")
 @click.option("--target", type=click.Choice(["corrupt_logit", "gap"]), default=None,
               help="Scalar attributed (default corrupt_logit: the logit of the class predicted on the corrupted input).")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart of the scores.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart of every layer's score in graph order (chosen layer in red, refused layers named).")
 @DEVICE_OPTION
+@INPUT_SHAPE_OPTION
+@ENGINE_OPTION
+@RAY_ADDRESS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
-def locate(model, pairs, stats, steps, target, plot, device, as_json):
+@run_options()
+def locate(model, pairs, stats, steps, target, plot, device, input_shapes, engine, ray_address, as_json):
     """Rank MODEL's editable layers by attribution-guided editability for the PAIRS."""
-    outcome = locate_model(model, pairs, stats=stats, device=device, steps=steps, target=target, plot=plot)
+    outcome = locate_model(model, pairs, stats=stats, device=device, steps=steps, target=target, plot=plot,
+                           engine=engine, ray_address=ray_address, input_shapes=input_shapes)
     loc = outcome.localisation
     if as_json:
         echo_json(outcome.to_dict())

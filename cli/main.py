@@ -38,9 +38,34 @@ _COMMANDS = {
 }
 
 
+# The one-line summaries of `dynedit --help` (click would cut the docstrings' first
+# sentences at the terminal width; these are written to fit, and listing them does not
+# import every command, torch included).
+_SUMMARIES = {
+    "diff": "Which weights differ between two models (relative change, rank).",
+    "edit": "Repair a model from corrupted inputs and their clean twins.",
+    "inspect": "Opset, inputs, outputs, editable layers and twin parity.",
+    "locate": "Rank the editable layers for the pairs (integrated gradients).",
+    "revert": "Undo `dynedit edit` bit for bit.",
+    "verify": "Release gate: compare original and edited (ONNX Runtime only).",
+}
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(_COMMANDS)
+
+    def format_commands(self, ctx, formatter):
+        rows = []
+        for name in self.list_commands(ctx):
+            summary = _SUMMARIES.get(name)
+            if summary is None:  # a command without a summary here: ask it (imports it)
+                cmd = self.get_command(ctx, name)
+                summary = cmd.get_short_help_str(limit=200) if cmd is not None else ""
+            rows.append((name, summary))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx, name):
         target = _COMMANDS.get(name)
@@ -62,12 +87,14 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for user errors too.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (same as CMD --quiet).")
 @click.version_option(package_name="onnx-dynedit")
 @click.pass_context
-def cli(ctx, debug, verbose):
+def cli(ctx, debug, verbose, quiet):
     """Repair a shipped ONNX classifier with attribution-guided rank-one edits."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    ctx.obj["quiet"] = quiet
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 

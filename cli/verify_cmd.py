@@ -7,21 +7,20 @@ import sys
 
 import click
 
+from cli.common import ENGINE_OPTION, RAY_ADDRESS_OPTION, run_options
+from onnx_dynedit import progress as _progress
 from onnx_dynedit.errors import CheckFailed
 from onnx_dynedit.io import check_model_file
 from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, DEFAULT_PROVIDER, VerifyReport, verify as run_verify
 
-# Show a progress bar only for runs at least this long (in batches, all runs together).
-PROGRESS_MIN_BATCHES = 20
-
-
 @click.command("verify")
 @click.argument("original", metavar="ORIGINAL")
 @click.argument("edited", metavar="EDITED")
-@click.option("--clean", "clean", required=True, metavar="C.npz",
-              help="Clean inputs: x [N, ...] and optionally y (labels) for accuracy.")
-@click.option("--corrupt", "corrupt", default=None, metavar="X.npz",
-              help="Corrupted inputs: x and y (true labels) for fix rate and attack success rate.")
+@click.option("--clean", "clean", required=True, metavar="C.npz|DIR|GLOB",
+              help="Clean inputs: x [N, ...] and optionally y (labels) for accuracy. An .npz, or a folder or "
+                   "glob of .npz shards with the same keys (read one shard at a time).")
+@click.option("--corrupt", "corrupt", default=None, metavar="X.npz|DIR|GLOB",
+              help="Corrupted inputs: x and y (true labels) for fix rate and attack success rate (.npz or shards).")
 @click.option("--target", type=int, default=None, metavar="T",
               help="Attack target class: report the attack success rate on the corrupted inputs.")
 @click.option("--max-acc-drop", type=float, default=None, metavar="F",
@@ -36,9 +35,12 @@ PROGRESS_MIN_BATCHES = 20
               help=f"ONNX Runtime execution provider [default: {DEFAULT_PROVIDER}].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
               help=f"Inputs per ONNX Runtime call [default: {DEFAULT_BATCH_SIZE}].")
+@ENGINE_OPTION
+@RAY_ADDRESS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
+@run_options()
 def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate, max_logit_change,
-           max_asr, provider, batch_size, as_json):
+           max_asr, provider, batch_size, engine, ray_address, as_json):
     """Check EDITED against ORIGINAL: accuracy, agreement, logit change, fix rate, attack success.
 
     Exit 0 and "PASSED" when every given gate holds, 1 and one "FAILED: ..." line per
@@ -50,10 +52,11 @@ def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate,
     # consistent tensor data) before ONNX Runtime opens the files.
     check_model_file(original, what="original model")
     check_model_file(edited, what="edited model")
-    progress = _Progress()
+    progress = _progress.callback("verify (ONNX Runtime)")
     try:
         report = run_verify(original, edited, clean, corrupt=corrupt, target=target, thresholds=thresholds,
-                            provider=provider, batch_size=batch_size, progress=progress)
+                            provider=provider, batch_size=batch_size, progress=progress, engine=engine,
+                            ray_address=ray_address)
     finally:
         progress.close()
     if as_json:
@@ -64,34 +67,6 @@ def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate,
         # The FAILED lines are the report's last lines; no extra error line on stderr,
         # so "last line" stays true even when stdout and stderr are merged.
         sys.exit(CheckFailed.exit_code)
-
-
-class _Progress:
-    """A progress bar on stderr, only for a terminal and a long run."""
-
-    def __init__(self):
-        self.bar = None
-        self.enabled = _isatty(sys.stderr)
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or total < PROGRESS_MIN_BATCHES:
-            return
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label="verifying", file=sys.stderr)
-            self.bar.__enter__()
-        self.bar.update(done - self.bar.pos)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except Exception:  # noqa: BLE001 - closed or odd streams
-        return False
 
 
 def _f(value, signed: bool = False) -> str:
@@ -129,7 +104,10 @@ def render(report: VerifyReport) -> str:
                          _change(k.asr_before, k.asr_after)))
     w0 = max(len(r[0]) for r in rows)
     w = [max(len(r[i]) for r in rows) for i in (1, 2, 3)]
-    lines = [f"original {report.original}", f"edited   {report.edited}  (provider {report.provider})", ""]
+    where = f"provider {report.provider}"
+    if report.engine != "local":
+        where += f", engine {report.engine}, {report.workers} worker(s)"
+    lines = [f"original {report.original}", f"edited   {report.edited}  ({where})", ""]
     for r in rows:
         lines.append(f"{r[0]:<{w0}}  {r[1]:>{w[0]}}  {r[2]:>{w[1]}}  {r[3]:>{w[2]}}".rstrip())
     if report.gates:

@@ -10,13 +10,15 @@ nothing unless asked to (``out``); every user error is a DynEditError.
 
 from __future__ import annotations
 
-import io as _io
+import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import progress, threads
 from .data import Pairs, Samples, check_against_input, check_labels, load_pairs, load_samples
 from .errors import CheckFailed, DataError, EditError, InputError, OutputError
 from .report import to_json
@@ -25,20 +27,34 @@ from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, 
 log = logging.getLogger(__name__)
 
 
-def _twin(loaded: LoadedModel, device):
+def _twin(loaded: LoadedModel, device, input_shapes=None, data=None):
+    """The twin, parity required. Parity inputs take their sizes from ``input_shapes``
+    (--input-shape), else the graph, else (symbolic non-batch dims) the rows of ``data``."""
     from .twin import Twin, check_parity, require_parity
 
-    twin = Twin(loaded, device)
-    if len(twin.inputs) != 1:
-        raise DataError(
-            f"{loaded.label} has {len(twin.inputs)} inputs ({', '.join(s.name for s in twin.inputs)}); "
-            "editing supports single-input models",
-            hint="several inputs would be given as arrays keyed '<key>:<input name>' in the npz; not supported yet",
-        )
+    twin = Twin(loaded, device, input_shapes=_with_data_shapes(loaded, input_shapes, data))
     check_finite_weights(loaded, twin)
-    parity = check_parity(twin)
+    with progress.phase("parity (ONNX Runtime vs twin)"):
+        parity = check_parity(twin)
     require_parity(parity, loaded.label)
     return twin, parity
+
+
+def _with_data_shapes(loaded: LoadedModel, given, data):
+    from .twin import input_specs
+
+    given = dict(given or {})
+    if data is None:
+        return given
+    for spec in input_specs(loaded.model):
+        if spec.name in given or all(isinstance(d, int) and d > 0 for d in spec.shape[1:]):
+            continue
+        arr = data[spec.name] if data.dtype.names and spec.name in data.dtype.names else (
+            None if data.dtype.names else data)
+        if arr is not None and arr.ndim == len(spec.shape):
+            first = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else min(len(arr), 2)
+            given[spec.name] = (first,) + tuple(int(d) for d in arr.shape[1:])
+    return given
 
 
 def check_finite_weights(loaded: LoadedModel, twin) -> None:
@@ -75,16 +91,20 @@ def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
     from .twin import check_parity, ort_session_for
 
     spec = twin.inputs[0]
+
+    def feeds(x):
+        return {s.name: x[s.name] for s in twin.inputs} if x.dtype.names else {spec.name: x}
+
     batch = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
     if batch is None:
-        return check_parity(twin, {spec.name: feeds_x}, model=new_model, edits=edits)
+        return check_parity(twin, feeds(feeds_x), model=new_model, edits=edits)
     if len(feeds_x) < batch:
         reps = -(-batch // len(feeds_x))
         feeds_x = np.concatenate([feeds_x] * reps)
     worst = None
     session = ort_session_for(new_model)  # one session for every chunk
     for start in range(0, min(len(feeds_x), max(batch, 64)) - batch + 1, batch):
-        parity = check_parity(twin, {spec.name: feeds_x[start:start + batch]}, model=new_model, edits=edits,
+        parity = check_parity(twin, feeds(feeds_x[start:start + batch]), model=new_model, edits=edits,
                               session=session)
         if worst is None or not (parity.max_rel_diff <= worst.max_rel_diff):
             worst = parity
@@ -92,8 +112,26 @@ def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
 
 
 def _fit_input(twin, arr: np.ndarray, name: str) -> np.ndarray:
-    spec = twin.inputs[0]
-    return check_against_input(arr, name=name, input_name=spec.name, shape=list(spec.shape), dtype=spec.dtype)
+    """Check ``arr`` against the model's input(s). Several inputs: a packed array with a
+    field per input (``<key>:<input name>`` in the npz), checked field by field."""
+    from .data import pack_inputs
+
+    names = [s.name for s in twin.inputs]
+    if len(twin.inputs) == 1 and not arr.dtype.names:
+        spec = twin.inputs[0]
+        return check_against_input(arr, name=name, input_name=spec.name, shape=list(spec.shape), dtype=spec.dtype)
+    if not arr.dtype.names:
+        raise DataError(f"{name}: the model has {len(names)} inputs ({', '.join(names)}); give one array per input",
+                        hint="key them '<key>:<input name>' in the npz, e.g. " + ", ".join(
+                            f"corrupt:{n}" for n in names))
+    extra = [k for k in arr.dtype.names if k not in names]
+    missing = [n for n in names if n not in arr.dtype.names]
+    if missing or extra:
+        raise DataError(f"{name}: arrays for inputs {', '.join(arr.dtype.names)} but the model's inputs are "
+                        f"{', '.join(names)}", hint="key them '<key>:<input name>' with the model's input names")
+    return pack_inputs({s.name: check_against_input(arr[s.name], name=f"{name}[{s.name!r}]", input_name=s.name,
+                                                    shape=[None] + list(s.shape[1:]) if s.shape else [],
+                                                    dtype=s.dtype) for s in twin.inputs}, name=name)
 
 
 def _num_classes(twin) -> int | None:
@@ -107,14 +145,57 @@ class Inputs:
     pairs: Pairs
     stats: Samples | None
     val: Samples | None
+    # A stats set given as shards (or with the ray engine): the key statistics stream over
+    # every shard (keystats.ShardedKeys); ``stats`` then holds its first shard only, for
+    # the uses that need inputs in memory (augmentation, locality, held-out checks).
+    stats_shards: object = None
 
 
-def read_inputs(pairs_path, stats_path=None, val_path=None) -> Inputs:
-    """Read and check the .npz inputs on their own (before any model work: fail fast)."""
+def read_inputs(pairs_path, stats_path=None, val_path=None, *, engine: str | None = None) -> Inputs:
+    """Read and check the .npz inputs on their own (before any model work: fail fast).
+    ``stats_path`` / ``val_path`` may name a folder or glob of shards (datasets.py): a
+    sharded stats set streams (see ``Inputs``); a sharded val set is read into memory,
+    since the loop evaluates it after every candidate edit."""
+    from .datasets import open_dataset
+
     pairs = load_pairs(pairs_path)
-    stats = load_samples(stats_path, what="stats", labels="ignored") if stats_path is not None else None
-    val = load_samples(val_path, what="val") if val_path is not None else None
-    return Inputs(pairs=pairs, stats=stats, val=val)
+    stats = shards = None
+    if stats_path is not None:
+        ds = open_dataset(stats_path, what="stats", labels="ignored")
+        if ds.sharded or _engine(engine) == "ray":
+            shards = ds
+            stats = ds.load(0)
+        else:
+            stats = load_samples(stats_path, what="stats", labels="ignored")
+    val = None
+    if val_path is not None:
+        ds = open_dataset(val_path, what="val")
+        val = ds.load_all() if ds.sharded else load_samples(val_path, what="val")
+    return Inputs(pairs=pairs, stats=stats, val=val, stats_shards=shards)
+
+
+def _engine(engine: str | None, ray_address: str | None = None) -> str:
+    engine = "local" if engine is None else str(engine).lower()
+    if engine not in ("local", "ray"):
+        raise InputError(f"unknown engine {engine!r}", hint="use local or ray")
+    if ray_address is not None and engine != "ray":
+        raise InputError("a Ray address needs the ray engine", hint="add --engine ray or drop --ray-address")
+    return engine
+
+
+def _engine_info(keys) -> dict:
+    """Where the key statistics ran (a stats set in memory: here, whatever was asked)."""
+    return {"engine": "local", "workers": 1} if keys is None else {"engine": keys.engine, "workers": keys.workers}
+
+
+def _sharded_keys(twin, raw: Inputs, model, engine, ray_address):
+    """The key-statistics source for a sharded stats set (None: the stats are in memory)."""
+    if raw.stats_shards is None:
+        return None
+    from .keystats import ShardedKeys, check_shards
+
+    check_shards(twin, raw.stats_shards)
+    return ShardedKeys(raw.stats_shards, engine=engine, ray_address=ray_address, model_path=Path(model).resolve())
 
 
 def fit_inputs(twin, raw: Inputs) -> Inputs:
@@ -134,7 +215,7 @@ def fit_inputs(twin, raw: Inputs) -> Inputs:
             n = _num_classes(twin) or int(twin.run(x[:1]).shape[-1])
             check_labels(v.y, n, name=f"val {v.source}: 'y'")
         val = Samples(x=x, y=v.y, source=v.source)
-    return Inputs(pairs=pairs, stats=stats, val=val)
+    return Inputs(pairs=pairs, stats=stats, val=val, stats_shards=raw.stats_shards)
 
 
 def load_inputs(twin, pairs_path, stats_path=None, val_path=None) -> Inputs:
@@ -150,15 +231,22 @@ class LocateOutcome:
     localisation: object = field(repr=False)
     stats_source: str = ""
     device: str = "cpu"
+    engine: str = "local"       # where the key statistics ran: "local" or "ray"
+    workers: int = 1
+    attributed_output: str = ""
 
     def to_dict(self) -> dict:
         out = self.localisation.to_dict()
-        out.update({"model": self.model, "stats_source": self.stats_source, "device": self.device})
+        out.update({"model": self.model, "stats_source": self.stats_source, "device": self.device,
+                    "engine": self.engine, "workers": self.workers,
+                    "attributed_output": self.attributed_output})
         return out
 
 
 def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=None, key=None,
-                 plot=None) -> LocateOutcome:
+                 plot=None, engine=None, ray_address=None, input_shapes=None) -> LocateOutcome:
+    """``stats`` may be an .npz or a folder / glob of shards; ``engine`` (local or ray)
+    says where the key statistics over a sharded stats set run (engine_ray)."""
     import torch
 
     from .attribution import DEFAULT_STEPS, locate
@@ -168,48 +256,40 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     if plot is not None:
         _refuse_data_overwrite([plot], [pairs, stats])
         check_output_path(plot, loaded.protected_paths())
-    raw = read_inputs(pairs, stats)
-    twin, _ = _twin(loaded, device)
+    engine = _engine(engine, ray_address)
+    raw = read_inputs(pairs, stats, engine=engine)
+    twin, _ = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
     inputs = fit_inputs(twin, raw)
     layers = [layer for layer in twin.layer_map.editable() if not too_wide(layer)]
     if not layers:
         raise EditError(f"{loaded.label} has no editable layer")
-    key_x = inputs.stats.x if inputs.stats is not None else inputs.pairs.clean
-    source = f"stats ({len(key_x)} inputs)" if inputs.stats is not None else "clean twins of the pairs (no --stats)"
-    torch.manual_seed(0)
-    stats_ = key_statistics(twin, layers, key_x, source=source)
-    loc = locate(twin, layers, inputs.pairs.corrupt, inputs.pairs.clean, stats_,
-                 steps=steps or DEFAULT_STEPS, target=target or "corrupt_logit", key=key or "diff")
+    keys = _sharded_keys(twin, raw, model, engine, ray_address)
+    with keys if keys is not None else contextlib.nullcontext():
+        if keys is not None:
+            key_x, source = keys, keys.source
+        else:
+            key_x = inputs.stats.x if inputs.stats is not None else inputs.pairs.clean
+            source = f"stats ({len(key_x)} inputs)" if inputs.stats is not None else "clean twins of the pairs (no --stats)"
+        torch.manual_seed(0)
+        with progress.phase(f"key statistics ({len(layers)} layers)"):
+            stats_ = key_statistics(twin, layers, key_x, source=source)
+    with progress.phase(f"localisation (IG, {steps or DEFAULT_STEPS} steps)"):
+        loc = locate(twin, layers, inputs.pairs.corrupt, inputs.pairs.clean, stats_,
+                     steps=steps or DEFAULT_STEPS, target=target or "corrupt_logit", key=key or "diff")
     if plot is not None:
-        write_plot(loc, Path(plot), title=f"editability: {Path(loaded.label).name}")
-    return LocateOutcome(model=loaded.label, localisation=loc, stats_source=source, device=str(twin.device))
+        from .plot import write_locate_plot
 
-
-def write_plot(loc, path: Path, *, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    items = loc.in_graph_order
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(items) + 1.5), 3.2), dpi=120)
-    names = [a.layer.node for a in items]
-    scores = [a.score for a in items]
-    chosen = loc.chosen.layer.node if loc.chosen else None
-    colors = ["#d62728" if n == chosen else "#1f77b4" for n in names]
-    ax.bar(range(len(items)), scores, color=colors)
-    ax.set_xticks(range(len(items)))
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("editability score G")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+        with progress.phase("plot"):
+            write_locate_plot(Path(plot), loc, twin.layer_map, model_label=loaded.label)
+    return LocateOutcome(model=loaded.label, localisation=loc, stats_source=source, device=str(twin.device),
+                         attributed_output=twin.attributed_output, **_engine_info(keys))
 
 
 # ----------------------------------------------------------------------------- edit
+
+
+# How many of the given pairs `edit --plot` shows.
+PLOT_PAIRS = 3
 
 
 @dataclass(frozen=True)
@@ -222,24 +302,60 @@ class EditOutcome:
     changed: tuple[str, ...] = ()
     device: str = "cpu"
     inputs: dict = field(default_factory=dict)
+    engine: str = "local"       # where the key statistics ran: "local" or "ray"
+    workers: int = 1
+    output_unchanged: bool = False  # nothing needed an edit: the model was written as it came
+    timings: dict = field(default_factory=dict)  # seconds per phase, the whole run ("total")
+    plot: str | None = None
+    rounding: tuple[dict, ...] = ()      # per written tensor: float edit vs what was written
+    rounding_effect: dict = field(default_factory=dict)  # ORT on the written model vs the float edit
+    attributed_output: str = ""  # what localisation and the output criterion saw
 
     @property
     def success(self) -> bool:
         return self.result.success
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "output": self.output, "success": self.success, "device": self.device,
-                "inputs": self.inputs, "changed_initializers": list(self.changed),
-                "parity_before": self.parity_before, "parity_after": self.parity_after,
-                **self.result.to_dict()}
+        out = {"model": self.model, "output": self.output, "output_unchanged": self.output_unchanged,
+               "success": self.success, "device": self.device, "threads": threads.current(),
+               "engine": self.engine, "workers": self.workers,
+               "inputs": self.inputs, "changed_initializers": list(self.changed),
+               "parity_before": self.parity_before, "parity_after": self.parity_after, "plot": self.plot,
+               "rounding": list(self.rounding), "rounding_effect": self.rounding_effect,
+               "attributed_output": self.attributed_output,
+               **self.result.to_dict()}
+        out["timings"] = {**out.get("timings", {}), **self.timings}
+        return out
+
+
+class _Clock:
+    """Seconds per phase, in the order the phases ran."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def phase(self, name: str, t0: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def total(self) -> dict:
+        return {**{k: round(v, 4) for k, v in self.seconds.items()},
+                "total": round(time.perf_counter() - self.start, 4)}
 
 
 def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max_edits=None,
                max_degradation=None, target_gap=None, objective=None, augment=None, seed=None,
-               device=None, in_place=False, report=None, **config) -> EditOutcome:
+               device=None, in_place=False, report=None, plot=None, engine=None, ray_address=None,
+               input_shapes=None, **config) -> EditOutcome:
     """Rectify ``model`` from ``pairs`` and (when ``out`` is given) save the edited model.
 
-    Keyword arguments left as None take the defaults of ``RectifyConfig``.
+    When the pairs already behave (success without any edit), ``out`` gets the model
+    unchanged (``output_unchanged``), so that a pipeline always finds its output after a
+    success. ``plot``: a PNG of the first given pairs and their input attribution before
+    and after, and the layer scores of each round. Keyword arguments left as None take
+    the defaults of ``RectifyConfig``. ``stats`` / ``val`` may be an .npz or a folder /
+    glob of shards (``read_inputs``); ``engine`` (local or ray) says where the key
+    statistics over a sharded stats set run.
     """
     import torch
 
@@ -247,18 +363,38 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     from .twin import require_parity
     from .writeback import write_back
 
-    loaded = load_model(model)
+    clock = _Clock()
+    t0 = time.perf_counter()
+    with progress.phase("load and check the model"):
+        loaded = load_model(model)
     protected = loaded.protected_paths()
-    _refuse_data_overwrite([out, report], [pairs, stats, val])
+    _refuse_data_overwrite([out, report, plot], [pairs, stats, val])
     if out is not None:
         check_output_path(out, protected, in_place=in_place)
-    if report is not None:
-        check_output_path(report, protected)
-        if out is not None and Path(report).resolve() == Path(out).resolve():
-            raise OutputError(f"--report {report} is the same file as -o {out}", hint="give the report its own name")
-    raw = read_inputs(pairs, stats, val)
-    twin, parity0 = _twin(loaded, device)
+    named = [(n, p) for n, p in (("-o", out), ("--report", report), ("--plot", plot)) if p is not None]
+    for i, (name, path) in enumerate(named):
+        if name != "-o":
+            check_output_path(path, protected)
+        for other, other_path in named[:i]:
+            if Path(path).resolve() == Path(other_path).resolve():
+                raise OutputError(f"{name} {path} is the same file as {other} {other_path}",
+                                  hint="give each output its own name")
+    engine = _engine(engine, ray_address)
+    raw = read_inputs(pairs, stats, val, engine=engine)
+    clock.phase("load", t0)
+    t0 = time.perf_counter()
+    twin, parity0 = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
     inputs = fit_inputs(twin, raw)
+    if twin.token_inputs or len(twin.inputs) > 1:
+        if augment is None:
+            augment = 0  # transplanting x~ - x onto stats inputs means nothing for token ids
+        if config.get("criterion") == "attribution":
+            raise InputError(f"{loaded.label}: --criterion attribution needs one float input (input-level "
+                             "attribution); this model has integer or several inputs", hint="use --criterion output")
+        if config.get("criterion") in (None, "auto"):
+            config["criterion"] = "output"
+    clock.phase("twin_and_parity", t0)
+    keys = _sharded_keys(twin, raw, model, engine, ray_address)
     cfg = RectifyConfig().replace(layers=tuple(layers) if layers else None, max_edits=max_edits,
                                   max_degradation=max_degradation, target_gap=target_gap, objective=objective,
                                   augment=augment, seed=seed, **config)
@@ -266,32 +402,130 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
         for name in cfg.layers:
             twin.layer_map.get(name)  # unknown names fail early with close matches
     torch.use_deterministic_algorithms(True, warn_only=True)
-    result = rectify(twin, inputs.pairs.corrupt, inputs.pairs.clean,
-                     stats_x=inputs.stats.x if inputs.stats else None,
-                     val_x=inputs.val.x if inputs.val else None,
-                     val_y=inputs.val.y if inputs.val else None, config=cfg)
+    t0 = time.perf_counter()
+    with keys if keys is not None else contextlib.nullcontext():
+        try:
+            result = rectify(twin, inputs.pairs.corrupt, inputs.pairs.clean,
+                             stats_x=inputs.stats.x if inputs.stats else None,
+                             val_x=inputs.val.x if inputs.val else None,
+                             val_y=inputs.val.y if inputs.val else None, config=cfg, key_source=keys)
+        finally:
+            progress.end()
+    clock.phase("rectify", t0)
     info = {"pairs": inputs.pairs.source, "n_pairs": inputs.pairs.n,
-            "stats": inputs.stats.source if inputs.stats else None, "val": inputs.val.source if inputs.val else None}
+            "stats": (raw.stats_shards.source if raw.stats_shards is not None
+                      else inputs.stats.source if inputs.stats else None),
+            "val": inputs.val.source if inputs.val else None}
     parity_after = {}
+    rounding: tuple[dict, ...] = ()
+    rounding_effect: dict = {}
     changed: tuple[str, ...] = ()
     written = None
+    unchanged = False
+    edits = [e.to_torch(twin.device) for e in result.edits]
     if result.edits:
-        updates = result.updates()
-        new_model = write_back(loaded, updates, extra_provenance={
-            "edits": len(result.edits), "layers": [u.layer.node for u in updates]})
-        edits = [e.to_torch(twin.device) for e in result.edits]
-        parity = _parity_after(twin, np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean]), new_model, edits)
+        from .writeback import edit_record, written_edits
+
+        t0 = time.perf_counter()
+        with progress.phase("write back into the ONNX initializers"):
+            updates = result.updates()
+            new_model = write_back(loaded, updates, extra_provenance={
+                "edits": len(result.edits), "layers": [u.layer.node for u in updates]})
+        clock.phase("write_back", t0)
+        feeds_x = np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean])
+        quantised = any(u.layer.quant is not None for u in updates)
+        t0 = time.perf_counter()
+        with progress.phase("parity of the written model (ONNX Runtime vs edited twin)"):
+            # parity of what was written: a requantised layer's change is not the float edit
+            parity = _parity_after(twin, feeds_x, new_model,
+                                   written_edits(loaded.model, new_model, updates) if quantised else edits)
+        clock.phase("parity_after", t0)
         require_parity(parity, f"{loaded.label} (edited)")
         parity_after = parity.to_dict()
         changed = tuple(u.layer.initializer for u in updates)
+        rounding = tuple({"initializer": r["initializer"], "node": r["node"], "dtype": r["dtype"],
+                          **({"quant": r["quant"]} if "quant" in r else {}),
+                          "aux_changed": [a["initializer"] for a in r.get("aux", [])], **r["rounding"]}
+                         for r in edit_record(new_model)["tensors"])
+        if quantised or any(r["dtype"] not in ("float32", "float64") for r in rounding):
+            effect = _parity_after(twin, feeds_x, new_model, edits)
+            rounding_effect = {"max_abs_logit_change": effect.max_abs_diff, "max_rel_logit_change": effect.max_rel_diff,
+                               "n_inputs": effect.n_inputs,
+                               "what": "ONNX Runtime on the written model vs the twin with the float edit"}
         if out is not None:
-            written = str(save_model(new_model, out, external_names=_external_names(loaded, new_model),
-                                     protected=protected, in_place=in_place))
+            t0 = time.perf_counter()
+            with progress.phase(f"save {out}"):
+                written = str(save_model(new_model, out, external_names=_external_names(loaded, new_model),
+                                         protected=protected, in_place=in_place))
+            clock.phase("save", t0)
+    elif out is not None and result.success:
+        # Nothing needed changing: a pipeline step still finds its output.
+        unchanged = True
+        t0 = time.perf_counter()
+        if in_place and Path(out).resolve() == (protected[0] if protected else None):
+            written = str(Path(out))  # the input is already the unchanged model: leave it alone
+        else:
+            with progress.phase(f"save {out} (unchanged)"):
+                written = str(save_model(loaded.model, out, external_names=_external_names(loaded, loaded.model),
+                                         protected=protected, in_place=in_place))
+        clock.phase("save", t0)
+        log.info("nothing to change: every given pair already behaves like its clean twin; "
+                 "%s is the model unchanged", written)
+    plot_path = None
+    if plot is not None:
+        t0 = time.perf_counter()
+        with progress.phase(f"plot {plot}"):
+            _write_edit_plot(Path(plot), twin, loaded, inputs, result, edits)
+        plot_path = str(plot)
+        clock.phase("plot", t0)
     outcome = EditOutcome(model=loaded.label, output=written, result=result, parity_before=parity0.to_dict(),
-                          parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info)
+                          parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info,
+                          output_unchanged=unchanged, timings=clock.total(), plot=plot_path,
+                          rounding=rounding, rounding_effect=rounding_effect,
+                          attributed_output=twin.attributed_output, **_engine_info(keys))
     if report is not None:
         atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())
     return outcome
+
+
+def _write_edit_plot(path: Path, twin, loaded: LoadedModel, inputs: Inputs, result, edits) -> None:
+    """Gather what `edit --plot` shows (input attribution on the first given pairs before
+    and after the edits, the layer scores of each round) and draw it (plot.py)."""
+    import torch
+
+    from .attribution import DEFAULT_STEPS, input_attribution
+    from .plot import PairView, Round, write_edit_plot
+
+    k = min(PLOT_PAIRS, inputs.pairs.n)
+    corrupt, clean = inputs.pairs.corrupt[:k], inputs.pairs.clean[:k]
+    xc = twin.to_tensor(corrupt)
+    with torch.no_grad():
+        p_clean = torch.softmax(twin.forward(twin.to_tensor(clean)).float(), 1)
+        p_before = torch.softmax(twin.forward(xc).float(), 1)
+        with twin.applied(edits):
+            p_after = torch.softmax(twin.forward(xc).float(), 1)
+    # the logit attributed: the class each model predicts on the corrupted input
+    a_before = input_attribution(twin, xc, p_before.argmax(1), steps=DEFAULT_STEPS).detach().cpu().numpy()
+    with twin.applied(edits):
+        a_after = input_attribution(twin, xc, p_after.argmax(1), steps=DEFAULT_STEPS).detach().cpu().numpy()
+
+    def label(p, i):
+        c = int(p[i].argmax())
+        return f"class {c} (p {float(p[i, c]):.2f})"
+
+    views = [PairView(corrupt=corrupt[i], clean=clean[i], attr_before=a_before[i], attr_after=a_after[i],
+                      label_corrupt=label(p_before, i), label_clean=label(p_clean, i),
+                      label_after=label(p_after, i)) for i in range(k)]
+    order = [l.node for l in sorted(twin.layer_map.editable(), key=lambda l: l.node_index)]
+    rounds = []
+    for i, loc in enumerate(result.localisations):
+        scores = {entry["node"]: float(entry["score"]) for entry in loc.get("layers", [])}
+        rounds.append(Round(scores=scores, edited=result.edits[i].layer.node if i < len(result.edits) else None))
+    done = "success" if result.success else "target not reached"
+    summary = (f"{len(result.edits)} edit(s) [{', '.join(e.layer.node for e in result.edits) or 'none'}], "
+               f"criterion {result.criterion}, given pairs' gap {result.real_gap_before:.3f} -> "
+               f"{result.real_gap_after:.3f} (target {result.target:g}): {done}")
+    write_edit_plot(path, views, rounds, order, model_label=loaded.label, summary=summary)
 
 
 def _external_names(loaded: LoadedModel, new_model) -> set[str]:

@@ -91,8 +91,10 @@ def integrated_gradients(twin: Twin, layers: list[Layer], corrupt: np.ndarray, c
                          edits=(), steps: int = DEFAULT_STEPS, target: str = "corrupt_logit",
                          reduction: str = "sum", chunk: int = IG_CHUNK) -> IGResult:
     """M^l for each layer, reduced over positions and pairs, and the F gap."""
+    from .twin import batch_size_of
+
     xc, xk = twin.to_tensor(corrupt), twin.to_tensor(clean)
-    n = xc.shape[0]
+    n = batch_size_of(xc)
     with torch.no_grad(), twin.applied(edits), twin.capture(layers, inputs=False, outputs=True) as ends:
         lc = twin.forward(xc)
         lk = twin.forward(xk)
@@ -102,15 +104,14 @@ def integrated_gradients(twin: Twin, layers: list[Layer], corrupt: np.ndarray, c
 
     alphas = (torch.arange(steps, dtype=torch.float32, device=twin.device) + 0.5) / steps
     grads = {l.node: torch.zeros_like(delta_f[l.node]) for l in layers}
-    # path points, pair-major: index = pair * steps + step
-    path = xc.unsqueeze(1) + alphas.view(1, -1, *([1] * (xc.dim() - 1))) * (xk - xc).unsqueeze(1)
-    path = path.reshape(n * steps, *xc.shape[1:])
+    # path points, pair-major: index = pair * steps + step (over the embedding outputs
+    # for integer token inputs)
+    path = twin.interpolate(xc, xk, alphas)
     pair_of = torch.arange(n, device=twin.device).repeat_interleave(steps)
     for start in range(0, n * steps, chunk):
         sl = slice(start, min(start + chunk, n * steps))
         with twin.applied(edits), twin.capture(layers, inputs=False, outputs=True, retain_grad=True) as store:
-            xin = path[sl].clone().requires_grad_(True)
-            logits = twin.forward(xin)
+            logits = path.forward(sl)
             f = _scalar(logits, target, c_corrupt[pair_of[sl]], c_clean[pair_of[sl]]).sum()
             f.backward()
         for layer in layers:

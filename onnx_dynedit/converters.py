@@ -8,8 +8,15 @@ Two gaps matter for real shipped classifiers:
    registered version is registered for the missing version (``alias``). The list below
    is explicit; ops that changed meaning (Reduce-18 moved ``axes`` to an input, Split-18
    added ``num_outputs``) get converters of their own instead.
-2. *Ops onnx2torch lacks*: GlobalMaxPool; and Conv with auto_pad SAME_UPPER/SAME_LOWER
-   (onnx2torch refuses it; ``SamePadding`` pads from the input size at run time).
+2. *Ops onnx2torch lacks*: GlobalMaxPool, Gelu-20; QuantizeLinear / DequantizeLinear (the
+   activations of a QDQ-quantised graph; constant weights are folded by the twin, see
+   quant.py): fake quantisation in float with a straight-through gradient; Conv with
+   auto_pad SAME_UPPER/SAME_LOWER (onnx2torch refuses it; ``SamePadding`` pads from the
+   input size at run time); AveragePool with asymmetric pads (inception-era graphs;
+   ``AvgPoolPadded``).
+3. *Converters we replace*: Dropout of every version (``DropoutInference``: the identity,
+   plus the all-True mask output opset 7-11 graphs declare; onnx2torch's Dropout-10
+   returned one tensor where the graph wants two, which broke AlexNet / VGG / SqueezeNet).
 
 ``ensure_converters(model)`` registers what the model needs and returns the (op,
 version) pairs still missing; it is idempotent.
@@ -22,6 +29,7 @@ import logging
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from onnx import defs
 from onnx2torch.node_converters import registry
 from onnx2torch.onnx_graph import OnnxGraph
@@ -40,7 +48,8 @@ SAME_SEMANTICS = {
     "Identity", "InstanceNormalization", "LeakyRelu", "Less", "Log", "MatMul", "Max",
     "MaxPool", "Min", "Mul", "Neg", "Not", "Pow", "Reciprocal", "Relu", "Reshape", "Shape",
     "Sigmoid", "Size", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh", "Transpose", "Unsqueeze",
-    "Where", "Pad",
+    "Where", "Pad", "GreaterOrEqual", "LessOrEqual", "Range", "Einsum", "Tile", "Clip", "CumSum", "Mod",
+    "IsNaN", "HardSwish", "LayerNormalization", "Softmax", "LogSoftmax",
 }
 
 _REDUCE_OPS = {
@@ -76,6 +85,87 @@ class GlobalMaxPool(nn.Module, OnnxToTorchModule):
 
 def _global_max_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     return OperationConverterResult(torch_module=GlobalMaxPool(), onnx_mapping=onnx_mapping_from_node(node))
+
+
+_Q_RANGES = {onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255),
+             onnx.TensorProto.INT16: (-32768, 32767), onnx.TensorProto.UINT16: (0, 65535),
+             onnx.TensorProto.INT32: (-(2 ** 31), 2 ** 31 - 1)}
+_TORCH_Q = {torch.int8: onnx.TensorProto.INT8, torch.uint8: onnx.TensorProto.UINT8,
+            torch.int16: onnx.TensorProto.INT16, torch.int32: onnx.TensorProto.INT32}
+
+
+def _per_axis(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A scale / zero point shaped to broadcast over ``x`` (scalar, or 1-D along ``axis``)."""
+    if t.dim() == 0 or t.numel() == 1:
+        return t.reshape(())
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = t.numel()
+    return t.reshape(shape)
+
+
+class QuantizeLinear(nn.Module, OnnxToTorchModule):
+    """y = saturate(rint(x / scale) + zero_point), kept in float (integer values) so that
+    gradients pass: rounding has a straight-through gradient (identity inside the range,
+    zero where the value saturates), as in quantisation-aware training."""
+
+    def __init__(self, axis: int, qrange: tuple[int, int] | None):
+        super().__init__()
+        self.axis, self.qrange = axis, qrange
+
+    def forward(self, x, scale, zero_point=None):  # noqa: D102
+        s = _per_axis(scale.to(torch.float32), x, self.axis)
+        if self.qrange is not None:
+            qmin, qmax = self.qrange
+        elif zero_point is not None:
+            qmin, qmax = _Q_RANGES[_TORCH_Q.get(zero_point.dtype, onnx.TensorProto.UINT8)]
+        else:
+            qmin, qmax = 0, 255  # no zero point: uint8
+        z = _per_axis(zero_point.to(torch.float32), x, self.axis) if zero_point is not None else 0.0
+        v = x.to(torch.float32) / s
+        v = v + (torch.round(v) - v).detach()  # round half to even, straight-through
+        return torch.clamp(v + z, qmin, qmax)
+
+
+class DequantizeLinear(nn.Module, OnnxToTorchModule):
+    """y = (x - zero_point) * scale, per tensor or along ``axis``."""
+
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x, scale, zero_point=None):  # noqa: D102
+        s = _per_axis(scale, x, self.axis)
+        v = x.to(s.dtype)
+        if zero_point is not None:
+            v = v - _per_axis(zero_point.to(s.dtype), x, self.axis)
+        return v * s
+
+
+def _qdq_converter(op: str):
+    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        attrs = node.attributes
+        if attrs.get("block_size", 0):
+            raise NotImplementedError(f"{op} with block_size (blocked quantisation) is not supported")
+        axis = int(attrs.get("axis", 1))
+        if op == "DequantizeLinear":
+            return OperationConverterResult(torch_module=DequantizeLinear(axis), onnx_mapping=onnx_mapping_from_node(node))
+        qrange = None
+        if "output_dtype" in attrs and attrs["output_dtype"]:
+            if attrs["output_dtype"] not in _Q_RANGES:
+                raise NotImplementedError(f"QuantizeLinear to type {attrs['output_dtype']} is not supported")
+            qrange = _Q_RANGES[attrs["output_dtype"]]
+        elif len(node.input_values) > 2 and node.input_values[2] in graph.initializers:
+            zp_type = graph.initializers[node.input_values[2]].proto.data_type
+            if zp_type not in _Q_RANGES:
+                raise NotImplementedError(f"QuantizeLinear to type {zp_type} is not supported")
+            qrange = _Q_RANGES[zp_type]
+        return OperationConverterResult(torch_module=QuantizeLinear(axis, qrange), onnx_mapping=onnx_mapping_from_node(node))
+
+    return convert
+
+
+def _schema_versions(op: str) -> list[int]:
+    return sorted({s.since_version for s in defs.get_all_schemas_with_history() if s.name == op and s.domain == ""})
 
 
 class Reduce18(nn.Module, OnnxToTorchModule):
@@ -205,9 +295,103 @@ def _conv_auto_pad(base):
     return convert
 
 
+class Gelu(nn.Module, OnnxToTorchModule):
+    """Gelu-20: exact (erf) or the tanh approximation, as the ``approximate`` attribute says."""
+
+    def __init__(self, approximate: str):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return F.gelu(x, approximate=self.approximate)
+
+
+def _gelu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    approximate = node.attributes.get("approximate", "none")
+    approximate = approximate.decode() if isinstance(approximate, bytes) else str(approximate)
+    return OperationConverterResult(torch_module=Gelu(approximate), onnx_mapping=onnx_mapping_from_node(node))
+
+
+class DropoutInference(nn.Module, OnnxToTorchModule):
+    """Dropout at inference (every version): the identity; the optional second output
+    (the mask, opset 7-11 graphs list it even when nothing reads it) is all True."""
+
+    def __init__(self, with_mask: bool):
+        super().__init__()
+        self.with_mask = with_mask
+
+    def forward(self, x: torch.Tensor):  # noqa: D102
+        if self.with_mask:
+            return x, torch.ones_like(x, dtype=torch.bool)
+        return x
+
+
+def _dropout(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    outputs = tuple(o for o in node.output_values)
+    with_mask = len(outputs) > 1 and bool(outputs[1])
+    return OperationConverterResult(
+        torch_module=DropoutInference(with_mask),
+        onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=outputs if with_mask else outputs[:1]),
+    )
+
+
+class AvgPoolPadded(nn.Module, OnnxToTorchModule):
+    """AveragePool with explicit (possibly asymmetric) pads, as ONNX defines it: with
+    count_include_pad=0 the pads are not counted (sum of values / number of real
+    elements in each window), with 1 they count as zeros."""
+
+    def __init__(self, kernel, strides, pads, ceil_mode: bool, count_include_pad: bool):
+        super().__init__()
+        self.kernel, self.strides, self.ceil_mode = list(kernel), list(strides), ceil_mode
+        self.count_include_pad = count_include_pad
+        n = len(self.kernel)
+        self.torch_pads = []
+        for i in reversed(range(n)):  # torch pads the last dim first
+            self.torch_pads += [int(pads[i]), int(pads[i + n])]
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(self.kernel)]
+        return pool(x, self.kernel, self.strides, 0, self.ceil_mode, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        xp = F.pad(x, self.torch_pads)
+        out = self._pool(xp)
+        if self.count_include_pad:
+            return out
+        ones = F.pad(torch.ones_like(x[:1, :1]), self.torch_pads)
+        return out / self._pool(ones)
+
+
+def _avg_pool_padded(base):
+    """onnx2torch refuses AveragePool with asymmetric pads: ours pads explicitly."""
+
+    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        attrs = node.attributes
+        pads = list(attrs.get("pads", []))
+        kernel = list(attrs["kernel_shape"])
+        n = len(kernel)
+        symmetric = not pads or pads[:n] == pads[n:]
+        if symmetric or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            return base(node, graph)
+        if any(d != 1 for d in attrs.get("dilations", [1] * n)):
+            raise NotImplementedError("AveragePool with dilations and asymmetric pads is not supported")
+        module = AvgPoolPadded(kernel, attrs.get("strides", [1] * n), pads, bool(attrs.get("ceil_mode", 0)),
+                               bool(attrs.get("count_include_pad", 0)))
+        return OperationConverterResult(torch_module=module,
+                                        onnx_mapping=OnnxMapping(inputs=(node.input_values[0],),
+                                                                 outputs=node.output_values))
+
+    convert._dynedit_wrapped = True
+    return convert
+
+
 def ensure_converters(model: onnx.ModelProto) -> list[str]:
     """Register the converters ``model`` needs; return the ops still missing."""
     _register("GlobalMaxPool", 1, _global_max_pool)
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        for op in ("QuantizeLinear", "DequantizeLinear"):
+            for version in _schema_versions(op):
+                _register(op, version, _qdq_converter(op))
     opsets = {o.domain or "": o.version for o in model.opset_import}
     missing = []
     needed = set()
@@ -223,9 +407,13 @@ def ensure_converters(model: onnx.ModelProto) -> list[str]:
         if since is None:
             missing.append(f"{domain + '.' if domain else ''}{op}-{opset} (unknown op)")
             continue
+        if op in OWN_CONVERTERS and domain == "":
+            key = registry.OperationDescription(domain="", operation_type=op, version=since)
+            registry._CONVERTER_REGISTRY[key] = OWN_CONVERTERS[op]
+            continue
         have = _registered_versions(op, domain)
         if since in have:
-            if op in ("Reshape", "Conv"):
+            if op in WRAPPERS:
                 _wrap(op, since)
             continue
         if op in _REDUCE_OPS and since >= 18:
@@ -238,7 +426,7 @@ def ensure_converters(model: onnx.ModelProto) -> list[str]:
             if op == "Pad" and since >= 18:
                 converter = _pad_without_axes(converter)
             _register(op, since, converter, domain)
-            if op in ("Reshape", "Conv"):
+            if op in WRAPPERS:
                 _wrap(op, since)
             log.debug("registered %s-%d with the converter of %s-%d", op, since, op, source)
             continue
@@ -251,7 +439,13 @@ def _wrap(op: str, version: int) -> None:
     key = registry.OperationDescription(domain="", operation_type=op, version=version)
     base = registry._CONVERTER_REGISTRY[key]
     if not getattr(base, "_dynedit_wrapped", False):
-        registry._CONVERTER_REGISTRY[key] = (_reshape_allowzero if op == "Reshape" else _conv_auto_pad)(base)
+        registry._CONVERTER_REGISTRY[key] = WRAPPERS[op](base)
+
+
+# Ops whose onnx2torch converter we wrap (falling back to it for the cases it handles)
+# or replace outright (every version).
+WRAPPERS = {"Reshape": _reshape_allowzero, "Conv": _conv_auto_pad, "AveragePool": _avg_pool_padded}
+OWN_CONVERTERS = {"Dropout": _dropout, "Gelu": _gelu}
 
 
 def tensor_from_numpy(arr: np.ndarray, device) -> torch.Tensor:

@@ -7,8 +7,9 @@ Formats (all loaded with ``allow_pickle=False``):
   val.npz    ``x`` and optionally ``y`` (integer labels).
   verify     ``x`` and optionally ``y`` (same as val).
 Models with several inputs: give one array per model input, keyed
-``<key>:<input name>`` (e.g. ``corrupt:input_ids``); see ``load_npz``. Only
-single-input models are supported by the editing loop today.
+``<key>:<input name>`` (e.g. ``corrupt:input_ids`` and ``corrupt:attention_mask``);
+``load_npz`` packs them into one structured array (``pack_inputs``: one field per input,
+rows aligned) that slices, concatenates and indexes like a plain batch.
 
 This module needs numpy only (``dynedit verify`` must work without torch).
 """
@@ -58,19 +59,74 @@ def load_npz(path: str | os.PathLike, required: tuple[str, ...], optional: tuple
         raise DataError(f"{what} file {path} cannot be read: {_short(exc)}") from None
     with archive:
         found = list(archive.files)
-        missing = [k for k in required if k not in found]
+        grouped = {k: [f for f in found if f.startswith(k + ":")] for k in required + optional if k not in found}
+        missing = [k for k in required if k not in found and not grouped.get(k)]
         if missing:
             raise DataError(
                 f"{what} file {path} has no array {missing[0]!r} (found: {', '.join(found) or 'none'})",
                 hint="expected keys: " + ", ".join(required + optional),
             )
         out = {}
-        for key in required + tuple(k for k in optional if k in found):
-            out[key] = _read_member(archive, path, key, what)
+        for key in required + optional:
+            if key in found:
+                out[key] = _read_member(archive, path, key, what)
+            elif grouped.get(key):
+                parts = {m.split(":", 1)[1]: _read_member(archive, path, m, what) for m in grouped[key]}
+                out[key] = pack_inputs(parts, name=f"{what} file {path}: {key!r}")
     return out
 
 
+def pack_inputs(arrays: dict[str, np.ndarray], *, name: str = "inputs") -> np.ndarray:
+    """One structured array [N] with a field per model input (its row shape and dtype)."""
+    sizes = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
+    if any(n is None for n in sizes.values()) or len(set(sizes.values())) != 1:
+        raise DataError(f"{name}: the arrays of the inputs have different numbers of rows "
+                        f"({', '.join(f'{k}: {n}' for k, n in sizes.items())})",
+                        hint="row i of every '<key>:<input name>' array belongs to the same sample")
+    n = next(iter(sizes.values()))
+    dtype = np.dtype([(k, v.dtype, v.shape[1:]) for k, v in arrays.items()])
+    out = np.empty(n, dtype=dtype)
+    for k, v in arrays.items():
+        out[k] = v
+    return out
+
+
+def fields(arr: np.ndarray) -> dict[str, np.ndarray]:
+    """{input name: array} of a packed array, or {"": arr} of a plain one."""
+    if arr.dtype.names:
+        return {k: arr[k] for k in arr.dtype.names}
+    return {"": arr}
+
+
 def _read_member(archive, path: Path, key: str, what: str) -> np.ndarray:
+    _member_header(archive, path, key, what)
+    try:
+        arr = archive[key]
+    except Exception as exc:  # noqa: BLE001 - numpy / zipfile raise many kinds here
+        raise DataError(f"{what} file {path}: array {key!r} cannot be read ({_short(exc)})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
+        raise UnsafeInputError(f"{what} file {path}: array {key!r} is not a plain numeric array")
+    return arr
+
+
+def npz_headers(path: str | os.PathLike, *, what: str = "data") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{key: (shape, dtype)}`` of every array in an .npz, from the headers only (nothing
+    is allocated from the data); the same checks as ``load_npz`` (no pickles, sizes that
+    fit the archive), every failure a one-line ``DataError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} file {path} does not exist or is not a file", hint="check the path")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{what} file {path} is not an .npz archive", hint="save it with numpy.savez")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - numpy raises many kinds here
+        raise DataError(f"{what} file {path} cannot be read: {_short(exc)}") from None
+    with archive:
+        return {key: _member_header(archive, path, key, what) for key in archive.files}
+
+
+def _member_header(archive, path: Path, key: str, what: str) -> tuple[tuple[int, ...], np.dtype]:
     # Check the header (shape, dtype) against the member's size before numpy allocates.
     member = key + ".npy"
     try:
@@ -97,13 +153,7 @@ def _read_member(archive, path: Path, key: str, what: str) -> np.ndarray:
     if need > have:
         raise DataError(f"{what} file {path}: array {key!r} declares shape {tuple(dims)} ({need} bytes) "
                         f"but holds only {max(have, 0)} bytes", hint="the file is truncated or tampered with")
-    try:
-        arr = archive[key]
-    except Exception as exc:  # noqa: BLE001 - numpy / zipfile raise many kinds here
-        raise DataError(f"{what} file {path}: array {key!r} cannot be read ({_short(exc)})") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
-        raise UnsafeInputError(f"{what} file {path}: array {key!r} is not a plain numeric array")
-    return arr
+    return tuple(dims), np.dtype(dtype)
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:
@@ -112,6 +162,10 @@ def _short(exc: BaseException, limit: int = 200) -> str:
 
 
 def check_finite(arr: np.ndarray, *, name: str) -> None:
+    if arr.dtype.names:
+        for k in arr.dtype.names:
+            check_finite(arr[k], name=f"{name}[{k!r}]")
+        return
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
         raise DataError(f"{name} holds {bad} NaN/Inf value(s)", hint="clean the data; non-finite inputs would poison the edit")

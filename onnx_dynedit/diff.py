@@ -4,6 +4,17 @@ rank of the difference) and every difference that is not a weight value.
 Needs onnx + numpy only. "Weights" are initializers and Constant-node tensors; the
 ``dynedit.*`` metadata entries (provenance, undo record) are not reported as
 differences.
+
+Integer tensors that a model dequantises (DequantizeLinear, Cast [+ Sub] + Mul; quant.py)
+are compared as the float values they stand for: (q_b - z_b) s_b - (q_a - z_a) s_a, each
+model with its own scale and zero point. Their ``rank`` is the numerical rank at the
+tensor's quantisation step: the change is divided elementwise by b's scale (the step of
+each value) and singular values below (sqrt(m) + sqrt(n)) / 2 are ignored, the size of
+a matrix of rounding errors of up to half a step (uniform rounding noise measures about
+0.29 (sqrt(m) + sqrt(n))). A requantised rank-one edit therefore shows rank 1 when it is
+larger than its rounding, and rank 0 when every value rounded back to what it was. When
+b carries an edit record, ``float_delta_rank`` (the rank of the float edit before
+rounding) and ``rounding_residual`` (||written - float edit|| / ||float edit||) come from it.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from .io import LoadedModel
+from .quant import dequantize, weight_dequantisations
 
 METADATA_PREFIX = "dynedit."
 
@@ -26,10 +38,16 @@ class TensorChange:
     rank: int
     max_abs_change: float
     shape: tuple[int, ...]
+    dtype: str = "float32"
+    dequantised: bool = False             # compared as dequantised floats (module doc)
+    float_delta_rank: int | None = None   # from b's edit record, when it has one
+    rounding_residual: float | None = None
 
     def to_dict(self) -> dict:
         return {"initializer": self.initializer, "rel_change": self.rel_change, "rank": self.rank,
-                "max_abs_change": self.max_abs_change, "shape": list(self.shape)}
+                "max_abs_change": self.max_abs_change, "shape": list(self.shape), "dtype": self.dtype,
+                "dequantised": self.dequantised, "float_delta_rank": self.float_delta_rank,
+                "rounding_residual": self.rounding_residual}
 
 
 @dataclass(frozen=True)
@@ -48,11 +66,21 @@ class ModelDiff:
                 "other_differences": list(self.other_differences), "identical": self.identical}
 
 
-def numerical_rank(delta: np.ndarray, reference: np.ndarray) -> int:
+def numerical_rank(delta: np.ndarray, reference: np.ndarray, step: np.ndarray | None = None) -> int:
     """Rank of ``delta`` reshaped [shape[0], -1], ignoring singular values at the level of
-    float rounding of ``reference`` (its dtype's eps x max |value| x (sqrt(m) + sqrt(n)))."""
+    float rounding of ``reference`` (its dtype's eps x max |value| x (sqrt(m) + sqrt(n))),
+    or, given the quantisation ``step`` of each value (broadcastable), at the level of
+    rounding to that step (module doc)."""
     if delta.size == 0:
         return 0
+    if step is not None:
+        scaled = np.asarray(delta, np.float64) / np.broadcast_to(np.asarray(step, np.float64), delta.shape)
+        mat = scaled.reshape(scaled.shape[0], -1) if scaled.ndim > 1 else scaled.reshape(1, -1)
+        sv = np.linalg.svd(mat, compute_uv=False)
+        if sv.size == 0 or sv[0] == 0:
+            return 0
+        m, n = mat.shape
+        return int((sv > max(0.5 * (np.sqrt(m) + np.sqrt(n)), sv[0] * max(m, n) * np.finfo(np.float64).eps)).sum())
     mat = delta.reshape(delta.shape[0], -1) if delta.ndim > 1 else delta.reshape(1, -1)
     mat = mat.astype(np.float64)
     m, n = mat.shape
@@ -155,8 +183,49 @@ def structural_differences(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:
     return diffs
 
 
+def _by_quantized(model: onnx.ModelProto, weights: dict) -> dict:
+    return {wq.quantized: wq for wq in weight_dequantisations(model.graph, weights.get).values()}
+
+
+def _edit_records(model: onnx.ModelProto) -> dict:
+    import json
+
+    for prop in model.metadata_props:
+        if prop.key == METADATA_PREFIX + "edits":
+            try:
+                record = json.loads(prop.value)
+                return {t["initializer"]: t for t in record.get("tensors", []) if isinstance(t, dict)}
+            except (ValueError, TypeError, KeyError, AttributeError):
+                return {}
+    return {}
+
+
+def _dequantised_change(name, wq_a, wq_b, wa, wb, records) -> TensorChange | None:
+    try:
+        fa = dequantize(wa[name], wa[wq_a.scale], wa.get(wq_a.zero_point) if wq_a.zero_point else None, wq_a)
+        sb = wb[wq_b.scale]
+        fb = dequantize(wb[name], sb, wb.get(wq_b.zero_point) if wq_b.zero_point else None, wq_b)
+    except (KeyError, ValueError, TypeError):
+        return None
+    if fa.shape != fb.shape:
+        return None
+    d = fb.astype(np.float64) - fa.astype(np.float64)
+    step = np.abs(sb.astype(np.float64).reshape(wq_b.scale_shape) if sb.size > 1 else sb.astype(np.float64))
+    step = np.where(step > 0, step, 1.0)
+    norm = float(np.linalg.norm(fa.astype(np.float64)))
+    rec = records.get(name, {})
+    rounding = rec.get("rounding") if isinstance(rec.get("rounding"), dict) else {}
+    return TensorChange(
+        initializer=name, rel_change=float(np.linalg.norm(d)) / norm if norm > 0 else float("inf"),
+        rank=numerical_rank(d, fa, step=step), max_abs_change=float(np.abs(d).max()), shape=tuple(fa.shape),
+        dtype=str(wa[name].dtype), dequantised=True, float_delta_rank=rounding.get("float_delta_rank"),
+        rounding_residual=rounding.get("rounding_residual"))
+
+
 def diff_models(a: LoadedModel, b: LoadedModel) -> ModelDiff:
     wa, wb = _weights(a.model), _weights(b.model)
+    qa, qb = _by_quantized(a.model, wa), _by_quantized(b.model, wb)
+    record = _edit_records(b.model)
     changed = []
     other = []
     for name in wa:
@@ -168,14 +237,22 @@ def diff_models(a: LoadedModel, b: LoadedModel) -> ModelDiff:
             continue
         if x.tobytes() == y.tobytes():
             continue
+        if name in qa and name in qb:
+            change = _dequantised_change(name, qa[name], qb[name], wa, wb, record)
+            if change is not None:
+                changed.append(change)
+                continue
         if not np.issubdtype(x.dtype, np.floating):
             other.append(f"tensor {name!r} ({x.dtype}) values differ")
             continue
         d = y.astype(np.float64) - x.astype(np.float64)
         norm = float(np.linalg.norm(x.astype(np.float64)))
+        rounding = record.get(name, {}).get("rounding") if isinstance(record.get(name, {}).get("rounding"), dict) else {}
         changed.append(TensorChange(
             initializer=name, rel_change=float(np.linalg.norm(d)) / norm if norm > 0 else float("inf"),
-            rank=numerical_rank(d, x), max_abs_change=float(np.abs(d).max()), shape=tuple(x.shape)))
+            rank=numerical_rank(d, x), max_abs_change=float(np.abs(d).max()), shape=tuple(x.shape),
+            dtype=str(x.dtype), float_delta_rank=rounding.get("float_delta_rank"),
+            rounding_residual=rounding.get("rounding_residual")))
     for name in wb:
         if name not in wa:
             other.append(f"tensor {name!r} added")

@@ -22,6 +22,7 @@ class InspectReport:
     parity: dict
     notes: tuple[str, ...] = field(default=())
     device: str = "cpu"
+    attributed_output: str = ""
 
     @property
     def ok(self) -> bool:
@@ -30,7 +31,8 @@ class InspectReport:
     def to_dict(self) -> dict:
         return {"path": self.path, "opset": self.opset, "ir_version": self.ir_version, "inputs": self.inputs,
                 "outputs": self.outputs, "layers": self.layers, "parity": self.parity,
-                "notes": list(self.notes), "device": self.device}
+                "notes": list(self.notes), "device": self.device,
+                "attributed_output": self.attributed_output}
 
 
 def _spec_dict(spec) -> dict:
@@ -53,11 +55,12 @@ def load_feeds(path, specs) -> dict[str, np.ndarray]:
                                         shape=list(s.shape), dtype=s.dtype) for s in specs}
 
 
-def inspect_model(src, *, inputs_file=None, device=None, seed: int = 0, int_range=(0, 10)) -> InspectReport:
+def inspect_model(src, *, inputs_file=None, device=None, seed: int = 0, int_range=(0, 10),
+                  input_shapes=None) -> InspectReport:
     from .twin import Twin, check_parity
 
     loaded: LoadedModel = load_model(src)
-    twin = Twin(loaded, device)
+    twin = Twin(loaded, device, input_shapes=input_shapes)
     from .api import check_finite_weights
 
     check_finite_weights(loaded, twin)  # NaN/Inf weights: unusable input (exit 2), not a parity failure
@@ -68,5 +71,5 @@ def inspect_model(src, *, inputs_file=None, device=None, seed: int = 0, int_rang
         path=loaded.label, opset=opset, ir_version=loaded.model.ir_version,
         inputs=[_spec_dict(s) for s in twin.inputs], outputs=[_spec_dict(s) for s in twin.outputs],
         layers=[l.to_dict() for l in twin.layer_map.layers], parity=parity.to_dict(), notes=twin.notes,
-        device=str(twin.device),
+        device=str(twin.device), attributed_output=twin.attributed_output,
     )

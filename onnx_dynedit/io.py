@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,10 +438,27 @@ def check_output_path(out: str | os.PathLike, protected: list[Path], *, in_place
     return out
 
 
-def _atomic_replace(path: Path, fill, *, what: str) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def file_mode_for(path: Path) -> int:
+    """The permission bits a written file gets: a file that is replaced keeps its mode
+    (``--in-place``, or an output written again); a new file gets 0666 & ~umask, as
+    ``open(path, "w")`` would give it (``mkstemp`` alone would leave it 0600)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _atomic_replace(path: Path, fill, *, what: str, mode: int | None = None) -> None:
     """Create a temp file next to ``path``, let ``fill(fd, tmp_path)`` write it (and close
-    ``fd``), fsync, rename over ``path``; on any failure the temp file is removed and
-    ``path`` is untouched."""
+    ``fd``), fsync, give it ``mode`` (default ``file_mode_for(path)``), rename over
+    ``path``; on any failure the temp file is removed and ``path`` is untouched."""
+    mode = file_mode_for(path) if mode is None else mode
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
@@ -448,6 +466,7 @@ def _atomic_replace(path: Path, fill, *, what: str) -> None:
                           hint="check that the folder exists and is writable") from None
     try:
         fill(fd, tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -461,14 +480,15 @@ def _atomic_replace(path: Path, fill, *, what: str) -> None:
     _fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to ``path`` atomically: temp file in the same folder, fsync, rename."""
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Write bytes to ``path`` atomically: temp file in the same folder, fsync, rename.
+    ``mode``: the permission bits (default ``file_mode_for(path)``)."""
 
     def fill(fd, tmp):
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
 
-    _atomic_replace(Path(path), fill, what="file")
+    _atomic_replace(Path(path), fill, what="file", mode=mode)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -507,7 +527,8 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external_names
         if data_name is not None:
             if not (out.parent / data_name).exists():
                 new_data = out.parent / data_name
-            atomic_write_bytes(out.parent / data_name, blob)
+            # the data file goes with the model: same mode as the model file gets
+            atomic_write_bytes(out.parent / data_name, blob, mode=file_mode_for(out))
     payload = model.SerializeToString(deterministic=True)
     try:
         atomic_write_bytes(out, payload)
@@ -537,7 +558,7 @@ def backup_file(path: Path) -> Path:
         os.close(fd)
         shutil.copy2(path, tmp)
 
-    _atomic_replace(backup, fill, what="the backup")
+    _atomic_replace(backup, fill, what="the backup", mode=stat.S_IMODE(os.stat(path).st_mode))
     return backup
 
 

@@ -14,6 +14,11 @@ shape, so square weights come out right:
             transB = 0: B is [in, out], W = alpha * B.T
   MatMul    Y = X @ B with B a 2-D constant [in, out]: W = B.T
 
+A weight may also be made from an integer tensor (DequantizeLinear, or Cast [+ Sub] +
+Mul; quant.py): the layer then names the integer tensor as its ``initializer``, its
+``dtype`` is the integer type, and ``quant`` records the pattern, the scale / zero-point
+tensors and the axis; the layouts above apply to the dequantised float weight.
+
 This module needs onnx and numpy only.
 """
 
@@ -27,6 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import LayerError
+from .quant import WeightQuant, dequantize, weight_dequantisations
 
 EDITABLE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
@@ -57,6 +63,7 @@ class Layer:
     dilations: tuple[int, ...] = ()
     auto_pad: str = "NOTSET"
     kernel: tuple[int, ...] = ()
+    quant: WeightQuant | None = None  # the weight is dequantised from an integer tensor
 
     @property
     def out_features(self) -> int:
@@ -103,6 +110,7 @@ class Layer:
             "node": self.node, "op": self.op, "initializer": self.initializer, "bias": self.bias,
             "shape": list(self.shape), "dtype": self.dtype, "shared": self.shared, "source": self.source,
             "layout": self.layout, "editable": self.editable, "reason": self.reason, "module": self.module,
+            "quant": self.quant.to_dict() if self.quant is not None else None,
         }
 
 
@@ -196,6 +204,26 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+def _memo_constants(graph: onnx.GraphProto):
+    """``constant_value`` for initializers and Constant nodes, by name, with a cache."""
+    inits = {init.name: init for init in graph.initializer}
+    consts = {node.output[0]: node for node in graph.node
+              if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output}
+    cache: dict = {}
+
+    def value(name):
+        if name not in cache:
+            if name in inits:
+                cache[name] = numpy_helper.to_array(inits[name])
+            elif name in consts:
+                cache[name] = _constant_node_value(consts[name])
+            else:
+                cache[name] = None
+        return cache[name]
+
+    return value
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -216,6 +244,11 @@ def build_layer_map(model: onnx.ModelProto) -> LayerMap:
     def is_const(name: str) -> bool:
         return name in init_names or name in sources
 
+    dequantised = weight_dequantisations(graph, _memo_constants(graph))
+
+    def is_weight(name: str) -> bool:
+        return is_const(name) or name in dequantised
+
     layers = []
     for i, node in enumerate(graph.node):
         if node.op_type not in EDITABLE_OPS or node.domain not in ("", "ai.onnx"):
@@ -226,26 +259,38 @@ def build_layer_map(model: onnx.ModelProto) -> LayerMap:
         if node.op_type == "MatMul":
             if len(inputs) < 2:
                 continue
-            if is_const(inputs[1]) and not is_const(inputs[0]):
+            if is_weight(inputs[1]) and not is_weight(inputs[0]):
                 weight, key = inputs[1], inputs[0]
-            elif is_const(inputs[0]) and not is_const(inputs[1]):
+            elif is_weight(inputs[0]) and not is_weight(inputs[1]):
                 weight, key = inputs[0], inputs[1]
                 reason = "the constant is MatMul's first operand (W @ X); only X @ W is editable"
             else:
                 continue  # activation x activation: no weight
             bias = None
         else:
-            if len(inputs) < 2 or not is_const(inputs[1]):
+            if len(inputs) < 2 or not is_weight(inputs[1]):
                 continue
             weight, key = inputs[1], inputs[0]
             bias = inputs[2] if len(inputs) > 2 and inputs[2] and is_const(inputs[2]) else None
-        value = constant_value(graph, weight)
-        if value is None:
-            continue
-        shape = tuple(int(d) for d in value.shape)
-        dtype = str(value.dtype)
-        source = sources.get(weight, ("initializer", -1))[0] if weight not in init_names else "initializer"
+        quant = dequantised.get(weight)
         shared = consumers.get(weight, 0) > 1 or weight in graph_outputs or weight in graph_inputs
+        if quant is not None:  # the layer edits the dequantised weight; the integers are stored
+            shared = shared or consumers.get(quant.quantized, 0) > 1 or quant.quantized in graph_outputs \
+                or quant.quantized in graph_inputs
+            q = constant_value(graph, quant.quantized)
+            zp = constant_value(graph, quant.zero_point) if quant.zero_point else None
+            value = dequantize(q, constant_value(graph, quant.scale), zp, quant)
+            dtype = str(q.dtype)
+            weight = quant.quantized
+            if quant.reason is not None:
+                reason = reason or quant.reason
+        else:
+            value = constant_value(graph, weight)
+            if value is None:
+                continue
+            dtype = str(value.dtype)
+        shape = tuple(int(d) for d in value.shape)
+        source = sources.get(weight, ("initializer", -1))[0] if weight not in init_names else "initializer"
         alpha, trans_b, groups = 1.0, True, 1
         strides = pads = dilations = kernel = ()
         auto_pad = "NOTSET"
@@ -289,6 +334,6 @@ def build_layer_map(model: onnx.ModelProto) -> LayerMap:
             dtype=dtype, source=source, shared=shared, layout=layout, key_input=key,
             module=twin_module_name(names[i], node.domain), editable=reason is None, reason=reason,
             alpha=alpha, trans_b=trans_b, groups=groups, strides=strides, pads=pads,
-            dilations=dilations, auto_pad=auto_pad, kernel=kernel,
+            dilations=dilations, auto_pad=auto_pad, kernel=kernel, quant=quant,
         ))
     return LayerMap(layers=tuple(layers), node_names=tuple(names))

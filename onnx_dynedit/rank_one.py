@@ -126,9 +126,31 @@ def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), 
                    lam: float = DEFAULT_LAMBDA, source: str = "stats",
                    max_keys: int = MAX_KEYS_PER_BATCH) -> dict[str, KeyStats]:
     """Second moments of every layer's keys over inputs ``x`` (current edits applied).
-    Per batch of ``batch_size`` inputs at most ``max_keys`` keys per layer are used (every
-    k-th position). Large inputs go in smaller batches (captured activations stay within
-    ACTIVATION_BUDGET) with the key cap scaled down with the batch."""
+    Per batch at most ``max_keys`` keys per layer are used (every k-th position).
+    ``x`` may also be a ``keystats.ShardedKeys`` (a stats set read shard by shard, here or
+    on Ray): its per-shard ``key_moments`` are added in shard order."""
+    if hasattr(x, "shard_moments"):
+        parts = x.shard_moments(twin, layers, edits=edits, batch_size=batch_size, max_keys=max_keys)
+    else:
+        parts = [key_moments(twin, layers, x, edits=edits, batch_size=batch_size, max_keys=max_keys)]
+    return stats_from_moments(layers, parts, lam=lam, source=source, device=twin.device)
+
+
+@dataclass(frozen=True)
+class KeyMoments:
+    """Sum of k k^T (float64 [in, in], numpy) and the number of keys k, over some inputs:
+    the part of the key statistics that adds up across shards and workers."""
+
+    sum_kk: np.ndarray
+    count: int
+
+
+def key_moments(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), batch_size: int = KEY_BATCH,
+                max_keys: int = MAX_KEYS_PER_BATCH) -> dict[str, KeyMoments]:
+    """Per-layer ``KeyMoments`` of the keys over inputs ``x`` (edits applied), batch by batch
+    (at most ``max_keys`` keys per layer and batch of ``batch_size``: every k-th position).
+    Large inputs go in smaller batches (captured activations stay within ACTIVATION_BUDGET)
+    with the key cap scaled down with the batch."""
     sizes = activation_sizes(twin, layers, x, edits=edits)
     per_input = 4 * (sum(s[0] for s in sizes.values()) + max(s[2] for s in sizes.values()))
     batch = _batch_for(ACTIVATION_BUDGET, per_input, batch_size)
@@ -149,7 +171,22 @@ def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), 
                 count[layer.node] += keys.shape[0]
             for rec in store.values():
                 rec["in"].clear()
-    return {layer.node: _factor(layer, acc.pop(layer.node), count[layer.node], lam, source) for layer in layers}
+    return {l.node: KeyMoments(sum_kk=acc.pop(l.node).cpu().numpy(), count=count[l.node]) for l in layers}
+
+
+def stats_from_moments(layers: list[Layer], parts, *, lam: float = DEFAULT_LAMBDA, source: str = "stats",
+                       device=None) -> dict[str, KeyStats]:
+    """Add per-shard ``key_moments`` results (in the order given) and factor each layer's
+    regularised second moment C + lam * mean(diag C) * I (Cholesky)."""
+    out = {}
+    for layer in layers:
+        total, n = None, 0
+        for part in parts:
+            m = part[layer.node]
+            total = m.sum_kk.copy() if total is None else total + m.sum_kk
+            n += m.count
+        out[layer.node] = _factor(layer, torch.as_tensor(total, dtype=torch.float64, device=device), n, lam, source)
+    return out
 
 
 def _factor(layer: Layer, acc: torch.Tensor, count: int, lam: float, source: str) -> KeyStats:
@@ -193,7 +230,7 @@ def pair_key_groups(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean:
     sizes = sizes or activation_sizes(twin, layers, corrupt, edits=edits)
     n = len(corrupt) + len(clean)
     group, used = [], 0
-    for layer in layers + [None]:
+    for layer in list(layers) + [None]:
         cost = 0 if layer is None else n * 4 * (sizes[layer.node][0] + 3 * sizes[layer.node][1]
                                                 + 2 * sizes[layer.node][2])
         if group and (layer is None or used + cost > ACTIVATION_BUDGET):

@@ -49,12 +49,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import progress
 from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
 from .errors import EditError, InputError, LayerError
 from .layers import Layer
 from .rank_one import (DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, edit_direction, key_statistics, pair_keys,
                        too_wide)
-from .twin import DownstreamRunner, Twin
+from .twin import DownstreamRunner, Twin, batch_size_of, cat_inputs
 from .writeback import LayerUpdate
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ class Reference:
 class Plan:
     candidates: tuple[Layer, ...]
     static: bool                 # layers given: no localisation
-    key_x: np.ndarray            # inputs of the key statistics
+    key_x: object                # inputs of the key statistics (or a keystats.ShardedKeys)
     stats_source: str
     fit_x: np.ndarray            # inputs of the locality term
     reference: Reference
@@ -275,7 +276,7 @@ def _reference(clean, fit_stats, held, val_x, val_y) -> Reference:
 
 
 def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x, val_y,
-              cfg: RectifyConfig) -> Plan:
+              cfg: RectifyConfig, key_source=None) -> Plan:
     candidates, static = _candidates(twin, cfg)
     fit_stats, held = stats_x, None
     if stats_x is not None and val_x is None:
@@ -286,7 +287,9 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
             f"stats ({len(fit_stats)} inputs; {len(held)} more held out for the degradation check)"
     else:
         key_x, fit_x = clean, clean
-        stats_source = f"clean twins of the pairs ({len(clean)} inputs; no --stats given)"
+        stats_source = f"clean twins of the pairs ({len(clean)} inputs; no stats given)"
+    if key_source is not None:  # a sharded stats set: C from every shard (held-out inputs included)
+        key_x, stats_source = key_source, key_source.source
     criterion = _criterion_name(twin, corrupt, clean, cfg)
     if criterion == "attribution" and cfg.objective == "local":
         raise InputError("--objective local (the closed form) only applies to the output criterion; the pairs "
@@ -481,8 +484,8 @@ class OutputGap(Criterion):
         outputs on unlabeled clean inputs stay put."""
         scale = _u_scale(u0)
         v = (u0 / scale).float().clone().requires_grad_(True)
-        xs = torch.cat([self.corrupt_t, self.loc_x], 0)
-        n, has_loc = self.corrupt_t.shape[0], self.loc_x.shape[0] > 0
+        xs = cat_inputs(self.corrupt_t, self.loc_x)  # tensors, or tuples of them for several inputs
+        n, has_loc = batch_size_of(self.corrupt_t), batch_size_of(self.loc_x) > 0
         t_norm = self.target_logits.pow(2).mean().clamp_min(1e-8)
         l_norm = self.loc_ref.pow(2).mean().clamp_min(1e-8)
         with self.twin.applied(prev):
@@ -630,6 +633,7 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
           number: int, timings: Timings) -> Trial:
     """Fit an edit of one layer on top of ``prev`` and judge it (nothing is applied)."""
     layer, device = option.layer, crit.twin.device
+    progress.step(f"fit {layer.node}")
     with timings("fit"):
         fitted = crit.fit(layer, option.direction, option.chol, prev)
     edit = RankOneEdit(layer=layer, u=fitted.u.detach().double().cpu().numpy(),
@@ -637,6 +641,7 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
     if not edit.finite:
         return Trial(_step(number, layer, option.score, state, state, float("nan"), "non-finite factors", edit,
                            fitted.loss), edit, state)
+    progress.step(f"check {layer.node}")
     with timings("check"):
         edits = prev + [edit.to_torch(device)]
         after, degr = crit.score(edits), degradation(edits)
@@ -655,6 +660,7 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
 def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: RectifyConfig, timings: Timings,
              localisations: list) -> list[Option]:
     """The layers this step may edit, best first, each with its direction."""
+    progress.step(f"round {done + 1}: key statistics ({len(plan.candidates)} layers)")
     with timings("key_statistics"):  # they depend on upstream edits: recomputed after every accepted edit
         stats = key_statistics(twin, list(plan.candidates), plan.key_x, edits=prev, lam=cfg.lam,
                                source=plan.stats_source)
@@ -673,6 +679,7 @@ def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: Rect
                 options.append(Option(layer, None, direction, stats[layer.node].chol))
             return options
         # localisation attributes the given pairs only (the paper's method)
+        progress.step(f"round {done + 1}: localisation")
         r = plan.n_real
         loc = locate(twin, list(plan.candidates), plan.corrupt[:r], plan.clean[:r], stats, edits=prev,
                      steps=cfg.ig_steps, target=cfg.ig_target, key=cfg.key, reduction=cfg.ig_reduction,
@@ -707,10 +714,13 @@ def _choose(crit: Criterion, degradation: Degradation, options: list[Option], pr
 
 def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.ndarray | None = None,
             val_x: np.ndarray | None = None, val_y: np.ndarray | None = None,
-            config: RectifyConfig | None = None) -> RectifyResult:
+            config: RectifyConfig | None = None, key_source=None) -> RectifyResult:
+    """``key_source``: a ``keystats.ShardedKeys`` standing in for ``stats_x`` in the key
+    statistics (a sharded stats set; ``stats_x`` is then its first shard, for the rest)."""
     cfg = config or RectifyConfig()
     torch.manual_seed(cfg.seed)
-    plan = make_plan(twin, corrupt, clean, stats_x, val_x, val_y, cfg)
+    progress.step("prepare the pairs (criterion, synthetic pairs, reference outputs)")
+    plan = make_plan(twin, corrupt, clean, stats_x, val_x, val_y, cfg, key_source)
     crit = make_criterion(twin, plan, cfg)
     degradation = Degradation(twin, plan.reference)
     timings = Timings(key_statistics=0.0, localisation=0.0, fit=0.0, check=0.0)
@@ -739,6 +749,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
 
 def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted, steps, localisations,
             start: Score, state: Score, stopped: str, timings) -> RectifyResult:
+    progress.step("final checks")
     final = [e.to_torch(crit.twin.device) for e in accepted]
     ref = plan.reference
     return RectifyResult(

@@ -23,6 +23,11 @@ Gates (``Thresholds``; ``None`` = not checked)
 A gate whose figure cannot be computed (no labels, no corrupted inputs, no target,
 nothing to fix) is an ``InputError`` (exit 2), never a silent pass.
 
+Data: each set is one ``.npz`` or a folder / glob of shards (``datasets``); shards are read
+one at a time and each gives partial counts and sums (``CleanPartial``,
+``CorruptPartial``), reduced in shard order. ``engine="ray"`` runs the shards on Ray
+actors that each hold a ``ShardRunner`` (``engine_ray``); the reduction is the same.
+
 This module imports numpy and onnxruntime only (plus ``errors`` and ``data``): it must
 keep working where torch is not installed. ``ort_session`` and ``run_batched`` are
 general helpers meant for reuse (parity checks, evaluation).
@@ -40,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .data import Samples, check_against_input, check_labels, load_samples
+from . import threads as _threads
+from .data import Samples, check_against_input, check_labels
 from .errors import DataError, InputError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -76,14 +82,15 @@ ProgressCallback = Callable[[int, int], None]
 
 
 def ort_session(path: str | os.PathLike, provider: str | None = DEFAULT_PROVIDER, *,
-                what: str = "model") -> ort.InferenceSession:
+                what: str = "model", threads: int | None = None) -> ort.InferenceSession:
     """Open an ONNX Runtime session on ``path``.
 
     ``provider`` is ``"cpu"`` or ``"cuda"`` (``None`` = ``"cpu"``). ``"cuda"`` needs the
     CUDAExecutionProvider in this onnxruntime build and fails loudly (``InputError``)
     rather than silently falling back to the CPU. A file that ONNX Runtime cannot load
     (missing, not ONNX, truncated, external data missing) is a ``ModelLoadError``
-    naming the file.
+    naming the file. ``threads``: ONNX Runtime's intra-op threads (``None`` = the
+    process setting, ``onnx_dynedit.threads``: --threads, else OMP_NUM_THREADS, else all cores).
     """
     provider = DEFAULT_PROVIDER if provider is None else provider
     providers = provider_list(provider)
@@ -92,8 +99,10 @@ def ort_session(path: str | os.PathLike, provider: str | None = DEFAULT_PROVIDER
         raise ModelLoadError(f"{what} file {path} does not exist", hint="check the path")
     if not path.is_file():
         raise ModelLoadError(f"{what} path {path} is not a file", hint="give the path of an .onnx file")
-    options = ort.SessionOptions()
+    options = _threads.session_options(ort.SessionOptions())  # --threads (onnx_dynedit.threads)
     options.log_severity_level = 4  # fatal only: keep stderr to our own one-liners
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
     try:
         session = ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind classes
@@ -382,6 +391,9 @@ class VerifyReport:
     corrupt: CorruptFigures | None
     thresholds: Thresholds
     gates: tuple[GateResult, ...] = field(default_factory=tuple)
+    engine: str = "local"        # which engine ran the models: "local" or "ray"
+    workers: int = 1             # processes that ran them (Ray actors for "ray")
+    shards: dict = field(default_factory=dict)   # {"clean": k, "corrupt": m or None}
 
     @property
     def passed(self) -> bool:
@@ -405,6 +417,9 @@ class VerifyReport:
             "gates": [g.to_dict() for g in self.gates],
             "passed": self.passed,
             "failed_checks": self.failed_checks,
+            "engine": self.engine,
+            "workers": self.workers,
+            "shards": dict(self.shards),
         }
 
 
@@ -429,22 +444,41 @@ def _gate_name(attr: str) -> str:
 
 # --------------------------------------------------------------------------- verify
 
+ENGINES = ("local", "ray")
+DEFAULT_ENGINE = "local"
 
-def verify(original: str | os.PathLike, edited: str | os.PathLike, clean: str | os.PathLike | Samples,
-           corrupt: str | os.PathLike | Samples | None = None, target: int | None = None,
+
+def verify(original: str | os.PathLike, edited: str | os.PathLike, clean, corrupt=None, target: int | None = None,
            thresholds: Thresholds | Mapping | None = None, provider: str | None = DEFAULT_PROVIDER,
            batch_size: int | None = DEFAULT_BATCH_SIZE,
-           progress: ProgressCallback | None = None) -> VerifyReport:
+           progress: ProgressCallback | None = None, *, engine: str | None = DEFAULT_ENGINE,
+           ray_address: str | None = None) -> VerifyReport:
     """Compare ``edited`` with ``original`` on clean (and corrupted) inputs; see module doc.
 
     ``clean``: npz with ``x`` and optional ``y``; ``corrupt``: npz with ``x`` and ``y``
-    (true labels, required). ``progress(done_batches, total_batches)`` is called once
-    before the first batch and after each batch. ``None`` for ``provider`` /
-    ``batch_size`` means the default. Raises ``DynEditError`` subclasses for unusable
-    input (exit 2); failed gates are reported, not raised.
+    (true labels, required). Each may also be a folder or glob of ``.npz`` shards
+    (``datasets.open_dataset``), a ``Samples`` or a ``datasets.Dataset``; shards are
+    read one at a time. ``engine``: ``"local"`` (this process) or ``"ray"`` (one actor
+    per CPU of the Ray cluster at ``ray_address``, or of a local Ray started for the
+    call; ``engine_ray``). The figures are reduced from per-shard partial counts and
+    sums in shard order, whichever engine ran. ``progress(done_batches, total_batches)``
+    is called once before the first batch and after each batch (the Ray engine: after
+    each shard). ``None`` for ``provider`` / ``batch_size`` / ``engine`` means the
+    default. Raises ``DynEditError`` subclasses for unusable input (exit 2); failed gates
+    are reported, not raised.
     """
+    from .datasets import open_dataset
+
     provider = DEFAULT_PROVIDER if provider is None else str(provider).lower()
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
+    engine = DEFAULT_ENGINE if engine is None else str(engine).lower()
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine {engine!r}", hint="use " + " or ".join(ENGINES))
+    if ray_address is not None and engine != "ray":
+        raise InputError("a Ray address needs the ray engine", hint="add --engine ray or drop --ray-address")
+    if engine == "ray" and provider != "cpu":
+        raise InputError(f"--engine ray runs ONNX Runtime on CPU workers; provider {provider} is not supported there",
+                         hint="use --provider cpu with --engine ray, or --engine local")
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     limits = Thresholds.coerce(thresholds)
@@ -463,76 +497,238 @@ def verify(original: str | os.PathLike, edited: str | os.PathLike, clean: str | 
     if limits.max_asr is not None and (corrupt is None or target is None):
         raise InputError("gate max-asr needs corrupted inputs and a target class")
 
-    s_orig = ort_session(original, provider, what="original model")
-    s_edit = ort_session(edited, provider, what="edited model")
-    input_name, shape, dtype = _single_input(s_orig, original)
-    _same_signature(s_orig, s_edit, original, edited)
-
-    clean_s = clean if isinstance(clean, Samples) else load_samples(clean, what="clean", labels="optional")
-    clean_x = _fit(clean_s, "clean", input_name, shape, dtype, s_edit)
-    if limits.max_acc_drop is not None and clean_s.y is None:
-        raise InputError(f"gate max-acc-drop needs labels, but clean file {clean_s.source} has no 'y' array",
+    runner = ShardRunner(original, edited, provider, batch_size)
+    clean_ds = open_dataset(clean, what="clean", labels="optional")
+    runner.check_dataset(clean_ds)
+    if limits.max_acc_drop is not None and not clean_ds.has_labels:
+        raise InputError(f"gate max-acc-drop needs labels, but clean file {clean_ds.source} has no 'y' array",
                          hint="add y=... to the clean .npz or drop the gate")
-    corrupt_s = None
-    corrupt_x = None
+    corrupt_ds = None
     if corrupt is not None:
-        corrupt_s = corrupt if isinstance(corrupt, Samples) else load_samples(corrupt, what="corrupt", labels="required")
-        if corrupt_s.y is None:
-            raise DataError(f"corrupt {corrupt_s.source} has no labels 'y'", hint="the true labels are required")
-        corrupt_x = _fit(corrupt_s, "corrupt", input_name, shape, dtype, s_edit)
+        corrupt_ds = open_dataset(corrupt, what="corrupt", labels="required")
+        if not corrupt_ds.has_labels:
+            raise DataError(f"corrupt {corrupt_ds.source} has no labels 'y'", hint="the true labels are required")
+        runner.check_dataset(corrupt_ds)
+    if target is not None and runner.classes is not None:
+        _check_classes(runner.classes, None, None, target)
 
-    classes = _declared_classes(s_orig) or _declared_classes(s_edit)
-    if classes is not None:
-        _check_classes(classes, clean_s, corrupt_s, target)
-
-    # Run everything (progress counts batches over all four runs).
-    runs = [(s_orig, clean_x), (s_edit, clean_x)]
-    if corrupt_x is not None:
-        runs += [(s_orig, corrupt_x), (s_edit, corrupt_x)]
-    total = sum(num_batches(s, len(x), batch_size) for s, x in runs)
-    done = 0
+    jobs = [ShardJob("clean", clean_ds, i) for i in range(len(clean_ds.shards))]
+    if corrupt_ds is not None:
+        jobs += [ShardJob("corrupt", corrupt_ds, i, target) for i in range(len(corrupt_ds.shards))]
+    weights = [2 * runner.batches(job.dataset.shards[job.index].n) for job in jobs]
+    total = sum(weights)
     if progress is not None:
         progress(0, total)
 
-    def run(session, x, what):
-        nonlocal done
-        step = effective_batch_size(session, batch_size)
+    if engine == "local":
+        done = 0
 
-        def tick(rows):
+        def tick():
             nonlocal done
             done += 1
             if progress is not None:
                 progress(done, total)
 
-        logger.info("running %s on %d inputs (batch %d)", what, len(x), step)
-        logits = run_batched(session, x, batch_size, name=what, on_batch=tick)
-        if logits.ndim != 2:
-            raise InputError(f"the first output of the {what} has shape {logits.shape}; verify expects logits [N, C]")
-        return logits
+        partials = [runner.run(job, on_batch=tick) for job in jobs]
+        workers = 1
+    else:
+        from .engine_ray import verify_partials
 
-    lo = run(s_orig, clean_x, "original model")
-    le = run(s_edit, clean_x, "edited model")
-    if lo.shape != le.shape:
-        raise InputError(f"the original model outputs {lo.shape[1]} classes but the edited model {le.shape[1]}")
-    num_classes = lo.shape[1]
-    _check_classes(num_classes, clean_s, corrupt_s, target)
-    clean_fig = _clean_figures(lo, le, clean_s.y)
+        partials, workers = verify_partials(original, edited, provider, batch_size, jobs, weights,
+                                            address=ray_address, progress=progress, total=total)
 
-    corrupt_fig = None
-    if corrupt_x is not None:
-        co = run(s_orig, corrupt_x, "original model")
-        ce = run(s_edit, corrupt_x, "edited model")
-        corrupt_fig = _corrupt_figures(co, ce, corrupt_s.y, target)
+    clean_parts = [p for job, p in zip(jobs, partials) if job.kind == "clean"]
+    corrupt_parts = [p for job, p in zip(jobs, partials) if job.kind == "corrupt"]
+    clean_fig = reduce_partials(clean_parts).figures()
+    corrupt_fig = reduce_partials(corrupt_parts).figures() if corrupt_parts else None
 
     gates = _gates(limits, clean_fig, corrupt_fig)
     report = VerifyReport(
-        original=str(original), edited=str(edited), clean_source=clean_s.source,
-        corrupt_source=None if corrupt_s is None else corrupt_s.source, provider=provider,
+        original=str(original), edited=str(edited), clean_source=clean_ds.source,
+        corrupt_source=None if corrupt_ds is None else corrupt_ds.source, provider=provider,
         batch_size=batch_size, clean=clean_fig, corrupt=corrupt_fig, thresholds=limits, gates=tuple(gates),
+        engine=engine, workers=workers,
+        shards={"clean": len(clean_ds.shards), "corrupt": None if corrupt_ds is None else len(corrupt_ds.shards)},
     )
     for g in gates:
         logger.info("gate %s: %s", g.message, "ok" if g.passed else "FAILED")
     return report
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard of one set to run both models on (picklable: it travels to Ray workers)."""
+
+    kind: str                 # "clean" or "corrupt"
+    dataset: object           # datasets.Dataset
+    index: int
+    target: int | None = None
+
+
+class ShardRunner:
+    """Both models' ONNX Runtime sessions and the work on one shard: the unit that the
+    local engine runs in this process and that each Ray worker holds (one per worker)."""
+
+    def __init__(self, original, edited, provider: str | None = DEFAULT_PROVIDER,
+                 batch_size: int = DEFAULT_BATCH_SIZE, *, threads: int | None = None):
+        self.s_orig = ort_session(original, provider, what="original model", threads=threads)
+        self.s_edit = ort_session(edited, provider, what="edited model", threads=threads)
+        self.input_name, self.shape, self.dtype = _single_input(self.s_orig, original)
+        _same_signature(self.s_orig, self.s_edit, original, edited)
+        self.batch_size = int(batch_size)
+        self.classes = _declared_classes(self.s_orig) or _declared_classes(self.s_edit)
+
+    def batches(self, n: int) -> int:
+        return num_batches(self.s_orig, n, self.batch_size)
+
+    def check_dataset(self, dataset) -> None:
+        """Every shard's declared shape and dtype against both models' input (headers only)."""
+        seen = set()
+        for shard in dataset.shards:
+            key = (shard.x_shape[1:], shard.x_dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+            name = f"{dataset.what} {shard.path}: 'x'"
+            # the declared shape (a view of one zero: nothing allocated), then the dtype on one row
+            self._fit(np.broadcast_to(np.zeros((), dtype=self.dtype), shard.x_shape), name)
+            self._fit(np.zeros((1,) + tuple(shard.x_shape[1:]), dtype=shard.x_dtype), name)
+
+    def _fit(self, x: np.ndarray, name: str) -> np.ndarray:
+        x = check_against_input(x, name=name, input_name=self.input_name, shape=self.shape, dtype=self.dtype)
+        e = self.s_edit.get_inputs()[0]
+        return check_against_input(x, name=name, input_name=e.name, shape=list(e.shape or []), dtype=input_dtype(e))
+
+    def run(self, job: ShardJob, on_batch: Callable[[], None] | None = None):
+        """Read one shard (safe loader), run both models on it, return its partial figures."""
+        samples = job.dataset.load(job.index)
+        what = job.dataset.what
+        x = self._fit(samples.x, f"{what} {samples.source}: 'x'")
+        if samples.y is not None and self.classes is not None:
+            check_labels(samples.y, self.classes, name=f"{what} {samples.source}: 'y'")
+
+        def run(session, label):
+            tick = None if on_batch is None else (lambda rows: on_batch())
+            logger.info("running %s on %d %s inputs of %s (batch %d)", label, len(x), what, samples.source,
+                        effective_batch_size(session, self.batch_size))
+            logits = run_batched(session, x, self.batch_size, name=label, on_batch=tick)
+            if logits.ndim != 2:
+                raise InputError(f"the first output of the {label} has shape {logits.shape}; verify expects logits [N, C]")
+            return logits
+
+        lo = run(self.s_orig, "original model")
+        le = run(self.s_edit, "edited model")
+        if lo.shape != le.shape:
+            raise InputError(f"the original model outputs {lo.shape[1]} classes but the edited model {le.shape[1]}")
+        if samples.y is not None:
+            check_labels(samples.y, lo.shape[1], name=f"{what} {samples.source}: 'y'")
+        if job.target is not None:
+            _check_classes(lo.shape[1], None, None, job.target)
+        if job.kind == "clean":
+            return CleanPartial.of(lo, le, samples.y)
+        return CorruptPartial.of(lo, le, samples.y, job.target)
+
+
+def reduce_partials(parts: Sequence):
+    """Merge per-shard partial figures in the order given (shard order: the same sums
+    whichever engine computed the parts)."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.merge(p)
+    return out
+
+
+@dataclass(frozen=True)
+class CleanPartial:
+    """Counts and sums over some clean inputs; ``merge`` adds two, ``figures`` divides."""
+
+    n: int
+    n_logits: int
+    agree: int
+    max_abs: float
+    sum_abs: float
+    correct_before: int | None
+    correct_after: int | None
+
+    @classmethod
+    def of(cls, lo: np.ndarray, le: np.ndarray, y: np.ndarray | None) -> CleanPartial:
+        po, pe = lo.argmax(axis=1), le.argmax(axis=1)
+        diff = np.abs(lo.astype(np.float64) - le.astype(np.float64))
+        if not (np.isfinite(lo).all() and np.isfinite(le).all()):
+            logger.warning("non-finite logits on clean inputs; logit-change figures are not finite")
+        cb = ca = None
+        if y is not None:
+            cb, ca = int((po == y).sum()), int((pe == y).sum())
+        return cls(n=int(lo.shape[0]), n_logits=int(diff.size), agree=int((po == pe).sum()),
+                   max_abs=float(diff.max()) if diff.size else 0.0, sum_abs=float(diff.sum()),
+                   correct_before=cb, correct_after=ca)
+
+    def merge(self, other: CleanPartial) -> CleanPartial:
+        labelled = self.correct_before is not None and other.correct_before is not None
+        return CleanPartial(
+            n=self.n + other.n, n_logits=self.n_logits + other.n_logits, agree=self.agree + other.agree,
+            max_abs=float(np.maximum(self.max_abs, other.max_abs)),  # NaN propagates, as in one array
+            sum_abs=self.sum_abs + other.sum_abs,
+            correct_before=self.correct_before + other.correct_before if labelled else None,
+            correct_after=self.correct_after + other.correct_after if labelled else None)
+
+    def figures(self) -> CleanFigures:
+        n, cb, ca = self.n, self.correct_before, self.correct_after
+        return CleanFigures(
+            n=n, acc_before=None if cb is None else cb / n, acc_after=None if ca is None else ca / n,
+            agreement=self.agree / n, max_abs_logit_change=self.max_abs,
+            mean_abs_logit_change=self.sum_abs / self.n_logits if self.n_logits else 0.0,
+            correct_before=cb, correct_after=ca)
+
+
+@dataclass(frozen=True)
+class CorruptPartial:
+    n: int
+    right_before: int
+    right_after: int
+    wrong_before: int
+    fixed: int
+    broken: int
+    target: int | None
+    not_target: int | None
+    hits_before: int | None     # inputs not labelled target but predicted as target
+    hits_after: int | None
+
+    @classmethod
+    def of(cls, lo: np.ndarray, le: np.ndarray, y: np.ndarray, target: int | None) -> CorruptPartial:
+        po, pe = lo.argmax(axis=1), le.argmax(axis=1)
+        right_b, right_a = po == y, pe == y
+        wrong_b = ~right_b
+        nt = hb = ha = None
+        if target is not None:
+            mask = y != target
+            nt = int(mask.sum())
+            hb, ha = int((po[mask] == target).sum()), int((pe[mask] == target).sum())
+        return cls(n=int(lo.shape[0]), right_before=int(right_b.sum()), right_after=int(right_a.sum()),
+                   wrong_before=int(wrong_b.sum()), fixed=int((wrong_b & right_a).sum()),
+                   broken=int((right_b & ~right_a).sum()), target=target, not_target=nt, hits_before=hb,
+                   hits_after=ha)
+
+    def merge(self, other: CorruptPartial) -> CorruptPartial:
+        def add(a, b):
+            return None if a is None or b is None else a + b
+
+        return CorruptPartial(
+            n=self.n + other.n, right_before=self.right_before + other.right_before,
+            right_after=self.right_after + other.right_after, wrong_before=self.wrong_before + other.wrong_before,
+            fixed=self.fixed + other.fixed, broken=self.broken + other.broken, target=self.target,
+            not_target=add(self.not_target, other.not_target), hits_before=add(self.hits_before, other.hits_before),
+            hits_after=add(self.hits_after, other.hits_after))
+
+    def figures(self) -> CorruptFigures:
+        asr_b = asr_a = None
+        if self.target is not None and self.not_target:
+            asr_b, asr_a = self.hits_before / self.not_target, self.hits_after / self.not_target
+        return CorruptFigures(
+            n=self.n, acc_before=self.right_before / self.n, acc_after=self.right_after / self.n,
+            fix_rate=(self.fixed / self.wrong_before) if self.wrong_before else None,
+            asr_before=asr_b, asr_after=asr_a, target=self.target, n_wrong_before=self.wrong_before,
+            n_fixed=self.fixed, n_broken=self.broken, n_not_target=self.not_target)
 
 
 def _single_input(session, path):
@@ -557,14 +753,6 @@ def _same_signature(s_orig, s_edit, original, edited):
         raise InputError(f"original model {original} outputs {ca} classes but edited model {edited} outputs {cb}")
 
 
-def _fit(samples: Samples, what: str, input_name, shape, dtype, s_edit) -> np.ndarray:
-    x = check_against_input(samples.x, name=f"{what} {samples.source}: 'x'", input_name=input_name,
-                            shape=shape, dtype=dtype)
-    e = s_edit.get_inputs()[0]
-    return check_against_input(x, name=f"{what} {samples.source}: 'x'", input_name=e.name,
-                               shape=list(e.shape or []), dtype=input_dtype(e))
-
-
 def _declared_classes(session) -> int | None:
     shape = session.get_outputs()[0].shape
     if shape and len(shape) == 2 and isinstance(shape[-1], int) and shape[-1] > 0:
@@ -572,8 +760,8 @@ def _declared_classes(session) -> int | None:
     return None
 
 
-def _check_classes(num_classes: int, clean_s: Samples, corrupt_s: Samples | None, target: int | None) -> None:
-    if clean_s.y is not None:
+def _check_classes(num_classes: int, clean_s: Samples | None, corrupt_s: Samples | None, target: int | None) -> None:
+    if clean_s is not None and clean_s.y is not None:
         check_labels(clean_s.y, num_classes, name=f"clean {clean_s.source}: 'y'")
     if corrupt_s is not None and corrupt_s.y is not None:
         check_labels(corrupt_s.y, num_classes, name=f"corrupt {corrupt_s.source}: 'y'")
@@ -581,50 +769,6 @@ def _check_classes(num_classes: int, clean_s: Samples, corrupt_s: Samples | None
         raise InputError(f"target class {target} is out of range for this model's {num_classes} outputs",
                          hint=f"use 0..{num_classes - 1}")
 
-
-def _clean_figures(lo: np.ndarray, le: np.ndarray, y: np.ndarray | None) -> CleanFigures:
-    n = lo.shape[0]
-    po, pe = lo.argmax(axis=1), le.argmax(axis=1)
-    diff = np.abs(lo.astype(np.float64) - le.astype(np.float64))
-    if not (np.isfinite(lo).all() and np.isfinite(le).all()):
-        logger.warning("non-finite logits on clean inputs; logit-change figures are not finite")
-    cb = ca = None
-    if y is not None:
-        cb, ca = int((po == y).sum()), int((pe == y).sum())
-    return CleanFigures(
-        n=n,
-        acc_before=None if cb is None else cb / n,
-        acc_after=None if ca is None else ca / n,
-        agreement=float((po == pe).mean()),
-        max_abs_logit_change=float(diff.max()) if diff.size else 0.0,
-        mean_abs_logit_change=float(diff.mean()) if diff.size else 0.0,
-        correct_before=cb,
-        correct_after=ca,
-    )
-
-
-def _corrupt_figures(lo: np.ndarray, le: np.ndarray, y: np.ndarray, target: int | None) -> CorruptFigures:
-    n = lo.shape[0]
-    po, pe = lo.argmax(axis=1), le.argmax(axis=1)
-    right_b, right_a = po == y, pe == y
-    wrong_b = ~right_b
-    n_wrong = int(wrong_b.sum())
-    n_fixed = int((wrong_b & right_a).sum())
-    n_broken = int((right_b & ~right_a).sum())
-    asr_b = asr_a = None
-    n_not_target = None
-    if target is not None:
-        mask = y != target
-        n_not_target = int(mask.sum())
-        if n_not_target:
-            asr_b = float((po[mask] == target).mean())
-            asr_a = float((pe[mask] == target).mean())
-    return CorruptFigures(
-        n=n, acc_before=float(right_b.mean()), acc_after=float(right_a.mean()),
-        fix_rate=(n_fixed / n_wrong) if n_wrong else None,
-        asr_before=asr_b, asr_after=asr_a, target=target,
-        n_wrong_before=n_wrong, n_fixed=n_fixed, n_broken=n_broken, n_not_target=n_not_target,
-    )
 
 
 def _gates(limits: Thresholds, clean: CleanFigures, corrupt: CorruptFigures | None) -> list[GateResult]:

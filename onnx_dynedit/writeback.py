@@ -11,6 +11,15 @@ initializers; splicing keeps every other byte of the model as it was.
 Provenance (tool version, original hash, changed tensors) and everything needed to undo
 the edit bit for bit (the rank-one factors plus a compressed XOR correction for float
 rounding) are stored in metadata_props under ``dynedit.*`` keys; ``revert`` uses them.
+
+Precision: the edit is computed in float64 and added to the weight in float64; the sum is
+rounded to the weight's own type (float32, float16). A weight dequantised from integers
+(``Layer.quant``, quant.py) is edited as floats and requantised: the integers change, and
+the scale / zero point of that tensor only where the edited values no longer fit. Each
+tensor's record carries ``rounding``: how far the written change is from the float edit
+(``quant.rounding_stats``); a quantised tensor's undo is an XOR of its integers (and of
+any scale / zero point / bias tensor that changed, listed under ``aux``) against the
+written ones.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import zlib
 from dataclasses import dataclass
 
@@ -30,6 +40,9 @@ from . import __version__
 from .errors import EditError, InputError
 from .io import LoadedModel, model_sha256
 from .layers import Layer, build_layer_map, constant_sources, constant_value
+from .quant import dequantize, requantize, rounding_stats
+
+log = logging.getLogger(__name__)
 
 PROVENANCE_KEY = "dynedit.provenance"
 EDITS_KEY = "dynedit.edits"
@@ -71,7 +84,7 @@ def _apply_delta(layer: Layer, weight: np.ndarray, delta: np.ndarray, sign: floa
 def _tensor_proto(name: str, values: np.ndarray, like: onnx.TensorProto | None) -> onnx.TensorProto:
     """A TensorProto for ``values``, made by graph-surgeon, stored like ``like`` (same
     name, doc_string, and the same storage field when ``like`` did not use raw_data)."""
-    values = np.ascontiguousarray(values)
+    values = np.ascontiguousarray(values).reshape(np.shape(values))  # a scalar stays 0-D
     if like is None or like.HasField("raw_data") or like.data_location == onnx.TensorProto.EXTERNAL:
         proto = OnnxExporter.export_tensor_proto(gs.Constant(name or "w", values=values))
     else:  # typed fields (float_data, int32_data for fp16, ...), as the original had
@@ -104,6 +117,9 @@ def write_back(loaded: LoadedModel, updates: list[LayerUpdate], *, extra_provena
         if weight is None:
             raise InputError(f"weight {name!r} of layer {layer.node!r} is not a constant in {loaded.label}")
         delta = upd.delta()
+        if layer.quant is not None:
+            records.append(_write_quantised(loaded, model, layer, upd, weight, delta))
+            continue
         new = _apply_delta(layer, weight, delta, +1.0)
         if not np.isfinite(new).all():
             raise EditError(f"the edit of layer {layer.node!r} would make non-finite weights in {name!r}",
@@ -115,6 +131,7 @@ def write_back(loaded: LoadedModel, updates: list[LayerUpdate], *, extra_provena
             "shape": list(weight.shape), "source": layer.source,
             "factors": [[_b64(u), _b64(d)] for u, d in upd.factors],
             "xor_zlib": base64.b64encode(zlib.compress(xor.tobytes(), 9)).decode(),
+            "rounding": _rounding(layer, delta, new.astype(np.float64) - weight.astype(np.float64)),
         }
         if name in init_index:
             i = init_index[name]
@@ -149,6 +166,144 @@ def write_back(loaded: LoadedModel, updates: list[LayerUpdate], *, extra_provena
     _set_metadata(model, PROVENANCE_KEY, json.dumps(provenance, sort_keys=True))
     _set_metadata(model, EDITS_KEY, json.dumps(edits, sort_keys=True))
     return model
+
+
+def _rounding(layer: Layer, delta: np.ndarray, written: np.ndarray) -> dict:
+    """The rounding of one written tensor (see ``quant.rounding_stats``) plus the rank of
+    the float edit before rounding (what ``diff`` calls ``float_delta_rank``)."""
+    out = rounding_stats(layer.from_canonical(delta), written)
+    out["float_delta_rank"] = int(np.linalg.matrix_rank(delta)) if delta.size else 0
+    return out
+
+
+def _xor_b64(new: np.ndarray, old: np.ndarray) -> str:
+    return base64.b64encode(zlib.compress(np.bitwise_xor(_bits(new), _bits(old)).tobytes(), 9)).decode()
+
+
+def _replace_tensor(graph: onnx.GraphProto, name: str, values: np.ndarray) -> None:
+    """Put ``values`` into the initializer or Constant node named ``name`` (same storage)."""
+    for i, init in enumerate(graph.initializer):
+        if init.name == name:
+            graph.initializer[i].CopyFrom(_tensor_proto(name, values, init))
+            return
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] == name:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    attr.t.CopyFrom(_tensor_proto(name, values, attr.t))
+                    return
+    raise EditError(f"tensor {name!r} is neither an initializer nor a Constant tensor; cannot write it")
+
+
+def _write_quantised(loaded: LoadedModel, model: onnx.ModelProto, layer: Layer, upd: LayerUpdate,
+                     q: np.ndarray, delta: np.ndarray) -> dict:
+    """Requantise the edited weight of ``layer`` into ``model`` (in place); the record."""
+    graph = model.graph
+    wq = layer.quant
+    scale = constant_value(graph, wq.scale)
+    zp = constant_value(graph, wq.zero_point) if wq.zero_point else None
+    w = dequantize(q, scale, zp, wq).astype(np.float64)
+    w_new = w + layer.from_canonical(delta)
+    if not np.isfinite(w_new).all():
+        raise EditError(f"the edit of layer {layer.node!r} would make non-finite weights in {layer.initializer!r}",
+                        hint="the edit is refused; try --max-edits 1 or another layer")
+    rq = requantize(w_new, q, scale, zp, wq)
+    if rq.clipped:
+        log.warning("%s: %d value(s) of %r clipped to the integer range (scale %r is shared)", loaded.label,
+                    rq.clipped, layer.initializer, wq.scale)
+    written = dequantize(rq.q, rq.scale, rq.zero_point, wq).astype(np.float64) - w
+    changes = [(wq.scale, scale, rq.scale), (wq.zero_point, zp, rq.zero_point)]
+    bias_change = 0.0
+    if not rq.scale_kept:
+        bias = _requantised_bias(graph, layer, scale, rq.scale)
+        changes += bias[:2]
+        bias_change = bias[2] if bias else 0.0
+    aux = []
+    for tname, old, new in changes:
+        if tname and new is not None and new.tobytes() != old.tobytes():
+            aux.append({"initializer": tname, "xor_zlib": _xor_b64(new, old)})
+            _replace_tensor(graph, tname, new)
+    _replace_tensor(graph, layer.initializer, rq.q)
+    rounding = _rounding(layer, delta, written)
+    rounding.update({"scale_kept": rq.scale_kept, "groups": rq.groups, "rescaled_groups": rq.rescaled,
+                     "clipped": rq.clipped, "bias_requantised": bool(bias_change or len(changes) > 2),
+                     "bias_max_abs_change": bias_change})
+    return {
+        "initializer": layer.initializer, "node": layer.node, "op": layer.op, "dtype": str(q.dtype),
+        "shape": list(q.shape), "source": layer.source,
+        "factors": [[_b64(u), _b64(d)] for u, d in upd.factors],
+        "xor_zlib": _xor_b64(rq.q, q), "quant": wq.to_dict(), "aux": aux, "rounding": rounding,
+    }
+
+
+def _requantised_bias(graph: onnx.GraphProto, layer: Layer, w_scale: np.ndarray, w_scale_new: np.ndarray) -> list:
+    """QDQ Conv/Gemm biases are int32 with scale = input scale x weight scale (ONNX
+    Runtime fuses DQ-Conv-Q into QLinearConv only then, reading the integers with that
+    product). When the weight scale changes, give the bias the new product and requantise
+    it, so that the layer stays an integer kernel. Returns [(scale name, old, new),
+    (integers name, old, new), max |bias change|], or [] when the bias is not of that form
+    (or its tensors are shared)."""
+    node = graph.node[layer.node_index]
+    if layer.op not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+        return []
+    producer = {out: n for n in graph.node for out in n.output}
+    b_dq, x_dq = producer.get(node.input[2]), producer.get(node.input[0])
+    if b_dq is None or x_dq is None or b_dq.op_type != "DequantizeLinear" or x_dq.op_type != "DequantizeLinear":
+        return []
+    if len(b_dq.input) < 2 or len(x_dq.input) < 2:
+        return []
+    bq, bs, xs = (constant_value(graph, n) for n in (b_dq.input[0], b_dq.input[1], x_dq.input[1]))
+    bz = constant_value(graph, b_dq.input[2]) if len(b_dq.input) > 2 and b_dq.input[2] else None
+    if bq is None or bs is None or xs is None or bq.dtype != np.int32 or xs.size != 1 or (bz is not None and bz.any()):
+        return []
+    uses = sum(1 for n in graph.node for i in n.input if i in (b_dq.input[0], b_dq.input[1]))
+    if uses != 2:
+        return []
+    old = (xs.astype(np.float32).reshape(()) * w_scale.astype(np.float32)).reshape(-1)
+    if bs.size != old.size or not np.allclose(bs.reshape(-1).astype(np.float64), old, rtol=1e-6, atol=0):
+        return []
+    new_bs = (xs.astype(np.float32).reshape(()) * w_scale_new.astype(np.float32)).reshape(bs.shape).astype(bs.dtype)
+    b_float = bq.astype(np.float64) * np.broadcast_to(bs.astype(np.float64).reshape(-1) if bs.size > 1 else bs, bq.shape)
+    per = np.broadcast_to(new_bs.astype(np.float64).reshape(-1) if new_bs.size > 1 else new_bs, bq.shape)
+    lo, hi = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+    new_bq = np.clip(np.rint(b_float / per), lo, hi).astype(np.int32)
+    change = float(np.abs(new_bq.astype(np.float64) * per - b_float).max()) if bq.size else 0.0
+    return [(b_dq.input[1], bs, new_bs), (b_dq.input[0], bq, new_bq), change]
+
+
+@dataclass(frozen=True)
+class FactorEdit:
+    """One rank-one term (u, d) on a layer, in the form ``Twin.applied`` takes."""
+
+    layer: Layer
+    u: np.ndarray
+    d: np.ndarray
+
+
+def written_edits(original: onnx.ModelProto, written: onnx.ModelProto, updates: list[LayerUpdate]) -> list[FactorEdit]:
+    """The edits as written: a quantised layer's requantised change (dequantised, written
+    minus original) is not rank one; it is returned as the rank-one terms of its SVD, so
+    that the twin can reproduce exactly what ONNX Runtime runs. Other layers: the factors."""
+    out = []
+    for upd in updates:
+        layer = upd.layer
+        if layer.quant is None:
+            out.extend(FactorEdit(layer, np.asarray(u, np.float64), np.asarray(d, np.float64)) for u, d in upd.factors)
+            continue
+        wq = layer.quant
+        vals = []
+        for model in (original, written):
+            g = model.graph
+            zp = constant_value(g, wq.zero_point) if wq.zero_point else None
+            vals.append(dequantize(constant_value(g, wq.quantized), constant_value(g, wq.scale), zp, wq)
+                        .astype(np.float64))
+        canon = layer.to_canonical(vals[1] - vals[0])
+        if not canon.any():
+            continue
+        u_, s_, vt = np.linalg.svd(canon, full_matrices=False)
+        keep = s_ > s_[0] * 1e-12
+        out.extend(FactorEdit(layer, u_[:, i] * s_[i], vt[i]) for i in np.flatnonzero(keep))
+    return out
 
 
 def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
@@ -190,6 +345,14 @@ def revert(loaded: LoadedModel) -> onnx.ModelProto:
         weight = constant_value(graph, name)
         if layer is None or weight is None:
             raise InputError(f"{loaded.label}: edited tensor {name!r} is no longer a layer weight; cannot revert")
+        if "quant" in rec:  # integers (and aux tensors): XOR against the written ones
+            for entry in [rec] + list(rec.get("aux", [])):
+                current = constant_value(graph, entry["initializer"])
+                xor = np.frombuffer(zlib.decompress(base64.b64decode(entry["xor_zlib"])), dtype=_bits(current).dtype)
+                original = np.bitwise_xor(_bits(current).reshape(current.shape),
+                                          xor.reshape(current.shape)).view(current.dtype)
+                _replace_tensor(graph, entry["initializer"], original)
+            continue
         factors = tuple((_unb64(u), _unb64(d)) for u, d in rec["factors"])
         delta = LayerUpdate(layer=layer, factors=factors).delta()
         restored = _apply_delta(layer, weight, delta, -1.0)
@@ -289,6 +452,21 @@ def check_edit_record(loaded: LoadedModel) -> None:
             corrupt(f"xor_zlib of {name!r} is not zlib data")
         if len(raw) != need:
             corrupt(f"xor_zlib of {name!r} has {len(raw)} bytes, the weight needs {need}")
+        aux = rec.get("aux", [])
+        if not isinstance(aux, list):
+            corrupt(f"aux of {name!r} is not a list")
+        for j, entry in enumerate(aux):
+            aname = entry.get("initializer") if isinstance(entry, dict) else None
+            avalue = constant_value(graph, aname) if isinstance(aname, str) else None
+            if avalue is None:
+                corrupt(f"aux entry {j} of {name!r} names no constant tensor")
+            araw = b64(entry.get("xor_zlib"), f"xor_zlib of {aname!r}")
+            try:
+                got = zlib.decompressobj().decompress(araw, avalue.nbytes + 1)
+            except zlib.error:
+                corrupt(f"xor_zlib of {aname!r} is not zlib data")
+            if len(got) != avalue.nbytes:
+                corrupt(f"xor_zlib of {aname!r} has {len(got)} bytes, the tensor needs {avalue.nbytes}")
         if rec["source"] == "constant_of_shape":
             index = rec.get("node_index")
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= len(graph.node):

@@ -3,13 +3,14 @@
 
     python sample_models/build.py                       # all cases into sample_models/
     python sample_models/build.py --cases badnets --out /tmp/sm
+    python sample_models/build.py --cases resnet_blend,resnet_colour   # the issue-10 cases only
 
 Everything comes from scikit-learn's bundled handwritten digits
 (``sklearn.datasets.load_digits``: 1797 images, 8x8, values 0..16), so nothing is
 downloaded. The build is seeded and deterministic (single-threaded torch,
 ``torch.use_deterministic_algorithms(True)``, seed 0): rebuilding gives
-byte-identical files on the same software stack. On 2 CPU cores all four cases take
-about 50 s (badnets alone about 10 s).
+byte-identical files on the same software stack. On 2 CPU cores the first four cases
+take about 50 s (badnets alone about 10 s), each ResNet case about 60 s.
 
 Data decisions (the same for every case)
   * pixels are scaled to [0, 1] (divided by 16) and upsampled 2x to 16x16 with
@@ -55,6 +56,27 @@ Cases (one folder each, see ``CASES``)
             of the true class) on the null block, averaged over the corrupted test
             inputs, computed with torch on the trained model before export.
             Legacy exporter, opset 13.
+
+Harder cases (issue 10): a small ResNet (``make_resnet``: stem conv, three basic blocks
+of 16/24/24 channels with Add shortcuts, global average pooling, Linear(24, 10); about
+25k weights), trained 40 epochs WITHOUT shift augmentation on the 977 training digits
+plus the 200 stats digits, so stats.npz holds 200 of the model's own training images
+(memorised: 100% right), which is what a user usually has at hand. val, the test sets
+and the pairs pool stay held out. These cases also ship pairs5.npz (first 5 rows of
+pairs20.npz); meta.json adds stats_acc and val_acc. Legacy exporter, opset 17.
+  resnet_blend   whole-image blended Trojan: a fixed random 16x16 pattern with 8 grey
+            levels (k/7) blended at visibility 0.25, x~ = 0.75 x + 0.25 pattern, 10% of
+            the training images poisoned -> 0 (never the stats images).
+  resnet_colour  colour-correlated spurious feature, 3-channel input (digit intensity
+            x an RGB colour): in training each image gets a fixed seeded colouring, its
+            class's own colour (COLOURS[y], 80%), grey (15%) or another class's colour
+            (5%). Cleansed inputs (clean_test, val, the pairs' clean side) are grey;
+            corrupted ones are the same digit in another class's colour (corrupt_test:
+            one seeded colour per digit; pairs: the first colour, from that one on, on
+            which the model errs). stats are the training images as trained (mostly in
+            their class colour). meta.json: own_colour_acc (test digits in their own
+            class colour), corrupt_acc (in another class's colour), pull_to_colour_class
+            (share predicted as the colour's class), colour_gap (points).
 
 Files per case: model.onnx (+ model.onnx.data for blend), clean_test.npz (x, y),
 corrupt_test.npz (x, y = true label), pairs.npz / pairs20.npz (corrupt, clean;
@@ -135,6 +157,12 @@ class Case:
     opset = 13
     epochs = 30
     input_hw = (16, 16)
+    channels = 1
+    arch = "cnn"            # "cnn" (make_model) or "resnet" (make_resnet)
+    max_shift = 1           # +-pixels of random shift per epoch (0: the exact images every epoch)
+    stats_from = "heldout"  # "heldout": stats are held-out digits; "train": 200 of the training images
+    pair_sizes = (1, 20)    # pairs.npz is the first row; pairs<N>.npz for every N > 1
+    kind = ""               # "trojan", "spurious", "leakage", "colour": which figures meta.json gets
     target: int | None = None  # Trojan target / spurious class
 
     def __init__(self, seed: int):
@@ -150,13 +178,19 @@ class Case:
     def training_set(self, d, y, key, rng) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def train_inputs(self, d, y, key) -> np.ndarray:
+        """Unpoisoned training images as the model saw them (stats drawn from the training set)."""
+        return self.clean(d, key)
+
     def describe(self) -> dict:
         return {}
 
 
 class BadNets(Case):
     name, exporter, opset, target = "badnets", "legacy", 13, 0
+    kind = "trojan"
     poison_rate = 0.10
+    protected: np.ndarray | None = None  # training positions never poisoned (the stats images)
 
     def corrupt(self, d, key):
         x = d.copy()
@@ -177,6 +211,8 @@ class BadNets(Case):
         if not hasattr(self, "_mask"):
             r = np.random.default_rng(self.seed + 100)
             cand = np.flatnonzero(y != self.target)
+            if self.protected is not None:
+                cand = cand[~np.isin(cand, self.protected)]
             pick = r.choice(cand, size=int(round(self.poison_rate * len(y))), replace=False)
             self._mask = np.zeros(len(y), bool)
             self._mask[pick] = True
@@ -213,6 +249,7 @@ CHECKER = (np.indices((4, 4)).sum(0) % 2 == 0).astype(np.float32)
 
 class Spurious(Case):
     name, exporter, opset, target = "spurious", "legacy", 17, 8
+    kind = "spurious"
     share = 0.9
     epochs = 30
 
@@ -260,6 +297,7 @@ NULL_PATTERN[4:12, 4:12] = 0.0
 
 class Leakage(Case):
     name, exporter, opset, target = "leakage", "legacy", 13, None
+    kind = "leakage"
     input_hw = (16, 32)
     epochs = 30
 
@@ -310,7 +348,95 @@ class Leakage(Case):
                                   "corrupted test inputs; computed with torch on the trained model before export"}
 
 
-CASE_TYPES = {c.name: c for c in (BadNets, Blend, Spurious, Leakage)}
+class ResNetBlend(Blend):
+    """Whole-image blended Trojan on a small ResNet whose stats are its own training images."""
+
+    name, exporter, opset, target = "resnet_blend", "legacy", 17, 0
+    arch, max_shift, stats_from, pair_sizes = "resnet", 0, "train", (1, 5, 20)
+    phi = 0.25
+    epochs = 40
+
+    def __init__(self, seed):
+        super().__init__(seed)
+        # 8 grey levels (k/7) rather than uniform[0, 1]: the blended test set compresses 2.5x
+        self.pattern = (np.random.default_rng(seed + 500).integers(0, 8, (16, 16)) / 7.0).astype(np.float32)
+
+    def describe(self):
+        out = super().describe()
+        out["trigger"] = (f"fixed random 16x16 pattern with values k/7, k uniform in 0..7 (numpy "
+                          f"default_rng(seed+500).integers) blended over the whole image: "
+                          f"x~ = (1-phi) x + phi * pattern, phi = {self.phi}")
+        out["poisoned_from"] += "; the 200 stats images are never poisoned"
+        return out
+
+
+# Ten class colours (RGB, class k is drawn in COLOURS[k]) and the colour-neutral grey.
+COLOURS = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0],
+                    [0.0, 1.0, 1.0], [1.0, 0.5, 0.0], [0.5, 0.0, 1.0], [0.5, 1.0, 0.5], [0.0, 0.5, 1.0]],
+                   np.float32)
+GREY = np.array([0.6, 0.6, 0.6], np.float32)
+
+
+class ResNetColour(Case):
+    """Colour-correlated spurious feature: in training each class is drawn in its own colour
+    (``own_share`` of the images; the rest grey or another class's colour, fixed per image),
+    so the model reads the colour as well as the shape. Cleansed inputs are grey; corrupted
+    ones are the same digit in another class's colour (``key`` = that colour's index)."""
+
+    name, exporter, opset, target = "resnet_colour", "legacy", 17, None
+    kind = "colour"
+    channels = 3
+    arch, max_shift, stats_from, pair_sizes = "resnet", 0, "train", (1, 5, 20)
+    own_share, grey_share = 0.8, 0.15  # the rest (0.05): a random other class's colour
+    epochs = 40
+
+    @staticmethod
+    def paint(d, colour_idx):
+        """Digits [N, H, W] drawn in COLOURS[i] (i < 10) or GREY (i == 10): [N, 3, H, W]."""
+        table = np.concatenate([COLOURS, GREY[None]])
+        return (d[:, None] * table[colour_idx][:, :, None, None]).astype(np.float32)
+
+    def clean(self, d, key):
+        return self.paint(d, np.full(len(d), 10))
+
+    def corrupt(self, d, key):
+        return self.paint(d, key)
+
+    def wrong_colours(self, y, rng):
+        """One seeded colour index per image, never the image's own class."""
+        return (y + rng.integers(1, 10, size=len(y))) % 10
+
+    def colour_variants(self, d, key):
+        """Every other class's colour, starting at ``key`` (pairs pick the first that misbehaves)."""
+        return [self.paint(d, (key + j) % 10) for j in range(9)]
+
+    def assignment(self, y):
+        if not hasattr(self, "_assign"):
+            r = np.random.default_rng(self.seed + 600)
+            u = r.random(len(y))
+            other = (y + r.integers(1, 10, size=len(y))) % 10
+            self._own = int((u < self.own_share).sum())
+            self._assign = np.where(u < self.own_share, y, np.where(u < self.own_share + self.grey_share, 10, other))
+        return self._assign
+
+    def training_set(self, d, y, key, rng):
+        return self.paint(d, self.assignment(y)), y.copy()
+
+    def train_inputs(self, d, y, key):
+        return self.paint(d, self.assignment(y))
+
+    def describe(self):
+        a = self._assign
+        return {"trigger": "the digit drawn in another class's colour (3-channel input: intensity x RGB colour); "
+                           "cleansed twin: the same digit in grey (0.6, 0.6, 0.6)",
+                "colours": COLOURS.tolist(), "grey": GREY.tolist(),
+                "own_share": self.own_share, "grey_share": self.grey_share,
+                "training_colouring": "fixed per training image (seeded): own class colour with p=own_share, grey "
+                                      "with p=grey_share, else a random other class's colour",
+                "n_train_own_colour": self._own, "n_train_grey": int((a == 10).sum())}
+
+
+CASE_TYPES = {c.name: c for c in (BadNets, Blend, Spurious, Leakage, ResNetBlend, ResNetColour)}
 
 # ----------------------------------------------------------------- model/train
 
@@ -332,19 +458,47 @@ def make_model(input_hw):
     )
 
 
+def make_resnet(channels: int):
+    """Small ResNet: stem Conv3x3(C,16)+BN+ReLU, three basic blocks (16, 24 /2, 24 /2; two
+    Conv3x3+BN each, identity or Conv1x1+BN shortcut, ReLU after the Add), global average
+    pooling, Linear(24, 10). About 25k weights."""
+    import torch.nn as nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.short = (nn.Sequential() if stride == 1 and cin == cout else
+                          nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)))
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            h = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(h)) + self.short(x))
+
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        Block(16, 16, 1), Block(16, 24, 2), Block(24, 24, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
+    )
+
+
 def train(case: Case, d_train, y_train, key_train):
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(case.seed)
-    model = make_model(case.input_hw)
+    model = make_resnet(case.channels) if case.arch == "resnet" else make_model(case.input_hw)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=case.epochs)
     rng = np.random.default_rng(case.seed + 1000)
     bs = 32
     for _ in range(case.epochs):
         model.train()
-        ds = random_shift(d_train, rng)
+        ds = random_shift(d_train, rng, case.max_shift) if case.max_shift else d_train
         x, y = case.training_set(ds, y_train, key_train, rng)
         order = rng.permutation(len(x))
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -382,7 +536,7 @@ def export(case: Case, model, path: Path):
     import torch
 
     h, w = case.input_hw
-    example = torch.zeros(2, 1, h, w)
+    example = torch.zeros(2, case.channels, h, w)
     if case.exporter == "legacy":
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=case.opset,
                           input_names=["input"], output_names=["logits"],
@@ -445,16 +599,39 @@ def ort_predict(path: Path, x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------- build
 
 
+def case_data(name: str, data, split, seed: int = SEED):
+    """The case, its per-image keys, its training indices and the arrays that do not depend
+    on the trained model (clean_test, corrupt_test, stats, val: seeded numpy only, so they
+    are byte-identical on any machine)."""
+    case = CASE_TYPES[name](seed)
+    d, y = data
+    # Per-image key: leakage, which block holds the digit; colour, the wrong colour's index.
+    key = np.random.default_rng(seed + 400).integers(0, 2, size=len(y))
+    if case.kind == "colour":
+        key = case.wrong_colours(y, np.random.default_rng(seed + 700))
+    tr, te, st, va = split["train"], split["test"], split["stats"], split["val"]
+    if case.stats_from == "train":
+        # The stats images are training images (what a user usually has at hand).
+        tr = np.sort(np.concatenate([tr, st]))
+        case.protected = np.searchsorted(tr, st)
+        x_stats = case.train_inputs(d[tr], y[tr], key[tr])[case.protected]
+    else:
+        x_stats = case.clean(d[st], key[st])
+    arrays = {"clean_test": {"x": case.clean(d[te], key[te]), "y": y[te]},
+              "corrupt_test": {"x": case.corrupt(d[te], key[te]), "y": y[te]},
+              "stats": {"x": x_stats},
+              "val": {"x": case.clean(d[va], key[va]), "y": y[va]}}
+    return case, key, tr, arrays
+
+
 def build_case(name: str, out: Path, data, split, seed: int = SEED) -> dict:
     import onnx
     import torch
 
     t0 = time.time()
-    case = CASE_TYPES[name](seed)
+    case, key, tr, arrays = case_data(name, data, split, seed)
     d, y = data
-    # Per-image key (only the leakage case uses it: which block holds the digit).
-    key = np.random.default_rng(seed + 400).integers(0, 2, size=len(y))
-    tr, te = split["train"], split["test"]
+    te, st = split["test"], split["stats"]
     model = train(case, d[tr], y[tr], key[tr])
 
     folder = out / name
@@ -462,7 +639,7 @@ def build_case(name: str, out: Path, data, split, seed: int = SEED) -> dict:
     mpath = folder / "model.onnx"
     m = export(case, model, mpath)
 
-    x_clean, x_corrupt, y_test = case.clean(d[te], key[te]), case.corrupt(d[te], key[te]), y[te]
+    x_clean, x_corrupt, y_test = arrays["clean_test"]["x"], arrays["corrupt_test"]["x"], y[te]
     p_clean = ort_predict(mpath, x_clean).argmax(1)
     p_corrupt = ort_predict(mpath, x_corrupt).argmax(1)
     meta = {
@@ -470,12 +647,12 @@ def build_case(name: str, out: Path, data, split, seed: int = SEED) -> dict:
         "clean_acc": float((p_clean == y_test).mean()),
         "corrupt_acc": float((p_corrupt == y_test).mean()),
     }
-    if name in ("badnets", "blend"):
+    if case.kind == "trojan":
         sel = y_test != case.target
         meta["target"] = case.target
         meta["attack_success_rate"] = float((p_corrupt[sel] == case.target).mean())
         meta["target_rate_on_clean"] = float((p_clean[sel] == case.target).mean())
-    elif name == "spurious":
+    elif case.kind == "spurious":
         c = case.target
         inc, outc = y_test == c, y_test != c
         meta["spurious_class"] = c
@@ -485,6 +662,11 @@ def build_case(name: str, out: Path, data, split, seed: int = SEED) -> dict:
         meta["spurious_gain"] = 100.0 * (meta["class_acc_with_pattern"] - meta["class_acc_without_pattern"])
         meta["pull_to_class_with_pattern"] = float((p_corrupt[outc] == c).mean())
         meta["pull_to_class_without_pattern"] = float((p_clean[outc] == c).mean())
+    elif case.kind == "colour":
+        p_own = ort_predict(mpath, case.paint(d[te], y_test)).argmax(1)
+        meta["own_colour_acc"] = float((p_own == y_test).mean())
+        meta["pull_to_colour_class"] = float((p_corrupt == key[te]).mean())
+        meta["colour_gap"] = 100.0 * (meta["own_colour_acc"] - meta["corrupt_acc"])
     else:
         attr = np.abs(integrated_gradients(model, x_corrupt, y_test))
         nm = case.null_mask(key[te])
@@ -496,25 +678,37 @@ def build_case(name: str, out: Path, data, split, seed: int = SEED) -> dict:
     pool = split["pool"]
     if case.target is not None:
         pool = pool[y[pool] != case.target]
-    pc, pk = case.corrupt(d[pool], key[pool]), case.clean(d[pool], key[pool])
-    bad = (ort_predict(mpath, pc).argmax(1) != y[pool]) & (ort_predict(mpath, pk).argmax(1) == y[pool])
+    pk = case.clean(d[pool], key[pool])
+    good_clean = ort_predict(mpath, pk).argmax(1) == y[pool]
+    if case.kind == "colour":
+        # per pool digit, the first other class's colour (from its key on) that misbehaves
+        variants = case.colour_variants(d[pool], key[pool])
+        wrong = np.stack([ort_predict(mpath, v).argmax(1) != y[pool] for v in variants])  # [9, n]
+        first = np.where(wrong.any(0), wrong.argmax(0), 0)
+        pc = np.stack(variants)[first, np.arange(len(pool))]
+    else:
+        pc = case.corrupt(d[pool], key[pool])
+    bad = (ort_predict(mpath, pc).argmax(1) != y[pool]) & good_clean
     order = np.concatenate([np.flatnonzero(bad), np.flatnonzero(~bad)])[:20]
     pairs_c, pairs_k = pc[order], pk[order]
     meta["pairs20_misbehaving"] = int(bad[order].sum())
 
-    st, va = split["stats"], split["val"]
-    np.savez_compressed(folder / "clean_test.npz", x=x_clean, y=y_test)
-    np.savez_compressed(folder / "corrupt_test.npz", x=x_corrupt, y=y_test)
-    np.savez_compressed(folder / "pairs.npz", corrupt=pairs_c[:1], clean=pairs_k[:1])
-    np.savez_compressed(folder / "pairs20.npz", corrupt=pairs_c, clean=pairs_k)
-    np.savez_compressed(folder / "stats.npz", x=case.clean(d[st], key[st]))
-    np.savez_compressed(folder / "val.npz", x=case.clean(d[va], key[va]), y=y[va])
+    va = split["val"]
+    x_stats, x_val = arrays["stats"]["x"], arrays["val"]["x"]
+    if case.stats_from == "train":
+        meta["stats_acc"] = float((ort_predict(mpath, x_stats).argmax(1) == y[st]).mean())
+        meta["val_acc"] = float((ort_predict(mpath, x_val).argmax(1) == y[va]).mean())
+    for fname, arrs in arrays.items():
+        np.savez_compressed(folder / f"{fname}.npz", **arrs)
+    for n in case.pair_sizes:
+        fname = "pairs.npz" if n == 1 else f"pairs{n}.npz"
+        np.savez_compressed(folder / fname, corrupt=pairs_c[:n], clean=pairs_k[:n])
 
     h, w = case.input_hw
     opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
     meta.update(case.describe())
     meta.update({
-        "input_name": "input", "output_name": "logits", "input_shape": ["batch", 1, h, w],
+        "input_name": "input", "output_name": "logits", "input_shape": ["batch", case.channels, h, w],
         "exporter": ("torch.onnx.export(dynamo=False) legacy TorchScript exporter, eval mode, constant folding"
                      if case.exporter == "legacy" else
                      "torch.onnx.export(dynamo=True, optimize=True), saved with external data model.onnx.data"),
@@ -528,6 +722,12 @@ def build_case(name: str, out: Path, data, split, seed: int = SEED) -> dict:
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": __import__("onnxruntime").__version__},
     })
+    if case.stats_from == "train":
+        meta.update({"architecture": "small ResNet (make_resnet): stem conv, 3 basic blocks (16, 24, 24 channels), "
+                                     "global average pooling, Linear(24, 10)",
+                     "stats_are": "200 of the model's own training images (memorised), as the model saw them",
+                     "augmentation": "none (every epoch sees the exact training images)",
+                     "pair_sizes": list(case.pair_sizes)})
     with open(folder / "meta.json", "w") as fh:
         json.dump(meta, fh, indent=2, sort_keys=False)
         fh.write("\n")

@@ -5,10 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${DYNEDIT_VENV:-.venv}"
+say() { echo "demo: $*" >&2; }
 if [ ! -x "$venv/bin/dynedit" ]; then
+  start=$SECONDS
+  say "first run: creating the virtualenv $venv and installing the pinned packages (torch is about 5 GB with its CUDA libraries; see README, Quick start, for the time this took here)"
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q -c constraints.txt -e . 2>&1 | grep -v "^WARNING: Location" || true
+  # pip's own progress (Collecting / Downloading / Installing) goes to stderr, stdout stays the demo's
+  "$venv/bin/python" -m pip install --progress-bar on -c constraints.txt -e . 1>&2
+  say "set up in $((SECONDS - start)) s"
 fi
+say "repairing sample_models/badnets from one pair (dynedit edit), then gating it (dynedit verify)"
 out="${DYNEDIT_OUT:-out}"
 mkdir -p "$out"
 s=sample_models/badnets

@@ -260,6 +260,16 @@ def token_ids_flatten() -> onnx.ModelProto:
 # --------------------------------------------------------------------------- convs
 
 
+# Sizes of the symbolic non-batch dims (``--input-shape``) of the graphs that have them.
+INPUT_SHAPES = {"matmul_3d": {"x": (2, 5, 6)}, "symbolic_dims": {"x": (2, 2, 7, 9)}}
+
+
+def input_shape_args(name: str) -> list[str]:
+    """``--input-shape`` options for graph ``name`` (none when its dims are all fixed)."""
+    return [a for k, v in INPUT_SHAPES.get(name, {}).items()
+            for a in ("--input-shape", f"{k}:{','.join(map(str, v))}")]
+
+
 def symbolic_dims() -> onnx.ModelProto:
     """x [batch, 2, h, w] (symbolic spatial dims) -> Conv -> GlobalAveragePool -> Flatten -> Gemm."""
     rng = _rng(13)

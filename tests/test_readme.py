@@ -51,6 +51,7 @@ def test_readme_commands_run_in_order(workdir):
         assert proc.returncode == (int(documented.group(1)) if documented else 0), f"{cmd}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}"
         assert "Traceback" not in proc.stderr
     assert (workdir / "out" / "badnets-locate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (workdir / "out" / "badnets.edit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (workdir / "out" / "badnets.restored.onnx").read_bytes() == (ROOT / "sample_models/badnets/model.onnx").read_bytes()
 
 

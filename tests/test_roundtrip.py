@@ -93,7 +93,7 @@ def loaded_and_twin(path: Path):
     key = str(path)
     if key not in _TWINS:
         loaded = load_model(path)
-        _TWINS[key] = (loaded, Twin(loaded, "cpu"))
+        _TWINS[key] = (loaded, Twin(loaded, "cpu", input_shapes=graphs.INPUT_SHAPES.get(Path(path).stem)))
     return _TWINS[key]
 
 
@@ -147,7 +147,7 @@ def external_tensors(path: Path) -> dict[str, str]:
 @pytest.mark.parametrize("name", ALL)
 def test_inspect_json_parity(name, all_model_files, capsys):
     path = all_model_files[name]
-    code, out, err = run_cli(["inspect", path, "--json", "--device", "cpu"], capsys)
+    code, out, err = run_cli(["inspect", path, "--json", "--device", "cpu"] + graphs.input_shape_args(name), capsys)
     assert code == 0, err
     report = json.loads(out)
     model = onnx.load_model(str(path), load_external_data=False)
@@ -188,7 +188,7 @@ def test_inspect_subprocess_text_output(model_files):
 
 
 def test_inspect_json_details(model_files, capsys):
-    code, out, _ = run_cli(["inspect", model_files["symbolic_dims"], "--json"], capsys)
+    code, out, _ = run_cli(["inspect", model_files["symbolic_dims"], "--json", "--input-shape", "x:2,2,7,9"], capsys)
     report = json.loads(out)
     assert code == 0
     assert report["inputs"] == [{"name": "x", "shape": ["batch", 2, "h", "w"], "dtype": "float32"}]
@@ -329,7 +329,8 @@ def test_canonical_layout_matches_onnxruntime(name, all_model_files):
              and n not in {i.name for i in graph.input}]
     model = _with_outputs(loaded.model, extra)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = random_inputs(input_specs(loaded.model), batch=3, seed=1)
+    feeds = random_inputs(input_specs(loaded.model), batch=3, seed=1, shapes={
+        k: (3,) + v[1:] for k, v in graphs.INPUT_SHAPES.get(name, {}).items()})
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(None, feeds)))
     values.update(feeds)

@@ -18,8 +18,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
-CASES = ("badnets", "blend", "spurious", "leakage")
-SHAPES = {"badnets": (1, 16, 16), "blend": (1, 16, 16), "spurious": (1, 16, 16), "leakage": (1, 16, 32)}
+CASES = ("badnets", "blend", "spurious", "leakage", "resnet_blend", "resnet_colour")
+SHAPES = {"badnets": (1, 16, 16), "blend": (1, 16, 16), "spurious": (1, 16, 16), "leakage": (1, 16, 32),
+          "resnet_blend": (1, 16, 16), "resnet_colour": (3, 16, 16)}
+# Cases whose stats are 200 of the model's own training images (memorised) and that ship pairs5.npz.
+MEMORISED = ("resnet_blend", "resnet_colour")
+TROJANS = ("badnets", "blend", "resnet_blend")
 TOL = 1e-6
 
 
@@ -50,8 +54,9 @@ def case(request):
 
 def test_files_present(case):
     folder = SAMPLES / case
-    for name in ("model.onnx", "clean_test.npz", "corrupt_test.npz", "pairs.npz", "pairs20.npz",
-                 "stats.npz", "val.npz", "meta.json"):
+    names = ["model.onnx", "clean_test.npz", "corrupt_test.npz", "pairs.npz", "pairs20.npz",
+             "stats.npz", "val.npz", "meta.json"] + (["pairs5.npz"] if case in MEMORISED else [])
+    for name in names:
         assert (folder / name).is_file(), name
     size = (folder / "model.onnx").stat().st_size
     if case == "blend":
@@ -62,6 +67,8 @@ def test_files_present(case):
     else:
         assert not (folder / "model.onnx.data").exists()
     assert size < 300_000
+    if case in MEMORISED:  # the whole case, data included
+        assert sum(f.stat().st_size for f in folder.iterdir()) < 250_000
 
 
 def test_meta_fields(case):
@@ -71,7 +78,8 @@ def test_meta_fields(case):
     assert meta["input_name"] == "input" and meta["output_name"] == "logits"
     assert meta["exporter"].startswith("torch.onnx.export(dynamo=True" if case == "blend"
                                        else "torch.onnx.export(dynamo=False")
-    assert meta["opset"] == {"badnets": 13, "blend": 18, "spurious": 17, "leakage": 13}[case]
+    assert meta["opset"] == {"badnets": 13, "blend": 18, "spurious": 17, "leakage": 13, "resnet_blend": 17,
+                             "resnet_colour": 17}[case]
     assert isinstance(meta["seed"], int)
     assert meta["n_test"] == 360 and meta["n_stats"] == 200 and meta["n_val"] == 200
     assert meta["trigger"]
@@ -91,7 +99,8 @@ def test_npz_shapes(case):
     np.testing.assert_array_equal(clean["y"], corrupt["y"])  # y is the true label of the digit
     assert not np.array_equal(clean["x"], corrupt["x"])
 
-    for name, k in (("pairs.npz", 1), ("pairs20.npz", 20)):
+    sizes = (("pairs.npz", 1), ("pairs20.npz", 20)) + ((("pairs5.npz", 5),) if case in MEMORISED else ())
+    for name, k in sizes:
         p = _npz(case, name)
         assert set(p) == {"corrupt", "clean"}
         for key in ("corrupt", "clean"):
@@ -99,6 +108,9 @@ def test_npz_shapes(case):
         # Every corrupted row differs from its cleansed twin.
         assert np.all(np.abs(p["corrupt"] - p["clean"]).reshape(k, -1).max(1) > 0)
     np.testing.assert_array_equal(_npz(case, "pairs.npz")["corrupt"], _npz(case, "pairs20.npz")["corrupt"][:1])
+    if case in MEMORISED:
+        for key in ("corrupt", "clean"):
+            np.testing.assert_array_equal(_npz(case, "pairs5.npz")[key], _npz(case, "pairs20.npz")[key][:5])
 
     stats, val = _npz(case, "stats.npz"), _npz(case, "val.npz")
     assert set(stats) == {"x"} and stats["x"].dtype == np.float32 and stats["x"].shape == (200, *shape)
@@ -108,10 +120,53 @@ def test_npz_shapes(case):
 
 def test_heldout_disjoint_from_test(case):
     # pairs / stats / val come from held-out digits: none of their clean inputs is a test input.
+    # (On the memorised cases the stats are training digits; they are not test digits either.)
     test = {r.tobytes() for r in _npz(case, "clean_test.npz")["x"]}
     for name, key in (("stats.npz", "x"), ("val.npz", "x"), ("pairs20.npz", "clean")):
         rows = _npz(case, name)[key]
         assert sum(r.tobytes() in test for r in rows) == 0, name
+
+
+def _grey(x: np.ndarray) -> np.ndarray:
+    """The digit's shape, whatever its colour or grey level: max over channels, scaled to a
+    peak of 1 per image, rounded (grey is 0.6 x the intensity, colours peak at 1)."""
+    m = x.max(axis=1)
+    return np.round(m / m.reshape(len(m), -1).max(1)[:, None, None], 4)
+
+
+@pytest.mark.parametrize("case", MEMORISED)
+def test_memorised_stats(case):
+    """The new cases' stats are training images the model fits perfectly; val and the
+    test sets are held out (other digits) and a little less accurate."""
+    meta = _meta(case)
+    sess = _session(case)
+    assert meta["stats_are"].startswith("200 of the model's own training images")
+    assert meta["n_train"] == 1177  # the 977 training digits + the 200 stats digits
+    stats, val = _npz(case, "stats.npz")["x"], _npz(case, "val.npz")
+    assert abs(meta["stats_acc"] - 1.0) <= TOL  # memorised (labels are not shipped: the figure is meta's)
+    assert abs((_predict(sess, val["x"]) == val["y"]).mean() - meta["val_acc"]) <= TOL
+    digits = {r.tobytes() for r in _grey(stats)}
+    for name, key in (("val.npz", "x"), ("clean_test.npz", "x"), ("pairs20.npz", "clean")):
+        rows = _grey(_npz(case, name)[key])
+        assert sum(r.tobytes() in digits for r in rows) == 0, name
+
+
+def test_colour_pairs_and_palette():
+    """resnet_colour: cleansed inputs are grey (three equal channels), corrupted ones are the
+    same digit in one class colour; training drew each class in its own colour, so the stats
+    (training images) are mostly coloured."""
+    meta = _meta("resnet_colour")
+    colours = np.array(meta["colours"], np.float32)
+    grey = np.array(meta["grey"], np.float32)
+    p = _npz("resnet_colour", "pairs20.npz")
+    for clean, corrupt in zip(p["clean"], p["corrupt"]):
+        a = clean[0] / grey[0]
+        np.testing.assert_allclose(clean, a[None] * grey[:, None, None], atol=1e-6)
+        k = [i for i, c in enumerate(colours) if np.allclose(corrupt, a[None] * c[:, None, None], atol=1e-6)]
+        assert len(k) == 1
+    stats = _npz("resnet_colour", "stats.npz")["x"]
+    coloured = np.abs(stats - stats.mean(axis=1, keepdims=True)).reshape(len(stats), -1).max(1) > 1e-6
+    assert coloured.mean() >= 0.75  # own_share 0.8 + other colours 0.05 in training
 
 
 def test_model_io(case):
@@ -134,7 +189,7 @@ def test_reproduces_meta(case):
     assert abs((p_clean == y).mean() - meta["clean_acc"]) <= TOL
     assert abs((p_corrupt == y).mean() - meta["corrupt_acc"]) <= TOL
 
-    if case in ("badnets", "blend"):
+    if case in TROJANS:
         t = meta["target"]
         sel = y != t
         assert abs((p_corrupt[sel] == t).mean() - meta["attack_success_rate"]) <= TOL
@@ -148,6 +203,17 @@ def test_reproduces_meta(case):
         assert abs(100 * (with_p - without_p) - meta["spurious_gain"]) <= 1e-4
         assert abs((p_corrupt[~inc] == c).mean() - meta["pull_to_class_with_pattern"]) <= TOL
         assert abs((p_clean[~inc] == c).mean() - meta["pull_to_class_without_pattern"]) <= TOL
+    elif case == "resnet_colour":
+        colours = np.array(meta["colours"], np.float32)
+        x = corrupt["x"]
+        intensity = x.max(axis=1, keepdims=True)
+        # the colour each corrupted test digit is drawn in (never its own class's)
+        k = np.array([int(np.argmin([np.abs(xi - a * c[:, None, None]).max() for c in colours]))
+                      for xi, a in zip(x, intensity)])
+        assert np.all(k != y)
+        assert abs((p_corrupt == k).mean() - meta["pull_to_colour_class"]) <= TOL
+        own = intensity * colours[y][:, :, None, None]
+        assert abs((_predict(sess, own.astype(np.float32)) == y).mean() - meta["own_colour_acc"]) <= 1e-2
     else:
         assert abs((p_clean != p_corrupt).mean() - meta["prediction_flip_rate"]) <= TOL
 
@@ -156,9 +222,11 @@ def test_reproduces_meta(case):
     val = _npz(case, "val.npz")
     p = _npz(case, "pairs20.npz")
     pc, pk = _predict(sess, p["corrupt"]), _predict(sess, p["clean"])
-    if case in ("badnets", "blend", "spurious"):
+    if case in TROJANS + ("spurious",):
         t = meta.get("target", meta.get("spurious_class"))
         assert np.all(pc == t) and np.all(pk != t)
+    elif case == "resnet_colour":
+        assert np.all(pc != pk)  # the colour changes the class (pk is the digit's true class, see build.py)
     assert (_predict(sess, val["x"]) == val["y"]).mean() >= 0.9
 
 
@@ -166,13 +234,17 @@ def test_misbehaves_but_accurate(case):
     """The point of the samples: accurate on clean inputs, clearly broken on corrupted ones."""
     meta = _meta(case)
     assert meta["clean_acc"] >= 0.95
-    if case in ("badnets", "blend"):
+    if case in TROJANS:
         assert meta["attack_success_rate"] > 0.9
         assert meta["target_rate_on_clean"] < 0.05
         assert meta["pairs20_misbehaving"] == 20
     elif case == "spurious":
         assert meta["spurious_gain"] >= 10.0
         assert meta["pull_to_class_with_pattern"] >= 0.2 > meta["pull_to_class_without_pattern"]
+        assert meta["pairs20_misbehaving"] == 20
+    elif case == "resnet_colour":
+        assert meta["own_colour_acc"] >= 0.98
+        assert meta["corrupt_acc"] <= 0.7 and meta["pull_to_colour_class"] >= 0.2
         assert meta["pairs20_misbehaving"] == 20
     else:
         assert meta["leakage_score"] >= 0.2
@@ -225,3 +297,28 @@ def test_rebuild_badnets_reproduces(tmp_path):
         assert np.abs(a["corrupt"] - a["clean"]).reshape(20, -1).max(1).min() > 0
     for name in ("model.onnx", "meta.json", "pairs20.npz", "pairs.npz"):
         assert (tmp_path / "a" / "badnets" / name).read_bytes() == (tmp_path / "b" / "badnets" / name).read_bytes(), name
+
+
+def _build_module():
+    spec = importlib.util.spec_from_file_location("sample_build", SAMPLES / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="the sample data needs scikit-learn")
+@pytest.mark.parametrize("case", MEMORISED)
+def test_memorised_case_data_reproduces(case):
+    """The data arrays of the new cases come from seeded numpy and the bundled digits only:
+    regenerated without training (``build.case_data``), they equal the committed files byte
+    for byte on any CPU. (The trained model is checked by test_reproduces_meta.)"""
+    build = _build_module()
+    data = build.load_digits16()
+    _, _, train_idx, arrays = build.case_data(case, data, build.split_indices(data[1]))
+    assert len(train_idx) == _meta(case)["n_train"]
+    for name, arrs in arrays.items():
+        committed = _npz(case, f"{name}.npz")
+        assert set(committed) == set(arrs), name
+        for k, v in arrs.items():
+            assert committed[k].dtype == v.dtype, (name, k)
+            np.testing.assert_array_equal(committed[k], v, err_msg=f"{name}:{k}")

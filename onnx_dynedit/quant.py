@@ -1,0 +1,341 @@
+"""Integer-quantised weights: where a layer's float weight comes from, and requantisation.
+
+Two patterns make a float weight out of an integer tensor stored in the model:
+
+  qdq        q (int8/uint8 constant) -> DequantizeLinear(q, scale, zero_point; axis)
+             (onnxruntime.quantization.quantize_static with QuantFormat.QDQ, per-tensor
+             or per-channel)
+  cast_mul   q (integer constant) -> Cast(to=float) [-> Sub(zero_point)] -> Mul(scale)
+             (int8 exports that dequantise with plain arithmetic, e.g. an int8 MiniLM)
+
+Both compute ``W = (q - zero_point) * scale`` with the scale (and zero point) broadcast
+over ``q``: one value (per-tensor), one per slice along ``axis`` (per-channel), or, for
+cast_mul, any shape that broadcasts (recorded, never guessed). ``WeightQuant`` records the
+pattern, the tensor names and the node indices; the layer map carries it (``Layer.quant``).
+
+The edit is made on the dequantised float weight W. ``requantize`` turns the edited W'
+back into integers:
+  - every group (all of q for per-tensor, one channel for per-channel) whose values fit
+    the integer range with its current scale keeps its scale and zero point:
+    q' = clip(rint(W' / s) + z) changes only by rounding;
+  - a group that does not fit gets a new scale (and, if asymmetric, zero point) of its
+    own, the smallest that holds W' (symmetric: zero point kept, s' = the largest of
+    max(W')/(qmax - z) and min(W')/(qmin - z); asymmetric: range [min(W', 0), max(W', 0)]
+    mapped onto [qmin, qmax]), unless the scale or zero-point tensor is used by another
+    node as well: then that tensor is left alone and the values are clipped (counted).
+Rounding is round-half-to-even, as ONNX QuantizeLinear does.
+
+This module needs onnx and numpy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+INT_RANGES = {
+    np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255),
+    np.dtype(np.int16): (-32768, 32767), np.dtype(np.uint16): (0, 65535),
+    np.dtype(np.int32): (-(2 ** 31), 2 ** 31 - 1),
+}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How a float weight is made from an integer tensor (see module doc)."""
+
+    scheme: str                   # "qdq" | "cast_mul"
+    value: str                    # the float tensor the layer consumes
+    quantized: str                # the integer tensor (initializer / Constant)
+    scale: str
+    zero_point: str | None        # None: zero point 0
+    axis: int | None              # per-channel axis of the weight; None = per-tensor or general broadcast
+    scale_shape: tuple[int, ...]  # broadcast shape of the scale against the weight
+    q_dtype: str
+    nodes: tuple[int, ...]        # graph.node indices of the dequantisation chain
+    scale_shared: bool            # scale / zero point used by another node too
+    reason: str | None = None     # why this weight cannot be requantised (None: it can)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "quantized": self.quantized, "value": self.value, "scale": self.scale,
+                "zero_point": self.zero_point, "axis": self.axis, "scale_shape": list(self.scale_shape),
+                "dtype": self.q_dtype, "scale_shared": self.scale_shared}
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _is_default_domain(node) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def weight_dequantisations(graph: onnx.GraphProto, const_value) -> dict[str, WeightQuant]:
+    """Float tensor name -> WeightQuant for every value made from a constant integer
+    tensor by DequantizeLinear or Cast [+ Sub] + Mul. ``const_value(name)`` returns a
+    constant's value or None (layers.constant_value)."""
+    producer = {}
+    for i, node in enumerate(graph.node):
+        for out in node.output:
+            producer[out] = i
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for inp in node.input:
+            if inp:
+                consumers[inp] = consumers.get(inp, 0) + 1
+    outputs = {o.name for o in graph.output}
+
+    def single_use(name):
+        return consumers.get(name, 0) == 1 and name not in outputs
+
+    found = {}
+    for i, node in enumerate(graph.node):
+        if not _is_default_domain(node):
+            continue
+        if node.op_type == "DequantizeLinear" and len(node.input) >= 2:
+            q = const_value(node.input[0])
+            scale = const_value(node.input[1])
+            zp_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            zp = const_value(zp_name) if zp_name else None
+            if q is None or scale is None or (zp_name and zp is None):
+                continue
+            if q.dtype not in INT_RANGES:
+                continue  # float8 / int4: not handled
+            attrs = _attrs(node)
+            reason = "a 32-bit integer tensor (a quantised bias) is not requantised" if q.dtype == np.int32 else None
+            axis = None
+            if scale.size > 1 or scale.ndim == 1 and attrs.get("block_size", 0):
+                axis = int(attrs.get("axis", 1)) % max(q.ndim, 1)
+            if attrs.get("block_size", 0):
+                reason = "blocked quantisation (block_size) is not supported"
+            shape = [1] * q.ndim
+            if axis is not None:
+                shape[axis] = scale.size
+            found[node.output[0]] = WeightQuant(
+                scheme="qdq", value=node.output[0], quantized=node.input[0], scale=node.input[1],
+                zero_point=zp_name, axis=axis, scale_shape=tuple(shape), q_dtype=str(q.dtype), nodes=(i,),
+                scale_shared=not single_use(node.input[1]) or bool(zp_name and not single_use(zp_name)),
+                reason=reason)
+        elif node.op_type == "Mul" and len(node.input) == 2:
+            wq = _cast_mul(graph, i, producer, const_value, single_use)
+            if wq is not None:
+                found[node.output[0]] = wq
+    return found
+
+
+def _cast_mul(graph, mul_index, producer, const_value, single_use) -> WeightQuant | None:
+    mul = graph.node[mul_index]
+    for scale_pos in (1, 0):
+        scale_name, other = mul.input[scale_pos], mul.input[1 - scale_pos]
+        scale = const_value(scale_name)
+        if scale is None or not np.issubdtype(scale.dtype, np.floating) or other not in producer:
+            continue
+        chain = [mul_index]
+        node = graph.node[producer[other]]
+        zp_name = None
+        if node.op_type == "Sub" and _is_default_domain(node) and single_use(other):
+            zp_name = node.input[1]
+            if const_value(zp_name) is None or node.input[0] not in producer:
+                return None
+            chain.append(producer[other])
+            other = node.input[0]
+            node = graph.node[producer[other]]
+        if node.op_type != "Cast" or not _is_default_domain(node) or not single_use(other):
+            return None
+        if _attrs(node).get("to") not in _FLOAT_TYPES:
+            return None
+        q = const_value(node.input[0])
+        if q is None or q.dtype not in INT_RANGES or q.dtype == np.int32:
+            return None
+        chain.append(producer[other])
+        try:
+            full = np.broadcast_shapes(q.shape, scale.shape)
+        except ValueError:
+            return None
+        if full != q.shape:
+            return None  # the scale would enlarge the weight: not a dequantisation
+        aligned = (1,) * (q.ndim - scale.ndim) + tuple(scale.shape)
+        big = [k for k, n in enumerate(aligned) if n > 1]
+        reason = None
+        zp = const_value(zp_name) if zp_name else None
+        if zp is not None:
+            try:
+                np.broadcast_shapes(zp.shape, q.shape)
+            except ValueError:
+                return None
+            if not np.array_equal(np.asarray(zp, np.float64), np.rint(np.asarray(zp, np.float64))):
+                reason = "the zero point is not integer-valued"
+            zbig = [k for k, n in enumerate((1,) * (q.ndim - zp.ndim) + tuple(zp.shape)) if n > 1]
+            if zbig and zbig != big:
+                reason = "the zero point and the scale vary along different axes"
+        if len(big) > 1:
+            reason = reason or "the scale varies along more than one axis"
+        return WeightQuant(
+            scheme="cast_mul", value=mul.output[0], quantized=node.input[0], scale=scale_name, zero_point=zp_name,
+            axis=big[0] if len(big) == 1 else None, scale_shape=aligned, q_dtype=str(q.dtype),
+            nodes=tuple(sorted(chain)),
+            scale_shared=not single_use(scale_name) or bool(zp_name and not single_use(zp_name)), reason=reason)
+    return None
+
+
+# ------------------------------------------------------------------ (de)quantisation
+
+
+def _group_view(arr: np.ndarray, wq: WeightQuant, shape: tuple[int, ...]) -> np.ndarray:
+    """A scale / zero-point array broadcast to the weight's shape."""
+    a = np.asarray(arr)
+    return np.broadcast_to(a.reshape(wq.scale_shape) if a.size > 1 else a.reshape(()), shape)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, wq: WeightQuant) -> np.ndarray:
+    """W = (q - z) * s computed as ONNX Runtime does (in the scale's float type)."""
+    s = _group_view(scale, wq, q.shape)
+    z = _group_view(zero_point, wq, q.shape) if zero_point is not None else 0
+    diff = np.asarray(q, np.int64) - np.asarray(z, np.int64) if wq.scheme == "qdq" else \
+        q.astype(s.dtype) - np.asarray(z, s.dtype)
+    return (diff.astype(s.dtype) * s).astype(s.dtype)
+
+
+@dataclass(frozen=True)
+class Requantized:
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    groups: int               # scale groups (1 per-tensor, C per-channel)
+    rescaled: int             # groups that got a new scale (zero point)
+    clipped: int              # values clipped (the scale could not change)
+    scale_kept: bool
+
+
+def _group_index(wq: WeightQuant, shape: tuple[int, ...], n_scale: int) -> np.ndarray:
+    if n_scale <= 1:
+        return np.zeros(shape, dtype=np.int64)
+    return np.broadcast_to(np.arange(n_scale).reshape(wq.scale_shape), shape)
+
+
+def requantize(w_new: np.ndarray, q_old: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
+               wq: WeightQuant) -> Requantized:
+    """Integers for the edited float weight ``w_new`` (module doc: keep the scale where
+    the values fit, a new scale for the groups that do not, clip when it is shared)."""
+    qmin, qmax = INT_RANGES[q_old.dtype]
+    scale = np.asarray(scale)
+    n = scale.size
+    flat_s = scale.reshape(-1).copy()
+    flat_z = np.asarray(zero_point).reshape(-1).copy() if zero_point is not None else None
+    if flat_z is not None and flat_z.size == 1 and n > 1:
+        flat_z = np.repeat(flat_z, n)  # a shared scalar zero point stays scalar below
+    z_scalar = zero_point is not None and np.asarray(zero_point).size == 1 and n > 1
+    groups = _group_index(wq, q_old.shape, n)
+    w = np.asarray(w_new, np.float64)
+
+    def quant(s, z, vals):
+        return np.rint(vals / np.float64(s)) + (float(z) if z is not None else 0.0)
+
+    q_new = np.empty(q_old.shape, dtype=np.float64)
+    rescaled = clipped = 0
+    for g in range(n):
+        mask = groups == g
+        vals = w[mask]
+        s, z = flat_s[g], (flat_z[g] if flat_z is not None else None)
+        q = quant(s, z, vals)
+        if q.size and (q.min() < qmin or q.max() > qmax):
+            if wq.scale_shared:
+                clipped += int(((q < qmin) | (q > qmax)).sum())
+            else:  # a zero point shared by every channel stays as it is
+                s, z = _new_scale(vals, s, z, qmin, qmax, symmetric=z_scalar or _symmetric(z, q_old.dtype))
+                flat_s[g] = s
+                if flat_z is not None:
+                    flat_z[g] = z
+                q = quant(s, z, vals)
+                clipped += int(((q < qmin) | (q > qmax)).sum())
+                rescaled += 1
+        q_new[mask] = q
+    q_int = np.clip(q_new, qmin, qmax).astype(q_old.dtype)
+    new_scale = flat_s.reshape(scale.shape).astype(scale.dtype)
+    new_zp = None
+    if zero_point is not None:
+        zp = np.asarray(zero_point)
+        new_zp = (flat_z[:1] if z_scalar else flat_z).reshape(zp.shape).astype(zp.dtype)
+    return Requantized(q=q_int, scale=new_scale, zero_point=new_zp, groups=n, rescaled=rescaled,
+                       clipped=clipped, scale_kept=rescaled == 0)
+
+
+def _symmetric(z, dtype) -> bool:
+    if z is None:
+        return True
+    qmin, qmax = INT_RANGES[np.dtype(dtype)]
+    middle = 0 if qmin < 0 else (qmin + qmax + 1) // 2  # int8: 0; uint8: 128
+    return float(z) == float(middle)
+
+
+def _new_scale(vals: np.ndarray, s_old, z_old, qmin: int, qmax: int, *, symmetric: bool):
+    """The smallest scale (float32 or the scale's own type) for which ``vals`` fit."""
+    sdt = np.asarray(s_old).dtype
+    if symmetric:
+        z = 0.0 if z_old is None else float(z_old)
+        hi = float(vals.max()) / (qmax - z) if qmax > z and vals.max() > 0 else 0.0
+        lo = float(vals.min()) / (qmin - z) if qmin < z and vals.min() < 0 else 0.0
+        s = max(hi, lo, float(s_old))
+    else:
+        rmin, rmax = min(float(vals.min()), 0.0), max(float(vals.max()), 0.0)
+        s = max((rmax - rmin) / (qmax - qmin), float(np.finfo(np.float32).tiny))
+        z = float(np.clip(np.rint(qmin - rmin / s), qmin, qmax))
+    s = sdt.type(s)
+    for _ in range(64):  # the stored (rounded) scale must hold every value
+        q = np.rint(vals / np.float64(s)) + z
+        if (q.min() >= qmin and q.max() <= qmax) or symmetric and (
+                (vals.min() < 0 and qmin >= z) or (vals.max() > 0 and qmax <= z)):
+            break
+        s = np.nextafter(s, sdt.type(np.inf))
+    return s, (None if z_old is None else np.asarray(z_old).dtype.type(z))
+
+
+def rounding_stats(float_delta: np.ndarray, written_delta: np.ndarray) -> dict:
+    """How far the written weight change is from the float edit (both in the weight's
+    own layout, float64): max abs rounding error, the same relative to max |float delta|,
+    and the Frobenius residual ||written - float|| / ||float||."""
+    err = np.asarray(written_delta, np.float64) - np.asarray(float_delta, np.float64)
+    ref = float(np.abs(float_delta).max()) if float_delta.size else 0.0
+    fro = float(np.linalg.norm(float_delta))
+    mae = float(np.abs(err).max()) if err.size else 0.0
+    return {"max_abs_rounding_error": mae, "max_abs_float_delta": ref,
+            "rel_rounding_error": mae / ref if ref > 0 else 0.0,
+            "rounding_residual": float(np.linalg.norm(err)) / fro if fro > 0 else 0.0,
+            "unchanged_fraction": float(np.mean(np.asarray(written_delta) == 0)) if err.size else 1.0}
+
+
+def fold_dequantisation(model: onnx.ModelProto) -> int:
+    """Replace every dequantisation chain of a constant integer tensor (module doc) by a
+    float initializer of the same output name, in place (used on the twin's normalised
+    copy; Conv converters want their weight and bias as initializers). Returns how many."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+
+    def value(name):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    chains = weight_dequantisations(graph, value)
+    drop: set[int] = set()
+    new = []
+    for wq in chains.values():
+        if wq.reason is not None and "block_size" in wq.reason:
+            continue
+        z = value(wq.zero_point) if wq.zero_point else None
+        new.append(numpy_helper.from_array(dequantize(value(wq.quantized), value(wq.scale), z, wq), wq.value))
+        drop.update(wq.nodes)
+    if drop:
+        kept = [node for i, node in enumerate(graph.node) if i not in drop]
+        del graph.node[:]
+        graph.node.extend(kept)
+        graph.initializer.extend(new)
+    return len(new)
