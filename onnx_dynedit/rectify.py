@@ -87,7 +87,8 @@ class RectifyConfig:
     ig_reduction: str = "sum"         # positions: "sum" (signed, before the norm) or "abs"
     fit_steps: int = 200              # Adam steps (attribution fit, and the output fit with fit_method "adam")
     fit_lr: float = 0.05
-    fit_method: str = "lbfgs"         # output fit of u: "lbfgs" (few evaluations) or "adam" (the first release)
+    fit_method: str = "adam"          # output fit of u: "adam" or "lbfgs" (fewer evaluations; moves the n = 20
+                                      # sample rows, see README's speed section)
     lbfgs_evals: int = 25             # loss evaluations (downstream passes) of the L-BFGS fit
     attr_weight: float = 3.0          # weight of the region's attribution in the attribution fit
     attr_steps: int = 8               # IG steps inside the attribution fit
