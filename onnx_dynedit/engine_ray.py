@@ -136,6 +136,18 @@ def _crash_once_for_tests() -> None:
     os._exit(1)
 
 
+def _peak_rss_kb() -> int | None:
+    """This process's peak resident memory (Linux VmHWM), None where unknown."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _guarded(fn, *args, **kwargs):
     """Run ``fn``; a user error comes back as data (re-raised on the driver as the same
     class with the same one line), anything else keeps its traceback."""
@@ -162,6 +174,9 @@ class VerifyWorker:
         from .verify import ShardRunner
 
         self.init = _guarded(ShardRunner, original, edited, provider, batch_size, threads=1)
+
+    def peak_rss_kb(self) -> int | None:
+        return _peak_rss_kb()
 
     def run(self, job):
         _crash_once_for_tests()
@@ -238,6 +253,8 @@ def verify_partials(original, edited, provider, batch_size, jobs: Sequence, weig
                 done += weights[i]
                 if progress is not None:
                     progress(done, total)
+            peaks = ray.get([a.peak_rss_kb.remote() for a in actors])
+            logger.info("verify on Ray: worker peak RSS %s KiB", peaks, extra={"worker_peak_rss_kb": peaks})
         finally:
             for a in actors:
                 ray.kill(a)

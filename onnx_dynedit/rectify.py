@@ -98,7 +98,8 @@ class RectifyConfig:
     lam: float = DEFAULT_LAMBDA
     candidates_per_step: int = 3
     layers: tuple[str, ...] | None = None  # static mode: edit these, skip localisation
-    augment: int = 16                 # synthetic pairs: x~ - x transplanted onto stats inputs (0 = off)
+    augment: int = 16                 # synthetic pairs: the corruption transplanted onto stats inputs (0 = off)
+    transplant: str = "auto"          # how: "add", "affine", "gain" or "auto" (transplant_pairs)
     holdout: float = 0.25             # share of stats held out for the degradation check when no val is given
     seed: int = 0
 
@@ -297,7 +298,8 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
                          "call for the attribution criterion", hint="drop --objective local, or pass --criterion output")
     n_real = len(corrupt)
     if cfg.augment and fit_stats is not None:
-        corrupt, clean = transplant_pairs(corrupt, clean, fit_stats, cfg.augment, match=criterion == "attribution")
+        corrupt, clean = transplant_pairs(corrupt, clean, fit_stats, cfg.augment, match=criterion == "attribution",
+                                          model=cfg.transplant)
     return Plan(candidates=candidates, static=static, key_x=key_x, stats_source=stats_source, fit_x=fit_x,
                 reference=_reference(clean[:n_real], fit_stats, held, val_x, val_y), corrupt=corrupt,
                 clean=clean, n_real=n_real, criterion=criterion)
@@ -315,25 +317,94 @@ def _criterion_name(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, cfg: Rec
     return "attribution" if same and float((0.5 * (p - q).abs().sum(1)).mean()) <= cfg.target_gap else "output"
 
 
-def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m: int, *, match: bool = False):
-    """Append ``m`` synthetic pairs: stats input s and s + (x~_j - x_j), clipped to the
-    value range of the given pairs (j cycles over the pairs). Exact for a pasted patch on
-    a constant background, an approximation for blended triggers.
+AFFINE_RIDGE = 1e-4   # per-element affine fit of the corruption: ridge (x n pairs) toward a = 1
+GAIN_RESIDUAL = 0.05  # a per-pair channel gain "explains" a pair below this share of ||x~ - x||
+TRANSPLANTS = ("auto", "add", "affine", "gain")
 
-    ``match``: only use stats inputs that equal the first clean twin where the pairs
-    differ (the corrupting pattern then lands on the same kind of content, e.g. an empty
-    block rather than another input's digit); all of the pool when none does."""
+
+def corruption_model(corrupt: np.ndarray, clean: np.ndarray) -> str:
+    """The transplant that ``auto`` picks for these pairs (see ``transplant_pairs``):
+    "gain" when every pair is its clean twin with each channel scaled (a re-colouring,
+    inputs with 2+ channels), else "affine" with two or more pairs, else "add"."""
+    n = len(corrupt)
+    if corrupt.ndim >= 3 and corrupt.shape[1] > 1:
+        c = corrupt.reshape(n, corrupt.shape[1], -1).astype(np.float64)
+        k = clean.reshape(n, clean.shape[1], -1).astype(np.float64)
+        g = (c * k).sum(2) / np.maximum((k * k).sum(2), 1e-12)
+        resid = np.linalg.norm((c - g[:, :, None] * k).reshape(n, -1), axis=1)
+        diff = np.linalg.norm((c - k).reshape(n, -1), axis=1)
+        if np.all(resid <= GAIN_RESIDUAL * np.maximum(diff, 1e-12)):
+            return "gain"
+    return "affine" if n >= 2 else "add"
+
+
+def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m: int, *, match: bool = False,
+                     model: str = "add"):
+    """Append up to ``m`` synthetic pairs (stats input s, s corrupted the way the given
+    pairs are), clipped to the value range of the given pairs. ``model``:
+
+    "add"    s + (x~_j - x_j), j cycling over the pairs: exact for a pasted patch on a
+             constant background, an approximation for blended triggers;
+    "affine" per input element x~ = a x + b, fitted by least squares over the given pairs
+             with a ridge (AFFINE_RIDGE x n) toward a = 1, applied to s: a blend
+             x~ = (1 - phi) x + phi p is recovered exactly from 2+ pairs (a = 1 - phi,
+             b = phi p), a pasted patch too (a = 0, b = patch); with one pair it is "add";
+    "gain"   per pair j and channel c, g_jc = <x~_jc, x_jc> / ||x_jc||^2 (a re-colouring),
+             s_c scaled by g_jc; synthetic inputs that keep less than half of s's mass (a
+             colour s does not carry) are skipped;
+    "auto"   ``corruption_model``.
+
+    ``match`` (attribution criterion): additive, and only stats inputs that equal the first
+    clean twin where the pairs differ (the corrupting pattern then lands on the same kind
+    of content, e.g. an empty block rather than another input's digit); all of the pool
+    when none does."""
+    if model not in TRANSPLANTS:
+        raise ValueError(f"unknown transplant {model!r}")
     if match:
+        model = "add"
         support = (corrupt != clean).any(axis=0).reshape(-1)
         gap = np.abs(pool - clean[:1]).reshape(len(pool), -1)[:, support]
         ok = gap.max(axis=1) <= 1e-6 if support.any() else np.zeros(len(pool), bool)
         if ok.any():
             pool = pool[ok]
+    elif model == "auto":
+        model = corruption_model(corrupt, clean)
+    if model == "affine" and len(corrupt) < 2:
+        model = "add"
     m = min(m, len(pool))
-    src = pool[len(pool) - m:]  # the tail: the locality batch uses the head
-    delta = (corrupt - clean).astype(np.float64)
     lo = min(float(corrupt.min()), float(clean.min()))
     hi = max(float(corrupt.max()), float(clean.max()))
+    n = len(corrupt)
+    if model == "gain":
+        c = corrupt.reshape(n, corrupt.shape[1], -1).astype(np.float64)
+        k = clean.reshape(n, clean.shape[1], -1).astype(np.float64)
+        gain = (c * k).sum(2) / np.maximum((k * k).sum(2), 1e-12)  # [n, channels]
+        shape = (1, corrupt.shape[1]) + (1,) * (corrupt.ndim - 2)
+        src, syn = [], []
+        for i in range(len(pool) - 1, -1, -1):  # the tail first: the locality batch uses the head
+            s = pool[i].astype(np.float64)
+            t = np.clip(s * gain[len(syn) % n].reshape(shape[1:]), lo, hi)
+            if np.abs(t).sum() >= 0.5 * np.abs(s).sum():
+                src.append(pool[i])
+                syn.append(t)
+            if len(syn) >= m:
+                break
+        if not syn:
+            return corrupt, clean
+        src_a = np.stack(src).astype(clean.dtype)
+        return np.concatenate([corrupt, np.stack(syn).astype(corrupt.dtype)]), np.concatenate([clean, src_a])
+    src = pool[len(pool) - m:]  # the tail: the locality batch uses the head
+    if model == "affine":
+        x = clean.reshape(n, -1).astype(np.float64)
+        t = corrupt.reshape(n, -1).astype(np.float64)
+        lam = AFFINE_RIDGE * n
+        sx, sxx, st, sxt = x.sum(0), (x * x).sum(0), t.sum(0), (x * t).sum(0)
+        det = (sxx + lam) * n - sx * sx  # > 0: lam > 0 and Cauchy-Schwarz
+        a = ((sxt + lam) * n - sx * st) / det
+        b = ((sxx + lam) * st - sx * (sxt + lam)) / det
+        syn = np.clip(src.reshape(m, -1).astype(np.float64) * a + b, lo, hi).reshape(src.shape)
+        return np.concatenate([corrupt, syn.astype(corrupt.dtype)]), np.concatenate([clean, src.astype(clean.dtype)])
+    delta = (corrupt - clean).astype(np.float64)
     idx = np.arange(m) % len(corrupt)
     syn = np.clip(src.astype(np.float64) + delta[idx], lo, hi).astype(corrupt.dtype)
     return np.concatenate([corrupt, syn]), np.concatenate([clean, src.astype(clean.dtype)])

@@ -196,3 +196,17 @@ def test_engine_options_are_checked_before_any_work(shards):
         verify(BADNETS / "model.onnx", shards["edited"], shards["clean"], ray_address="auto")
     with pytest.raises(IE, match="CPU workers"):
         verify(BADNETS / "model.onnx", shards["edited"], shards["clean"], engine="ray", provider="cuda")
+
+
+def test_edit_streams_a_sharded_stats_folder(shards, tmp_path):
+    """`edit --stats FOLDER`: the loop's key statistics come from every shard (the report
+    says how many); the rest of the loop uses the first shard."""
+    out = tmp_path / "fixed.onnx"
+    proc = cli("edit", BADNETS / "model.onnx", "--pairs", BADNETS / "pairs.npz", "--stats", shards["stats"],
+               "--val", BADNETS / "val.npz", "--max-edits", "1", "--layer", "/3/Conv", "--objective", "local",
+               "--augment", "0", "-o", out, "--json")  # the quick path: pinned layer, closed-form u
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    data = json.loads(proc.stdout)
+    assert data["engine"] == "local" and data["workers"] == 1
+    assert data["stats_source"].startswith("stats (200 inputs in 3 shards")
+    assert data["inputs"]["stats"] == str(shards["stats"])
