@@ -250,7 +250,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     import torch
 
     from .attribution import DEFAULT_STEPS, locate
-    from .rank_one import key_statistics
+    from .rank_one import key_statistics, too_wide
 
     loaded = load_model(model)
     if plot is not None:
@@ -260,7 +260,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     raw = read_inputs(pairs, stats, engine=engine)
     twin, _ = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
     inputs = fit_inputs(twin, raw)
-    layers = twin.layer_map.editable()
+    layers = [layer for layer in twin.layer_map.editable() if not too_wide(layer)]
     if not layers:
         raise EditError(f"{loaded.label} has no editable layer")
     keys = _sharded_keys(twin, raw, model, engine, ray_address)
@@ -422,9 +422,7 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     changed: tuple[str, ...] = ()
     written = None
     unchanged = False
-    from .rectify import _as_torch
-
-    edits = [_as_torch(e, twin.device) for e in result.edits]
+    edits = [e.to_torch(twin.device) for e in result.edits]
     if result.edits:
         from .writeback import edit_record, written_edits
 

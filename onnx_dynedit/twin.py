@@ -581,8 +581,8 @@ class DownstreamRunner:
         class _Record(fx.Interpreter):
             def run_node(self, n):
                 value = super().run_node(n)
-                if n not in downstream and n.op != "output":
-                    cache[n] = value
+                if n not in downstream and n.op != "output" and any(u in downstream for u in n.users):
+                    cache[n] = value  # only what the downstream part reads (the frontier)
                 return value
 
         with torch.no_grad():
@@ -592,6 +592,8 @@ class DownstreamRunner:
             def run_node(self, n):
                 if n in cache:
                     return cache[n]
+                if n not in downstream and n.op != "output":
+                    return None  # upstream and not read downstream: skipped
                 return super().run_node(n)
 
         self._replay = _Replay(gm)
