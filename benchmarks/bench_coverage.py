@@ -8,13 +8,18 @@ its own subprocess (so peak RSS is that graph's own), through the public API:
                model assigns different classes; criterion output, target gap 0,
                max 1 edit, degradation budget off, 4 stats inputs) written to disk
   ORT after    parity of ONNX Runtime on the written model vs the twin with the edit
-  rank-1       `diff` shows only initializer changes, each of rank 1
+  rank-1       `diff` shows only initializer changes, each of rank 1 (int8 copies: the
+               edited weights, rank 1 at their quantisation step, plus the scale / zero
+               point / bias tensors written with them)
+  rounding     fp16 / int8 copies: max |written - float edit| / max |float edit|, and
+               its effect (ORT on the written model vs the twin with the float edit, rel)
   revert       `revert` gives back a model `diff` calls identical to the original
   RSS, s       peak resident memory of the subprocess (VmHWM) and wall seconds
 
     python benchmarks/bench_coverage.py                # the CI corpus (light graphs)
     python benchmarks/bench_coverage.py --all          # + heavy graphs (VGG-19 ...)
     python benchmarks/bench_coverage.py --only zoo_squeezenet paddle_style
+    python benchmarks/bench_coverage.py --quant        # fp16 / int8 copies and their originals
 
 Prints a Markdown table. Timings are wall seconds on whatever machine runs it.
 """
@@ -95,7 +100,16 @@ def one(name: str, folder: Path, edit: bool) -> dict:
             row["ort_after"] = outcome.parity_after.get("max_rel_diff")
             if row["edit_written"]:
                 d = diff_models(load_model(path), load_model(out))
-                row["rank1"] = bool(d.changed) and all(c.rank == 1 for c in d.changed) and not d.other_differences
+                # int8: the edited weights (rank at their quantisation step) plus the scale /
+                # zero-point / bias tensors requantised with them (the report's aux_changed)
+                edited = {r["initializer"] for r in outcome.rounding}
+                aux = {a for r in outcome.rounding for a in r.get("aux_changed", [])}
+                row["rank1"] = (bool(d.changed) and all(c.rank == 1 for c in d.changed if c.initializer not in aux)
+                                and {c.initializer for c in d.changed} <= edited | aux and not d.other_differences)
+                lowp = [r for r in outcome.rounding if r["dtype"] not in ("float32", "float64")]
+                if lowp:
+                    row["rounding"] = max(r["rel_rounding_error"] for r in lowp)
+                    row["rounding_effect"] = outcome.rounding_effect.get("max_rel_logit_change")
                 back = folder / f"{name}_back.onnx"
                 revert_model(out, back)
                 row["revert_identical"] = diff_models(load_model(path), load_model(back)).identical
@@ -136,6 +150,7 @@ def main() -> None:
     ap.add_argument("--no-edit", action="store_true", help="round trips only")
     ap.add_argument("--jsonl", default=None, help="also append each graph's row (JSON) to this file as it completes")
     ap.add_argument("--render", default=None, help="print the table of the rows in this JSON-lines file and exit")
+    ap.add_argument("--quant", action="store_true", help="only the fp16 / int8 copies (and their float originals)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -148,6 +163,10 @@ def main() -> None:
     import corpus
 
     names = args.only or [n for n, e in corpus.CORPUS.items() if args.all or not e.heavy]
+    if args.quant:
+        copies = [n for n in names if n.split("_")[0] in ("fp16", "qdq", "int8cm")]
+        bases = {corpus.CORPUS[n].family.rsplit(" of ", 1)[-1] for n in copies}
+        names = [n for n in names if n in bases] + copies
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -168,13 +187,15 @@ def main() -> None:
 
 def render(rows: list[dict]) -> None:
     head = ["graph", "loads", "twin parity (rel)", "attributed", "editable", "diff M M", "edit written",
-            "ORT parity after", "rank-1 diff", "revert identical", "peak RSS MB", "seconds"]
+            "ORT parity after", "rank-1 diff", "rounding (rel)", "rounding effect (rel)", "revert identical",
+            "peak RSS MB", "seconds"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         cells = [r["graph"], _cell(r.get("loads")), _cell(r.get("parity"), "{:.1e}"), _cell(r.get("attributed")),
                  _cell(r.get("editable")), _cell(r.get("diff_self_identical")), _cell(r.get("edit_written")),
-                 _cell(r.get("ort_after"), "{:.1e}"), _cell(r.get("rank1")), _cell(r.get("revert_identical")),
+                 _cell(r.get("ort_after"), "{:.1e}"), _cell(r.get("rank1")), _cell(r.get("rounding"), "{:.1e}"),
+                 _cell(r.get("rounding_effect"), "{:.1e}"), _cell(r.get("revert_identical")),
                  _cell(r.get("rss_mb"), "{:.0f}"), _cell(r.get("seconds"), "{:.1f}")]
         print("| " + " | ".join(cells) + " |")
     for r in rows:

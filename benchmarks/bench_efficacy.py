@@ -57,13 +57,18 @@ PAIR_FILES = {1: "pairs.npz", 5: "pairs5.npz", 20: "pairs20.npz"}
 VARIANTS: list[tuple[str, int, str, dict]] = [
     ("badnets", 1, "augment 64", {"augment": 64}),
     ("badnets", 1, "static last layer (/17/Gemm), 1 edit", {"layers": ["/17/Gemm"], "max_edits": 1}),
-    ("resnet_blend", 5, "augment 64, locality 64", {"augment": 64, "locality_batch": 64}),
-    ("resnet_blend", 5, "augment 64, locality 64, 8 edits", {"augment": 64, "locality_batch": 64, "max_edits": 8}),
+    ("resnet_blend", 5, "transplant add (the additive synthetic pairs of the first release)", {"transplant": "add"}),
+    ("resnet_blend", 5, "augment 64", {"augment": 64}),
+    ("resnet_blend", 5, "augment 64, locality batch 64", {"augment": 64, "locality_batch": 64}),
+    ("resnet_colour", 5, "transplant add (the additive synthetic pairs of the first release)", {"transplant": "add"}),
     ("resnet_colour", 5, "no augmentation, 8 edits", {"augment": 0, "max_edits": 8}),
+    ("resnet_colour", 5, "augment 64 (gain transplant), 8 edits", {"augment": 64, "max_edits": 8}),
+    ("resnet_colour", 5, "augment 128, up to 16 edits (any depth)", {"augment": 128, "max_edits": 16}),
     ("resnet_colour", 5, "first conv only (/0/Conv), 6 edits, no augmentation",
      {"layers": ["/0/Conv"], "max_edits": 6, "augment": 0}),
     ("resnet_colour", 5, "head on pooled features only (/8/Gemm), 4 edits", {"layers": ["/8/Gemm"]}),
-    ("resnet_colour", 20, "pairs across classes (20 pairs), 8 edits", {"max_edits": 8}),
+    ("resnet_colour", 20, "pairs across classes (20 pairs), augment 64, 8 edits",
+     {"augment": 64, "max_edits": 8}),
 ]
 
 

@@ -13,7 +13,8 @@ Each row is one fresh Python process (so its peak RSS is its own) that runs
   ray    a local Ray with ``--cpus`` CPUs started in that process first (its start-up is
          timed apart), then one actor per CPU holding both sessions (one thread each)
 ``inputs/s`` counts each input once (both models run on it) over the verify call alone;
-``peak driver MiB`` is the process's own ru_maxrss (the Ray workers' memory is not in it).
+``peak driver MiB`` is the process's own peak RSS (VmHWM; the Ray workers' memory is not in it);
+``peak worker MiB`` the largest peak RSS among the Ray actors (each reads its own VmHWM).
 ``--big`` adds a row with all the inputs of the largest size in ONE file, to show that
 peak memory follows the largest shard, not the number of shards.
 Results are printed as a Markdown table; figures from the local and the Ray run are
@@ -39,11 +40,18 @@ sys.path.insert(0, str(ROOT / "tests"))
 BADNETS = ROOT / "sample_models" / "badnets"
 
 CHILD = r"""
-import json, resource, sys, time, logging
+import json, sys, time, logging
 sys.path.insert(0, {root!r})
 from onnx_dynedit.verify import verify
 engine, folder, original, edited, cpus = sys.argv[1:6]
 startup = 0.0
+peaks = []
+class Peaks(logging.Handler):
+    def emit(self, record):
+        peaks.extend(getattr(record, "worker_peak_rss_kb", None) or [])
+log = logging.getLogger("onnx_dynedit.engine_ray")
+log.setLevel(logging.INFO)
+log.addHandler(Peaks())
 if engine == "ray":
     import ray
     t = time.perf_counter()
@@ -56,8 +64,11 @@ run = time.perf_counter() - t
 if engine == "ray":
     ray.shutdown()
 d = report.to_dict()
-print(json.dumps({{"run_s": run, "startup_s": startup, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "workers": d["workers"], "n": d["clean"]["n"], "clean": d["clean"]}}))
+# VmHWM: this process's own peak RSS (ru_maxrss would start at the parent's, kept across exec)
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({{"run_s": run, "startup_s": startup, "maxrss_kb": hwm,
+                  "workers": d["workers"], "n": d["clean"]["n"], "clean": d["clean"],
+                  "worker_kb": max([p for p in peaks if p] or [0])}}))
 """
 
 
@@ -109,11 +120,12 @@ def main() -> None:
             for engine, r in results.items():
                 rows_out.append([label, engine, r["workers"], r["n"], f"{r['run_s']:.2f}", f"{r['n'] / r['run_s']:.0f}",
                                  f"{r['startup_s']:.1f}" if engine == "ray" else "-",
-                                 f"{r['maxrss_kb'] / 1024:.0f}", "yes" if same else "NO"])
+                                 f"{r['maxrss_kb'] / 1024:.0f}",
+                                 f"{r['worker_kb'] / 1024:.0f}" if engine == "ray" else "-", "yes" if same else "NO"])
             for f in folder.iterdir():
                 f.unlink()
     head = ["shards x inputs", "engine", "workers", "inputs", "verify s", "inputs/s", "Ray start s",
-            "peak driver MiB", "figures equal"]
+            "peak driver MiB", "peak worker MiB", "figures equal"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows_out:

@@ -1,17 +1,33 @@
-"""Speed of locate + edit + write-back on a ResNet-18-sized model (one pair), and where the time goes.
+"""Speed and memory of locate + edit + write-back (one pair), per phase, and fine-tuning beside it.
 
-    python benchmarks/bench_speed.py [--device cpu|cuda] [--augment N]
+    python benchmarks/bench_speed.py [--models resnet18 resnet50 vgg16] [--device auto|cpu|cuda]
+                                     [--stats N] [--augment N]
 
-Builds a CIFAR-style ResNet-18 (11.2 M parameters, 3x32x32 input, seeded random weights,
-BatchNorm with non-trivial statistics, folded by the legacy exporter at opset 13), a
-pair (a random image and the same image with a 6x6 patch), 64 stats and 64 val inputs,
-then times every phase of `dynedit edit` and reports each as a ratio to one
-forward+backward pass of the twin on one input, all measured in the same run.
+Models (random weights, seeded, exported to ONNX at run time; nothing is downloaded):
+  resnet18  a CIFAR-style ResNet-18 (11.2 M parameters, 3x32x32, BatchNorm with non-trivial
+            statistics folded by the legacy exporter at opset 13), 64 stats inputs
+  resnet50  torchvision ResNet-50 at 3x224x224 (ImageNet size), 200 stats inputs
+  vgg16     torchvision VGG-16 at 3x240x240, 200 stats inputs
+A pair (a random image and the same image with a patch), stats and 64 val inputs. Every
+model runs in its own child process, so its peak RSS (``ru_maxrss``) is the edit's own.
+Each phase is reported in seconds, as a ratio to one forward+backward pass of the twin on
+one input (timed in the same process with the same thread settings, after warm-up), and
+with the peak RSS reached by the end of that phase. Fine-tuning rows: every weight of the
+twin, Adam (lr 1e-4), 20 steps on the n pairs (n = 1 and 20: corrupted and clean inputs,
+labels = the clean twins' classes), timed in the same process.
+
+A random network predicts one class for everything, so no pair "misbehaves";
+``target_gap=0`` and ``max_edits=1`` make the loop do its full work once: localise, fit,
+check one edit.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,17 +36,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnx_dynedit.io import load_model, save_model  # noqa: E402
-from onnx_dynedit.rectify import RectifyConfig, _as_torch, rectify  # noqa: E402
-from onnx_dynedit.twin import Twin, check_parity  # noqa: E402
-from onnx_dynedit.writeback import write_back  # noqa: E402
-
 warnings.filterwarnings("ignore")
+
+SIZES = {"resnet18": (32, 64), "resnet50": (224, 200), "vgg16": (240, 200)}  # input side, stats inputs
+FT_STEPS = 20
 
 
 class Block(nn.Module):
@@ -65,97 +80,156 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build(path: Path) -> int:
+def build(name: str, path: Path) -> int:
     torch.manual_seed(0)
-    model = ResNet18()
+    if name == "resnet18":
+        model = ResNet18()
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, name)(weights=None)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     model.eval()
-    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, opset_version=13,
+    side = SIZES[name][0]
+    torch.onnx.export(model, (torch.randn(1, 3, side, side),), str(path), dynamo=False, opset_version=13,
                       input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}})
     return sum(p.numel() for p in model.parameters())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--augment", type=int, default=None, help="synthetic pairs (default: the library's)")
-    ap.add_argument("--stats", type=int, default=64)
-    args = ap.parse_args()
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def forward_backward(twin, x) -> float:
+    x = twin.to_tensor(x).requires_grad_(True)
+    for _ in range(2):
+        twin.forward(x).sum().backward()
+    sync = torch.cuda.synchronize if twin.device.type == "cuda" else (lambda: None)
+    sync()
+    reps = 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        twin.forward(x).sum().backward()
+    sync()
+    return (time.perf_counter() - t) / reps
+
+
+def finetune_seconds(twin, corrupt, clean) -> float:
+    module = copy.deepcopy(twin.module)
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    xs = torch.cat([twin.to_tensor(corrupt), twin.to_tensor(clean)])
+    with torch.no_grad():
+        labels = twin.forward(twin.to_tensor(clean)).argmax(1)
+    ys = torch.cat([labels, labels])
+    opt = torch.optim.Adam(params, lr=1e-4)
+    t = time.perf_counter()
+    for _ in range(FT_STEPS):
+        opt.zero_grad()
+        out = module(xs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        F.cross_entropy(out, ys).backward()
+        opt.step()
+    if twin.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def run_one(path: Path, side: int, n_stats: int, device: str, augment) -> dict:
+    """The measured run (child process): every phase of `dynedit edit`, timed."""
+    from onnx_dynedit.io import load_model, save_model
+    from onnx_dynedit.rectify import RectifyConfig, rectify
+    from onnx_dynedit.twin import Twin, check_parity
+    from onnx_dynedit.writeback import write_back
+
     rng = np.random.default_rng(0)
+    shape = (3, side, side)
+    stats = rng.standard_normal((n_stats, *shape)).astype(np.float32)
+    val = rng.standard_normal((64, *shape)).astype(np.float32)
+    clean = rng.standard_normal((1, *shape)).astype(np.float32)
+    corrupt = clean.copy()
+    p = max(2, side * 6 // 32)
+    corrupt[:, :, -p:, -p:] = 6.0  # a patch covering the same share of the image as 6x6 at 32x32
+    phases = []
+    clock = time.perf_counter
+
+    def phase(name, fn):
+        t = clock()
+        out = fn()
+        phases.append([name, clock() - t, rss_mb()])
+        return out
+
+    loaded = phase("load + check", lambda: load_model(path))
+    twin = phase("twin (onnx2torch)", lambda: Twin(loaded, device))
+    parity = phase("parity before (ORT vs twin)", lambda: check_parity(twin))
+    fb = forward_backward(twin, clean)
+    cfg = RectifyConfig(target_gap=0.0, max_edits=1)
+    if augment is not None:
+        cfg = cfg.replace(augment=augment)
+    result = phase("rectify (total)", lambda: rectify(twin, corrupt, clean, stats_x=stats, val_x=val, config=cfg))
+    inner = [[f"  rectify: {k}", v, None] for k, v in result.timings.items()]
+    phases.extend(inner)
+    new = phase("write-back", lambda: write_back(loaded, result.updates()) if result.edits else loaded.model)
+    edits = [e.to_torch(twin.device) for e in result.edits]
+    feeds = {twin.inputs[0].name: np.concatenate([corrupt, clean])}
+    after = phase("parity after (ORT)", lambda: check_parity(twin, feeds, model=new, edits=edits))
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "resnet18.onnx"
-        n_params = build(path)
-        stats = rng.standard_normal((args.stats, 3, 32, 32)).astype(np.float32)
-        val = rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
-        clock = time.perf_counter
-        times = {}
+        phase("save (atomic)", lambda: save_model(new, Path(tmp) / "fixed.onnx"))
+    clean20 = rng.standard_normal((20, *shape)).astype(np.float32)
+    corrupt20 = clean20.copy()
+    corrupt20[:, :, -p:, -p:] = 6.0
+    ft = {"1": finetune_seconds(twin, corrupt, clean), "20": finetune_seconds(twin, corrupt20, clean20)}
+    return {"fb": fb, "phases": phases, "finetune": ft, "peak_rss_mb": rss_mb(), "device": str(twin.device),
+            "threads": torch.get_num_threads(), "edits": [e.layer.node for e in result.edits],
+            "parity_before": parity.max_rel_diff, "parity_after": after.max_rel_diff,
+            "synthetic": result.n_pairs - result.n_real_pairs, "stopped": result.stopped_because}
 
-        t = clock()
-        loaded = load_model(path)
-        times["load + check"] = clock() - t
-        t = clock()
-        twin = Twin(loaded, args.device)
-        times["twin (onnx2torch)"] = clock() - t
-        t = clock()
-        parity = check_parity(twin)
-        times["parity before"] = clock() - t
 
-        clean = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
-        corrupt = clean.copy()
-        corrupt[:, :, -6:, -6:] = 6.0  # a 6x6 patch
+def table(name: str, n_params: int, side: int, n_stats: int, r: dict) -> str:
+    fb = r["fb"]
+    total = sum(v for k, v, _ in r["phases"] if not k.startswith("  "))
+    lines = [f"### {name}: {n_params / 1e6:.1f} M parameters, 3x{side}x{side}, {n_stats} stats inputs, "
+             f"device {r['device']}, {r['threads']} threads",
+             "", f"one forward+backward of the twin (1 input): {fb * 1000:.1f} ms; edits {r['edits']}; "
+             f"{r['synthetic']} synthetic pairs; parity before {r['parity_before']:.2g}, after {r['parity_after']:.2g}",
+             "", "| phase | seconds | x forward+backward | peak RSS MB |", "|---|---|---|---|"]
+    for k, v, rss in r["phases"]:
+        lines.append(f"| {k} | {v:.2f} | {v / fb:.0f} | {'' if rss is None else f'{rss:.0f}'} |")
+    lines.append(f"| **total locate + edit + write-back** | **{total:.2f}** | **{total / fb:.0f}** | "
+                 f"**{r['peak_rss_mb']:.0f}** |")
+    for n, v in r["finetune"].items():
+        lines.append(f"| fine-tune all weights, {FT_STEPS} Adam steps, n = {n} | {v:.2f} | {v / fb:.0f} | |")
+    return "\n".join(lines) + "\n"
 
-        # reference: one forward + backward pass of the twin on one input
-        x = twin.to_tensor(clean).requires_grad_(True)
-        for _ in range(2):
-            twin.forward(x).sum().backward()
-        if twin.device.type == "cuda":
-            torch.cuda.synchronize()
-        reps = 5
-        t = clock()
-        for _ in range(reps):
-            twin.forward(x).sum().backward()
-        if twin.device.type == "cuda":
-            torch.cuda.synchronize()
-        fb = (clock() - t) / reps
 
-        # A random ResNet predicts one class for everything, so no pair "misbehaves";
-        # target_gap=0 makes the loop do its full work: localise, fit, check one edit.
-        cfg = RectifyConfig(target_gap=0.0, max_edits=1)
-        if args.augment is not None:
-            cfg = cfg.replace(augment=args.augment)
-        t = clock()
-        result = rectify(twin, corrupt, clean, stats_x=stats, val_x=val, config=cfg)
-        times["rectify (total)"] = clock() - t
-        for k, v in result.timings.items():
-            times[f"  rectify: {k}"] = v
-        t = clock()
-        new = write_back(loaded, result.updates()) if result.edits else loaded.model
-        times["write-back"] = clock() - t
-        t = clock()
-        edits = [_as_torch(e, twin.device) for e in result.edits]
-        feeds = {twin.inputs[0].name: np.concatenate([corrupt, clean])}
-        parity_after = check_parity(twin, feeds, model=new, edits=edits)
-        times["parity after (ORT)"] = clock() - t
-        t = clock()
-        save_model(new, Path(tmp) / "resnet18.fixed.onnx")
-        times["save (atomic)"] = clock() - t
-
-    total = sum(v for k, v in times.items() if not k.startswith("  "))
-    print(f"ResNet-18 (CIFAR), {n_params / 1e6:.1f} M parameters, 3x32x32, device {twin.device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"one forward+backward of the twin (1 input): {fb * 1000:.1f} ms")
-    print(f"edits: {[e.layer.node for e in result.edits]}; pair fixed {result.real_fixed_after}/{result.n_real_pairs}; "
-          f"{result.n_pairs - result.n_real_pairs} synthetic pairs; parity before {parity.max_rel_diff:.2g}, "
-          f"after {parity_after.max_rel_diff:.2g}; stopped: {result.stopped_because}")
-    print()
-    print("| phase | seconds | x forward+backward |")
-    print("|---|---|---|")
-    for k, v in times.items():
-        print(f"| {k} | {v:.2f} | {v / fb:.0f} |")
-    print(f"| **total locate + edit + write-back** | **{total:.2f}** | **{total / fb:.0f}** |")
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=["resnet18", "resnet50"], choices=sorted(SIZES))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--augment", type=int, default=None, help="synthetic pairs (default: the library's)")
+    ap.add_argument("--stats", type=int, default=None, help="stats inputs (default: per model)")
+    ap.add_argument("--child", nargs=3, metavar=("PATH", "SIDE", "STATS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        path, side, n_stats = args.child
+        print(json.dumps(run_one(Path(path), int(side), int(n_stats), args.device, args.augment)))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            side, n_stats = SIZES[name]
+            n_stats = args.stats or n_stats
+            path = Path(tmp) / f"{name}.onnx"
+            n_params = build(name, path)
+            cmd = [sys.executable, __file__, "--child", str(path), str(side), str(n_stats), "--device", args.device]
+            if args.augment is not None:
+                cmd += ["--augment", str(args.augment)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            print(table(name, n_params, side, n_stats, json.loads(out.strip().splitlines()[-1])), flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def inspect(model, inputs_file, seed, int_range, device, input_shapes, as_json):
         for kind, specs in (("input", report.inputs), ("output", report.outputs)):
             for s in specs:
                 click.echo(f"  {kind:6} {s['name']}  {s['dtype']}{s['shape']}")
-        rows = [[l["node"], l["op"], l["initializer"], "x".join(map(str, l["shape"])) or "scalar",
+        rows = [[l["node"], l["op"], l["initializer"] + _quant_note(l), "x".join(map(str, l["shape"])) or "scalar",
                  "yes" if l["shared"] else "", "yes" if l["editable"] else f"no: {l['reason']}"]
                 for l in report.layers]
         click.echo(table(rows, ["node", "op", "weight", "shape", "shared", "editable"]))
@@ -56,3 +56,12 @@ def parity_line(p: dict) -> str:
     return (f"parity (ONNX Runtime vs torch twin, {p['n_inputs']} inputs): max abs {p['max_abs_diff']:.3g} "
             f"(tolerance {p['tol']:g} x max(1, max|output|){allowed}), max rel {p['max_rel_diff']:.3g} "
             f"(tolerance {p['tol']:g}): {verdict}")
+
+
+def _quant_note(layer: dict) -> str:
+    """' (int8, qdq per-channel axis 0)' for a weight dequantised from integers; '' else."""
+    q = layer.get("quant")
+    if not q:
+        return " (float16)" if layer.get("dtype") == "float16" else ""
+    how = f"per-channel axis {q['axis']}" if q["axis"] is not None else "per-tensor"
+    return f" ({q['dtype']}, {q['scheme']} {how})"

@@ -183,6 +183,11 @@ def _engine(engine: str | None, ray_address: str | None = None) -> str:
     return engine
 
 
+def _engine_info(keys) -> dict:
+    """Where the key statistics ran (a stats set in memory: here, whatever was asked)."""
+    return {"engine": "local", "workers": 1} if keys is None else {"engine": keys.engine, "workers": keys.workers}
+
+
 def _sharded_keys(twin, raw: Inputs, model, engine, ray_address):
     """The key-statistics source for a sharded stats set (None: the stats are in memory)."""
     if raw.stats_shards is None:
@@ -245,7 +250,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     import torch
 
     from .attribution import DEFAULT_STEPS, locate
-    from .rank_one import key_statistics
+    from .rank_one import key_statistics, too_wide
 
     loaded = load_model(model)
     if plot is not None:
@@ -255,7 +260,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     raw = read_inputs(pairs, stats, engine=engine)
     twin, _ = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
     inputs = fit_inputs(twin, raw)
-    layers = twin.layer_map.editable()
+    layers = [layer for layer in twin.layer_map.editable() if not too_wide(layer)]
     if not layers:
         raise EditError(f"{loaded.label} has no editable layer")
     keys = _sharded_keys(twin, raw, model, engine, ray_address)
@@ -277,8 +282,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
         with progress.phase("plot"):
             write_locate_plot(Path(plot), loc, twin.layer_map, model_label=loaded.label)
     return LocateOutcome(model=loaded.label, localisation=loc, stats_source=source, device=str(twin.device),
-                         engine=engine, workers=keys.workers if keys is not None else 1,
-                         attributed_output=twin.attributed_output)
+                         attributed_output=twin.attributed_output, **_engine_info(keys))
 
 
 # ----------------------------------------------------------------------------- edit
@@ -418,9 +422,7 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     changed: tuple[str, ...] = ()
     written = None
     unchanged = False
-    from .rectify import _as_torch
-
-    edits = [_as_torch(e, twin.device) for e in result.edits]
+    edits = [e.to_torch(twin.device) for e in result.edits]
     if result.edits:
         from .writeback import edit_record, written_edits
 
@@ -478,10 +480,9 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
         clock.phase("plot", t0)
     outcome = EditOutcome(model=loaded.label, output=written, result=result, parity_before=parity0.to_dict(),
                           parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info,
-                          engine=engine, workers=keys.workers if keys is not None else 1,
                           output_unchanged=unchanged, timings=clock.total(), plot=plot_path,
                           rounding=rounding, rounding_effect=rounding_effect,
-                          attributed_output=twin.attributed_output)
+                          attributed_output=twin.attributed_output, **_engine_info(keys))
     if report is not None:
         atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())
     return outcome

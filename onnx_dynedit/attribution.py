@@ -27,17 +27,39 @@ All layers are attributed in ONE batched forward/backward over (pairs x steps).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .errors import EditError
 from .layers import Layer
+from .rank_one import ACTIVATION_BUDGET, Direction, KeyStats, activation_sizes, edit_direction, pair_key_groups
 from .twin import Twin
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 16
+DEFAULT_STEPS = 16  # midpoints; 4 and 64 pick the same layers on every sample (bench_locate.py)
+IG_CHUNK = 256      # path points per forward/backward pass
+REGION_CHUNK = 32   # inputs per pass when measuring region shares
+
+
+@dataclass(frozen=True)
+class LayerIG:
+    """IG of one layer's units, reduced over positions and pairs."""
+
+    per_unit: torch.Tensor  # [out] float64
+    mass: float             # sum |M| over units and positions
+    total: float            # sum M (completeness: ~ F(x) - F(x~))
+
+
+@dataclass(frozen=True)
+class IGResult:
+    layers: dict[str, LayerIG]
+    f_gap: float            # F(x) - F(x~), summed over pairs
+
+    def __getitem__(self, node: str) -> LayerIG:
+        return self.layers[node]
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,7 @@ class LayerAttribution:
     norm: float          # ||M reduced over positions||_2
     specificity: float
     score: float
+    direction: Direction | None = field(default=None, repr=False, compare=False)  # d (and local u) of this layer
 
     def to_dict(self) -> dict:
         return {"node": self.layer.node, "op": self.layer.op, "initializer": self.layer.initializer,
@@ -66,9 +89,8 @@ def _scalar(logits: torch.Tensor, target: str, c_corrupt: torch.Tensor, c_clean:
 
 def integrated_gradients(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.ndarray, *,
                          edits=(), steps: int = DEFAULT_STEPS, target: str = "corrupt_logit",
-                         reduction: str = "sum", chunk: int = 256) -> dict[str, tuple[torch.Tensor, float]]:
-    """M^l for each layer, reduced over positions and pairs -> (vector [out], sum |M|),
-    plus the completeness error under key ``"_completeness"``."""
+                         reduction: str = "sum", chunk: int = IG_CHUNK) -> IGResult:
+    """M^l for each layer, reduced over positions and pairs, and the F gap."""
     from .twin import batch_size_of
 
     xc, xk = twin.to_tensor(corrupt), twin.to_tensor(clean)
@@ -109,9 +131,8 @@ def integrated_gradients(twin: Twin, layers: list[Layer], corrupt: np.ndarray, c
             per_unit = r.sum(dim=tuple(d for d in range(r.dim()) if d != 1))
         else:
             per_unit = r.reshape(-1, r.shape[-1]).sum(0)
-        result[layer.node] = (per_unit, float(m.abs().sum()), float(m.sum()))
-    result["_f_gap"] = f_gap
-    return result
+        result[layer.node] = LayerIG(per_unit=per_unit, mass=float(m.abs().sum()), total=float(m.sum()))
+    return IGResult(layers=result, f_gap=f_gap)
 
 
 @dataclass(frozen=True)
@@ -134,29 +155,33 @@ class Localisation:
                 "skipped": [{"node": n, "reason": r} for n, r in self.skipped]}
 
 
-def locate(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.ndarray, stats: dict, *,
+def locate(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.ndarray, stats: dict[str, KeyStats], *,
            edits=(), steps: int = DEFAULT_STEPS, target: str = "corrupt_logit", key: str = "diff",
-           reduction: str = "sum") -> Localisation:
-    """Score every layer in ``layers`` (key statistics ``stats`` from rank_one.key_statistics)."""
-    from .errors import EditError
-    from .rank_one import edit_direction, pair_keys
-
+           reduction: str = "sum", key_pairs: tuple[np.ndarray, np.ndarray] | None = None) -> Localisation:
+    """Score every layer in ``layers`` (key statistics ``stats`` from rank_one.key_statistics).
+    IG runs on the given pairs; each layer's edit direction is found from ``key_pairs``
+    (default: the same pairs; the loop passes the pairs after augmentation, whose first
+    ``len(corrupt)`` are the given ones) and kept on the result for the edit."""
+    sizes = activation_sizes(twin, layers, corrupt, edits=edits)
+    per_point = 4 * sum(i + 3 * o for i, o, _ in sizes.values())  # activations, retained outputs and grads
+    chunk = max(1, min(IG_CHUNK, ACTIVATION_BUDGET // max(per_point, 1)))
     ig = integrated_gradients(twin, layers, corrupt, clean, edits=edits, steps=steps, target=target,
-                              reduction=reduction)
-    keys = pair_keys(twin, layers, corrupt, clean, edits=edits)
+                              reduction=reduction, chunk=chunk)
+    kc, kk = key_pairs if key_pairs is not None else (corrupt, clean)
     scored, skipped = [], []
-    for layer in layers:
-        per_unit, mass, total = ig[layer.node]
+    for layer, keys in pair_key_groups(twin, layers, kc, kk, edits=edits, sizes=sizes):
+        lig = ig[layer.node]
         try:
-            direction = edit_direction(stats[layer.node], keys[layer.node], key=key)
+            direction = edit_direction(stats[layer.node], keys, key=key, score_pairs=len(corrupt))
         except EditError as err:
             skipped.append((layer.node, err.message))
             continue
-        norm = float(per_unit.norm())
-        scored.append(LayerAttribution(layer=layer, attribution=total, mass=mass, norm=norm,
-                                       specificity=direction.specificity, score=norm * direction.specificity))
+        norm = float(lig.per_unit.norm())
+        scored.append(LayerAttribution(layer=layer, attribution=lig.total, mass=lig.mass, norm=norm,
+                                       specificity=direction.specificity, score=norm * direction.specificity,
+                                       direction=direction))
     ranked = tuple(sorted(scored, key=lambda a: (-a.score, a.layer.node_index)))
-    return Localisation(ranked=ranked, in_graph_order=tuple(scored), f_gap=ig["_f_gap"], skipped=tuple(skipped),
+    return Localisation(ranked=ranked, in_graph_order=tuple(scored), f_gap=ig.f_gap, skipped=tuple(skipped),
                         target=target, steps=steps)
 
 
@@ -183,7 +208,7 @@ def input_attribution(twin: Twin, x: torch.Tensor, cls: torch.Tensor, *, steps: 
 
 
 def region_shares(twin: Twin, x: np.ndarray, region: np.ndarray, cls: np.ndarray, *, edits=(),
-                  steps: int = DEFAULT_STEPS, chunk: int = 32) -> np.ndarray:
+                  steps: int = DEFAULT_STEPS, chunk: int = REGION_CHUNK) -> np.ndarray:
     """Share of |IG| on ``region`` (bool, shaped like ``x``) per input, float64 [n]."""
     shares = []
     with twin.applied(edits):

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -63,9 +64,18 @@ def import_ray():
 def ray_session(address: str | None = None, *, num_cpus: int | None = None):
     """Ray for the length of the block (see module doc); yields the ``ray`` module."""
     ray = import_ray()
-    if ray.is_initialized():
-        yield ray
-        return
+    # Ray prints its notices (a worker died, a task is retried) on stdout; send them to
+    # stderr while Ray runs, so that stdout stays the command's own (--json: JSON only).
+    with contextlib.redirect_stdout(sys.stderr):
+        if ray.is_initialized():
+            yield ray
+            return
+        with _started(ray, address, num_cpus):
+            yield ray
+
+
+@contextlib.contextmanager
+def _started(ray, address, num_cpus):
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                   configure_logging=True)
     if address:
@@ -126,6 +136,18 @@ def _crash_once_for_tests() -> None:
     os._exit(1)
 
 
+def _peak_rss_kb() -> int | None:
+    """This process's peak resident memory (Linux VmHWM), None where unknown."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _guarded(fn, *args, **kwargs):
     """Run ``fn``; a user error comes back as data (re-raised on the driver as the same
     class with the same one line), anything else keeps its traceback."""
@@ -152,6 +174,9 @@ class VerifyWorker:
         from .verify import ShardRunner
 
         self.init = _guarded(ShardRunner, original, edited, provider, batch_size, threads=1)
+
+    def peak_rss_kb(self) -> int | None:
+        return _peak_rss_kb()
 
     def run(self, job):
         _crash_once_for_tests()
@@ -228,6 +253,8 @@ def verify_partials(original, edited, provider, batch_size, jobs: Sequence, weig
                 done += weights[i]
                 if progress is not None:
                     progress(done, total)
+            peaks = ray.get([a.peak_rss_kb.remote() for a in actors])
+            logger.info("verify on Ray: worker peak RSS %s KiB", peaks, extra={"worker_peak_rss_kb": peaks})
         finally:
             for a in actors:
                 ray.kill(a)

@@ -17,7 +17,6 @@ import logging
 
 import numpy as np
 
-from .data import check_against_input
 from .datasets import Dataset
 
 logger = logging.getLogger(__name__)
@@ -89,8 +88,7 @@ def fitted_shard(twin, dataset: Dataset, index: int) -> np.ndarray:
 
 
 def check_shards(twin, dataset: Dataset) -> None:
-    """Every shard's declared shape and dtype against the model's input, from the headers."""
-    spec = twin.inputs[0]
+    """Every shard's declared shape and dtype against the model's input(s), from the headers."""
     seen = set()
     for shard in dataset.shards:
         key = (shard.x_shape[1:], shard.x_dtype)
@@ -98,13 +96,16 @@ def check_shards(twin, dataset: Dataset) -> None:
             continue
         seen.add(key)
         name = f"{dataset.what} {shard.path}: 'x'"
-        _fit(twin, np.broadcast_to(np.zeros((), dtype=spec.dtype), shard.x_shape), name)
+        if not shard.x_dtype.names and len(twin.inputs) == 1:
+            # the declared shape (a view of one zero: nothing allocated), then the dtype on one row
+            _fit(twin, np.broadcast_to(np.zeros((), dtype=twin.inputs[0].dtype), shard.x_shape), name)
         _fit(twin, np.zeros((1,) + tuple(shard.x_shape[1:]), dtype=shard.x_dtype), name)
 
 
 def _fit(twin, x: np.ndarray, name: str) -> np.ndarray:
-    spec = twin.inputs[0]
-    return check_against_input(x, name=name, input_name=spec.name, shape=list(spec.shape), dtype=spec.dtype)
+    from .api import _fit_input  # the same checks as an .npz in memory (one input or several)
+
+    return _fit_input(twin, x, name)
 
 
 def _numpy(t) -> np.ndarray:

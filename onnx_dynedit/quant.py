@@ -215,12 +215,6 @@ class Requantized:
     scale_kept: bool
 
 
-def _group_index(wq: WeightQuant, shape: tuple[int, ...], n_scale: int) -> np.ndarray:
-    if n_scale <= 1:
-        return np.zeros(shape, dtype=np.int64)
-    return np.broadcast_to(np.arange(n_scale).reshape(wq.scale_shape), shape)
-
-
 def requantize(w_new: np.ndarray, q_old: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
                wq: WeightQuant) -> Requantized:
     """Integers for the edited float weight ``w_new`` (module doc: keep the scale where
@@ -233,31 +227,32 @@ def requantize(w_new: np.ndarray, q_old: np.ndarray, scale: np.ndarray, zero_poi
     if flat_z is not None and flat_z.size == 1 and n > 1:
         flat_z = np.repeat(flat_z, n)  # a shared scalar zero point stays scalar below
     z_scalar = zero_point is not None and np.asarray(zero_point).size == 1 and n > 1
-    groups = _group_index(wq, q_old.shape, n)
     w = np.asarray(w_new, np.float64)
-
-    def quant(s, z, vals):
-        return np.rint(vals / np.float64(s)) + (float(z) if z is not None else 0.0)
-
-    q_new = np.empty(q_old.shape, dtype=np.float64)
+    if n > 1 and wq.axis is None:
+        raise ValueError(f"{wq.quantized}: a scale of {n} values without an axis cannot be requantised")
+    # one row per scale group: [n, -1] (the axis first), vectorised over rows
+    rows = np.moveaxis(w, wq.axis, 0).reshape(n, -1) if n > 1 else w.reshape(1, -1)
+    z_col = flat_z.astype(np.float64)[:, None] if flat_z is not None else 0.0
+    q_rows = np.rint(rows / flat_s.astype(np.float64)[:, None]) + z_col
+    over = (q_rows < qmin) | (q_rows > qmax)
     rescaled = clipped = 0
-    for g in range(n):
-        mask = groups == g
-        vals = w[mask]
-        s, z = flat_s[g], (flat_z[g] if flat_z is not None else None)
-        q = quant(s, z, vals)
-        if q.size and (q.min() < qmin or q.max() > qmax):
-            if wq.scale_shared:
-                clipped += int(((q < qmin) | (q > qmax)).sum())
-            else:  # a zero point shared by every channel stays as it is
-                s, z = _new_scale(vals, s, z, qmin, qmax, symmetric=z_scalar or _symmetric(z, q_old.dtype))
-                flat_s[g] = s
-                if flat_z is not None:
-                    flat_z[g] = z
-                q = quant(s, z, vals)
-                clipped += int(((q < qmin) | (q > qmax)).sum())
-                rescaled += 1
-        q_new[mask] = q
+    for g in np.flatnonzero(over.any(axis=1)):
+        if wq.scale_shared:
+            clipped += int(over[g].sum())
+            continue
+        z = flat_z[g] if flat_z is not None else None  # a zero point shared by every channel stays
+        s_new, z_new = _new_scale(rows[g], flat_s[g], z, qmin, qmax, symmetric=z_scalar or _symmetric(z, q_old.dtype))
+        flat_s[g] = s_new
+        if flat_z is not None:
+            flat_z[g] = z_new
+        q_rows[g] = np.rint(rows[g] / np.float64(s_new)) + (float(z_new) if z_new is not None else 0.0)
+        clipped += int(((q_rows[g] < qmin) | (q_rows[g] > qmax)).sum())
+        rescaled += 1
+    if n > 1:
+        moved = np.moveaxis(np.empty(q_old.shape), wq.axis, 0).shape
+        q_new = np.moveaxis(q_rows.reshape(moved), 0, wq.axis)
+    else:
+        q_new = q_rows.reshape(q_old.shape)
     q_int = np.clip(q_new, qmin, qmax).astype(q_old.dtype)
     new_scale = flat_s.reshape(scale.shape).astype(scale.dtype)
     new_zp = None
@@ -312,6 +307,25 @@ def rounding_stats(float_delta: np.ndarray, written_delta: np.ndarray) -> dict:
             "unchanged_fraction": float(np.mean(np.asarray(written_delta) == 0)) if err.size else 1.0}
 
 
+def _quantize_constant(node: onnx.NodeProto, value) -> np.ndarray | None:
+    """ONNX QuantizeLinear on constant inputs (int8/uint8/int16/uint16 outputs), or None."""
+    x, scale = value(node.input[0]), value(node.input[1])
+    zp = value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    dtype = zp.dtype if zp is not None else np.dtype(np.uint8)
+    if dtype not in INT_RANGES or not np.issubdtype(x.dtype, np.floating):
+        return None
+    axis = int(_attrs(node).get("axis", 1)) % max(x.ndim, 1)
+    shape = [1] * x.ndim
+    if scale.size > 1:
+        shape[axis] = scale.size
+    s = scale.reshape(shape) if scale.size > 1 else scale.reshape(())
+    z = (zp.astype(np.float64).reshape(shape) if zp.size > 1 else zp.astype(np.float64).reshape(())) \
+        if zp is not None else 0.0
+    qmin, qmax = INT_RANGES[dtype]
+    ratio = (x.astype(scale.dtype) / s).astype(np.float64)  # divided in the scale's type, as ONNX Runtime does
+    return np.clip(np.rint(ratio) + z, qmin, qmax).astype(dtype)
+
+
 def fold_dequantisation(model: onnx.ModelProto) -> int:
     """Replace every dequantisation chain of a constant integer tensor (module doc) by a
     float initializer of the same output name, in place (used on the twin's normalised
@@ -323,6 +337,23 @@ def fold_dequantisation(model: onnx.ModelProto) -> int:
 
     def value(name):
         return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    # QuantizeLinear of a float constant (quantize_static does this to Constant-node
+    # weights): evaluate it, so that the DequantizeLinear after it sees integers
+    kept, quantized = [], 0
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and _is_default_domain(node) and len(node.input) >= 2 \
+                and all(i in inits for i in node.input if i) and not _attrs(node).get("block_size", 0):
+            q = _quantize_constant(node, value)
+            if q is not None:
+                inits[node.output[0]] = numpy_helper.from_array(q, node.output[0])
+                graph.initializer.append(inits[node.output[0]])
+                quantized += 1
+                continue
+        kept.append(node)
+    if quantized:
+        del graph.node[:]
+        graph.node.extend(kept)
 
     chains = weight_dequantisations(graph, value)
     drop: set[int] = set()

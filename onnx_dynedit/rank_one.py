@@ -42,7 +42,21 @@ from .errors import EditError
 from .layers import Layer
 from .twin import Twin, layer_keys, layer_values
 
-DEFAULT_LAMBDA = 1e-2  # ridge, relative to the mean diagonal of C
+DEFAULT_LAMBDA = 1e-2      # ridge, relative to the mean diagonal of C (keeps C invertible with few keys)
+KEY_BATCH = 32             # stats inputs per forward pass while accumulating C
+MAX_KEYS_PER_BATCH = 8192  # conv positions per batch and layer used for C (an even subsample; bounds the cost)
+ACTIVATION_BUDGET = 256 * 2**20  # bytes of captured activations per chunked pass (bounds peak memory at 224x224)
+MAX_KEY_FEATURES = 8192    # C is in_features^2 float64 (8192: 512 MB); wider layers (VGG's 25088-wide fc) are not edited
+AFFECTED_SHARE = 1e-3      # a position is "affected" when its key change exceeds this share of the largest
+
+
+@dataclass(frozen=True)
+class TorchEdit:
+    """A rank-one edit as torch tensors on the twin's device (what ``Twin.applied`` takes)."""
+
+    layer: Layer
+    u: torch.Tensor
+    d: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,14 @@ class RankOneEdit:
     layer: Layer
     u: np.ndarray
     d: np.ndarray
+
+    def to_torch(self, device) -> TorchEdit:
+        return TorchEdit(self.layer, torch.as_tensor(self.u, dtype=torch.float32, device=device),
+                         torch.as_tensor(self.d, dtype=torch.float32, device=device))
+
+    @property
+    def finite(self) -> bool:
+        return bool(np.isfinite(self.u).all() and np.isfinite(self.d).all())
 
     def to_dict(self) -> dict:
         return {"node": self.layer.node, "initializer": self.layer.initializer,
@@ -75,9 +97,34 @@ class KeyStats:
         return torch.linalg.solve_triangular(self.chol.T, a.double().unsqueeze(1), upper=True).squeeze(1)
 
 
-def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), batch_size: int = 32,
+def too_wide(layer: Layer) -> str | None:
+    """Why ``layer``'s key statistics cannot be held in memory, or None."""
+    if layer.in_features > MAX_KEY_FEATURES:
+        return (f"{layer.in_features} key features: C would take {8 * layer.in_features ** 2 / 2**30:.1f} GiB "
+                f"(at most {MAX_KEY_FEATURES} features)")
+    return None
+
+
+def activation_sizes(twin: Twin, layers: list[Layer], x1: np.ndarray, *, edits=()) -> dict[str, tuple[int, int, int]]:
+    """Per layer and per input: (input numel, output numel, unfolded key numel), from one
+    forward pass of one input; what the chunked passes below budget their memory with."""
+    sizes = {}
+    with torch.no_grad(), twin.applied(edits), twin.capture(layers, inputs=True, outputs=True) as store:
+        twin.forward(twin.to_tensor(x1[:1]))
+        for layer in layers:
+            rec = store[layer.node]
+            keys = layer_keys(layer, rec["in"][0]).shape
+            sizes[layer.node] = (rec["in"][0].numel(), rec["out"][0].numel(), keys[1] * keys[2])
+    return sizes
+
+
+def _batch_for(budget: int, per_input: int, most: int) -> int:
+    return int(max(1, min(most, budget // max(per_input, 1))))
+
+
+def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), batch_size: int = KEY_BATCH,
                    lam: float = DEFAULT_LAMBDA, source: str = "stats",
-                   max_keys: int = 8192) -> dict[str, KeyStats]:
+                   max_keys: int = MAX_KEYS_PER_BATCH) -> dict[str, KeyStats]:
     """Second moments of every layer's keys over inputs ``x`` (current edits applied).
     Per batch at most ``max_keys`` keys per layer are used (every k-th position).
     ``x`` may also be a ``keystats.ShardedKeys`` (a stats set read shard by shard, here or
@@ -98,25 +145,33 @@ class KeyMoments:
     count: int
 
 
-def key_moments(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), batch_size: int = 32,
-                max_keys: int = 8192) -> dict[str, KeyMoments]:
+def key_moments(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), batch_size: int = KEY_BATCH,
+                max_keys: int = MAX_KEYS_PER_BATCH) -> dict[str, KeyMoments]:
     """Per-layer ``KeyMoments`` of the keys over inputs ``x`` (edits applied), batch by batch
-    (at most ``max_keys`` keys per layer and batch: every k-th position)."""
+    (at most ``max_keys`` keys per layer and batch of ``batch_size``: every k-th position).
+    Large inputs go in smaller batches (captured activations stay within ACTIVATION_BUDGET)
+    with the key cap scaled down with the batch."""
+    sizes = activation_sizes(twin, layers, x, edits=edits)
+    per_input = 4 * (sum(s[0] for s in sizes.values()) + max(s[2] for s in sizes.values()))
+    batch = _batch_for(ACTIVATION_BUDGET, per_input, batch_size)
+    cap = max(1, max_keys * batch // batch_size)
     dim = {l.node: l.in_features for l in layers}
     acc = {l.node: torch.zeros(dim[l.node], dim[l.node], dtype=torch.float64, device=twin.device) for l in layers}
     count = {l.node: 0 for l in layers}
     with torch.no_grad(), twin.applied(edits), twin.capture(layers) as store:
-        for i in range(0, len(x), batch_size):
+        for i in range(0, len(x), batch):
             for rec in store.values():
                 rec["in"].clear()
-            twin.forward(twin.to_tensor(x[i:i + batch_size]))
+            twin.forward(twin.to_tensor(x[i:i + batch]))
             for layer in layers:
                 keys = layer_keys(layer, store[layer.node]["in"][0]).reshape(-1, dim[layer.node])
-                if keys.shape[0] > max_keys:  # many conv positions: an even, deterministic subsample
-                    keys = keys[:: -(-keys.shape[0] // max_keys)]
+                if keys.shape[0] > cap:  # many conv positions: an even, deterministic subsample
+                    keys = keys[:: -(-keys.shape[0] // cap)]
                 acc[layer.node] += (keys.T @ keys).double()
                 count[layer.node] += keys.shape[0]
-    return {l.node: KeyMoments(sum_kk=acc[l.node].cpu().numpy(), count=count[l.node]) for l in layers}
+            for rec in store.values():
+                rec["in"].clear()
+    return {l.node: KeyMoments(sum_kk=acc.pop(l.node).cpu().numpy(), count=count[l.node]) for l in layers}
 
 
 def stats_from_moments(layers: list[Layer], parts, *, lam: float = DEFAULT_LAMBDA, source: str = "stats",
@@ -125,21 +180,24 @@ def stats_from_moments(layers: list[Layer], parts, *, lam: float = DEFAULT_LAMBD
     regularised second moment C + lam * mean(diag C) * I (Cholesky)."""
     out = {}
     for layer in layers:
-        total = None
-        n = 0
+        total, n = None, 0
         for part in parts:
             m = part[layer.node]
             total = m.sum_kk.copy() if total is None else total + m.sum_kk
             n += m.count
-        c = torch.as_tensor(total, dtype=torch.float64, device=device) / max(n, 1)
-        ridge = lam * float(torch.diagonal(c).mean().clamp_min(1e-12))
-        c = c + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-        chol, info = torch.linalg.cholesky_ex(c)
-        if int(info) != 0:
-            raise EditError(f"key statistics of layer {layer.node!r} are not positive definite",
-                            hint="give more --stats inputs or a larger ridge")
-        out[layer.node] = KeyStats(layer=layer, chol=chol, n_keys=n, lam=ridge, source=source)
+        out[layer.node] = _factor(layer, torch.as_tensor(total, dtype=torch.float64, device=device), n, lam, source)
     return out
+
+
+def _factor(layer: Layer, acc: torch.Tensor, count: int, lam: float, source: str) -> KeyStats:
+    c = acc.div_(max(count, 1))
+    ridge = lam * float(torch.diagonal(c).mean().clamp_min(1e-12))
+    c.diagonal().add_(ridge)
+    chol, info = torch.linalg.cholesky_ex(c)
+    if int(info) != 0:
+        raise EditError(f"key statistics of layer {layer.node!r} are not positive definite",
+                        hint="give more stats inputs or a larger ridge")
+    return KeyStats(layer=layer, chol=chol, n_keys=count, lam=ridge, source=source)
 
 
 @dataclass(frozen=True)
@@ -165,23 +223,45 @@ def pair_keys(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.nd
     return out
 
 
+def pair_key_groups(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.ndarray, *, edits=(),
+                    sizes: dict | None = None):
+    """Yield (layer, PairKeys) for every layer, capturing a group of layers per pass so
+    that a group's keys stay within ACTIVATION_BUDGET (one group for small models)."""
+    sizes = sizes or activation_sizes(twin, layers, corrupt, edits=edits)
+    n = len(corrupt) + len(clean)
+    group, used = [], 0
+    for layer in list(layers) + [None]:
+        cost = 0 if layer is None else n * 4 * (sizes[layer.node][0] + 3 * sizes[layer.node][1]
+                                                + 2 * sizes[layer.node][2])
+        if group and (layer is None or used + cost > ACTIVATION_BUDGET):
+            keys = pair_keys(twin, group, corrupt, clean, edits=edits)
+            for done in group:
+                yield done, keys.pop(done.node)
+            group, used = [], 0
+        if layer is not None:
+            group.append(layer)
+            used += cost
+
+
 @dataclass(frozen=True)
 class Direction:
     d: torch.Tensor          # [in], float64
-    specificity: float       # Mahalanobis norm of the per-pair summed key change, RMS over pairs
+    specificity: float       # Mahalanobis norm of the per-pair summed key change, RMS over the scored pairs
     affected: float          # share of positions whose keys differ
+    u_local: torch.Tensor | None = None  # closed-form u for this d (None: d misses every corrupted key)
 
 
-def edit_direction(stats: KeyStats, keys: PairKeys, *, key: str = "diff") -> Direction:
-    """d = C^-1 k* with k* the top whitened direction of the key differences (see module doc)."""
-    n = keys.k_corrupt.shape[0]
+def edit_direction(stats: KeyStats, keys: PairKeys, *, key: str = "diff", score_pairs: int | None = None) -> Direction:
+    """d = C^-1 k* with k* the top whitened direction of the key differences (see module doc),
+    and the layer-local closed-form u for it. ``score_pairs``: the specificity is measured
+    on the first ``score_pairs`` pairs only (the given ones; the rest are synthetic)."""
     diff = (keys.k_corrupt - keys.k_clean).reshape(-1, keys.k_corrupt.shape[-1])
     norms = diff.norm(dim=1)
     scale = float(norms.max()) if norms.numel() else 0.0
     if scale == 0.0:
         raise EditError(f"layer {stats.layer.node!r}: corrupted and clean inputs give identical keys",
                         hint="the pair does not differ before this layer; pick an earlier layer")
-    affected_mask = norms > 1e-3 * scale
+    affected_mask = norms > AFFECTED_SHARE * scale
     if key == "diff":
         rows = diff[affected_mask]
     elif key == "corrupt":
@@ -210,9 +290,13 @@ def edit_direction(stats: KeyStats, keys: PairKeys, *, key: str = "diff") -> Dir
         d = d / (spread if float(proj[proj.abs().argmax()]) > 0 else -spread)
     # k*_i = sum over positions of pair i's key change; its Mahalanobis norm under C
     # (scale-free: the same whatever the scale of the layer's keys)
-    kstar = (keys.k_corrupt - keys.k_clean).sum(dim=1)  # [n, in]
+    kstar = (keys.k_corrupt[:score_pairs] - keys.k_clean[:score_pairs]).sum(dim=1)  # [n, in]
     maha = float(stats.whiten(kstar).pow(2).sum(1).mean().sqrt())
-    return Direction(d=d, specificity=maha, affected=float(affected_mask.double().mean()))
+    try:
+        u_local = closed_form_u(keys, d)
+    except EditError:
+        u_local = None
+    return Direction(d=d, specificity=maha, affected=float(affected_mask.double().mean()), u_local=u_local)
 
 
 def closed_form_u(keys: PairKeys, d: torch.Tensor) -> torch.Tensor:

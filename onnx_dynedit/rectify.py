@@ -1,31 +1,38 @@
-"""The dynamic loop: locate -> rank-one edit -> check -> accept / roll back.
+"""The dynamic loop: plan -> (locate -> trial per layer -> accept / roll back) -> result.
 
+  plan:   the candidate layers, where the key statistics come from, the reference inputs the
+          degradation budget is checked on (held out from everything the fit uses), and the
+          pairs after augmentation
   repeat (at most ``max_edits`` accepted edits):
-    gap = (criterion "output") mean total-variation distance between the model's softmax
-          on x~ and the shipped model's softmax on x (its cleansed twin), or
-          (criterion "attribution") the mean share of input attribution on the region
-          where x~ differs from x, in excess of the clean twin's share there;
-          "fixed" = same top-1 class as the shipped model on x
-    stop when every pair is fixed and gap <= target (target_gap / target_attribution)
-    re-run localisation on the current (edited) model, rank the layers
-    for the best few layers: fit a rank-one edit; keep the first one that lowers the gap
-      and keeps degradation within budget (others are rolled back); under the attribution
-      criterion every candidate is fitted and the one with the smallest gap is kept
-    stop when none does
+    stop when the criterion is reached (every pair fixed and gap <= target)
+    key statistics and localisation on the current (edited) model; the localisation
+      carries each layer's edit direction
+    a trial per layer, best first: fit a rank-one edit, measure gap and degradation;
+      the criterion says whether it improves and which passing trial to keep
+    stop when none is kept
   return the accepted edits
 
-Degradation: with labelled validation data, the drop in accuracy against the shipped
-model; otherwise the share of inputs (val x, else stats x, else the clean twins) whose
-top-1 class changed.
+Criteria (``Criterion``; each has gap / fit / improves / pick):
+  "output" (the paper's setting: a Trojan or spurious feature changes the prediction):
+    gap = mean total-variation distance between the softmax on x~ and the shipped model's
+    softmax on x; "fixed" = same top-1 as the shipped model on x. u is fitted so the
+    network output on x~ matches the shipped output on x while outputs on unlabeled clean
+    inputs stay put (or the layer-local closed form, ``objective="local"``). The first
+    layer that fixes more pairs (or as many with a smaller gap) is kept.
+  "attribution" (feature leakage: x~ and x already get the same prediction, but the
+    attribution leans on a region that should not matter): gap = mean share of input
+    attribution on the region where x~ differs from x, in excess of the clean twin's share.
+    u and the whitened key a (d = C^-1 R a, starting at the paper's k*) are fitted together.
+    Every candidate is fitted and the one with the smallest gap is kept, provided every
+    given pair keeps its clean twin's class.
+  "auto" (default) picks "attribution" when every given pair already behaves like its
+  clean twin by the output gap, "output" otherwise.
 
-Criteria. "output" is the paper's setting (a Trojan or spurious feature changes the
-prediction). "attribution" is for feature leakage, where x~ and x already get the same
-prediction but the model's attribution leans on a region that should not matter: u and
-the whitened key k (d = C^-1 k, starting at the paper's k*) are then fitted together so
-that the input attribution (IG from the zero baseline, logit of the clean twin's class)
-on that region falls, while outputs on x~ and on stats inputs stay where they were.
-"auto" (default) picks "attribution" when every given pair already behaves like its
-clean twin by the output gap, "output" otherwise.
+Degradation: with labelled validation data, the drop in accuracy against the shipped model;
+otherwise the share of inputs whose top-1 class changed. The inputs (``degradation_source``)
+are never used by the fit: val when given; otherwise a held-out share (``holdout``) of the
+stats inputs, which then stay out of C, the locality term and the augmentation; the clean
+twins only when nothing else is given (then the check is in-sample and the report says so).
 
 Static mode (``layers=...``): localisation is skipped and the given layers are edited
 in turn (the "static rectifying" baseline when it is the last layer).
@@ -33,6 +40,7 @@ in turn (the "static rectifying" baseline when it is the last layer).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -45,11 +53,22 @@ from . import progress
 from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
 from .errors import EditError, InputError, LayerError
 from .layers import Layer
-from .rank_one import DEFAULT_LAMBDA, RankOneEdit, closed_form_u, edit_direction, key_statistics, pair_keys
+from .rank_one import (DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, edit_direction, key_statistics, pair_keys,
+                       too_wide)
 from .twin import DownstreamRunner, Twin, batch_size_of, cat_inputs
 from .writeback import LayerUpdate
 
 log = logging.getLogger(__name__)
+
+GAP_EPS = 1e-6          # a gap must fall by more than this to count as smaller (float noise)
+BUDGET_SLACK = 1e-12    # a degradation equal to the budget passes (float rounding of exact fractions)
+STALL_STEPS = 30        # Adam stops when the loss has not improved by STALL_REL for this many steps
+STALL_REL = 1e-3
+CONVERGED_LOSS = 1e-5   # normalised losses below this are a perfect fit: stop
+MIN_HOLDOUT_POOL = 4    # fewer stats inputs than this: nothing is held out (the check is in-sample)
+LBFGS_HISTORY = 10      # u has C_out numbers; a short curvature history is enough
+LBFGS_TOL_GRAD = 1e-7   # on the normalised loss: the fit has converged
+LBFGS_TOL_CHANGE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -66,8 +85,11 @@ class RectifyConfig:
     ig_steps: int = DEFAULT_STEPS
     ig_target: str = "corrupt_logit"
     ig_reduction: str = "sum"         # positions: "sum" (signed, before the norm) or "abs"
-    fit_steps: int = 200
+    fit_steps: int = 200              # Adam steps (attribution fit, and the output fit with fit_method "adam")
     fit_lr: float = 0.05
+    fit_method: str = "adam"          # output fit of u: "adam" or "lbfgs" (fewer evaluations; moves the n = 20
+                                      # sample rows, see README's speed section)
+    lbfgs_evals: int = 25             # loss evaluations (downstream passes) of the L-BFGS fit
     attr_weight: float = 3.0          # weight of the region's attribution in the attribution fit
     attr_steps: int = 8               # IG steps inside the attribution fit
     fit_key: bool = True              # attribution fit: fit the whitened key too (False: d = C^-1 k* fixed)
@@ -76,7 +98,9 @@ class RectifyConfig:
     lam: float = DEFAULT_LAMBDA
     candidates_per_step: int = 3
     layers: tuple[str, ...] | None = None  # static mode: edit these, skip localisation
-    augment: int = 16                 # synthetic pairs: x~ - x transplanted onto stats inputs (0 = off)
+    augment: int = 16                 # synthetic pairs: the corruption transplanted onto stats inputs (0 = off)
+    transplant: str = "auto"          # how: "add", "affine", "gain" or "auto" (transplant_pairs)
+    holdout: float = 0.25             # share of stats held out for the degradation check when no val is given
     seed: int = 0
 
     def replace(self, **changes) -> "RectifyConfig":
@@ -88,15 +112,13 @@ class RectifyConfig:
 
 
 @dataclass(frozen=True)
-class _TorchEdit:
-    layer: Layer
-    u: torch.Tensor
-    d: torch.Tensor
+class Score:
+    """The criterion's reading of the current model on the pairs."""
 
-
-def _as_torch(edit: RankOneEdit, device) -> _TorchEdit:
-    return _TorchEdit(edit.layer, torch.as_tensor(edit.u, dtype=torch.float32, device=device),
-                      torch.as_tensor(edit.d, dtype=torch.float32, device=device))
+    gap: float          # over every pair (given + synthetic)
+    fixed: int
+    real_gap: float     # over the given pairs only
+    real_fixed: int
 
 
 @dataclass(frozen=True)
@@ -142,15 +164,23 @@ class RectifyResult:
     real_gap_after: float = float("nan")
     real_fixed_after: int = 0
     criterion: str = "output"              # the gap used: "output" or "attribution"
+    degradation_source: str = "val"        # "val", "held-out stats", "stats" (in-sample) or "clean twins"
+    degradation_count: int = 0             # inputs the degradation was measured on
 
     @property
     def target(self) -> float:
         return self.config.target_attribution if self.criterion == "attribution" else self.config.target_gap
 
     @property
+    def within_budget(self) -> bool:
+        return self.degradation <= self.config.max_degradation + BUDGET_SLACK
+
+    @property
     def success(self) -> bool:
-        """Judged on the pairs the user gave (synthetic ones only guide the fit)."""
-        return self.real_fixed_after == self.n_real_pairs and self.real_gap_after <= self.target
+        """The given pairs are fixed (synthetic ones only guide the fit) and the degradation,
+        measured on inputs the fit did not use, is within budget."""
+        return (self.real_fixed_after == self.n_real_pairs and self.real_gap_after <= self.target
+                and self.within_budget)
 
     def updates(self) -> list[LayerUpdate]:
         """Accepted edits grouped per layer (a layer may be picked more than once)."""
@@ -169,6 +199,7 @@ class RectifyResult:
             "fixed_before": self.fixed_before, "fixed_after": self.fixed_after,
             "real_gap_before": self.real_gap_before, "real_gap_after": self.real_gap_after, "real_fixed_after": self.real_fixed_after,
             "degradation": self.degradation, "degradation_kind": self.degradation_kind,
+            "degradation_source": self.degradation_source, "degradation_count": self.degradation_count,
             "stats_source": self.stats_source, "stopped_because": self.stopped_because, "success": self.success,
             "edits": [e.to_dict() for e in self.edits], "steps": [s.to_dict() for s in self.steps],
             "localisations": list(self.localisations), "config": asdict(self.config),
@@ -176,55 +207,234 @@ class RectifyResult:
         }
 
 
-class _Scorer:
-    """Pair gap and degradation of the current edits against the shipped model."""
+# ------------------------------------------------------------------------------ plan
 
-    def __init__(self, twin: Twin, corrupt, clean, ref_x, ref_y, criterion: str = "output",
-                 ig_steps: int = DEFAULT_STEPS):
-        self.twin = twin
-        self.corrupt = corrupt
-        self.criterion = criterion
-        self.ig_steps = ig_steps
-        self.target = torch.softmax(torch.as_tensor(twin.run(clean)), 1)  # shipped model on clean twins
-        self.target_cls = self.target.argmax(1)
-        if criterion == "attribution":
-            self.region = np.asarray(corrupt != clean)
-            self.floor = region_shares(twin, clean, self.region, self.target_cls.numpy(), steps=ig_steps)
-        self.ref_x, self.ref_y = ref_x, ref_y
-        ref = twin.run(ref_x).argmax(1)
-        self.ref_pred = ref
-        self.base_acc = float((ref == ref_y).mean()) if ref_y is not None else None
 
-    def gap(self, edits, first: int | None = None) -> tuple[float, int]:
-        """(mean gap, pairs fixed) over all pairs, or over the ``first`` ones."""
+@dataclass(frozen=True)
+class Reference:
+    """The inputs the degradation budget is checked on."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    source: str   # "val", "held-out stats", "stats" or "clean twins"
+    kind: str     # what the number means, for the report
+
+    @property
+    def count(self) -> int:
+        return len(self.x)
+
+
+@dataclass(frozen=True)
+class Plan:
+    candidates: tuple[Layer, ...]
+    static: bool                 # layers given: no localisation
+    key_x: object                # inputs of the key statistics (or a keystats.ShardedKeys)
+    stats_source: str
+    fit_x: np.ndarray            # inputs of the locality term
+    reference: Reference
+    corrupt: np.ndarray          # pairs after augmentation; the first n_real are the given ones
+    clean: np.ndarray
+    n_real: int
+    criterion: str               # "output" or "attribution"
+
+
+def _candidates(twin: Twin, cfg: RectifyConfig) -> tuple[tuple[Layer, ...], bool]:
+    if cfg.layers:
+        pinned = tuple(twin.layer_map.get(name) for name in cfg.layers)
+        for layer in pinned:
+            why = layer.reason if not layer.editable else too_wide(layer)
+            if why:
+                raise LayerError(f"layer {layer.node!r} cannot be edited: {why}")
+        return pinned, True
+    editable = twin.layer_map.editable()
+    for layer in editable:
+        if too_wide(layer):
+            log.info("layer %s is not a candidate: %s", layer.node, too_wide(layer))
+    editable = [layer for layer in editable if not too_wide(layer)]
+    if not editable:
+        raise LayerError(f"{twin.loaded.label} has no editable layer (Conv/Gemm/MatMul with a constant weight)")
+    return tuple(editable), False
+
+
+def split_stats(stats_x: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs the fit may use, inputs held out for the degradation check): a seeded
+    random ``share`` of the stats, at least one input; nothing held out from tiny sets."""
+    n = len(stats_x)
+    k = min(n - 1, max(1, int(round(share * n)))) if share > 0 and n >= MIN_HOLDOUT_POOL else 0
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
+    return stats_x[~held], stats_x[held]
+
+
+def _reference(clean, fit_stats, held, val_x, val_y) -> Reference:
+    if val_x is not None:
+        kind = "accuracy drop on val" if val_y is not None else "changed predictions on val"
+        return Reference(val_x, val_y, "val", kind)
+    if held is not None and len(held):
+        return Reference(held, None, "held-out stats", f"changed predictions on {len(held)} held-out stats inputs")
+    if fit_stats is not None:
+        return Reference(fit_stats, None, "stats", "changed predictions on stats (in-sample: none held out)")
+    return Reference(clean, None, "clean twins", "changed predictions on the clean twins (in-sample)")
+
+
+def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x, val_y,
+              cfg: RectifyConfig, key_source=None) -> Plan:
+    candidates, static = _candidates(twin, cfg)
+    fit_stats, held = stats_x, None
+    if stats_x is not None and val_x is None:
+        fit_stats, held = split_stats(stats_x, cfg.holdout, cfg.seed)
+    if fit_stats is not None:
+        key_x, fit_x = fit_stats, fit_stats
+        stats_source = f"stats ({len(fit_stats)} inputs)" if held is None or not len(held) else \
+            f"stats ({len(fit_stats)} inputs; {len(held)} more held out for the degradation check)"
+    else:
+        key_x, fit_x = clean, clean
+        stats_source = f"clean twins of the pairs ({len(clean)} inputs; no stats given)"
+    if key_source is not None:  # a sharded stats set: C from every shard (held-out inputs included)
+        key_x, stats_source = key_source, key_source.source
+    criterion = _criterion_name(twin, corrupt, clean, cfg)
+    if criterion == "attribution" and cfg.objective == "local":
+        raise InputError("--objective local (the closed form) only applies to the output criterion; the pairs "
+                         "call for the attribution criterion", hint="drop --objective local, or pass --criterion output")
+    n_real = len(corrupt)
+    if cfg.augment and fit_stats is not None:
+        corrupt, clean = transplant_pairs(corrupt, clean, fit_stats, cfg.augment, match=criterion == "attribution",
+                                          model=cfg.transplant)
+    return Plan(candidates=candidates, static=static, key_x=key_x, stats_source=stats_source, fit_x=fit_x,
+                reference=_reference(clean[:n_real], fit_stats, held, val_x, val_y), corrupt=corrupt,
+                clean=clean, n_real=n_real, criterion=criterion)
+
+
+def _criterion_name(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, cfg: RectifyConfig) -> str:
+    if cfg.criterion in ("output", "attribution"):
+        return cfg.criterion
+    if cfg.criterion != "auto":
+        raise ValueError(f"unknown criterion {cfg.criterion!r}")
+    # leakage: the given pairs already behave like their clean twins
+    p = torch.softmax(torch.as_tensor(twin.run(corrupt)), 1)
+    q = torch.softmax(torch.as_tensor(twin.run(clean)), 1)
+    same = bool((p.argmax(1) == q.argmax(1)).all())
+    return "attribution" if same and float((0.5 * (p - q).abs().sum(1)).mean()) <= cfg.target_gap else "output"
+
+
+AFFINE_RIDGE = 1e-4   # per-element affine fit of the corruption: ridge (x n pairs) toward a = 1
+GAIN_RESIDUAL = 0.05  # a per-pair channel gain "explains" a pair below this share of ||x~ - x||
+TRANSPLANTS = ("auto", "add", "affine", "gain")
+
+
+def corruption_model(corrupt: np.ndarray, clean: np.ndarray) -> str:
+    """The transplant that ``auto`` picks for these pairs (see ``transplant_pairs``):
+    "gain" when every pair is its clean twin with each channel scaled (a re-colouring,
+    inputs with 2+ channels), else "affine" with two or more pairs, else "add"."""
+    n = len(corrupt)
+    if corrupt.ndim >= 3 and corrupt.shape[1] > 1:
+        c = corrupt.reshape(n, corrupt.shape[1], -1).astype(np.float64)
+        k = clean.reshape(n, clean.shape[1], -1).astype(np.float64)
+        g = (c * k).sum(2) / np.maximum((k * k).sum(2), 1e-12)
+        resid = np.linalg.norm((c - g[:, :, None] * k).reshape(n, -1), axis=1)
+        diff = np.linalg.norm((c - k).reshape(n, -1), axis=1)
+        if np.all(resid <= GAIN_RESIDUAL * np.maximum(diff, 1e-12)):
+            return "gain"
+    return "affine" if n >= 2 else "add"
+
+
+def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m: int, *, match: bool = False,
+                     model: str = "add"):
+    """Append up to ``m`` synthetic pairs (stats input s, s corrupted the way the given
+    pairs are), clipped to the value range of the given pairs. ``model``:
+
+    "add"    s + (x~_j - x_j), j cycling over the pairs: exact for a pasted patch on a
+             constant background, an approximation for blended triggers;
+    "affine" per input element x~ = a x + b, fitted by least squares over the given pairs
+             with a ridge (AFFINE_RIDGE x n) toward a = 1, applied to s: a blend
+             x~ = (1 - phi) x + phi p is recovered exactly from 2+ pairs (a = 1 - phi,
+             b = phi p), a pasted patch too (a = 0, b = patch); with one pair it is "add";
+    "gain"   per pair j and channel c, g_jc = <x~_jc, x_jc> / ||x_jc||^2 (a re-colouring),
+             s_c scaled by g_jc; synthetic inputs that keep less than half of s's mass (a
+             colour s does not carry) are skipped;
+    "auto"   ``corruption_model``.
+
+    ``match`` (attribution criterion): additive, and only stats inputs that equal the first
+    clean twin where the pairs differ (the corrupting pattern then lands on the same kind
+    of content, e.g. an empty block rather than another input's digit); all of the pool
+    when none does."""
+    if model not in TRANSPLANTS:
+        raise ValueError(f"unknown transplant {model!r}")
+    if match:
+        model = "add"
+        support = (corrupt != clean).any(axis=0).reshape(-1)
+        gap = np.abs(pool - clean[:1]).reshape(len(pool), -1)[:, support]
+        ok = gap.max(axis=1) <= 1e-6 if support.any() else np.zeros(len(pool), bool)
+        if ok.any():
+            pool = pool[ok]
+    elif model == "auto":
+        model = corruption_model(corrupt, clean)
+    if model == "affine" and len(corrupt) < 2:
+        model = "add"
+    m = min(m, len(pool))
+    lo = min(float(corrupt.min()), float(clean.min()))
+    hi = max(float(corrupt.max()), float(clean.max()))
+    n = len(corrupt)
+    if model == "gain":
+        c = corrupt.reshape(n, corrupt.shape[1], -1).astype(np.float64)
+        k = clean.reshape(n, clean.shape[1], -1).astype(np.float64)
+        gain = (c * k).sum(2) / np.maximum((k * k).sum(2), 1e-12)  # [n, channels]
+        shape = (1, corrupt.shape[1]) + (1,) * (corrupt.ndim - 2)
+        src, syn = [], []
+        for i in range(len(pool) - 1, -1, -1):  # the tail first: the locality batch uses the head
+            s = pool[i].astype(np.float64)
+            t = np.clip(s * gain[len(syn) % n].reshape(shape[1:]), lo, hi)
+            if np.abs(t).sum() >= 0.5 * np.abs(s).sum():
+                src.append(pool[i])
+                syn.append(t)
+            if len(syn) >= m:
+                break
+        if not syn:
+            return corrupt, clean
+        src_a = np.stack(src).astype(clean.dtype)
+        return np.concatenate([corrupt, np.stack(syn).astype(corrupt.dtype)]), np.concatenate([clean, src_a])
+    src = pool[len(pool) - m:]  # the tail: the locality batch uses the head
+    if model == "affine":
+        x = clean.reshape(n, -1).astype(np.float64)
+        t = corrupt.reshape(n, -1).astype(np.float64)
+        lam = AFFINE_RIDGE * n
+        sx, sxx, st, sxt = x.sum(0), (x * x).sum(0), t.sum(0), (x * t).sum(0)
+        det = (sxx + lam) * n - sx * sx  # > 0: lam > 0 and Cauchy-Schwarz
+        a = ((sxt + lam) * n - sx * st) / det
+        b = ((sxx + lam) * st - sx * (sxt + lam)) / det
+        syn = np.clip(src.reshape(m, -1).astype(np.float64) * a + b, lo, hi).reshape(src.shape)
+        return np.concatenate([corrupt, syn.astype(corrupt.dtype)]), np.concatenate([clean, src.astype(clean.dtype)])
+    delta = (corrupt - clean).astype(np.float64)
+    idx = np.arange(m) % len(corrupt)
+    syn = np.clip(src.astype(np.float64) + delta[idx], lo, hi).astype(corrupt.dtype)
+    return np.concatenate([corrupt, syn]), np.concatenate([clean, src.astype(clean.dtype)])
+
+
+# ------------------------------------------------------------------------- degradation
+
+
+class Degradation:
+    """Degradation of a set of edits against the shipped model on the reference inputs."""
+
+    def __init__(self, twin: Twin, ref: Reference):
+        self.twin, self.ref = twin, ref
+        self.base_pred = twin.run(ref.x).argmax(1)
+        self.base_acc = float((self.base_pred == ref.y).mean()) if ref.y is not None else None
+
+    def __call__(self, edits) -> float:
         with self.twin.applied(edits):
-            p = torch.softmax(torch.as_tensor(self.twin.run(self.corrupt[:first])), 1)
-        target = self.target[:first]
-        fixed = int((p.argmax(1) == target.argmax(1)).sum())
-        if self.criterion == "attribution":
-            shares = region_shares(self.twin, self.corrupt[:first], self.region[:first],
-                                   self.target_cls[:first].numpy(), edits=edits, steps=self.ig_steps)
-            return float(np.clip(shares - self.floor[:first], 0.0, None).mean()), fixed
-        tv = 0.5 * (p - target).abs().sum(1)
-        return float(tv.mean()), fixed
+            pred = self.twin.run(self.ref.x).argmax(1)
+        if self.ref.y is not None:
+            return self.base_acc - float((pred == self.ref.y).mean())
+        return float((pred != self.base_pred).mean())
 
-    def fixed(self, edits, first: int) -> int:
-        """Pairs among the ``first`` ones whose top-1 matches the shipped model on x."""
-        with self.twin.applied(edits):
-            pred = self.twin.run(self.corrupt[:first]).argmax(1)
-        return int((torch.as_tensor(pred) == self.target_cls[:first]).sum())
 
-    def degradation(self, edits) -> float:
-        with self.twin.applied(edits):
-            pred = self.twin.run(self.ref_x).argmax(1)
-        if self.ref_y is not None:
-            return self.base_acc - float((pred == self.ref_y).mean())
-        return float((pred != self.ref_pred).mean())
+# --------------------------------------------------------------------------- criteria
 
 
 def _adam(params: list[torch.Tensor], loss_fn, cfg: RectifyConfig) -> tuple[list[torch.Tensor], float]:
     """Minimise ``loss_fn()`` with Adam; keep the best iterate; stop early when the loss
-    has converged or stalled for 30 steps. Returns (best params, detached; best loss)."""
+    has converged or stalled. Returns (best params, detached; best loss)."""
     opt = torch.optim.Adam(params, lr=cfg.fit_lr)
     best = (float("inf"), [p.detach().clone() for p in params])
     since_best = 0
@@ -233,111 +443,345 @@ def _adam(params: list[torch.Tensor], loss_fn, cfg: RectifyConfig) -> tuple[list
         loss = loss_fn()
         loss.backward()
         loss_val = float(loss.detach())
-        since_best = 0 if loss_val < best[0] * (1 - 1e-3) else since_best + 1
+        since_best = 0 if loss_val < best[0] * (1 - STALL_REL) else since_best + 1
         if loss_val < best[0]:
             best = (loss_val, [p.detach().clone() for p in params])
-        if loss_val < 1e-5 or since_best >= 30:  # converged / stalled: stop early
+        if loss_val < CONVERGED_LOSS or since_best >= STALL_STEPS:
             break
         opt.step()
     return best[1], best[0]
 
 
+def _lbfgs(params: list[torch.Tensor], loss_fn, max_evals: int) -> tuple[list[torch.Tensor], float]:
+    """Minimise ``loss_fn()`` with L-BFGS (strong Wolfe line search), at most ``max_evals``
+    evaluations; keep the best iterate. u has only C_out numbers and the loss is smooth
+    almost everywhere, so a quasi-Newton fit needs far fewer downstream passes than Adam."""
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_evals, max_eval=max_evals, history_size=LBFGS_HISTORY,
+                            tolerance_grad=LBFGS_TOL_GRAD, tolerance_change=LBFGS_TOL_CHANGE,
+                            line_search_fn="strong_wolfe")
+    best = [float("inf"), [p.detach().clone() for p in params]]
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        if float(loss.detach()) < best[0]:
+            best[0], best[1] = float(loss.detach()), [p.detach().clone() for p in params]
+        return loss
+
+    opt.step(closure)
+    return best[1], best[0]
+
+
 def _u_scale(u0: torch.Tensor) -> float:
+    """Adam fits u / scale so that its step size (lr) is relative to the closed form's size."""
     return float(u0.norm()) / max(1.0, u0.numel() ** 0.5) or 1e-3
 
 
-def _fit_output(twin: Twin, layer: Layer, d: torch.Tensor, u0: torch.Tensor, prev: list[_TorchEdit],
-                corrupt_t: torch.Tensor, target_logits: torch.Tensor, loc_x: torch.Tensor, loc_ref: torch.Tensor,
-                cfg: RectifyConfig) -> tuple[torch.Tensor, float]:
-    """Fit u (d fixed) so the network output on x~ matches the shipped output on x while
-    outputs on unlabeled clean inputs stay put. Returns (u float32, final loss)."""
-    scale = _u_scale(u0)
-    v = (u0 / scale).float().clone().requires_grad_(True)
-    xs = cat_inputs(corrupt_t, loc_x)  # tensors, or tuples of them for several inputs
-    n = batch_size_of(corrupt_t)
-    t_norm = target_logits.pow(2).mean().clamp_min(1e-8)
-    l_norm = loc_ref.pow(2).mean().clamp_min(1e-8)
-    with twin.applied(prev):
-        runner = DownstreamRunner(twin, layer, xs)  # upstream of the layer stays cached
-
-    def loss_fn():
-        with twin.applied(prev + [_TorchEdit(layer, v * scale, d)]):
-            out = runner()
-        loss = F.mse_loss(out[:n], target_logits) / t_norm
-        if batch_size_of(loc_x):
-            loss = loss + cfg.locality_weight * F.mse_loss(out[n:], loc_ref) / l_norm
-        return loss
-
-    (best_v,), loss = _adam([v], loss_fn, cfg)
-    return (best_v * scale).float(), loss
+@dataclass(frozen=True)
+class Fitted:
+    u: torch.Tensor              # float32
+    d: torch.Tensor              # float32
+    loss: float | None
 
 
-def _fit_attribution(twin: Twin, layer: Layer, chol: torch.Tensor, d0: torch.Tensor, u0: torch.Tensor,
-                     prev: list[_TorchEdit], corrupt_t: torch.Tensor, region_t: torch.Tensor, cls_t: torch.Tensor,
-                     target_logits: torch.Tensor, loc_x: torch.Tensor, loc_ref: torch.Tensor,
-                     cfg: RectifyConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Fit u and the whitened key a (d = R^-T a = C^-1 R a, starting at the paper's
-    direction d0) so that the input attribution of x~ on the region falls while the outputs
-    on x~ and on the stats inputs keep their shipped values. Full forward passes: the
-    attribution needs gradients down to the input. Returns (u, d float32, final loss)."""
-    r = chol.float()
-    a0 = r.T @ d0.float()
-    a_scale = float(a0.norm()) or 1.0
-    a = (a0 / a_scale).clone().requires_grad_(cfg.fit_key)
-    scale = _u_scale(u0)
-    v = torch.zeros_like(u0, dtype=torch.float32).requires_grad_(True)  # start at the shipped model
-    with twin.applied(prev):
-        total0 = input_attribution(twin, corrupt_t, cls_t, steps=cfg.attr_steps).detach().flatten(1).sum(1)
-    total0 = total0.clamp_min(1e-12)
-    xs = torch.cat([corrupt_t, loc_x], 0)
-    ref = torch.cat([target_logits, loc_ref], 0)
-    n = corrupt_t.shape[0]
-    w = torch.ones(xs.shape[0], 1, device=xs.device)
-    if loc_x.shape[0]:
-        w[n:] = cfg.locality_weight * n / loc_x.shape[0]
-    norm = ref.pow(2).mean().clamp_min(1e-8)
+class Criterion:
+    """What "the corrupted input behaves like its clean twin" means, and how to fit for it."""
 
-    def direction(a_):
-        return torch.linalg.solve_triangular(r.T, (a_ * a_scale).unsqueeze(1), upper=True).squeeze(1)
+    name = ""
+    try_all = False  # fit every candidate and keep the best (else the first that improves)
 
-    def loss_fn():
-        with twin.applied(prev + [_TorchEdit(layer, v * scale, direction(a))]):
-            attr = input_attribution(twin, corrupt_t, cls_t, steps=cfg.attr_steps, create_graph=True)
-            out = twin.forward(xs)
-        on_region = ((attr * region_t).flatten(1).sum(1) / total0).mean()
-        keep = ((out - ref).pow(2) * w).mean() / norm
-        return cfg.attr_weight * on_region + keep
+    def __init__(self, twin: Twin, plan: Plan, cfg: RectifyConfig):
+        self.twin, self.cfg, self.n_real = twin, cfg, plan.n_real
+        self.corrupt, self.n = plan.corrupt, len(plan.corrupt)
+        self.target_p = torch.softmax(torch.as_tensor(twin.run(plan.clean)), 1)  # shipped model on clean twins
+        self.target_cls = self.target_p.argmax(1)
+        with torch.no_grad():
+            self.corrupt_t = twin.to_tensor(plan.corrupt)
+            self.target_logits = twin.forward(twin.to_tensor(plan.clean)).float()
+            self.loc_x = twin.to_tensor(plan.fit_x[: cfg.locality_batch])
+            self.loc_ref = twin.forward(self.loc_x).float()
 
-    if cfg.fit_key:
-        (best_v, best_a), loss = _adam([v, a], loss_fn, cfg)
+    @property
+    def target(self) -> float:
+        raise NotImplementedError
+
+    def reached(self, s: Score) -> bool:
+        return s.fixed == self.n and s.gap <= self.target
+
+    def score(self, edits) -> Score:
+        with self.twin.applied(edits):
+            p = torch.softmax(torch.as_tensor(self.twin.run(self.corrupt)), 1)
+        ok = p.argmax(1) == self.target_cls
+        per_pair = self.per_pair_gap(p, edits)
+        r = self.n_real
+        return Score(gap=float(per_pair.mean()), fixed=int(ok.sum()), real_gap=float(per_pair[:r].mean()),
+                     real_fixed=int(ok[:r].sum()))
+
+    def per_pair_gap(self, p: torch.Tensor, edits) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fit(self, layer: Layer, direction: Direction, chol: torch.Tensor, prev: list[TorchEdit]) -> Fitted:
+        raise NotImplementedError
+
+    def improves(self, before: Score, after: Score) -> str | None:
+        """None when ``after`` is better than ``before``; else why not."""
+        raise NotImplementedError
+
+    def pick(self, passing: list["Trial"]) -> "Trial | None":
+        raise NotImplementedError
+
+
+class OutputGap(Criterion):
+    name = "output"
+
+    @property
+    def target(self) -> float:
+        return self.cfg.target_gap
+
+    def per_pair_gap(self, p, edits):
+        return 0.5 * (p - self.target_p).abs().sum(1)
+
+    def fit(self, layer, direction, chol, prev):
+        d = direction.d.float()
+        if self.cfg.objective == "local":
+            return Fitted(direction.u_local.float(), d, None)
+        if self.cfg.objective != "output":
+            raise ValueError(f"unknown objective {self.cfg.objective!r}")
+        u, loss = self._fit_output(layer, d, direction.u_local, prev)
+        return Fitted(u, d, loss)
+
+    def _fit_output(self, layer, d, u0, prev) -> tuple[torch.Tensor, float]:
+        """u (d fixed) so the network output on x~ matches the shipped output on x while
+        outputs on unlabeled clean inputs stay put."""
+        scale = _u_scale(u0)
+        v = (u0 / scale).float().clone().requires_grad_(True)
+        xs = cat_inputs(self.corrupt_t, self.loc_x)  # tensors, or tuples of them for several inputs
+        n, has_loc = batch_size_of(self.corrupt_t), batch_size_of(self.loc_x) > 0
+        t_norm = self.target_logits.pow(2).mean().clamp_min(1e-8)
+        l_norm = self.loc_ref.pow(2).mean().clamp_min(1e-8)
+        with self.twin.applied(prev):
+            runner = DownstreamRunner(self.twin, layer, xs)  # upstream of the layer stays cached
+
+        def loss_fn():
+            with self.twin.applied(prev + [TorchEdit(layer, v * scale, d)]):
+                out = runner()
+            loss = F.mse_loss(out[:n], self.target_logits) / t_norm
+            if has_loc:
+                loss = loss + self.cfg.locality_weight * F.mse_loss(out[n:], self.loc_ref) / l_norm
+            return loss
+
+        if self.cfg.fit_method == "lbfgs":
+            (best_v,), loss = _lbfgs([v], loss_fn, self.cfg.lbfgs_evals)
+        elif self.cfg.fit_method == "adam":
+            (best_v,), loss = _adam([v], loss_fn, self.cfg)
+        else:
+            raise ValueError(f"unknown fit method {self.cfg.fit_method!r}")
+        return (best_v * scale).float(), loss
+
+    def improves(self, before, after):
+        # lexicographic: more pairs fixed, or as many fixed and a smaller gap
+        if after.fixed > before.fixed or (after.fixed == before.fixed and after.gap < before.gap - GAP_EPS):
+            return None
+        return "neither more pairs fixed nor a smaller gap"
+
+    def pick(self, passing):
+        return min(passing, key=lambda t: (-t.after.fixed, t.after.gap), default=None)
+
+
+class AttributionShare(Criterion):
+    name = "attribution"
+    try_all = True  # the output-gap localisation does not rank layers by what this criterion needs
+
+    def __init__(self, twin, plan, cfg):
+        super().__init__(twin, plan, cfg)
+        self.region = np.asarray(plan.corrupt != plan.clean)
+        self.floor = region_shares(twin, plan.clean, self.region, self.target_cls.numpy(), steps=cfg.ig_steps)
+        self.region_t = torch.as_tensor(self.region, device=twin.device).float()
+        self.cls_t = self.target_cls.to(twin.device)
+
+    @property
+    def target(self) -> float:
+        return self.cfg.target_attribution
+
+    def per_pair_gap(self, p, edits):
+        shares = region_shares(self.twin, self.corrupt, self.region, self.target_cls.numpy(), edits=edits,
+                               steps=self.cfg.ig_steps)
+        return torch.as_tensor(np.clip(shares - self.floor, 0.0, None))
+
+    def fit(self, layer, direction, chol, prev):
+        """u and the whitened key a (d = R^-T a = C^-1 R a, starting at the paper's
+        direction) so that the input attribution of x~ on the region falls while the outputs
+        on x~ and on the stats inputs keep their shipped values. Full forward passes: the
+        attribution needs gradients down to the input."""
+        cfg, twin = self.cfg, self.twin
+        r = chol.float()
+        a0 = r.T @ direction.d.float()
+        a_scale = float(a0.norm()) or 1.0
+        a = (a0 / a_scale).clone().requires_grad_(cfg.fit_key)
+        scale = _u_scale(direction.u_local)
+        v = torch.zeros_like(direction.u_local, dtype=torch.float32).requires_grad_(True)  # start at the shipped model
+        with twin.applied(prev):
+            total0 = input_attribution(twin, self.corrupt_t, self.cls_t, steps=cfg.attr_steps).detach().flatten(1).sum(1)
+        total0 = total0.clamp_min(1e-12)
+        xs = torch.cat([self.corrupt_t, self.loc_x], 0)
+        ref = torch.cat([self.target_logits, self.loc_ref], 0)
+        n = self.corrupt_t.shape[0]
+        w = torch.ones(xs.shape[0], 1, device=xs.device)
+        if self.loc_x.shape[0]:
+            w[n:] = cfg.locality_weight * n / self.loc_x.shape[0]
+        norm = ref.pow(2).mean().clamp_min(1e-8)
+
+        def unwhiten(a_):
+            return torch.linalg.solve_triangular(r.T, (a_ * a_scale).unsqueeze(1), upper=True).squeeze(1)
+
+        def loss_fn():
+            with twin.applied(prev + [TorchEdit(layer, v * scale, unwhiten(a))]):
+                attr = input_attribution(twin, self.corrupt_t, self.cls_t, steps=cfg.attr_steps, create_graph=True)
+                out = twin.forward(xs)
+            on_region = ((attr * self.region_t).flatten(1).sum(1) / total0).mean()
+            keep = ((out - ref).pow(2) * w).mean() / norm
+            return cfg.attr_weight * on_region + keep
+
+        params = [v, a] if cfg.fit_key else [v]
+        best, loss = _adam(params, loss_fn, cfg)
+        best_a = best[1] if cfg.fit_key else a.detach()
+        return Fitted((best[0] * scale).float(), unwhiten(best_a).float(), loss)
+
+    def improves(self, before, after):
+        # a smaller attribution gap, and every given pair keeps its clean twin's class
+        # (synthetic pairs' predictions are left to the degradation budget)
+        if after.real_fixed < before.real_fixed:
+            return "a given pair lost its clean twin's class"
+        return None if after.gap < before.gap - GAP_EPS else "no smaller gap"
+
+    def pick(self, passing):
+        return min(passing, key=lambda t: t.after.gap, default=None)
+
+
+def make_criterion(twin: Twin, plan: Plan, cfg: RectifyConfig) -> Criterion:
+    return (AttributionShare if plan.criterion == "attribution" else OutputGap)(twin, plan, cfg)
+
+
+# ------------------------------------------------------------------------------ trial
+
+
+@dataclass(frozen=True)
+class Option:
+    """A layer the step may edit, with its direction (from the localisation) and key statistics."""
+
+    layer: Layer
+    score: float | None
+    direction: Direction
+    chol: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Trial:
+    step: EditStep
+    edit: RankOneEdit
+    after: Score
+
+
+class Timings(dict):
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = self.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def _step(number: int, layer: Layer, score, before: Score, after: Score, degradation: float, reason: str,
+          edit: RankOneEdit, loss) -> EditStep:
+    return EditStep(step=number, node=layer.node, initializer=layer.initializer, score=score,
+                    gap_before=before.gap, gap_after=after.gap, fixed_before=before.fixed, fixed_after=after.fixed,
+                    degradation=degradation, accepted=reason == "accepted", reason=reason,
+                    u_norm=float(np.linalg.norm(edit.u)), d_norm=float(np.linalg.norm(edit.d)), fit_loss=loss)
+
+
+def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[TorchEdit], state: Score,
+          number: int, timings: Timings) -> Trial:
+    """Fit an edit of one layer on top of ``prev`` and judge it (nothing is applied)."""
+    layer, device = option.layer, crit.twin.device
+    progress.step(f"fit {layer.node}")
+    with timings("fit"):
+        fitted = crit.fit(layer, option.direction, option.chol, prev)
+    edit = RankOneEdit(layer=layer, u=fitted.u.detach().double().cpu().numpy(),
+                       d=fitted.d.detach().double().cpu().numpy())
+    if not edit.finite:
+        return Trial(_step(number, layer, option.score, state, state, float("nan"), "non-finite factors", edit,
+                           fitted.loss), edit, state)
+    progress.step(f"check {layer.node}")
+    with timings("check"):
+        edits = prev + [edit.to_torch(device)]
+        after, degr = crit.score(edits), degradation(edits)
+    budget = crit.cfg.max_degradation
+    why = crit.improves(state, after)
+    if degr > budget + BUDGET_SLACK:
+        reason = f"rolled back: degradation {degr:.4f} > budget {budget:.4f}"
     else:
-        (best_v,), loss = _adam([v], loss_fn, cfg)
-        best_a = a.detach()
-    return (best_v * scale).float(), direction(best_a).float(), loss
+        reason = "accepted" if why is None else f"rolled back: {why}"
+    return Trial(_step(number, layer, option.score, state, after, degr, reason, edit, fitted.loss), edit, after)
 
 
-def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m: int, *, match: bool = False):
-    """Append ``m`` synthetic pairs: stats input s and s + (x~_j - x_j), clipped to the
-    value range of the given pairs (j cycles over the pairs). Exact for a pasted patch on
-    a constant background, an approximation for blended triggers.
+# ------------------------------------------------------------------------------- loop
 
-    ``match``: only use stats inputs that equal the first clean twin where the pairs
-    differ (the corrupting pattern then lands on the same kind of content, e.g. an empty
-    block rather than another input's digit); all of the pool when none does."""
-    if match:
-        support = (corrupt != clean).any(axis=0).reshape(-1)
-        gap = np.abs(pool - clean[:1]).reshape(len(pool), -1)[:, support]
-        ok = gap.max(axis=1) <= 1e-6 if support.any() else np.zeros(len(pool), bool)
-        if ok.any():
-            pool = pool[ok]
-    m = min(m, len(pool))
-    src = pool[len(pool) - m:]  # the tail: the locality batch uses the head
-    delta = (corrupt - clean).astype(np.float64)
-    lo = min(float(corrupt.min()), float(clean.min()))
-    hi = max(float(corrupt.max()), float(clean.max()))
-    idx = np.arange(m) % len(corrupt)
-    syn = np.clip(src.astype(np.float64) + delta[idx], lo, hi).astype(corrupt.dtype)
-    return np.concatenate([corrupt, syn]), np.concatenate([clean, src.astype(clean.dtype)])
+
+def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: RectifyConfig, timings: Timings,
+             localisations: list) -> list[Option]:
+    """The layers this step may edit, best first, each with its direction."""
+    progress.step(f"round {done + 1}: key statistics ({len(plan.candidates)} layers)")
+    with timings("key_statistics"):  # they depend on upstream edits: recomputed after every accepted edit
+        stats = key_statistics(twin, list(plan.candidates), plan.key_x, edits=prev, lam=cfg.lam,
+                               source=plan.stats_source)
+    with timings("localisation"):
+        if plan.static:
+            turn = done % len(plan.candidates)
+            layers = list(plan.candidates[turn:] + plan.candidates[:turn])
+            keys = pair_keys(twin, layers, plan.corrupt, plan.clean, edits=prev)
+            options = []
+            for layer in layers:
+                try:
+                    direction = edit_direction(stats[layer.node], keys[layer.node], key=cfg.key)
+                except EditError as err:
+                    log.info("layer %s skipped: %s", layer.node, err.message)
+                    continue
+                options.append(Option(layer, None, direction, stats[layer.node].chol))
+            return options
+        # localisation attributes the given pairs only (the paper's method)
+        progress.step(f"round {done + 1}: localisation")
+        r = plan.n_real
+        loc = locate(twin, list(plan.candidates), plan.corrupt[:r], plan.clean[:r], stats, edits=prev,
+                     steps=cfg.ig_steps, target=cfg.ig_target, key=cfg.key, reduction=cfg.ig_reduction,
+                     key_pairs=(plan.corrupt, plan.clean))
+    localisations.append(loc.to_dict())
+    return [Option(a.layer, a.score, a.direction, stats[a.layer.node].chol)
+            for a in loc.ranked[: cfg.candidates_per_step]]
+
+
+def _choose(crit: Criterion, degradation: Degradation, options: list[Option], prev, state: Score, first: int,
+            timings: Timings) -> tuple[list[EditStep], Trial | None]:
+    """Try the options in order; the criterion picks among those that pass."""
+    trials, number = [], first
+    for option in options:
+        number += 1
+        if option.direction.u_local is None:
+            log.info("step %d: layer %s skipped: the edit direction misses every corrupted key", number,
+                     option.layer.node)
+            continue
+        t = trial(crit, degradation, option, prev, state, number, timings)
+        trials.append(t)
+        if t.step.accepted and not crit.try_all:
+            break
+    chosen = crit.pick([t for t in trials if t.step.accepted])
+    steps = [t.step if t is chosen or not t.step.accepted
+             else replace(t.step, accepted=False, reason=f"not kept: {chosen.step.node} did better") for t in trials]
+    for s in steps:
+        log.info("step %d: %s gap %.4f -> %.4f, fixed %d -> %d, degradation %.4f: %s", s.step, s.node,
+                 s.gap_before, s.gap_after, s.fixed_before, s.fixed_after, s.degradation, s.reason)
+    return steps, chosen
 
 
 def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.ndarray | None = None,
@@ -348,185 +792,42 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     cfg = config or RectifyConfig()
     torch.manual_seed(cfg.seed)
     progress.step("prepare the pairs (criterion, synthetic pairs, reference outputs)")
-    editable = twin.layer_map.editable()
-    if not editable:
-        raise LayerError(f"{twin.loaded.label} has no editable layer (Conv/Gemm/MatMul with a constant weight)")
-    if cfg.layers:
-        pinned = [twin.layer_map.get(name) for name in cfg.layers]
-        for layer in pinned:
-            if not layer.editable:
-                raise LayerError(f"layer {layer.node!r} cannot be edited: {layer.reason}")
-        candidates = pinned
-    else:
-        candidates = editable
-
-    if key_source is not None:
-        stats_source, key_x = key_source.source, key_source
-    elif stats_x is not None:
-        stats_source = f"stats ({len(stats_x)} inputs)"
-        key_x = stats_x
-    else:
-        stats_source = f"clean twins of the pairs ({len(clean)} inputs; no --stats given)"
-        key_x = clean
-    if val_x is not None:
-        ref_x, ref_y = val_x, val_y
-        kind = "accuracy drop on val" if val_y is not None else "changed predictions on val"
-    elif stats_x is not None:
-        ref_x, ref_y, kind = stats_x, None, "changed predictions on stats"
-    else:
-        ref_x, ref_y, kind = clean, None, "changed predictions on the clean twins"
-
-    real_n = len(corrupt)
-    criterion = cfg.criterion
-    if criterion == "auto":  # leakage: the given pairs already behave like their clean twins
-        probe_gap, probe_fixed = _Scorer(twin, corrupt, clean, clean[:1], None).gap([])
-        criterion = "attribution" if probe_fixed == real_n and probe_gap <= cfg.target_gap else "output"
-    elif criterion not in ("output", "attribution"):
-        raise ValueError(f"unknown criterion {cfg.criterion!r}")
-    attribution = criterion == "attribution"
-    if attribution and cfg.objective == "local":
-        raise InputError("--objective local (the closed form) only applies to the output criterion; the pairs "
-                         "call for the attribution criterion", hint="drop --objective local, or pass --criterion output")
-    target = cfg.target_attribution if attribution else cfg.target_gap
-    if cfg.augment and stats_x is not None:
-        corrupt, clean = transplant_pairs(corrupt, clean, stats_x, cfg.augment, match=attribution)
-    scorer = _Scorer(twin, corrupt, clean, ref_x, ref_y, criterion, cfg.ig_steps)
-    corrupt_t = twin.to_tensor(corrupt)
-    with torch.no_grad():
-        target_logits = twin.forward(twin.to_tensor(clean)).float()
-        loc_src = stats_x if stats_x is not None else clean
-        loc_x = twin.to_tensor(loc_src[: cfg.locality_batch])
-        loc_ref = twin.forward(loc_x).float()
-    if attribution:
-        region_t = torch.as_tensor(scorer.region, device=twin.device).float()
-        cls_t = scorer.target_cls.to(twin.device)
-
-    timings = {"key_statistics": 0.0, "localisation": 0.0, "fit": 0.0, "check": 0.0}
-    clock = time.perf_counter
+    plan = make_plan(twin, corrupt, clean, stats_x, val_x, val_y, cfg, key_source)
+    crit = make_criterion(twin, plan, cfg)
+    degradation = Degradation(twin, plan.reference)
+    timings = Timings(key_statistics=0.0, localisation=0.0, fit=0.0, check=0.0)
     accepted: list[RankOneEdit] = []
     steps: list[EditStep] = []
     localisations: list[dict] = []
-    gap0, fixed0 = scorer.gap([])
-    real_fixed = scorer.fixed([], real_n)
-    real_gap0 = scorer.gap([], first=real_n)[0] if len(corrupt) > real_n else gap0
-    gap, fixed = gap0, fixed0
+    start = state = crit.score([])
     stopped = "max edits reached"
-    step_no = 0
-    stats = None
-    while len(accepted) < cfg.max_edits:
-        if fixed == len(corrupt) and gap <= target:
-            stopped = "target reached"
+    while not crit.reached(state) and len(accepted) < cfg.max_edits:
+        prev = [e.to_torch(twin.device) for e in accepted]
+        options = _options(twin, plan, prev, len(accepted), cfg, timings, localisations)
+        if not options:
+            stopped = "no layer separates corrupted from clean keys"
             break
-        torch_edits = [_as_torch(e, twin.device) for e in accepted]
-        # key statistics depend on upstream edits: recompute after every accepted edit
-        t0 = clock()
-        progress.step(f"round {len(accepted) + 1}: key statistics ({len(candidates)} layers)")
-        stats = key_statistics(twin, candidates, key_x, edits=torch_edits, lam=cfg.lam, source=stats_source)
-        timings["key_statistics"] += clock() - t0
-        t0 = clock()
-        if cfg.layers:
-            order = [(l, None) for l in candidates]
-            order = order[len(accepted) % len(order):] + order[: len(accepted) % len(order)]
-        else:
-            # localisation attributes the given pairs only (the paper's method)
-            progress.step(f"round {len(accepted) + 1}: localisation")
-            loc = locate(twin, candidates, corrupt[:real_n], clean[:real_n], stats, edits=torch_edits,
-                         steps=cfg.ig_steps, target=cfg.ig_target, key=cfg.key, reduction=cfg.ig_reduction)
-            localisations.append(loc.to_dict())
-            order = [(a.layer, a.score) for a in loc.ranked][: cfg.candidates_per_step]
-            if not order:
-                stopped = "no layer separates corrupted from clean keys"
-                break
-        timings["localisation"] += clock() - t0
-        keys = pair_keys(twin, [l for l, _ in order], corrupt, clean, edits=torch_edits)
-        took = False
-        tried: list[tuple[EditStep, RankOneEdit]] = []
-        for layer, score in order:
-            step_no += 1
-            try:
-                direction = edit_direction(stats[layer.node], keys[layer.node], key=cfg.key)
-                u0 = closed_form_u(keys[layer.node], direction.d)
-            except EditError as err:
-                log.info("step %d: layer %s skipped: %s", step_no, layer.node, err.message)
-                continue
-            d32 = direction.d.float()
-            d_np = direction.d.cpu().numpy()
-            fit_loss = None
-            t0 = clock()
-            progress.step(f"round {len(accepted) + 1}: fit {layer.node}")
-            if attribution:
-                u, d_fit, fit_loss = _fit_attribution(twin, layer, stats[layer.node].chol, d32, u0, torch_edits,
-                                                      corrupt_t, region_t, cls_t, target_logits, loc_x, loc_ref, cfg)
-                d_np = d_fit.double().cpu().numpy()
-            elif cfg.objective == "output":
-                u, fit_loss = _fit_output(twin, layer, d32, u0, torch_edits, corrupt_t, target_logits,
-                                          loc_x, loc_ref, cfg)
-            elif cfg.objective == "local":
-                u = u0.float()
-            else:
-                raise ValueError(f"unknown objective {cfg.objective!r}")
-            timings["fit"] += clock() - t0
-            edit = RankOneEdit(layer=layer, u=u.detach().double().cpu().numpy(), d=d_np)
-            if not (np.isfinite(edit.u).all() and np.isfinite(edit.d).all()):
-                tried.append((EditStep(step_no, layer.node, layer.initializer, score, gap, gap, fixed, fixed,
-                                       float("nan"), False, "non-finite factors", float("nan"), float("nan"), fit_loss),
-                              edit))
-                continue
-            trial = torch_edits + [_as_torch(edit, twin.device)]
-            t0 = clock()
-            progress.step(f"round {len(accepted) + 1}: check {layer.node}")
-            new_gap, new_fixed = scorer.gap(trial)
-            degr = scorer.degradation(trial)
-            timings["check"] += clock() - t0
-            ok_budget = degr <= cfg.max_degradation + 1e-12
-            if attribution:
-                # a smaller attribution gap, and every given pair keeps its clean twin's class
-                # (synthetic pairs' predictions are left to the degradation budget)
-                keeps = scorer.fixed(trial, real_n) >= real_fixed
-                improves = keeps and new_gap < gap - 1e-6
-                why = "no smaller gap" if keeps else "a given pair lost its clean twin's class"
-            else:
-                # lexicographic: more pairs fixed, or as many fixed and a smaller gap
-                improves = new_fixed > fixed or (new_fixed == fixed and new_gap < gap - 1e-6)
-                why = "neither more pairs fixed nor a smaller gap"
-            reason = "accepted" if ok_budget and improves else (
-                f"rolled back: degradation {degr:.4f} > budget {cfg.max_degradation:.4f}" if not ok_budget
-                else f"rolled back: {why}")
-            tried.append((EditStep(step_no, layer.node, layer.initializer, score, gap, new_gap, fixed, new_fixed,
-                                   degr, ok_budget and improves, reason, float(np.linalg.norm(edit.u)),
-                                   float(np.linalg.norm(edit.d)), fit_loss), edit))
-            if ok_budget and improves and not attribution:
-                break  # output criterion: the first candidate that helps (the paper's loop)
-        # attribution criterion: every candidate is fitted and the best one is kept (the
-        # output-gap localisation does not rank layers by what this criterion needs)
-        passing = [(st, e) for st, e in tried if st.accepted]
-        rank = (lambda t: t[0].gap_after) if attribution else (lambda t: (-t[0].fixed_after, t[0].gap_after))
-        chosen = min(passing, key=rank) if passing else None
-        for st, e in tried:
-            if st.accepted and chosen is not None and st is not chosen[0]:
-                st = replace(st, accepted=False, reason=f"not kept: {chosen[0].node} did better")
-            steps.append(st)
-            log.info("step %d: %s gap %.4f -> %.4f, fixed %d -> %d, degradation %.4f: %s", st.step, st.node,
-                     st.gap_before, st.gap_after, st.fixed_before, st.fixed_after, st.degradation, st.reason)
-        if chosen is not None:
-            accepted.append(chosen[1])
-            gap, fixed = chosen[0].gap_after, chosen[0].fixed_after
-            if attribution:
-                real_fixed = scorer.fixed([_as_torch(e, twin.device) for e in accepted], real_n)
-            took = True
-        if not took:
+        tried, chosen = _choose(crit, degradation, options, prev, state, len(steps), timings)
+        steps += tried
+        if chosen is None:
             stopped = "no candidate edit lowered the gap within the degradation budget"
             break
-    else:
-        if fixed == len(corrupt) and gap <= target:
-            stopped = "target reached"
+        accepted.append(chosen.edit)
+        state = chosen.after
+    if crit.reached(state):
+        stopped = "target reached"
+    return _result(plan, crit, degradation, cfg, accepted, steps, localisations, start, state, stopped, timings)
+
+
+def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted, steps, localisations,
+            start: Score, state: Score, stopped: str, timings) -> RectifyResult:
     progress.step("final checks")
-    final_edits = [_as_torch(e, twin.device) for e in accepted]
-    final_degr = scorer.degradation(final_edits) if accepted else 0.0
-    real_gap, real_fixed = scorer.gap(final_edits, first=real_n)
+    final = [e.to_torch(crit.twin.device) for e in accepted]
+    ref = plan.reference
     return RectifyResult(
-        edits=tuple(accepted), steps=tuple(steps), localisations=tuple(localisations), n_pairs=int(len(corrupt)),
-        n_real_pairs=real_n,
-        gap_before=gap0, gap_after=gap, fixed_before=fixed0, fixed_after=fixed, degradation=final_degr,
-        degradation_kind=kind, stats_source=stats_source, stopped_because=stopped, config=cfg, timings=timings,
-        real_gap_before=real_gap0, real_gap_after=real_gap, real_fixed_after=real_fixed, criterion=criterion)
+        edits=tuple(accepted), steps=tuple(steps), localisations=tuple(localisations), n_pairs=len(plan.corrupt),
+        n_real_pairs=plan.n_real, gap_before=start.gap, gap_after=state.gap, fixed_before=start.fixed,
+        fixed_after=state.fixed, degradation=degradation(final) if accepted else 0.0, degradation_kind=ref.kind,
+        stats_source=plan.stats_source, stopped_because=stopped, config=cfg, timings=dict(timings),
+        real_gap_before=start.real_gap, real_gap_after=state.real_gap, real_fixed_after=state.real_fixed,
+        criterion=crit.name, degradation_source=ref.source, degradation_count=ref.count)

@@ -23,6 +23,11 @@ Gates (``Thresholds``; ``None`` = not checked)
 A gate whose figure cannot be computed (no labels, no corrupted inputs, no target,
 nothing to fix) is an ``InputError`` (exit 2), never a silent pass.
 
+Data: each set is one ``.npz`` or a folder / glob of shards (``datasets``); shards are read
+one at a time and each gives partial counts and sums (``CleanPartial``,
+``CorruptPartial``), reduced in shard order. ``engine="ray"`` runs the shards on Ray
+actors that each hold a ``ShardRunner`` (``engine_ray``); the reduction is the same.
+
 This module imports numpy and onnxruntime only (plus ``errors`` and ``data``): it must
 keep working where torch is not installed. ``ort_session`` and ``run_batched`` are
 general helpers meant for reuse (parity checks, evaluation).
@@ -471,6 +476,9 @@ def verify(original: str | os.PathLike, edited: str | os.PathLike, clean, corrup
         raise InputError(f"unknown engine {engine!r}", hint="use " + " or ".join(ENGINES))
     if ray_address is not None and engine != "ray":
         raise InputError("a Ray address needs the ray engine", hint="add --engine ray or drop --ray-address")
+    if engine == "ray" and provider != "cpu":
+        raise InputError(f"--engine ray runs ONNX Runtime on CPU workers; provider {provider} is not supported there",
+                         hint="use --provider cpu with --engine ray, or --engine local")
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     limits = Thresholds.coerce(thresholds)
@@ -501,7 +509,7 @@ def verify(original: str | os.PathLike, edited: str | os.PathLike, clean, corrup
         if not corrupt_ds.has_labels:
             raise DataError(f"corrupt {corrupt_ds.source} has no labels 'y'", hint="the true labels are required")
         runner.check_dataset(corrupt_ds)
-    if target is not None and runner.classes is not None and not (0 <= target < runner.classes):
+    if target is not None and runner.classes is not None:
         _check_classes(runner.classes, None, None, target)
 
     jobs = [ShardJob("clean", clean_ds, i) for i in range(len(clean_ds.shards))]

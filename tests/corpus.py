@@ -22,6 +22,12 @@ lists them with what the tests need to know (``Entry``). Families:
 - ``tv_*``      torchvision architectures with random weights, exported by the legacy
                 (TorchScript) and the dynamo exporter at a few opsets.
 - ``vit_tiny`` / ``bert_tiny``  small transformer classifiers (random weights).
+- ``fp16_*``, ``qdq_*``, ``int8cm_*``  half-precision and int8 copies of some of the above
+                (tests/quantised.py): every float tensor in float16; onnxruntime's
+                quantize_static in QDQ format (int8 weights and activations, per-channel
+                ``_pc`` or per-tensor ``_pt``, calibrated on 16 seeded random inputs); int8
+                weights dequantised by Cast + Mul (per-channel), as int8 transformer
+                exports (MiniLM) write them.
 
 Builders are plain functions so derived copies (fp16, int8) are one wrapper away.
 """
@@ -374,7 +380,57 @@ def _entries() -> list[Entry]:
     return out
 
 
+# ------------------------------------------------------------- fp16 / int8 copies
+
+
+def fp16_copy(base: str) -> onnx.ModelProto:
+    import quantised
+
+    return quantised.to_fp16(build(base))
+
+
+def qdq_copy(base: str, *, per_channel: bool) -> onnx.ModelProto:
+    import quantised
+
+    model = build(base)
+    feeds = quantised.calibration_feeds(model, 16, seed=5)
+    for name, shape in CORPUS[base].input_shapes.items():  # symbolic sizes the graph needs
+        feeds[name] = np.random.default_rng(5).standard_normal((16,) + tuple(shape[1:])).astype(np.float32)
+    return quantised.qdq_model(model, per_channel=per_channel, feeds=feeds)
+
+
+def int8_cast_mul_copy(base: str) -> onnx.ModelProto:
+    import quantised
+
+    return quantised.to_cast_mul(build(base))
+
+
+def _quant_entries(bases: dict[str, Entry]) -> list[Entry]:
+    """fp16 / int8 copies of light graphs (QDQ needs opset >= 13 for per-channel axes)."""
+    out = []
+    for base, kinds in (("tv_resnet18_legacy13", ("fp16", "qdq_pc", "qdq_pt", "int8cm")),
+                        ("tv_mobilenet_v3_small_legacy17", ("fp16", "qdq_pc")),
+                        ("tf2onnx_style", ("fp16", "qdq_pc", "int8cm")),
+                        ("paddle_style", ("fp16", "int8cm")),
+                        ("bert_tiny_legacy17", ("fp16", "qdq_pc", "int8cm")),
+                        ("vit_tiny_legacy17", ("fp16", "int8cm"))):
+        e = bases[base]
+        for kind in kinds:
+            build_fn, family = {
+                "fp16": (lambda b=base: fp16_copy(b), "fp16 copy"),
+                "qdq_pc": (lambda b=base: qdq_copy(b, per_channel=True), "int8 QDQ copy (quantize_static)"),
+                "qdq_pt": (lambda b=base: qdq_copy(b, per_channel=False), "int8 QDQ copy (quantize_static)"),
+                "int8cm": (lambda b=base: int8_cast_mul_copy(b), "int8 Cast+Mul copy"),
+            }[kind]
+            prefix, _, suffix = kind.partition("_")
+            name = f"{prefix}_{base}" + (f"_{suffix}" if suffix else "")
+            out.append(Entry(name, f"{family} of {base}", build_fn, input_shapes=e.input_shapes,
+                             classifier=e.classifier, heavy=e.heavy, token_inputs=e.token_inputs))
+    return out
+
+
 CORPUS: dict[str, Entry] = {e.name: e for e in _entries()}
+CORPUS.update({e.name: e for e in _quant_entries(CORPUS)})
 
 
 def build(name: str) -> onnx.ModelProto:

@@ -60,6 +60,49 @@ def to_qdq(src: Path, dst: Path, calib: np.ndarray, *, per_channel: bool, batch:
     return dst
 
 
+def calibration_feeds(model: onnx.ModelProto, n: int = 16, *, seed: int = 0, int_high: int = 50) -> dict:
+    """Seeded inputs for calibration: standard normal floats, integer ids in [0, int_high),
+    inputs whose name says "mask" all ones; symbolic dims: batch ``n``, others 8."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (n if k == 0 else 8)
+                for k, d in enumerate(tt.shape.dim)]
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(dtype, np.integer):
+            feeds[vi.name] = (np.ones(dims, dtype) if "mask" in vi.name else rng.integers(0, int_high, size=dims).astype(dtype))
+        else:
+            feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
+    return feeds
+
+
+def qdq_model(model: onnx.ModelProto, *, per_channel: bool, feeds: dict | None = None, batch: int = 4) -> onnx.ModelProto:
+    """``to_qdq`` on a ModelProto, calibrated on ``feeds`` (default: ``calibration_feeds``)."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    feeds = feeds if feeds is not None else calibration_feeds(model)
+    n = len(next(iter(feeds.values())))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{k: v[i:i + batch] for k, v in feeds.items()} for i in range(0, n, batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        onnx.save(model, str(src))
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel)
+        return onnx.load(str(dst))
+
+
 def to_cast_mul(model: onnx.ModelProto, *, asymmetric: bool = False, per_channel: bool = True) -> onnx.ModelProto:
     """Every Conv / Gemm / MatMul weight initializer stored as integers and dequantised by
     Cast (+ Sub zero point) + Mul scale, per output channel or per tensor."""

@@ -81,14 +81,14 @@ def test_ig_linear_model_exact(linear_twin, target):
     f_gap = float(((lk - lc) * g_logits).sum())
 
     ig = integrated_gradients(twin, layers, CORRUPT, CLEAN, steps=4, target=target)
-    assert ig["_f_gap"] == pytest.approx(f_gap, rel=1e-6)
+    assert ig.f_gap == pytest.approx(f_gap, rel=1e-6)
 
     # output layer: dF/dlogit = g_logits, M = delta logits * g_logits (summed over pairs)
     m2 = (lk - lc) * g_logits
     # hidden layer: dF/dh = g_logits @ W2 (constant along the path)
     m1 = (hk - hc) * (g_logits @ W2)
     for node, m in (("fc1", m1), ("fc2", m2)):
-        per_unit, mass, total = ig[node]
+        per_unit, mass, total = ig[node].per_unit, ig[node].mass, ig[node].total
         np.testing.assert_allclose(per_unit.numpy(), m.sum(0), rtol=1e-6, atol=1e-6)
         assert mass == pytest.approx(np.abs(m).sum(), rel=1e-6)
         assert total == pytest.approx(m.sum(), rel=1e-6)
@@ -105,7 +105,7 @@ def test_ig_abs_reduction_sums_magnitudes(linear_twin):
     g_logits[np.arange(2), lc.argmax(1)] = 1.0
     m1 = (hk - hc) * (g_logits @ W2)
     ig = integrated_gradients(linear_twin, layers, CORRUPT, CLEAN, steps=4, reduction="abs")
-    np.testing.assert_allclose(ig["fc1"][0].numpy(), np.abs(m1).sum(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ig["fc1"].per_unit.numpy(), np.abs(m1).sum(0), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError):
         integrated_gradients(linear_twin, layers, CORRUPT, CLEAN, reduction="max")
 
@@ -115,7 +115,7 @@ def test_ig_independent_of_steps_for_linear_model(linear_twin):
     a = integrated_gradients(linear_twin, layers, CORRUPT, CLEAN, steps=1)
     b = integrated_gradients(linear_twin, layers, CORRUPT, CLEAN, steps=32, chunk=5)  # chunks split pairs
     for node in ("fc1", "fc2"):
-        np.testing.assert_allclose(a[node][0].numpy(), b[node][0].numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(a[node].per_unit.numpy(), b[node].per_unit.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_locate_linear_model_ranks_every_layer(linear_twin):

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -97,8 +98,7 @@ def test_key_statistics_ray_equals_local_with_a_crash(cluster):
 
     from onnx_dynedit.io import load_model
     from onnx_dynedit.keystats import ShardedKeys
-    from onnx_dynedit.rank_one import RankOneEdit, key_statistics
-    from onnx_dynedit.rectify import _as_torch
+    from onnx_dynedit.rank_one import key_statistics
     from onnx_dynedit.twin import Twin
 
     model = BADNETS / "model.onnx"
@@ -107,9 +107,9 @@ def test_key_statistics_ray_equals_local_with_a_crash(cluster):
     # With an edit upstream applied (as in the loop after an accepted edit).
     first = layers[0]
     rng = np.random.default_rng(0)
-    edit = RankOneEdit(layer=first, u=rng.standard_normal(first.out_features) * 0.1,
-                       d=rng.standard_normal(first.in_features) * 0.1)
-    edits = [_as_torch(edit, twin.device)]
+    edits = [SimpleNamespace(layer=first,  # what Twin.applied takes: .layer, .u, .d
+                             u=torch.as_tensor(rng.standard_normal(first.out_features) * 0.1, dtype=torch.float32),
+                             d=torch.as_tensor(rng.standard_normal(first.in_features) * 0.1, dtype=torch.float32))]
     dataset = open_dataset(cluster["stats"], what="stats", labels="ignored")
     with ShardedKeys(dataset) as keys:
         local = key_statistics(twin, layers, keys, edits=edits)
@@ -127,12 +127,16 @@ def test_key_statistics_ray_equals_local_with_a_crash(cluster):
 
 
 def test_cli_starts_and_stops_its_own_ray(cluster, tmp_path):
-    """The CLI's own start (a separate process: a new local Ray, not the module's), JSON
-    naming the engine; and a bad --ray-address is one line, exit 2."""
+    """The CLI's own start (a separate process: a new local Ray, not the module's), with a
+    worker that dies once: stdout is still JSON only, naming the engine; and a bad
+    --ray-address is one line, exit 2."""
+    marker = tmp_path / "crashed"
+    env = {**os.environ, CRASH_ONCE_ENV: str(marker)}
     proc = subprocess.run([sys.executable, "-m", "cli.main", "verify", str(BADNETS / "model.onnx"),
                            str(cluster["edited"]), "--clean", str(cluster["clean"]), "--engine", "ray", "--json"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
+    assert marker.exists()
     data = json.loads(proc.stdout)
     assert data["engine"] == "ray" and data["workers"] >= 1 and data["shards"]["clean"] == 4
     local = verify(BADNETS / "model.onnx", cluster["edited"], cluster["clean"]).to_dict()

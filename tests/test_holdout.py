@@ -1,0 +1,109 @@
+"""Degradation is checked on inputs nothing in the fit used (rectify.py, issue 10.1).
+
+The model memorised its stats: a Gemm over 256 features whose stats are 64 of its own
+"training" inputs. C from those few inputs is nearly singular outside their span, so the
+edit direction d = C^-1 k* lies mostly where the stats have nothing: the edit leaves every
+stats input's prediction alone while it moves inputs the fit never saw. Checked in-sample
+(holdout 0: the first release's behaviour) the budget sees 0 changed predictions and the
+edit is accepted although 13 % of fresh inputs change class; with the default held-out
+share the same edit is rolled back, and `dynedit edit` does not report success.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_dynedit.api import edit_model
+from onnx_dynedit.io import load_model
+from onnx_dynedit.rectify import RectifyConfig, rectify, split_stats
+from onnx_dynedit.twin import Twin
+
+D, K = 256, 4
+
+
+def _data(rng, n):
+    return rng.standard_normal((n, D)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((K, D)).astype(np.float32)
+    w[:, 0] = [8, 0, 0, 0]  # feature 0 is the trigger: it pulls towards class 0
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["logits"], name="fc", transB=1)], "memorised",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", K])],
+                              initializer=[numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder = tmp_path_factory.mktemp("memorised")
+    onnx.save_model(model, str(folder / "model.onnx"))
+    stats, fresh = _data(rng, 64), _data(rng, 2000)
+    clean = next(x for x in (_data(rng, 1) for _ in range(100)) if (x @ w.T).argmax() != 0 and x[0, 0] < 0)  # a Trojan pair:
+    corrupt = clean.copy()
+    corrupt[0, 0] = 3.0                                                                  # x~ is pulled to 0
+    np.savez(folder / "pairs.npz", corrupt=corrupt, clean=clean)
+    np.savez(folder / "stats.npz", x=stats)
+    return {"folder": folder, "w": w, "stats": stats, "fresh": fresh, "corrupt": corrupt, "clean": clean}
+
+
+def _changed(twin, result, x) -> float:
+    before = twin.run(x).argmax(1)
+    with twin.applied([e.to_torch(twin.device) for e in result.edits]):
+        after = twin.run(x).argmax(1)
+    return float((before != after).mean())
+
+
+def test_split_is_seeded_and_disjoint():
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    fit, held = split_stats(x, 0.25, seed=0)
+    assert len(fit) == 15 and len(held) == 5
+    assert set(fit[:, 0]) | set(held[:, 0]) == set(x[:, 0]) and not set(fit[:, 0]) & set(held[:, 0])
+    np.testing.assert_array_equal(split_stats(x, 0.25, seed=0)[1], held)
+    assert len(split_stats(x[:3], 0.25, seed=0)[1]) == 0  # too few to hold any out
+    assert len(split_stats(x, 0.0, seed=0)[1]) == 0
+
+
+def test_in_sample_check_misses_the_drop_that_the_held_out_check_catches(memorised):
+    m = memorised
+    twin = Twin(load_model(m["folder"] / "model.onnx"), "cpu")
+    blind = rectify(twin, m["corrupt"], m["clean"], stats_x=m["stats"], config=RectifyConfig(holdout=0.0))
+    assert blind.degradation_source == "stats" and blind.degradation_count == 64
+    assert blind.edits and blind.success and blind.degradation == 0.0  # the in-sample check sees nothing
+    assert _changed(twin, blind, m["fresh"]) > 0.05                     # ... fresh inputs do change class
+
+    held = rectify(twin, m["corrupt"], m["clean"], stats_x=m["stats"])
+    assert held.degradation_source == "held-out stats" and held.degradation_count == 16
+    assert "16 more held out" in held.stats_source
+    assert not held.edits and not held.success
+    assert held.steps and all("degradation" in s.reason for s in held.steps)
+    assert min(s.degradation for s in held.steps) > 0.05
+
+
+def test_val_is_never_used_by_the_fit(memorised):
+    """With val, every stats input feeds the fit and val only judges: the report says so."""
+    m = memorised
+    twin = Twin(load_model(m["folder"] / "model.onnx"), "cpu")
+    result = rectify(twin, m["corrupt"], m["clean"], stats_x=m["stats"], val_x=m["fresh"][:200])
+    assert result.degradation_source == "val" and result.degradation_count == 200
+    assert result.stats_source == "stats (64 inputs)"
+    assert not result.success  # the fresh inputs see the damage the stats cannot
+
+
+def test_edit_reports_the_held_out_source_and_fails(memorised, tmp_path):
+    m = memorised
+    f = m["folder"]
+    out = edit_model(f / "model.onnx", f / "pairs.npz", tmp_path / "fixed.onnx", stats=f / "stats.npz",
+                     report=tmp_path / "report.json", device="cpu")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["degradation_source"] == "held-out stats" and report["degradation_count"] == 16
+    assert report["success"] is False and not out.success
+    assert out.output is None  # nothing accepted, nothing written
+    sess = ort.InferenceSession(str(f / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": m["clean"]})[0].shape == (1, K)
