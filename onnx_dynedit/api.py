@@ -111,7 +111,7 @@ def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
     return worst
 
 
-def _fit_input(twin, arr: np.ndarray, name: str) -> np.ndarray:
+def fit_input(twin, arr: np.ndarray, name: str) -> np.ndarray:
     """Check ``arr`` against the model's input(s). Several inputs: a packed array with a
     field per input (``<key>:<input name>`` in the npz), checked field by field."""
     from .data import pack_inputs
@@ -201,16 +201,16 @@ def _sharded_keys(twin, raw: Inputs, model, engine, ray_address):
 def fit_inputs(twin, raw: Inputs) -> Inputs:
     """Check the inputs against the model's input (shape, dtype) and output (labels)."""
     p = raw.pairs
-    pairs = Pairs(corrupt=_fit_input(twin, p.corrupt, f"pairs {p.source}: 'corrupt'"),
-                  clean=_fit_input(twin, p.clean, f"pairs {p.source}: 'clean'"), source=p.source)
+    pairs = Pairs(corrupt=fit_input(twin, p.corrupt, f"pairs {p.source}: 'corrupt'"),
+                  clean=fit_input(twin, p.clean, f"pairs {p.source}: 'clean'"), source=p.source)
     stats = None
     if raw.stats is not None:
         s = raw.stats
-        stats = Samples(x=_fit_input(twin, s.x, f"stats {s.source}: 'x'"), y=None, source=s.source)
+        stats = Samples(x=fit_input(twin, s.x, f"stats {s.source}: 'x'"), y=None, source=s.source)
     val = None
     if raw.val is not None:
         v = raw.val
-        x = _fit_input(twin, v.x, f"val {v.source}: 'x'")
+        x = fit_input(twin, v.x, f"val {v.source}: 'x'")
         if v.y is not None:
             n = _num_classes(twin) or int(twin.run(x[:1]).shape[-1])
             check_labels(v.y, n, name=f"val {v.source}: 'y'")

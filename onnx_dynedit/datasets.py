@@ -82,6 +82,15 @@ class Dataset:
     def x_dtype(self) -> np.dtype:
         return self.shards[0].x_dtype
 
+    def layouts(self):
+        """One ``(shard, message name)`` per distinct declared row shape and dtype, for header checks."""
+        seen = set()
+        for shard in self.shards:
+            key = (shard.x_shape[1:], shard.x_dtype)
+            if key not in seen:
+                seen.add(key)
+                yield shard, f"{self.what} {shard.path}: 'x'"
+
     def load(self, i: int) -> Samples:
         """Read shard ``i`` (all of it) with the safe npz loader."""
         if self.samples is not None:

@@ -89,13 +89,7 @@ def fitted_shard(twin, dataset: Dataset, index: int) -> np.ndarray:
 
 def check_shards(twin, dataset: Dataset) -> None:
     """Every shard's declared shape and dtype against the model's input(s), from the headers."""
-    seen = set()
-    for shard in dataset.shards:
-        key = (shard.x_shape[1:], shard.x_dtype)
-        if key in seen:
-            continue
-        seen.add(key)
-        name = f"{dataset.what} {shard.path}: 'x'"
+    for shard, name in dataset.layouts():
         if not shard.x_dtype.names and len(twin.inputs) == 1:
             # the declared shape (a view of one zero: nothing allocated), then the dtype on one row
             _fit(twin, np.broadcast_to(np.zeros((), dtype=twin.inputs[0].dtype), shard.x_shape), name)
@@ -103,9 +97,9 @@ def check_shards(twin, dataset: Dataset) -> None:
 
 
 def _fit(twin, x: np.ndarray, name: str) -> np.ndarray:
-    from .api import _fit_input  # the same checks as an .npz in memory (one input or several)
+    from .api import fit_input  # the same checks as an .npz in memory (one input or several)
 
-    return _fit_input(twin, x, name)
+    return fit_input(twin, x, name)
 
 
 def _numpy(t) -> np.ndarray:

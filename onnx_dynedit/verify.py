@@ -583,13 +583,7 @@ class ShardRunner:
 
     def check_dataset(self, dataset) -> None:
         """Every shard's declared shape and dtype against both models' input (headers only)."""
-        seen = set()
-        for shard in dataset.shards:
-            key = (shard.x_shape[1:], shard.x_dtype)
-            if key in seen:
-                continue
-            seen.add(key)
-            name = f"{dataset.what} {shard.path}: 'x'"
+        for shard, name in dataset.layouts():
             # the declared shape (a view of one zero: nothing allocated), then the dtype on one row
             self._fit(np.broadcast_to(np.zeros((), dtype=self.dtype), shard.x_shape), name)
             self._fit(np.zeros((1,) + tuple(shard.x_shape[1:]), dtype=shard.x_dtype), name)
