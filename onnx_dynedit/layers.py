@@ -32,7 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import LayerError
-from .quant import WeightQuant, dequantize, weight_dequantisations
+from .quant import WeightQuant, dequantize, use_counts, weight_dequantisations
 
 EDITABLE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
@@ -234,11 +234,7 @@ def build_layer_map(model: onnx.ModelProto) -> LayerMap:
     init_names = {init.name for init in graph.initializer}
     graph_inputs = {vi.name for vi in graph.input} - init_names
     sources = constant_sources(graph)
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for inp in node.input:
-            if inp:
-                consumers[inp] = consumers.get(inp, 0) + 1
+    consumers = use_counts(graph)
     graph_outputs = {o.name for o in graph.output}
 
     def is_const(name: str) -> bool:

@@ -86,11 +86,7 @@ def weight_dequantisations(graph: onnx.GraphProto, const_value) -> dict[str, Wei
     for i, node in enumerate(graph.node):
         for out in node.output:
             producer[out] = i
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for inp in node.input:
-            if inp:
-                consumers[inp] = consumers.get(inp, 0) + 1
+    consumers = use_counts(graph)
     outputs = {o.name for o in graph.output}
 
     def single_use(name):
@@ -370,3 +366,13 @@ def fold_dequantisation(model: onnx.ModelProto) -> int:
         graph.node.extend(kept)
         graph.initializer.extend(new)
     return len(new)
+
+
+def use_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """How many node inputs of ``graph`` read each tensor name."""
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        for inp in node.input:
+            if inp:
+                counts[inp] = counts.get(inp, 0) + 1
+    return counts
