@@ -195,18 +195,7 @@ def test_cast_mul_weights_are_recognised_and_requantised(tmp_path):
 # --------------------------------------------------------- end to end on real-model copies
 
 
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    """`dynedit ARGS` in-process."""
-    from cli.main import main as cli_main
-
-    capsys.readouterr()
-    try:
-        cli_main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
+from test_roundtrip import run_cli  # noqa: E402  (the shared in-process CLI runner)
 
 
 @pytest.fixture(scope="module")
