@@ -24,14 +24,25 @@ RAY_ADDRESS_OPTION = click.option("--ray-address", default=None, metavar="ADDR",
 
 
 
+# The flag of each library option whose flag is not ``--`` + the name with dashes.
+FLAGS = {"input_shapes": "--input-shape", "layers": "--layer", "out": "-o", "inputs_file": "--inputs"}
+
+
+def flag_words(name: str, value=None, python: str | None = None) -> str:
+    """How the CLI words an option named in a library message (``errors.option``):
+    ``--input-shape``, ``--device cpu``, ``--in-place``."""
+    flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+    return flag if value is None or value is True else f"{flag} {value}"
+
+
 def _input_shapes(ctx, param, value):
-    from onnx_dynedit.errors import InputError
+    from onnx_dynedit.errors import InputError, render
     from onnx_dynedit.twin import parse_input_shapes
 
     try:
         return parse_input_shapes(value) or None
     except InputError as exc:
-        raise click.BadParameter(exc.message, ctx=ctx, param=param) from None
+        raise click.BadParameter(render(exc.raw_message, flag_words), ctx=ctx, param=param) from None
 
 
 INPUT_SHAPE_OPTION = click.option(

@@ -22,6 +22,7 @@ import warnings
 
 import click
 
+from cli.common import flag_words
 from onnx_dynedit.errors import DynEditError
 
 # Exit code of an internal error (a bug): distinct from 1 (a failed check) and 2 (bad input).
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         except DynEditError as err:
             if debug:
                 traceback.print_exc()
-            click.echo(f"dynedit: error: {err.one_line()}", err=True)
+            click.echo(f"dynedit: error: {err.one_line(flag_words)}", err=True)
             sys.exit(err.exit_code)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)

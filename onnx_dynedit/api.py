@@ -20,7 +20,7 @@ import numpy as np
 
 from . import progress, threads
 from .data import Pairs, Samples, check_against_input, check_labels, load_pairs, load_samples
-from .errors import CheckFailed, DataError, EditError, InputError, OutputError
+from .errors import CheckFailed, DataError, EditError, InputError, OutputError, option
 from .report import to_json
 from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, save_model
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def _twin(loaded: LoadedModel, device, input_shapes=None, data=None):
     """The twin, parity required. Parity inputs take their sizes from ``input_shapes``
-    (--input-shape), else the graph, else (symbolic non-batch dims) the rows of ``data``."""
+    (given by the caller), else the graph, else (symbolic non-batch dims) the rows of ``data``."""
     from .twin import Twin, check_parity, require_parity
 
     twin = Twin(loaded, device, input_shapes=_with_data_shapes(loaded, input_shapes, data))
@@ -179,7 +179,8 @@ def _engine(engine: str | None, ray_address: str | None = None) -> str:
     if engine not in ("local", "ray"):
         raise InputError(f"unknown engine {engine!r}", hint="use local or ray")
     if ray_address is not None and engine != "ray":
-        raise InputError("a Ray address needs the ray engine", hint="add --engine ray or drop --ray-address")
+        raise InputError("a Ray address needs the ray engine",
+                         hint=f"add {option('engine', 'ray')} or drop {option('ray_address')}")
     return engine
 
 
@@ -269,7 +270,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
             key_x, source = keys, keys.source
         else:
             key_x = inputs.stats.x if inputs.stats is not None else inputs.pairs.clean
-            source = f"stats ({len(key_x)} inputs)" if inputs.stats is not None else "clean twins of the pairs (no --stats)"
+            source = f"stats ({len(key_x)} inputs)" if inputs.stats is not None else "clean twins of the pairs (no stats given)"
         torch.manual_seed(0)
         with progress.phase(f"key statistics ({len(layers)} layers)"):
             stats_ = key_statistics(twin, layers, key_x, source=source)
@@ -371,13 +372,13 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     _refuse_data_overwrite([out, report, plot], [pairs, stats, val])
     if out is not None:
         check_output_path(out, protected, in_place=in_place)
-    named = [(n, p) for n, p in (("-o", out), ("--report", report), ("--plot", plot)) if p is not None]
+    named = [(n, p) for n, p in (("out", out), ("report", report), ("plot", plot)) if p is not None]
     for i, (name, path) in enumerate(named):
-        if name != "-o":
+        if name != "out":
             check_output_path(path, protected)
         for other, other_path in named[:i]:
             if Path(path).resolve() == Path(other_path).resolve():
-                raise OutputError(f"{name} {path} is the same file as {other} {other_path}",
+                raise OutputError(f"{option(name)} {path} is the same file as {option(other)} {other_path}",
                                   hint="give each output its own name")
     engine = _engine(engine, ray_address)
     raw = read_inputs(pairs, stats, val, engine=engine)
@@ -389,8 +390,9 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
         if augment is None:
             augment = 0  # transplanting x~ - x onto stats inputs means nothing for token ids
         if config.get("criterion") == "attribution":
-            raise InputError(f"{loaded.label}: --criterion attribution needs one float input (input-level "
-                             "attribution); this model has integer or several inputs", hint="use --criterion output")
+            raise InputError(f"{loaded.label}: {option('criterion', 'attribution')} needs one float input "
+                             "(input-level attribution); this model has integer or several inputs",
+                             hint=f"use {option('criterion', 'output')}")
         if config.get("criterion") in (None, "auto"):
             config["criterion"] = "output"
     clock.phase("twin_and_parity", t0)

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import errors
-from .errors import DynEditError, InputError
+from .errors import DynEditError, InputError, option
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def import_ray():
         import ray
     except ImportError:
         raise InputError("the ray engine needs Ray, which is not installed",
-                         hint='pip install "onnx-dynedit[ray]", or use --engine local') from None
+                         hint=f'pip install "onnx-dynedit[ray]", or use {option("engine", "local")}') from None
     return ray
 
 
@@ -84,7 +84,7 @@ def _started(ray, address, num_cpus):
             ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ...
             raise InputError(f"cannot connect to the Ray cluster at {address}: {_short(exc)}",
-                             hint="start it with `ray start --head` and give its address, or drop --ray-address") from None
+                             hint=f"start it with `ray start --head` and give its address, or drop {option('ray_address')}") from None
         logger.info("connected to Ray at %s", address)
     else:
         cpus = num_cpus or os.cpu_count() or 1
@@ -108,7 +108,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as exc:
         raise InputError(f"cannot connect to the Ray cluster at {address}: {_short(exc)}",
                          hint="start it with `ray start --head` and give its address (or auto), "
-                              "or drop --ray-address to start a local Ray") from None
+                              f"or drop {option('ray_address')} to start a local Ray") from None
 
 
 def cluster_cpus(ray) -> int:
@@ -154,7 +154,7 @@ def _guarded(fn, *args, **kwargs):
     try:
         return ("ok", fn(*args, **kwargs))
     except DynEditError as exc:
-        return ("error", type(exc).__name__, exc.message, exc.hint)
+        return ("error", type(exc).__name__, exc.raw_message, exc.raw_hint)  # option references kept
 
 
 def _unwrap(result):

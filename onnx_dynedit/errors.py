@@ -10,9 +10,48 @@ Exit codes (a contract for pipelines):
   1  a check failed (parity outside tolerance, a verification gate, an edit that could
      not meet its target within budget)
   2  unusable input (unreadable model, bad npz, unknown layer, unsupported op, ...)
+
+Options named in a message: the library speaks in its own terms. A message names an
+option with ``option("input_shapes")`` (or ``option("device", "cpu")`` with a value);
+``str(err)``, ``err.message`` and ``err.one_line()`` word it as a Python keyword
+(``input_shapes``, ``device='cpu'``), and the CLI passes its own wording to
+``one_line(words)`` (``--input-shape``, ``--device cpu``).
 """
 
 from __future__ import annotations
+
+import json
+import re
+from typing import Callable
+
+# An option reference inside a message: MARK + JSON [name, value, python] + MARK.
+_MARK = "\x1f"
+_OPTION = re.compile(_MARK + "([^" + _MARK + "]*)" + _MARK)
+
+# words(name, value, python) -> text: how one option reference reads.
+OptionWords = Callable[[str, object, "str | None"], str]
+
+
+def option(name: str, value=None, *, python: str | None = None) -> str:
+    """A reference to the option ``name`` (a keyword of the library's functions), with
+    an optional ``value`` as the command line would take it (True for a switch);
+    ``python``: how the value reads as a Python keyword when not ``repr(value)``."""
+    return _MARK + json.dumps([name, value, python]) + _MARK
+
+
+def python_words(name: str, value=None, python: str | None = None) -> str:
+    """``input_shapes``, ``device='cpu'``, ``in_place=True``."""
+    if value is None:
+        return name
+    return f"{name}={python if python is not None else repr(value)}"
+
+
+def render(text: str | None, words: OptionWords | None = None) -> str | None:
+    """``text`` with every option reference worded by ``words`` (default: Python)."""
+    if text is None:
+        return None
+    words = words or python_words
+    return _OPTION.sub(lambda m: words(*json.loads(m.group(1))), text)
 
 
 class DynEditError(Exception):
@@ -21,12 +60,16 @@ class DynEditError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, *, hint: str | None = None):
-        self.message = message
-        self.hint = hint
-        super().__init__(message if not hint else f"{message} ({hint})")
+        self.raw_message = message  # option references kept (``option``), for another wording
+        self.raw_hint = hint
+        self.message = render(message)
+        self.hint = render(hint)
+        super().__init__(self.message if not hint else f"{self.message} ({self.hint})")
 
-    def one_line(self) -> str:
-        text = self.message if not self.hint else f"{self.message}; {self.hint}"
+    def one_line(self, words: OptionWords | None = None) -> str:
+        """The message and hint on one line, options worded by ``words`` (default: Python)."""
+        message, hint = render(self.raw_message, words), render(self.raw_hint, words)
+        text = message if not hint else f"{message}; {hint}"
         return " ".join(text.split())
 
 

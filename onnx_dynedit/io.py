@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from .data import exceeds
-from .errors import ModelLoadError, OutputError, UnsafeInputError
+from .errors import ModelLoadError, OutputError, UnsafeInputError, option
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ def check_output_path(out: str | os.PathLike, protected: list[Path], *, in_place
                               hint="write to another path")
         if not in_place:
             raise OutputError(f"refusing to overwrite the input {out}",
-                              hint="write to another path, or pass --in-place (a .bak copy is kept)")
+                              hint=f"write to another path, or pass {option('in_place', True)} (a .bak copy is kept)")
     return out
 
 

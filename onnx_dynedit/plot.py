@@ -263,7 +263,7 @@ def write_edit_plot(path, pairs: list[PairView], rounds: list[Round], layer_orde
                      fontsize=8)
     else:
         ax.axis("off")
-        ax.text(0.5, 0.5, "no localisation: the layers were pinned (--layer) or nothing needed an edit",
+        ax.text(0.5, 0.5, "no localisation: the layers were pinned or nothing needed an edit",
                 ha="center", va="center", fontsize=8)
     fig.suptitle(f"dynedit edit: {model_title(model_label)}\n" + "\n".join(textwrap.wrap(summary, 100)), fontsize=9)
     fig.subplots_adjust(top=1.0 - 1.15 / height, bottom=0.9 / height, left=0.09, right=0.98)

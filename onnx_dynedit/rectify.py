@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from . import progress
 from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
-from .errors import EditError, InputError, LayerError
+from .errors import EditError, InputError, LayerError, option
 from .layers import Layer
 from .rank_one import (DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, edit_direction, key_statistics, pair_keys,
                        too_wide)
@@ -294,8 +294,9 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
         key_x, stats_source = key_source, key_source.source
     criterion = _criterion_name(twin, corrupt, clean, cfg)
     if criterion == "attribution" and cfg.objective == "local":
-        raise InputError("--objective local (the closed form) only applies to the output criterion; the pairs "
-                         "call for the attribution criterion", hint="drop --objective local, or pass --criterion output")
+        raise InputError(f"{option('objective', 'local')} (the closed form) only applies to the output criterion; "
+                         "the pairs call for the attribution criterion",
+                         hint=f"drop {option('objective', 'local')}, or pass {option('criterion', 'output')}")
     n_real = len(corrupt)
     if cfg.augment and fit_stats is not None:
         corrupt, clean = transplant_pairs(corrupt, clean, fit_stats, cfg.augment, match=criterion == "attribution",

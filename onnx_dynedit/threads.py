@@ -35,9 +35,9 @@ def configure(threads: int | None = None) -> int:
     Applied to torch at once when torch is already imported, else when a twin is built."""
     global _threads, _configured
     if threads is not None and int(threads) < 1:
-        from .errors import InputError
+        from .errors import InputError, option
 
-        raise InputError(f"--threads must be at least 1, got {threads}")
+        raise InputError(f"{option('threads')} must be at least 1, got {threads}")
     _threads = None if threads is None else int(threads)
     _configured = True
     import sys

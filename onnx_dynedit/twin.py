@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from . import progress, threads
-from .errors import ConversionError, InternalError, ParityError
+from .errors import ConversionError, InputError, InternalError, ParityError, option
 from .io import LoadedModel
 from .layers import Layer, LayerMap, build_layer_map, constant_value, unique_node_names
 
@@ -56,10 +56,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import InputError
-
-        raise InputError("--device cuda was asked for but torch sees no CUDA device",
-                         hint="use --device cpu or --device auto")
+        raise InputError(f"{option('device', 'cuda')} was asked for but torch sees no CUDA device",
+                         hint=f"use {option('device', 'cpu')} or {option('device', 'auto')}")
     return dev
 
 
@@ -285,11 +283,11 @@ class Twin:
         self.inputs = input_specs(loaded.model)
         self.outputs = output_specs(loaded.model)
         check_input_shapes(self.inputs, input_shapes, loaded.label)
-        self.input_shapes = dict(input_shapes or {})  # user-given sizes (--input-shape), name -> dims
+        self.input_shapes = dict(input_shapes or {})  # user-given sizes (input_shapes), name -> dims
         try:
             norm = normalise(loaded.model)
         except ConversionError as exc:  # name the file: the CLI prints this one line
-            raise ConversionError(f"{loaded.label}: {exc.message}", hint=exc.hint) from None
+            raise ConversionError(f"{loaded.label}: {exc.raw_message}", hint=exc.raw_hint) from None
         self.fp16 = norm.fp16
         self.quantised = norm.quantised
         self.notes = norm.notes
@@ -724,8 +722,6 @@ class Parity:
 def parse_input_shapes(values) -> dict[str, tuple[int, ...]]:
     """``NAME:D1,D2,...`` strings (``--input-shape``, as polygraphy / onnxsim take them)
     -> {name: dims}. The name may itself hold ':' (the last one separates)."""
-    from .errors import InputError
-
     out: dict[str, tuple[int, ...]] = {}
     for value in values or ():
         name, sep, dims = str(value).rpartition(":")
@@ -734,38 +730,48 @@ def parse_input_shapes(values) -> dict[str, tuple[int, ...]]:
         except ValueError:
             shape = ()
         if not sep or not name or not shape or any(d <= 0 for d in shape):
-            raise InputError(f"--input-shape {value!r} is not NAME:D1,D2,... with positive sizes",
-                             hint="e.g. --input-shape input:1,3,224,224")
+            raise InputError(f"{option('input_shapes')} {value!r} is not NAME:D1,D2,... with positive sizes",
+                             hint=f"e.g. {option('input_shapes', 'input:1,3,224,224', python=_py_shape('input', '1,3,224,224'))}")
         if name in out:
-            raise InputError(f"--input-shape gives input {name!r} twice")
+            raise InputError(f"{option('input_shapes')} gives input {name!r} twice")
         out[name] = shape
     return out
 
 
 def check_input_shapes(specs: list[InputSpec], given: dict | None, label: str) -> None:
     """Every given shape names a real input, has its rank and keeps its fixed dims."""
-    from .errors import InputError
-
     if not given:
         return
     by_name = {s.name: s for s in specs}
     for name, shape in given.items():
         spec = by_name.get(name)
         if spec is None:
-            raise InputError(f"{label}: --input-shape names {name!r}, which is not an input of the model "
+            raise InputError(f"{label}: {option('input_shapes')} names {name!r}, which is not an input of the model "
                              f"(inputs: {', '.join(by_name) or 'none'})", hint="use one of the input names")
         if spec.shape and len(shape) != len(spec.shape):
-            raise InputError(f"{label}: --input-shape {name}:{_dims(shape)} has rank {len(shape)} but input "
+            raise InputError(f"{label}: {_shape_option(name, shape)} has rank {len(shape)} but input "
                              f"{name!r} is {_declared(spec)} (rank {len(spec.shape)})")
         for axis, (want, have) in enumerate(zip(spec.shape, shape)):
             if isinstance(want, int) and want > 0 and want != have:
-                raise InputError(f"{label}: --input-shape {name}:{_dims(shape)} changes axis {axis} of input "
+                raise InputError(f"{label}: {_shape_option(name, shape)} changes axis {axis} of input "
                                  f"{name!r}, fixed at {want} ({_declared(spec)})",
                                  hint="only symbolic dims can be set")
 
 
 def _dims(shape) -> str:
     return ",".join(str(d) for d in shape)
+
+
+def _shape_option(name: str, dims) -> str:
+    """The ``input_shapes`` option giving input ``name`` the sizes ``dims`` (a tuple or
+    ``"D1,D2,..."``), for a message."""
+    text = dims if isinstance(dims, str) else _dims(dims)
+    return option("input_shapes", f"{name}:{text}", python=_py_shape(name, text))
+
+
+def _py_shape(name: str, dims: str) -> str:
+    """``{'x': (1, 3)}``: the Python form of ``x:1,3``."""
+    return "{" + repr(name) + ": (" + ", ".join(dims.split(",")) + ")}"
 
 
 def _declared(spec: InputSpec) -> str:
@@ -775,10 +781,8 @@ def _declared(spec: InputSpec) -> str:
 def resolve_input_shapes(specs: list[InputSpec], given: dict | None = None, *, batch: int = 2,
                          label: str = "model") -> dict[str, tuple[int, ...]]:
     """Concrete shape of each input for generated (parity) inputs: ``given`` first
-    (``--input-shape``), else the graph's own dims; a symbolic first dim is the batch
+    (the ``input_shapes`` option), else the graph's own dims; a symbolic first dim is the batch
     (``batch``); any other symbolic dim must be given."""
-    from .errors import InputError
-
     given = given or {}
     out = {}
     for spec in specs:
@@ -797,7 +801,7 @@ def resolve_input_shapes(specs: list[InputSpec], given: dict | None = None, *, b
                                    for j, x in enumerate(spec.shape))
                 raise InputError(f"{label}: input {spec.name!r} is {_declared(spec)}: the size of axis {i} "
                                  f"({dim}) is not fixed by the graph",
-                                 hint=f"give it with --input-shape {spec.name}:{example}, {dim} being a size "
+                                 hint=f"give it with {_shape_option(spec.name, example)}, {dim} being a size "
                                       "the model accepts")
         out[spec.name] = tuple(shape)
     return out
@@ -859,14 +863,12 @@ def check_parity(twin: Twin, feeds: dict[str, np.ndarray] | None = None, *, seed
     """ONNX Runtime on ``model`` (default: the twin's original) vs the twin with ``edits``.
     ``session``: an ORT session of ``model`` to reuse across calls."""
     model = model if model is not None else twin.loaded.model
-    from .errors import InputError
-
     if feeds is None:
         feeds = random_inputs(twin.inputs, seed=seed, int_range=int_range, shapes=twin.input_shapes,
                               label=twin.loaded.label)
     sizes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
-    hint = ("give sizes that fit with --input-shape NAME:D1,D2,... (or --inputs); integer inputs must be "
-            "valid ids (--int-range)")
+    hint = (f"give sizes that fit with {option('input_shapes', 'NAME:D1,D2,...', python='{NAME: (D1, D2, ...)}')} "
+            f"(or {option('inputs_file')}); integer inputs must be valid ids ({option('int_range')})")
     try:
         if session is None:
             if model is twin.loaded.model and twin.logits_tensor is not None:

@@ -47,7 +47,7 @@ import onnxruntime as ort
 
 from . import threads as _threads
 from .data import Samples, check_against_input, check_labels
-from .errors import DataError, InputError, ModelLoadError
+from .errors import DataError, InputError, ModelLoadError, option
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def ort_session(path: str | os.PathLike, provider: str | None = DEFAULT_PROVIDER
     rather than silently falling back to the CPU. A file that ONNX Runtime cannot load
     (missing, not ONNX, truncated, external data missing) is a ``ModelLoadError``
     naming the file. ``threads``: ONNX Runtime's intra-op threads (``None`` = the
-    process setting, ``onnx_dynedit.threads``: --threads, else OMP_NUM_THREADS, else all cores).
+    process setting, ``onnx_dynedit.threads``: the configured count, else OMP_NUM_THREADS, else all cores).
     """
     provider = DEFAULT_PROVIDER if provider is None else provider
     providers = provider_list(provider)
@@ -99,7 +99,7 @@ def ort_session(path: str | os.PathLike, provider: str | None = DEFAULT_PROVIDER
         raise ModelLoadError(f"{what} file {path} does not exist", hint="check the path")
     if not path.is_file():
         raise ModelLoadError(f"{what} path {path} is not a file", hint="give the path of an .onnx file")
-    options = _threads.session_options(ort.SessionOptions())  # --threads (onnx_dynedit.threads)
+    options = _threads.session_options(ort.SessionOptions())  # the configured count (onnx_dynedit.threads)
     options.log_severity_level = 4  # fatal only: keep stderr to our own one-liners
     if threads is not None:
         options.intra_op_num_threads = int(threads)
@@ -114,7 +114,7 @@ def ort_session(path: str | os.PathLike, provider: str | None = DEFAULT_PROVIDER
         raise InputError(
             f"{providers[0]} could not be initialised for {what} {path} "
             f"(session runs on {', '.join(session.get_providers())})",
-            hint="check the CUDA/cuDNN installation or use --provider cpu",
+            hint=f"check the CUDA/cuDNN installation or use {option('provider', 'cpu')}",
         )
     logger.info("loaded %s %s on %s", what, path, ", ".join(session.get_providers()))
     return session
@@ -131,7 +131,7 @@ def provider_list(provider: str) -> tuple[str, ...]:
         if key == "cuda":
             raise InputError(
                 f"CUDA execution provider not available in this onnxruntime ({', '.join(available)})",
-                hint="install onnxruntime-gpu or use --provider cpu",
+                hint=f"install onnxruntime-gpu or use {option('provider', 'cpu')}",
             )
         raise InputError(f"{wanted} not available in this onnxruntime ({', '.join(available)})")
     return PROVIDERS[key]
@@ -475,10 +475,12 @@ def verify(original: str | os.PathLike, edited: str | os.PathLike, clean, corrup
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}", hint="use " + " or ".join(ENGINES))
     if ray_address is not None and engine != "ray":
-        raise InputError("a Ray address needs the ray engine", hint="add --engine ray or drop --ray-address")
+        raise InputError("a Ray address needs the ray engine",
+                         hint=f"add {option('engine', 'ray')} or drop {option('ray_address')}")
     if engine == "ray" and provider != "cpu":
-        raise InputError(f"--engine ray runs ONNX Runtime on CPU workers; provider {provider} is not supported there",
-                         hint="use --provider cpu with --engine ray, or --engine local")
+        raise InputError(f"{option('engine', 'ray')} runs ONNX Runtime on CPU workers; provider {provider} is not "
+                         "supported there", hint=f"use {option('provider', 'cpu')} with {option('engine', 'ray')}, "
+                                                 f"or {option('engine', 'local')}")
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     limits = Thresholds.coerce(thresholds)

@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from . import __version__
-from .errors import EditError, InputError
+from .errors import EditError, InputError, option
 from .io import LoadedModel, model_sha256
 from .layers import Layer, build_layer_map, constant_sources, constant_value
 from .quant import dequantize, requantize, rounding_stats
@@ -123,7 +123,7 @@ def write_back(loaded: LoadedModel, updates: list[LayerUpdate], *, extra_provena
         new = _apply_delta(layer, weight, delta, +1.0)
         if not np.isfinite(new).all():
             raise EditError(f"the edit of layer {layer.node!r} would make non-finite weights in {name!r}",
-                            hint="the edit is refused; try --max-edits 1 or another layer")
+                            hint=f"the edit is refused; try {option('max_edits', 1)} or another layer")
         restored = _apply_delta(layer, new, delta, -1.0)
         xor = np.bitwise_xor(_bits(restored), _bits(weight))
         record = {
@@ -206,7 +206,7 @@ def _write_quantised(loaded: LoadedModel, model: onnx.ModelProto, layer: Layer, 
     w_new = w + layer.from_canonical(delta)
     if not np.isfinite(w_new).all():
         raise EditError(f"the edit of layer {layer.node!r} would make non-finite weights in {layer.initializer!r}",
-                        hint="the edit is refused; try --max-edits 1 or another layer")
+                        hint=f"the edit is refused; try {option('max_edits', 1)} or another layer")
     rq = requantize(w_new, q, scale, zp, wq)
     if rq.clipped:
         log.warning("%s: %d value(s) of %r clipped to the integer range (scale %r is shared)", loaded.label,

@@ -135,5 +135,5 @@ def test_closed_form_objective_is_refused_under_the_attribution_criterion(leaky)
     from onnx_dynedit.errors import InputError
 
     twin = Twin(load_model(leaky), "cpu")
-    with pytest.raises(InputError, match="objective local"):
+    with pytest.raises(InputError, match="objective='local'"):
         rectify(twin, CORRUPT, CLEAN, stats_x=_stats(), config=RectifyConfig(objective="local"))
