@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from . import progress
 from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
 from .errors import EditError, InputError, LayerError, option
+from .options import check_config, check_known
 from .layers import Layer
 from .rank_one import (DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, edit_direction, key_statistics, pair_keys,
                        too_wide)
@@ -103,7 +104,11 @@ class RectifyConfig:
     holdout: float = 0.25             # share of stats held out for the degradation check when no val is given
     seed: int = 0
 
+    def __post_init__(self):
+        check_config(self)  # a bad value: an InputError naming the option (options.py)
+
     def replace(self, **changes) -> "RectifyConfig":
+        check_known(RectifyConfig, changes)
         values = asdict(self)
         values.update({k: v for k, v in changes.items() if v is not None})
         if values.get("layers") is not None:

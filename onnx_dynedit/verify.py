@@ -48,6 +48,7 @@ import onnxruntime as ort
 from . import threads as _threads
 from .data import Samples, check_against_input, check_labels
 from .errors import DataError, InputError, ModelLoadError, option
+from .io import check_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -465,10 +466,13 @@ def verify(original: str | os.PathLike, edited: str | os.PathLike, clean, corrup
     is called once before the first batch and after each batch (the Ray engine: after
     each shard). ``None`` for ``provider`` / ``batch_size`` / ``engine`` means the
     default. Raises ``DynEditError`` subclasses for unusable input (exit 2); failed gates
-    are reported, not raised.
+    are reported, not raised. Both model files pass ``load_model``'s safety checks
+    (``io.check_model_file``) before ONNX Runtime opens them.
     """
     from .datasets import open_dataset
 
+    check_model_file(original, what="original model")
+    check_model_file(edited, what="edited model")
     provider = DEFAULT_PROVIDER if provider is None else str(provider).lower()
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
     engine = DEFAULT_ENGINE if engine is None else str(engine).lower()
