@@ -143,7 +143,8 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment) -> dict:
     """The measured run (child process): every phase of `dynedit edit`, timed."""
     from onnx_dynedit.io import load_model, save_model
     from onnx_dynedit.rectify import RectifyConfig, rectify
-    from onnx_dynedit.twin import Twin, check_parity
+    from onnx_dynedit.parity import check_parity
+    from onnx_dynedit.twin import Twin
     from onnx_dynedit.writeback import write_back
 
     rng = np.random.default_rng(0)

@@ -37,7 +37,7 @@ def flag_words(name: str, value=None, python: str | None = None) -> str:
 
 def _input_shapes(ctx, param, value):
     from onnx_dynedit.errors import InputError, render
-    from onnx_dynedit.twin import parse_input_shapes
+    from onnx_dynedit.shapes import parse_input_shapes
 
     try:
         return parse_input_shapes(value) or None

@@ -10,7 +10,8 @@ import click
 from cli.common import ENGINE_OPTION, RAY_ADDRESS_OPTION, run_options
 from onnx_dynedit import progress as _progress
 from onnx_dynedit.errors import CheckFailed
-from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, DEFAULT_PROVIDER, VerifyReport, verify as run_verify
+from onnx_dynedit.sessions import DEFAULT_PROVIDER
+from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, VerifyReport, verify as run_verify
 
 @click.command("verify")
 @click.argument("original", metavar="ORIGINAL")

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 def _twin(loaded: LoadedModel, device, input_shapes=None, data=None):
     """The twin, parity required. Parity inputs take their sizes from ``input_shapes``
     (given by the caller), else the graph, else (symbolic non-batch dims) the rows of ``data``."""
-    from .twin import Twin, check_parity, require_parity
+    from .parity import check_parity, require_parity
+    from .twin import Twin
 
     twin = Twin(loaded, device, input_shapes=_with_data_shapes(loaded, input_shapes, data))
     check_finite_weights(loaded, twin)
@@ -42,7 +43,7 @@ def _twin(loaded: LoadedModel, device, input_shapes=None, data=None):
 
 
 def _with_data_shapes(loaded: LoadedModel, given, data):
-    from .twin import input_specs
+    from .shapes import input_specs
 
     given = dict(given or {})
     if data is None:
@@ -89,7 +90,8 @@ def _refuse_data_overwrite(outputs, data_inputs) -> None:
 def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
     """ORT on the written model vs the twin with the same edits, on ``feeds_x``; a model
     with a fixed batch size is fed that many rows at a time (the worst chunk counts)."""
-    from .twin import check_parity, ort_session_for
+    from .parity import check_parity
+    from .sessions import ort_session
 
     spec = twin.inputs[0]
 
@@ -103,7 +105,7 @@ def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
         reps = -(-batch // len(feeds_x))
         feeds_x = np.concatenate([feeds_x] * reps)
     worst = None
-    session = ort_session_for(new_model)  # one session for every chunk
+    session = ort_session(new_model)  # one session for every chunk
     for start in range(0, min(len(feeds_x), max(batch, 64)) - batch + 1, batch):
         parity = check_parity(twin, feeds(feeds_x[start:start + batch]), model=new_model, edits=edits,
                               session=session)
@@ -484,8 +486,9 @@ def _write_edits(twin, loaded: LoadedModel, inputs: Inputs, result, edits, out, 
                  clock: _Clock) -> _Written:
     """Write the accepted edits back into the ONNX initializers, check the written model
     against the edited twin with ONNX Runtime, and save it when ``out`` is given."""
-    from .twin import require_parity
-    from .writeback import edit_record, write_back, written_edits
+    from .parity import require_parity
+    from .metadata import edit_record
+    from .writeback import write_back, written_edits
 
     t0 = time.perf_counter()
     with progress.phase("write back into the ONNX initializers"):

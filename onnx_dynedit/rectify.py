@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from . import progress
 from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
-from .errors import EditError, InputError, LayerError, option
+from .errors import EditError, InputError, LayerError
 from .options import check_config, check_known
 from .layers import Layer
 from .rank_one import (DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, edit_direction, key_statistics, pair_keys,
@@ -299,6 +299,8 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
         key_x, stats_source = key_source, key_source.source
     criterion = _criterion_name(twin, corrupt, clean, cfg)
     if criterion == "attribution" and cfg.objective == "local":
+        from .errors import option  # (``option`` names a loop variable elsewhere here)
+
         raise InputError(f"{option('objective', 'local')} (the closed form) only applies to the output criterion; "
                          "the pairs call for the attribution criterion",
                          hint=f"drop {option('objective', 'local')}, or pass {option('criterion', 'output')}")
