@@ -21,7 +21,7 @@ import numpy as np
 from . import progress, threads
 from .data import Pairs, Samples, check_against_input, check_labels, load_pairs, load_samples
 from .errors import CheckFailed, DataError, EditError, InputError, OutputError, option
-from .options import check_choice, check_range
+from .options import check_choice, check_config, check_known, check_range
 from .report import to_json
 from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, save_model
 
@@ -372,11 +372,9 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     shards (``read_inputs``); ``engine`` (local or ray) says where the key statistics
     over a sharded stats set run.
     """
-    from .rectify import RectifyConfig
-
-    cfg = RectifyConfig().replace(layers=tuple(layers) if layers else None, max_edits=max_edits,
-                                  max_degradation=max_degradation, target_gap=target_gap, objective=objective,
-                                  augment=augment, seed=seed, **config)
+    cfg = edit_config(layers=tuple(layers) if layers else None, max_edits=max_edits,
+                      max_degradation=max_degradation, target_gap=target_gap, objective=objective,
+                      augment=augment, seed=seed, **config)
     clock = _Clock()
     t0 = time.perf_counter()
     with progress.phase("load and check the model"):
@@ -415,6 +413,18 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     if report is not None:
         atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())
     return outcome
+
+
+def edit_config(**options):
+    """The ``RectifyConfig`` of ``edit_model``'s keyword options (None: the default),
+    every value checked (options.py): an unknown option or a bad value is an
+    ``InputError`` naming it."""
+    from .rectify import RectifyConfig
+
+    check_known(RectifyConfig, options)
+    cfg = RectifyConfig().replace(**options)
+    check_config(cfg)
+    return cfg
 
 
 def _rectify(twin, inputs: Inputs, cfg, keys):

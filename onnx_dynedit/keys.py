@@ -23,13 +23,14 @@ def delta_hook(layer: Layer, u, d, device):
 
 
 def layer_delta(layer: Layer, x: torch.Tensor, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """The output change of ``layer`` for input ``x`` under W' = W + u d^T."""
+    """The output change of ``layer`` for input ``x`` under W' = W + u d^T. ``u`` [C_out],
+    or [B, C_out]: one u per input row (how the fit gets per-row Jacobians)."""
+    rows = u.shape[0] if u.dim() == 2 else 1
     if layer.op == "Conv":
         s = key_projection_conv(layer, x, d)  # [B, 1, *spatial]
-        shape = (1, -1) + (1,) * (s.dim() - 2)
-        return s * u.to(s.dtype).view(shape)
-    s = x @ d.to(x.dtype)  # [..., ]
-    return s.unsqueeze(-1) * u.to(x.dtype)
+        return s * u.to(s.dtype).view((rows, -1) + (1,) * (s.dim() - 2))
+    s = x @ d.to(x.dtype)  # [B, ...]
+    return s.unsqueeze(-1) * u.to(x.dtype).view((rows,) + (1,) * (s.dim() - 1) + (-1,))
 
 
 def conv_pads(layer: Layer, spatial: tuple[int, ...]) -> list[int]:

@@ -1,8 +1,8 @@
 """What each option of the method accepts, written once: a bad value is a user error
 (``InputError``, exit 2) that names the option, never a ValueError deep in the loop.
 
-``check_config`` runs when a ``RectifyConfig`` is made; ``check_choice`` and
-``check_range`` serve the other entry points (``api.locate_model``)."""
+``check_config`` checks a ``RectifyConfig`` (``api.edit_config``, before any work);
+``check_choice`` and ``check_range`` serve the other entry points (``api.locate_model``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ CHOICES = {
     "ig_target": ("corrupt_logit", "gap"),
     "target": ("corrupt_logit", "gap"),
     "ig_reduction": ("sum", "abs"),
-    "fit_method": ("adam", "lbfgs"),
+    "fit_method": ("adam", "lbfgs", "lm"),
     "transplant": ("auto", "add", "affine", "gain"),
 }
 

@@ -49,10 +49,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import fit as fitting
 from . import progress
 from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
-from .errors import EditError, InputError, LayerError
-from .options import check_config, check_known
+from .errors import EditError, InputError, LayerError, option
 from .layers import Layer
 from .rank_one import (DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, edit_direction, key_statistics, pair_keys,
                        too_wide)
@@ -63,13 +63,7 @@ log = logging.getLogger(__name__)
 
 GAP_EPS = 1e-6          # a gap must fall by more than this to count as smaller (float noise)
 BUDGET_SLACK = 1e-12    # a degradation equal to the budget passes (float rounding of exact fractions)
-STALL_STEPS = 30        # Adam stops when the loss has not improved by STALL_REL for this many steps
-STALL_REL = 1e-3
-CONVERGED_LOSS = 1e-5   # normalised losses below this are a perfect fit: stop
 MIN_HOLDOUT_POOL = 4    # fewer stats inputs than this: nothing is held out (the check is in-sample)
-LBFGS_HISTORY = 10      # u has C_out numbers; a short curvature history is enough
-LBFGS_TOL_GRAD = 1e-7   # on the normalised loss: the fit has converged
-LBFGS_TOL_CHANGE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -88,8 +82,9 @@ class RectifyConfig:
     ig_reduction: str = "sum"         # positions: "sum" (signed, before the norm) or "abs"
     fit_steps: int = 200              # Adam steps (attribution fit, and the output fit with fit_method "adam")
     fit_lr: float = 0.05
-    fit_method: str = "adam"          # output fit of u: "adam" or "lbfgs" (fewer evaluations; moves the n = 20
-                                      # sample rows, see README's speed section)
+    fit_method: str = "adam"          # output fit of u: "adam", "lm" (Levenberg-Marquardt; heads with more than
+                                      # fit.LM_MAX_OUTPUTS classes use adam) or "lbfgs"; lm and lbfgs converge in
+                                      # fewer passes but move the n = 20 sample rows (README, speed section)
     lbfgs_evals: int = 25             # loss evaluations (downstream passes) of the L-BFGS fit
     attr_weight: float = 3.0          # weight of the region's attribution in the attribution fit
     attr_steps: int = 8               # IG steps inside the attribution fit
@@ -104,11 +99,7 @@ class RectifyConfig:
     holdout: float = 0.25             # share of stats held out for the degradation check when no val is given
     seed: int = 0
 
-    def __post_init__(self):
-        check_config(self)  # a bad value: an InputError naming the option (options.py)
-
     def replace(self, **changes) -> "RectifyConfig":
-        check_known(RectifyConfig, changes)
         values = asdict(self)
         values.update({k: v for k, v in changes.items() if v is not None})
         if values.get("layers") is not None:
@@ -299,8 +290,6 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
         key_x, stats_source = key_source, key_source.source
     criterion = _criterion_name(twin, corrupt, clean, cfg)
     if criterion == "attribution" and cfg.objective == "local":
-        from .errors import option  # (``option`` names a loop variable elsewhere here)
-
         raise InputError(f"{option('objective', 'local')} (the closed form) only applies to the output criterion; "
                          "the pairs call for the attribution criterion",
                          hint=f"drop {option('objective', 'local')}, or pass {option('criterion', 'output')}")
@@ -440,52 +429,6 @@ class Degradation:
 # --------------------------------------------------------------------------- criteria
 
 
-def _adam(params: list[torch.Tensor], loss_fn, cfg: RectifyConfig) -> tuple[list[torch.Tensor], float]:
-    """Minimise ``loss_fn()`` with Adam; keep the best iterate; stop early when the loss
-    has converged or stalled. Returns (best params, detached; best loss)."""
-    opt = torch.optim.Adam(params, lr=cfg.fit_lr)
-    best = (float("inf"), [p.detach().clone() for p in params])
-    since_best = 0
-    for _ in range(cfg.fit_steps):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        loss_val = float(loss.detach())
-        since_best = 0 if loss_val < best[0] * (1 - STALL_REL) else since_best + 1
-        if loss_val < best[0]:
-            best = (loss_val, [p.detach().clone() for p in params])
-        if loss_val < CONVERGED_LOSS or since_best >= STALL_STEPS:
-            break
-        opt.step()
-    return best[1], best[0]
-
-
-def _lbfgs(params: list[torch.Tensor], loss_fn, max_evals: int) -> tuple[list[torch.Tensor], float]:
-    """Minimise ``loss_fn()`` with L-BFGS (strong Wolfe line search), at most ``max_evals``
-    evaluations; keep the best iterate. u has only C_out numbers and the loss is smooth
-    almost everywhere, so a quasi-Newton fit needs far fewer downstream passes than Adam."""
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_evals, max_eval=max_evals, history_size=LBFGS_HISTORY,
-                            tolerance_grad=LBFGS_TOL_GRAD, tolerance_change=LBFGS_TOL_CHANGE,
-                            line_search_fn="strong_wolfe")
-    best = [float("inf"), [p.detach().clone() for p in params]]
-
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        if float(loss.detach()) < best[0]:
-            best[0], best[1] = float(loss.detach()), [p.detach().clone() for p in params]
-        return loss
-
-    opt.step(closure)
-    return best[1], best[0]
-
-
-def _u_scale(u0: torch.Tensor) -> float:
-    """Adam fits u / scale so that its step size (lr) is relative to the closed form's size."""
-    return float(u0.norm()) / max(1.0, u0.numel() ** 0.5) or 1e-3
-
-
 @dataclass(frozen=True)
 class Fitted:
     u: torch.Tensor              # float32
@@ -562,30 +505,55 @@ class OutputGap(Criterion):
     def _fit_output(self, layer, d, u0, prev) -> tuple[torch.Tensor, float]:
         """u (d fixed) so the network output on x~ matches the shipped output on x while
         outputs on unlabeled clean inputs stay put."""
-        scale = _u_scale(u0)
-        v = (u0 / scale).float().clone().requires_grad_(True)
         xs = cat_inputs(self.corrupt_t, self.loc_x)  # tensors, or tuples of them for several inputs
-        n, has_loc = batch_size_of(self.corrupt_t), batch_size_of(self.loc_x) > 0
-        t_norm = self.target_logits.pow(2).mean().clamp_min(1e-8)
-        l_norm = self.loc_ref.pow(2).mean().clamp_min(1e-8)
+        n, m = batch_size_of(self.corrupt_t), batch_size_of(self.loc_x)
         with self.twin.applied(prev):
             runner = DownstreamRunner(self.twin, layer, xs)  # upstream of the layer stays cached
 
+        def out(u):
+            with self.twin.applied(prev + [TorchEdit(layer, u, d)]):
+                return runner()
+
+        method = self.cfg.fit_method
+        if method == "lm" and self.target_logits.shape[-1] > fitting.LM_MAX_OUTPUTS:
+            method = "adam"  # one backward pass per class would cost more than Adam's steps
+        if method == "lm":
+            try:
+                return self._fit_lm(out, u0, n, m)
+            except RuntimeError as err:  # an output or layer the per-row trick does not fit: Adam
+                log.info("layer %s: Levenberg-Marquardt fit not possible (%s); fitting with Adam", layer.node, err)
+                method = "adam"
+        scale = fitting.u_scale(u0)
+        v = (u0 / scale).float().clone().requires_grad_(True)
+        t_norm = self.target_logits.pow(2).mean().clamp_min(1e-8)
+        l_norm = self.loc_ref.pow(2).mean().clamp_min(1e-8)
+
         def loss_fn():
-            with self.twin.applied(prev + [TorchEdit(layer, v * scale, d)]):
-                out = runner()
-            loss = F.mse_loss(out[:n], self.target_logits) / t_norm
-            if has_loc:
-                loss = loss + self.cfg.locality_weight * F.mse_loss(out[n:], self.loc_ref) / l_norm
+            o = out(v * scale)
+            loss = F.mse_loss(o[:n], self.target_logits) / t_norm
+            if m:
+                loss = loss + self.cfg.locality_weight * F.mse_loss(o[n:], self.loc_ref) / l_norm
             return loss
 
-        if self.cfg.fit_method == "lbfgs":
-            (best_v,), loss = _lbfgs([v], loss_fn, self.cfg.lbfgs_evals)
-        elif self.cfg.fit_method == "adam":
-            (best_v,), loss = _adam([v], loss_fn, self.cfg)
+        if method == "lbfgs":
+            (best_v,), loss = fitting.lbfgs([v], loss_fn, self.cfg.lbfgs_evals)
+        elif method == "adam":
+            (best_v,), loss = fitting.adam([v], loss_fn, self.cfg.fit_steps, self.cfg.fit_lr)
         else:
-            raise ValueError(f"unknown fit method {self.cfg.fit_method!r}")
+            raise ValueError(f"unknown fit method {method!r}")
         return (best_v * scale).float(), loss
+
+    def _fit_lm(self, out, u0, n: int, m: int) -> tuple[torch.Tensor, float]:
+        """The same loss as Adam's, as weighted least squares, by Levenberg-Marquardt."""
+        k = self.target_logits.shape[-1]
+        t_norm = float(self.target_logits.pow(2).mean().clamp_min(1e-8))
+        l_norm = float(self.loc_ref.pow(2).mean().clamp_min(1e-8))
+        weight = torch.cat([torch.full((n,), 1.0 / (t_norm * n * k)),
+                            torch.full((m,), self.cfg.locality_weight / (l_norm * max(m, 1) * k))])
+        problem = fitting.LeastSquares(out, torch.cat([self.target_logits, self.loc_ref]), weight.to(u0.device))
+        u, loss, passes = fitting.levenberg_marquardt(problem, u0.float())
+        log.debug("Levenberg-Marquardt: loss %.4g after %d passes", loss, passes)
+        return u, loss
 
     def improves(self, before, after):
         # lexicographic: more pairs fixed, or as many fixed and a smaller gap
@@ -627,7 +595,7 @@ class AttributionShare(Criterion):
         a0 = r.T @ direction.d.float()
         a_scale = float(a0.norm()) or 1.0
         a = (a0 / a_scale).clone().requires_grad_(cfg.fit_key)
-        scale = _u_scale(direction.u_local)
+        scale = fitting.u_scale(direction.u_local)
         v = torch.zeros_like(direction.u_local, dtype=torch.float32).requires_grad_(True)  # start at the shipped model
         with twin.applied(prev):
             total0 = input_attribution(twin, self.corrupt_t, self.cls_t, steps=cfg.attr_steps).detach().flatten(1).sum(1)
@@ -652,7 +620,7 @@ class AttributionShare(Criterion):
             return cfg.attr_weight * on_region + keep
 
         params = [v, a] if cfg.fit_key else [v]
-        best, loss = _adam(params, loss_fn, cfg)
+        best, loss = fitting.adam(params, loss_fn, cfg.fit_steps, cfg.fit_lr)
         best_a = best[1] if cfg.fit_key else a.detach()
         return Fitted((best[0] * scale).float(), unwhiten(best_a).float(), loss)
 
@@ -737,13 +705,34 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
 # ------------------------------------------------------------------------------- loop
 
 
+class KeyCache:
+    """Key statistics of the candidates on the current (edited) model. An edit of layer L
+    changes the keys of layers after L only (graph order is topological), so after an
+    accepted edit only those are recomputed; the others are reused as they are."""
+
+    def __init__(self, twin: Twin, plan: Plan, cfg: RectifyConfig):
+        self.twin, self.plan, self.cfg = twin, plan, cfg
+        self.stats: dict = {}
+
+    def current(self, prev: list[TorchEdit]) -> dict:
+        missing = [layer for layer in self.plan.candidates if layer.node not in self.stats]
+        if missing:
+            self.stats.update(key_statistics(self.twin, missing, self.plan.key_x, edits=prev, lam=self.cfg.lam,
+                                             source=self.plan.stats_source))
+        return self.stats
+
+    def edited(self, layer: Layer) -> None:
+        for other in self.plan.candidates:
+            if other.node_index > layer.node_index:
+                self.stats.pop(other.node, None)
+
+
 def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: RectifyConfig, timings: Timings,
-             localisations: list) -> list[Option]:
+             localisations: list, cache: KeyCache) -> list[Option]:
     """The layers this step may edit, best first, each with its direction."""
     progress.step(f"round {done + 1}: key statistics ({len(plan.candidates)} layers)")
-    with timings("key_statistics"):  # they depend on upstream edits: recomputed after every accepted edit
-        stats = key_statistics(twin, list(plan.candidates), plan.key_x, edits=prev, lam=cfg.lam,
-                               source=plan.stats_source)
+    with timings("key_statistics"):
+        stats = cache.current(prev)
     with timings("localisation"):
         if plan.static:
             turn = done % len(plan.candidates)
@@ -773,13 +762,13 @@ def _choose(crit: Criterion, degradation: Degradation, options: list[Option], pr
             timings: Timings) -> tuple[list[EditStep], Trial | None]:
     """Try the options in order; the criterion picks among those that pass."""
     trials, number = [], first
-    for option in options:
+    for opt in options:
         number += 1
-        if option.direction.u_local is None:
+        if opt.direction.u_local is None:
             log.info("step %d: layer %s skipped: the edit direction misses every corrupted key", number,
-                     option.layer.node)
+                     opt.layer.node)
             continue
-        t = trial(crit, degradation, option, prev, state, number, timings)
+        t = trial(crit, degradation, opt, prev, state, number, timings)
         trials.append(t)
         if t.step.accepted and not crit.try_all:
             break
@@ -804,6 +793,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     crit = make_criterion(twin, plan, cfg)
     degradation = Degradation(twin, plan.reference)
     timings = Timings(key_statistics=0.0, localisation=0.0, fit=0.0, check=0.0)
+    cache = KeyCache(twin, plan, cfg)
     accepted: list[RankOneEdit] = []
     steps: list[EditStep] = []
     localisations: list[dict] = []
@@ -811,7 +801,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     stopped = "max edits reached"
     while not crit.reached(state) and len(accepted) < cfg.max_edits:
         prev = [e.to_torch(twin.device) for e in accepted]
-        options = _options(twin, plan, prev, len(accepted), cfg, timings, localisations)
+        options = _options(twin, plan, prev, len(accepted), cfg, timings, localisations, cache)
         if not options:
             stopped = "no layer separates corrupted from clean keys"
             break
@@ -821,6 +811,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
             stopped = "no candidate edit lowered the gap within the degradation budget"
             break
         accepted.append(chosen.edit)
+        cache.edited(chosen.edit.layer)
         state = chosen.after
     if crit.reached(state):
         stopped = "target reached"

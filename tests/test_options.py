@@ -27,8 +27,10 @@ from test_roundtrip import run_cli  # noqa: E402
     ({"no_such_option": 1}, "unknown option 'no_such_option'"),
 ])
 def test_a_bad_config_value_is_an_input_error_naming_the_option(changes, needle):
+    from onnx_dynedit.api import edit_config
+
     with pytest.raises(InputError) as info:
-        RectifyConfig().replace(**changes)
+        edit_config(**changes)
     assert needle in str(info.value) and info.value.exit_code == 2
 
 
@@ -57,8 +59,6 @@ def test_a_bad_config_value_on_the_cli_exits_2_with_one_line(tmp_path, capsys, a
 
 
 def test_cli_help_reads_the_defaults_from_the_library(capsys):
-    from onnx_dynedit.inspect import inspect_model  # noqa: F401 - its defaults are the inspect help's
-
     cfg = RectifyConfig()
     _, out, _ = run_cli(["edit", "--help"], capsys)
     text = " ".join(out.split())

@@ -1,0 +1,142 @@
+"""Optimisers for the factors of a rank-one edit: Adam, L-BFGS and Levenberg-Marquardt.
+
+The output fit of u (d fixed) is a small nonlinear least-squares problem: u has C_out
+numbers and the residuals are the logits of a few dozen inputs. Levenberg-Marquardt uses
+that structure: one forward pass and one backward pass per output class give the exact
+Jacobian of every residual with respect to u, and a damped Gauss-Newton step solves the
+C_out x C_out normal equations. It converges in a handful of iterations where Adam takes
+hundreds of steps (see the README's speed section); Adam stays for the attribution fit
+(IG inside the loss) and for heads with many classes (one backward pass per class).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+STALL_STEPS = 30        # Adam stops when the loss has not improved by STALL_REL for this many steps
+STALL_REL = 1e-3
+CONVERGED_LOSS = 1e-5   # normalised losses below this are a perfect fit: stop
+LBFGS_HISTORY = 10      # u has C_out numbers; a short curvature history is enough
+LBFGS_TOL_GRAD = 1e-7   # on the normalised loss: the fit has converged
+LBFGS_TOL_CHANGE = 1e-9
+LM_MAX_OUTPUTS = 64     # one backward pass per output class: wider heads are fitted with Adam
+LM_ITERATIONS = 20      # Gauss-Newton steps (each: one Jacobian, one or a few trial passes)
+LM_DAMPING = 1e-3       # initial damping, relative to the diagonal of J^T W J (Marquardt's scaling)
+LM_TOL = 1e-4           # stop when an accepted step lowers the loss by less than this share
+LM_TRIES = 8            # damping increases (x LM_UP) before giving up on a step
+LM_UP, LM_DOWN = 4.0, 3.0
+
+
+def adam(params: list[torch.Tensor], loss_fn, steps: int, lr: float) -> tuple[list[torch.Tensor], float]:
+    """Minimise ``loss_fn()`` with Adam; keep the best iterate; stop early when the loss
+    has converged or stalled. Returns (best params, detached; best loss)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    best = (float("inf"), [p.detach().clone() for p in params])
+    since_best = 0
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        loss_val = float(loss.detach())
+        since_best = 0 if loss_val < best[0] * (1 - STALL_REL) else since_best + 1
+        if loss_val < best[0]:
+            best = (loss_val, [p.detach().clone() for p in params])
+        if loss_val < CONVERGED_LOSS or since_best >= STALL_STEPS:
+            break
+        opt.step()
+    return best[1], best[0]
+
+
+def lbfgs(params: list[torch.Tensor], loss_fn, max_evals: int) -> tuple[list[torch.Tensor], float]:
+    """Minimise ``loss_fn()`` with L-BFGS (strong Wolfe line search), at most ``max_evals``
+    evaluations; keep the best iterate."""
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_evals, max_eval=max_evals, history_size=LBFGS_HISTORY,
+                            tolerance_grad=LBFGS_TOL_GRAD, tolerance_change=LBFGS_TOL_CHANGE,
+                            line_search_fn="strong_wolfe")
+    best = [float("inf"), [p.detach().clone() for p in params]]
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        if float(loss.detach()) < best[0]:
+            best[0], best[1] = float(loss.detach()), [p.detach().clone() for p in params]
+        return loss
+
+    opt.step(closure)
+    return best[1], best[0]
+
+
+def u_scale(u0: torch.Tensor) -> float:
+    """Adam fits u / scale so that its step size (lr) is relative to the closed form's size."""
+    return float(u0.norm()) / max(1.0, u0.numel() ** 0.5) or 1e-3
+
+
+@dataclass(frozen=True)
+class LeastSquares:
+    """min_u sum_rows w_row * ||out(u)_row - ref_row||^2 with ``out(U)`` the network output
+    [N, K] when input row i is edited with u = U[i] (U: [N, C_out]; the rows share one u
+    in the fit, the per-row copy is what gives per-row Jacobians in one backward pass)."""
+
+    out: Callable[[torch.Tensor], torch.Tensor]
+    ref: torch.Tensor        # [N, K]
+    weight: torch.Tensor     # [N], the weight of each row's squared error
+
+    def loss(self, u: torch.Tensor) -> float:
+        with torch.no_grad():
+            r = self.out(u.unsqueeze(0).expand(self.ref.shape[0], -1)).double() - self.ref.double()
+        return float((r.pow(2).sum(1) * self.weight).sum())
+
+    def linearise(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(J^T W J, J^T W r, loss) at u, float64."""
+        n, k = self.ref.shape
+        rows = u.detach().unsqueeze(0).expand(n, -1).clone().requires_grad_(True)
+        out = self.out(rows)
+        if out.shape != self.ref.shape:
+            raise RuntimeError(f"output shape {tuple(out.shape)} is not {tuple(self.ref.shape)}")
+        jac = torch.empty(n, k, u.numel(), dtype=torch.float64, device=u.device)
+        for c in range(k):
+            (g,) = torch.autograd.grad(out[:, c].sum(), rows, retain_graph=c < k - 1)
+            jac[:, c] = g.double()
+        r = out.detach().double() - self.ref.double()
+        w = self.weight.double()
+        jtj = torch.einsum("nkc,n,nkd->cd", jac, w, jac)
+        jtr = torch.einsum("nkc,n,nk->c", jac, w, r)
+        return jtj, jtr, float((r.pow(2).sum(1) * w).sum())
+
+
+def levenberg_marquardt(problem: LeastSquares, u0: torch.Tensor, *, iterations: int = LM_ITERATIONS,
+                        tol: float = LM_TOL) -> tuple[torch.Tensor, float, int]:
+    """Damped Gauss-Newton from ``u0``. Returns (u, loss, passes): every loss is a forward
+    pass, every Jacobian one forward and K backward passes (counted as 1 + K)."""
+    u = u0.detach().double().clone()
+    mu, passes = LM_DAMPING, 0
+    jtj, jtr, loss = problem.linearise(u.float())
+    passes += 1 + problem.ref.shape[1]
+    for _ in range(iterations):
+        if loss < CONVERGED_LOSS:
+            break
+        diag = torch.diagonal(jtj).clamp_min(1e-12 * float(torch.diagonal(jtj).mean()) + 1e-300)
+        for _ in range(LM_TRIES):
+            step = torch.linalg.solve(jtj + torch.diag(mu * diag), -jtr)
+            trial = problem.loss((u + step).float())
+            passes += 1
+            if trial < loss:
+                break
+            mu *= LM_UP
+        else:
+            break  # no damping gives a smaller loss: a (local) minimum
+        gain = (loss - trial) / max(loss, 1e-300)
+        u, mu = u + step, max(mu / LM_DOWN, 1e-12)
+        if gain < tol:
+            loss = trial
+            break
+        jtj, jtr, loss = problem.linearise(u.float())
+        passes += 1 + problem.ref.shape[1]
+    return u.float(), loss, passes

@@ -1,0 +1,98 @@
+"""The optimisers of onnx_dynedit.fit on problems whose answer is known on paper, and the
+per-row u the Levenberg-Marquardt Jacobian relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from onnx_dynedit import fit
+from onnx_dynedit.io import load_model
+from onnx_dynedit.rectify import RectifyConfig, rectify
+from onnx_dynedit.keys import layer_delta
+from onnx_dynedit.twin import Twin
+
+from test_rank_one import conv_model, dense_model, only_layer, W_SQ, BIAS
+
+SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def _linear_problem(seed=0, n=6, k=3, c=4):
+    """out(U)_i = A_i U_i + b_i: a linear least-squares problem with a closed-form answer."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, k, c, generator=g, dtype=torch.float64)
+    b = torch.randn(n, k, generator=g, dtype=torch.float64)
+    ref = torch.randn(n, k, generator=g, dtype=torch.float64)
+    w = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    problem = fit.LeastSquares(lambda u: torch.einsum("nkc,nc->nk", a.float(), u) + b.float(), ref.float(), w.float())
+    # min_u sum_i w_i ||A_i u + b_i - ref_i||^2  ->  (sum w A^T A) u = sum w A^T (ref - b)
+    lhs = torch.einsum("n,nkc,nkd->cd", w, a, a)
+    rhs = torch.einsum("n,nkc,nk->c", w, a, ref - b)
+    return problem, torch.linalg.solve(lhs, rhs)
+
+
+def test_levenberg_marquardt_solves_a_linear_problem():
+    problem, answer = _linear_problem()
+    u, loss, passes = fit.levenberg_marquardt(problem, torch.zeros(4))
+    np.testing.assert_allclose(u.numpy(), answer.numpy(), rtol=1e-4, atol=1e-4)
+    assert loss == pytest.approx(problem.loss(answer.float()), rel=1e-5)
+    assert passes <= 4 * (1 + 3)  # Gauss-Newton is exact on a linear problem: a couple of steps
+
+
+def test_levenberg_marquardt_never_raises_the_loss():
+    """A nonlinear problem (tanh of the linear one): the loss only falls from the start."""
+    problem, _ = _linear_problem(seed=1)
+    bent = fit.LeastSquares(lambda u: torch.tanh(problem.out(u)), problem.ref.clamp(-0.9, 0.9), problem.weight)
+    start = torch.full((4,), 3.0)
+    u, loss, _ = fit.levenberg_marquardt(bent, start)
+    assert loss <= bent.loss(start)
+    assert loss == pytest.approx(bent.loss(u), rel=1e-5)
+
+
+def test_adam_and_lbfgs_reach_the_linear_answer():
+    problem, answer = _linear_problem(seed=2)
+    for method in ("adam", "lbfgs"):
+        u = torch.zeros(4, requires_grad=True)
+
+        def loss_fn():
+            r = problem.out(u.unsqueeze(0).expand(6, -1)) - problem.ref
+            return (r.pow(2).sum(1) * problem.weight).sum()
+
+        if method == "adam":
+            (best,), _ = fit.adam([u], loss_fn, steps=3000, lr=0.05)
+        else:
+            (best,), _ = fit.lbfgs([u], loss_fn, max_evals=100)
+        np.testing.assert_allclose(best.numpy(), answer.numpy(), atol=2e-2, err_msg=method)
+
+
+@pytest.mark.parametrize("kind", ["gemm", "conv"])
+def test_per_row_u_is_the_shared_u_row_by_row(tmp_path, kind):
+    """layer_delta with u [B, C_out] edits row i with u[i]: equal rows give the shared edit,
+    and each row depends only on its own u."""
+    if kind == "gemm":
+        path = dense_model(tmp_path, "Gemm", W_SQ, BIAS, trans_b=1, alpha=1.0)
+        x = torch.randn(3, 4)
+    else:
+        rng = np.random.default_rng(0)
+        path = conv_model(tmp_path, rng.standard_normal((3, 2, 3, 3)), np.zeros(3))
+        x = torch.randn(3, 2, 5, 5)
+    layer = only_layer(Twin(load_model(path), "cpu"))
+    d = torch.randn(layer.in_features)
+    u = torch.randn(layer.out_features)
+    shared = layer_delta(layer, x, u, d)
+    rows = torch.stack([u, 2 * u, -u])
+    per_row = layer_delta(layer, x, rows, d)
+    for i, factor in enumerate((1, 2, -1)):
+        torch.testing.assert_close(per_row[i], factor * shared[i])
+
+
+def test_rectify_with_levenberg_marquardt_fixes_the_badnets_pair():
+    """End to end on the sample: the lm fit repairs the pair, within the budget."""
+    d = SAMPLES / "badnets"
+    twin = Twin(load_model(d / "model.onnx"), "cpu")
+    pairs, val = np.load(d / "pairs.npz"), np.load(d / "val.npz")
+    result = rectify(twin, pairs["corrupt"], pairs["clean"], stats_x=np.load(d / "stats.npz")["x"],
+                     val_x=val["x"], val_y=val["y"], config=RectifyConfig(fit_method="lm"))
+    assert result.success and result.fixed_after == result.n_pairs
+    assert result.degradation <= 0.01
