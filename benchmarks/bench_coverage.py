@@ -61,7 +61,8 @@ def one(name: str, folder: Path, edit: bool) -> dict:
     from onnx_dynedit.diff import diff_models
     from onnx_dynedit.errors import DynEditError
     from onnx_dynedit.io import load_model
-    from onnx_dynedit.twin import Twin, check_parity
+    from onnx_dynedit.parity import check_parity
+    from onnx_dynedit.twin import Twin
 
     entry = corpus.CORPUS[name]
     row = {"graph": name, "family": entry.family}

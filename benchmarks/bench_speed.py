@@ -1,7 +1,7 @@
 """Speed and memory of locate + edit + write-back (one pair), per phase, and fine-tuning beside it.
 
     python benchmarks/bench_speed.py [--models resnet18 resnet50 vgg16] [--device auto|cpu|cuda]
-                                     [--stats N] [--augment N]
+                                     [--stats N] [--augment N] [--fit-methods adam lm lbfgs]
 
 Models (random weights, seeded, exported to ONNX at run time; nothing is downloaded):
   resnet18  a CIFAR-style ResNet-18 (11.2 M parameters, 3x32x32, BatchNorm with non-trivial
@@ -139,11 +139,12 @@ def finetune_seconds(twin, corrupt, clean) -> float:
     return time.perf_counter() - t
 
 
-def run_one(path: Path, side: int, n_stats: int, device: str, augment) -> dict:
+def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_method: str) -> dict:
     """The measured run (child process): every phase of `dynedit edit`, timed."""
     from onnx_dynedit.io import load_model, save_model
     from onnx_dynedit.rectify import RectifyConfig, rectify
-    from onnx_dynedit.twin import Twin, check_parity
+    from onnx_dynedit.parity import check_parity
+    from onnx_dynedit.twin import Twin
     from onnx_dynedit.writeback import write_back
 
     rng = np.random.default_rng(0)
@@ -167,7 +168,7 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment) -> dict:
     twin = phase("twin (onnx2torch)", lambda: Twin(loaded, device))
     parity = phase("parity before (ORT vs twin)", lambda: check_parity(twin))
     fb = forward_backward(twin, clean)
-    cfg = RectifyConfig(target_gap=0.0, max_edits=1)
+    cfg = RectifyConfig(target_gap=0.0, max_edits=1, fit_method=fit_method)
     if augment is not None:
         cfg = cfg.replace(augment=augment)
     result = phase("rectify (total)", lambda: rectify(twin, corrupt, clean, stats_x=stats, val_x=val, config=cfg))
@@ -186,16 +187,17 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment) -> dict:
     return {"fb": fb, "phases": phases, "finetune": ft, "peak_rss_mb": rss_mb(), "device": str(twin.device),
             "threads": torch.get_num_threads(), "edits": [e.layer.node for e in result.edits],
             "parity_before": parity.max_rel_diff, "parity_after": after.max_rel_diff,
-            "synthetic": result.n_pairs - result.n_real_pairs, "stopped": result.stopped_because}
+            "synthetic": result.n_pairs - result.n_real_pairs, "stopped": result.stopped_because,
+            "fit_method": fit_method, "fit_loss": [s.fit_loss for s in result.steps]}
 
 
 def table(name: str, n_params: int, side: int, n_stats: int, r: dict) -> str:
     fb = r["fb"]
     total = sum(v for k, v, _ in r["phases"] if not k.startswith("  "))
     lines = [f"### {name}: {n_params / 1e6:.1f} M parameters, 3x{side}x{side}, {n_stats} stats inputs, "
-             f"device {r['device']}, {r['threads']} threads",
+             f"device {r['device']}, {r['threads']} threads, fit of u: {r['fit_method']}",
              "", f"one forward+backward of the twin (1 input): {fb * 1000:.1f} ms; edits {r['edits']}; "
-             f"{r['synthetic']} synthetic pairs; parity before {r['parity_before']:.2g}, after {r['parity_after']:.2g}",
+             f"{r['synthetic']} synthetic pairs; fit loss {r['fit_loss']}; parity before {r['parity_before']:.2g}, after {r['parity_after']:.2g}",
              "", "| phase | seconds | x forward+backward | peak RSS MB |", "|---|---|---|---|"]
     for k, v, rss in r["phases"]:
         lines.append(f"| {k} | {v:.2f} | {v / fb:.0f} | {'' if rss is None else f'{rss:.0f}'} |")
@@ -212,11 +214,14 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--augment", type=int, default=None, help="synthetic pairs (default: the library's)")
     ap.add_argument("--stats", type=int, default=None, help="stats inputs (default: per model)")
+    ap.add_argument("--fit-methods", nargs="*", default=["adam"], choices=["adam", "lm", "lbfgs"],
+                    help="fit of u, one table per method (RectifyConfig.fit_method)")
+    ap.add_argument("--fit-method", default="adam", help=argparse.SUPPRESS)  # the child's
     ap.add_argument("--child", nargs=3, metavar=("PATH", "SIDE", "STATS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         path, side, n_stats = args.child
-        print(json.dumps(run_one(Path(path), int(side), int(n_stats), args.device, args.augment)))
+        print(json.dumps(run_one(Path(path), int(side), int(n_stats), args.device, args.augment, args.fit_method)))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     with tempfile.TemporaryDirectory() as tmp:
@@ -225,11 +230,13 @@ def main() -> None:
             n_stats = args.stats or n_stats
             path = Path(tmp) / f"{name}.onnx"
             n_params = build(name, path)
-            cmd = [sys.executable, __file__, "--child", str(path), str(side), str(n_stats), "--device", args.device]
-            if args.augment is not None:
-                cmd += ["--augment", str(args.augment)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            print(table(name, n_params, side, n_stats, json.loads(out.strip().splitlines()[-1])), flush=True)
+            for method in args.fit_methods:
+                cmd = [sys.executable, __file__, "--child", str(path), str(side), str(n_stats), "--device",
+                       args.device, "--fit-method", method]
+                if args.augment is not None:
+                    cmd += ["--augment", str(args.augment)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                print(table(name, n_params, side, n_stats, json.loads(out.strip().splitlines()[-1])), flush=True)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def flag_words(name: str, value=None, python: str | None = None) -> str:
 
 def _input_shapes(ctx, param, value):
     from onnx_dynedit.errors import InputError, render
-    from onnx_dynedit.twin import parse_input_shapes
+    from onnx_dynedit.shapes import parse_input_shapes
 
     try:
         return parse_input_shapes(value) or None
@@ -49,6 +49,42 @@ INPUT_SHAPE_OPTION = click.option(
     "--input-shape", "input_shapes", multiple=True, callback=_input_shapes, metavar="NAME:D1,D2,...",
     help="Size of a model input for generated inputs (repeat per input), e.g. input:1,3,224,224; "
          "default: the graph's own dims, a symbolic batch dim is 2.")
+
+
+class LibraryDefault(click.Option):
+    """An option whose help shows the library's default (``{default}`` in the help),
+    read only when the help is shown: ``default_of()`` may import torch."""
+
+    def __init__(self, *args, default_of, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_of = default_of
+
+    def get_help_record(self, ctx):
+        template = self.help
+        try:
+            self.help = template.format(default=self.default_of())
+            return super().get_help_record(ctx)
+        finally:
+            self.help = template
+
+
+def config_option(*decls, field: str, **kwargs):
+    """An option of ``RectifyConfig``: None when not given (the library default applies);
+    its help reads the default from the config."""
+
+    def default_of():
+        from onnx_dynedit.rectify import RectifyConfig
+
+        return getattr(RectifyConfig(), field)
+
+    return click.option(*decls, cls=LibraryDefault, default=None, default_of=default_of, **kwargs)
+
+
+def signature_default(function, name: str):
+    """A function that returns the default of ``function``'s parameter ``name``."""
+    import inspect
+
+    return lambda: inspect.signature(function).parameters[name].default
 
 
 # Option types that refuse values the library cannot use (one-line usage error, exit 2).

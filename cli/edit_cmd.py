@@ -2,9 +2,10 @@ import sys
 
 import click
 
-from cli.common import (DEVICE_OPTION, INPUT_SHAPE_OPTION, ENGINE_OPTION, RAY_ADDRESS_OPTION, SEED, FiniteFloat, echo_json, run_options,
-                        table)
+from cli.common import (DEVICE_OPTION, ENGINE_OPTION, INPUT_SHAPE_OPTION, RAY_ADDRESS_OPTION, SEED, FiniteFloat,
+                        config_option, echo_json, run_options, table)
 from onnx_dynedit.api import edit_model
+from onnx_dynedit.options import CHOICES
 
 
 @click.command()
@@ -18,23 +19,26 @@ from onnx_dynedit.api import edit_model
 @click.option("--val", type=click.Path(), default=None, metavar="V.npz|DIR|GLOB",
               help="npz with 'x' and optional int labels 'y' for the degradation budget (or a folder / glob of shards).")
 @click.option("--layer", "layers", multiple=True, help="Pin the layer(s) to edit (node or weight name); skips localisation.")
-@click.option("--max-edits", type=click.IntRange(min=1), default=None, help="Most rank-one edits to accept (default 4).")
-@click.option("--max-degradation", type=FiniteFloat(0.0, 1.0), default=None,
-              help="Budget: accuracy drop on val (or share of changed predictions) per run (default 0.01).")
-@click.option("--criterion", type=click.Choice(["auto", "output", "attribution"]), default=None,
-              help="What 'behaves like its clean twin' means: the output gap (Trojans, spurious features), the "
-                   "share of input attribution on the region where the pair differs (feature leakage), or auto "
-                   "(default): attribution when the pairs' outputs already agree.")
-@click.option("--target-gap", type=FiniteFloat(0.0, 1.0), default=None,
-              help="Stop when every pair's top-1 matches its clean twin and the mean TV distance is below this (default 0.1).")
-@click.option("--target-attribution", type=FiniteFloat(0.0, 1.0), default=None,
-              help="Attribution criterion: stop when the share of attribution on the differing region, in excess "
-                   "of the clean twin's, is below this (default 0.05).")
-@click.option("--objective", type=click.Choice(["output", "local"]), default=None,
-              help="Fit u on the network output (default) or closed form at the layer.")
-@click.option("--augment", type=click.IntRange(min=0), default=None,
-              help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default 16; 0 = off).")
-@click.option("--seed", type=SEED, default=None, help="Seed (default 0).")
+# The method's options: the values they take and their defaults live in the library
+# (RectifyConfig, options.py); a bad value is the library's one-line error (exit 2).
+@config_option("--max-edits", field="max_edits", type=int, help="Most rank-one edits to accept (default {default}).")
+@config_option("--max-degradation", field="max_degradation", type=FiniteFloat(),
+               help="Budget: accuracy drop on val (or share of changed predictions) per run (default {default}).")
+@config_option("--criterion", field="criterion", type=click.Choice(CHOICES["criterion"]),
+               help="What 'behaves like its clean twin' means: the output gap (output: Trojans, spurious features), "
+                    "the share of input attribution on the region where the pair differs (attribution: feature "
+                    "leakage), or auto: attribution when the pairs' outputs already agree (default {default}).")
+@config_option("--target-gap", field="target_gap", type=FiniteFloat(),
+               help="Stop when every pair's top-1 matches its clean twin and the mean TV distance is below this "
+                    "(default {default}).")
+@config_option("--target-attribution", field="target_attribution", type=FiniteFloat(),
+               help="Attribution criterion: stop when the share of attribution on the differing region, in excess "
+                    "of the clean twin's, is below this (default {default}).")
+@config_option("--objective", field="objective", type=click.Choice(CHOICES["objective"]),
+               help="Fit u on the network output (output) or closed form at the layer (local) (default {default}).")
+@config_option("--augment", field="augment", type=int,
+               help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default {default}; 0 = off).")
+@config_option("--seed", field="seed", type=SEED, help="Seed (default {default}).")
 @DEVICE_OPTION
 @INPUT_SHAPE_OPTION
 @ENGINE_OPTION

@@ -2,7 +2,8 @@ import sys
 
 import click
 
-from cli.common import DEVICE_OPTION, INPUT_SHAPE_OPTION, INT64, SEED, echo_json, run_options, table
+from cli.common import (DEVICE_OPTION, INPUT_SHAPE_OPTION, INT64, SEED, LibraryDefault, echo_json, run_options,
+                        signature_default, table)
 from onnx_dynedit.inspect import inspect_model
 
 
@@ -10,9 +11,11 @@ from onnx_dynedit.inspect import inspect_model
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None,
               help="Parity inputs (.npz, one array per model input, keyed by input name).")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random parity inputs.")
-@click.option("--int-range", nargs=2, type=INT64, default=(0, 10), metavar="LOW HIGH",
-              help="Range [low, high) of random values for integer inputs [default: 0 10].")
+@click.option("--seed", type=SEED, cls=LibraryDefault, default=None, default_of=signature_default(inspect_model, "seed"),
+              help="Seed of the random parity inputs [default: {default}].")
+@click.option("--int-range", nargs=2, type=INT64, cls=LibraryDefault, default=None, metavar="LOW HIGH",
+              default_of=lambda: " ".join(map(str, signature_default(inspect_model, "int_range")())),
+              help="Range [low, high) of random values for integer inputs [default: {default}].")
 @DEVICE_OPTION
 @INPUT_SHAPE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
@@ -22,10 +25,10 @@ def inspect(model, inputs_file, seed, int_range, device, input_shapes, as_json):
 
     Exit 0 when the torch twin matches ONNX Runtime, 1 when it does not, 2 for unusable input.
     """
-    if int_range[0] >= int_range[1]:
+    if int_range is not None and int_range[0] >= int_range[1]:
         raise click.BadParameter(f"low {int_range[0]} must be below high {int_range[1]}", param_hint="--int-range")
-    report = inspect_model(model, inputs_file=inputs_file, device=device, seed=seed, int_range=tuple(int_range),
-                            input_shapes=input_shapes)
+    given = {k: v for k, v in (("seed", seed), ("int_range", int_range and tuple(int_range))) if v is not None}
+    report = inspect_model(model, inputs_file=inputs_file, device=device, input_shapes=input_shapes, **given)
     if as_json:
         echo_json(report.to_dict())
     else:

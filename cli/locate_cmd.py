@@ -2,8 +2,10 @@ import sys
 
 import click
 
-from cli.common import DEVICE_OPTION, INPUT_SHAPE_OPTION, ENGINE_OPTION, RAY_ADDRESS_OPTION, echo_json, run_options, table
+from cli.common import (DEVICE_OPTION, ENGINE_OPTION, INPUT_SHAPE_OPTION, RAY_ADDRESS_OPTION, config_option, echo_json,
+                        run_options, table)
 from onnx_dynedit.api import locate_model
+from onnx_dynedit.options import CHOICES
 
 
 @click.command()
@@ -13,9 +15,11 @@ from onnx_dynedit.api import locate_model
 @click.option("--stats", type=click.Path(), default=None, metavar="S.npz|DIR|GLOB",
               help="npz with array 'x': unlabeled clean inputs for the keys' second moments (or a folder / glob "
                    "of .npz shards, streamed).")
-@click.option("--steps", type=click.IntRange(1, 4096), default=None, help="Integrated-gradients steps (default 16).")
-@click.option("--target", type=click.Choice(["corrupt_logit", "gap"]), default=None,
-              help="Scalar attributed (default corrupt_logit: the logit of the class predicted on the corrupted input).")
+@config_option("--steps", field="ig_steps", type=click.IntRange(1, 4096),
+               help="Integrated-gradients steps (default {default}).")
+@config_option("--target", field="ig_target", type=click.Choice(CHOICES["target"]),
+               help="Scalar attributed: corrupt_logit (the logit of the class predicted on the corrupted input) or "
+                    "gap (minus the clean twin's class logit) (default {default}).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart of every layer's score in graph order (chosen layer in red, refused layers named).")
 @DEVICE_OPTION
 @INPUT_SHAPE_OPTION

@@ -10,8 +10,8 @@ import click
 from cli.common import ENGINE_OPTION, RAY_ADDRESS_OPTION, run_options
 from onnx_dynedit import progress as _progress
 from onnx_dynedit.errors import CheckFailed
-from onnx_dynedit.io import check_model_file
-from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, DEFAULT_PROVIDER, VerifyReport, verify as run_verify
+from onnx_dynedit.sessions import DEFAULT_PROVIDER
+from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, VerifyReport, verify as run_verify
 
 @click.command("verify")
 @click.argument("original", metavar="ORIGINAL")
@@ -48,10 +48,6 @@ def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate,
     """
     thresholds = {"max_acc_drop": max_acc_drop, "min_fix_rate": min_fix_rate,
                   "max_logit_change": max_logit_change, "max_asr": max_asr}
-    # load_model's safety checks (external data inside the model's folder, sane shapes,
-    # consistent tensor data) before ONNX Runtime opens the files.
-    check_model_file(original, what="original model")
-    check_model_file(edited, what="edited model")
     progress = _progress.callback("verify (ONNX Runtime)")
     try:
         report = run_verify(original, edited, clean, corrupt=corrupt, target=target, thresholds=thresholds,

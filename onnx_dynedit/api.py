@@ -21,6 +21,7 @@ import numpy as np
 from . import progress, threads
 from .data import Pairs, Samples, check_against_input, check_labels, load_pairs, load_samples
 from .errors import CheckFailed, DataError, EditError, InputError, OutputError, option
+from .options import check_choice, check_config, check_known, check_range
 from .report import to_json
 from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, save_model
 
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 def _twin(loaded: LoadedModel, device, input_shapes=None, data=None):
     """The twin, parity required. Parity inputs take their sizes from ``input_shapes``
     (given by the caller), else the graph, else (symbolic non-batch dims) the rows of ``data``."""
-    from .twin import Twin, check_parity, require_parity
+    from .parity import check_parity, require_parity
+    from .twin import Twin
 
     twin = Twin(loaded, device, input_shapes=_with_data_shapes(loaded, input_shapes, data))
     check_finite_weights(loaded, twin)
@@ -41,7 +43,7 @@ def _twin(loaded: LoadedModel, device, input_shapes=None, data=None):
 
 
 def _with_data_shapes(loaded: LoadedModel, given, data):
-    from .twin import input_specs
+    from .shapes import input_specs
 
     given = dict(given or {})
     if data is None:
@@ -88,7 +90,8 @@ def _refuse_data_overwrite(outputs, data_inputs) -> None:
 def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
     """ORT on the written model vs the twin with the same edits, on ``feeds_x``; a model
     with a fixed batch size is fed that many rows at a time (the worst chunk counts)."""
-    from .twin import check_parity, ort_session_for
+    from .parity import check_parity
+    from .sessions import ort_session
 
     spec = twin.inputs[0]
 
@@ -102,7 +105,7 @@ def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
         reps = -(-batch // len(feeds_x))
         feeds_x = np.concatenate([feeds_x] * reps)
     worst = None
-    session = ort_session_for(new_model)  # one session for every chunk
+    session = ort_session(new_model)  # one session for every chunk
     for start in range(0, min(len(feeds_x), max(batch, 64)) - batch + 1, batch):
         parity = check_parity(twin, feeds(feeds_x[start:start + batch]), model=new_model, edits=edits,
                               session=session)
@@ -247,12 +250,22 @@ class LocateOutcome:
 def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=None, key=None,
                  plot=None, engine=None, ray_address=None, input_shapes=None) -> LocateOutcome:
     """``stats`` may be an .npz or a folder / glob of shards; ``engine`` (local or ray)
-    says where the key statistics over a sharded stats set run (engine_ray)."""
+    says where the key statistics over a sharded stats set run (engine_ray). ``steps``,
+    ``target`` and ``key`` left as None take ``RectifyConfig``'s ``ig_steps``,
+    ``ig_target`` and ``key``; a bad value is an ``InputError`` naming the option."""
     import torch
 
-    from .attribution import DEFAULT_STEPS, locate
+    from .attribution import locate
     from .rank_one import key_statistics, too_wide
+    from .rectify import RectifyConfig
 
+    defaults = RectifyConfig()
+    steps = defaults.ig_steps if steps is None else steps
+    target = defaults.ig_target if target is None else target
+    key = defaults.key if key is None else key
+    check_range("steps", steps)
+    check_choice("target", target)
+    check_choice("key", key)
     loaded = load_model(model)
     if plot is not None:
         _refuse_data_overwrite([plot], [pairs, stats])
@@ -274,9 +287,9 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
         torch.manual_seed(0)
         with progress.phase(f"key statistics ({len(layers)} layers)"):
             stats_ = key_statistics(twin, layers, key_x, source=source)
-    with progress.phase(f"localisation (IG, {steps or DEFAULT_STEPS} steps)"):
-        loc = locate(twin, layers, inputs.pairs.corrupt, inputs.pairs.clean, stats_,
-                     steps=steps or DEFAULT_STEPS, target=target or "corrupt_logit", key=key or "diff")
+    with progress.phase(f"localisation (IG, {steps} steps)"):
+        loc = locate(twin, layers, inputs.pairs.corrupt, inputs.pairs.clean, stats_, steps=steps, target=target,
+                     key=key)
     if plot is not None:
         from .plot import write_locate_plot
 
@@ -354,22 +367,94 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     unchanged (``output_unchanged``), so that a pipeline always finds its output after a
     success. ``plot``: a PNG of the first given pairs and their input attribution before
     and after, and the layer scores of each round. Keyword arguments left as None take
-    the defaults of ``RectifyConfig``. ``stats`` / ``val`` may be an .npz or a folder /
-    glob of shards (``read_inputs``); ``engine`` (local or ray) says where the key
-    statistics over a sharded stats set run.
+    the defaults of ``RectifyConfig``; a bad value is an ``InputError`` naming the option,
+    raised before any work. ``stats`` / ``val`` may be an .npz or a folder / glob of
+    shards (``read_inputs``); ``engine`` (local or ray) says where the key statistics
+    over a sharded stats set run.
     """
-    import torch
-
-    from .rectify import RectifyConfig, rectify
-    from .twin import require_parity
-    from .writeback import write_back
-
+    cfg = edit_config(layers=tuple(layers) if layers else None, max_edits=max_edits,
+                      max_degradation=max_degradation, target_gap=target_gap, objective=objective,
+                      augment=augment, seed=seed, **config)
     clock = _Clock()
     t0 = time.perf_counter()
     with progress.phase("load and check the model"):
         loaded = load_model(model)
     protected = loaded.protected_paths()
-    _refuse_data_overwrite([out, report, plot], [pairs, stats, val])
+    _check_edit_outputs(out, report, plot, protected, in_place=in_place, data=[pairs, stats, val])
+    engine = _engine(engine, ray_address)
+    raw = read_inputs(pairs, stats, val, engine=engine)
+    clock.phase("load", t0)
+    t0 = time.perf_counter()
+    twin, parity0 = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
+    inputs = fit_inputs(twin, raw)
+    if twin.token_inputs or len(twin.inputs) > 1:
+        cfg = _output_criterion_only(cfg, loaded.label, augment_given=augment is not None)
+    clock.phase("twin_and_parity", t0)
+    keys = _sharded_keys(twin, raw, model, engine, ray_address)
+    for name in cfg.layers or ():
+        twin.layer_map.get(name)  # unknown names fail early with close matches
+    t0 = time.perf_counter()
+    result = _rectify(twin, inputs, cfg, keys)
+    clock.phase("rectify", t0)
+    edits = [e.to_torch(twin.device) for e in result.edits]
+    written = _Written()
+    if result.edits:
+        written = _write_edits(twin, loaded, inputs, result, edits, out, protected, in_place, clock)
+    elif out is not None and result.success:
+        written = _save_unchanged(loaded, out, protected, in_place, clock)
+    if plot is not None:
+        _write_edit_plot(Path(plot), twin, loaded, inputs, result, edits, clock)
+    outcome = EditOutcome(model=loaded.label, output=written.path, result=result, parity_before=parity0.to_dict(),
+                          parity_after=written.parity_after, changed=written.changed, device=str(twin.device),
+                          inputs=_inputs_info(raw, inputs), output_unchanged=written.unchanged, timings=clock.total(),
+                          plot=None if plot is None else str(plot), rounding=written.rounding,
+                          rounding_effect=written.rounding_effect,
+                          attributed_output=twin.attributed_output, **_engine_info(keys))
+    if report is not None:
+        atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())
+    return outcome
+
+
+def edit_config(**options):
+    """The ``RectifyConfig`` of ``edit_model``'s keyword options (None: the default),
+    every value checked (options.py): an unknown option or a bad value is an
+    ``InputError`` naming it."""
+    from .rectify import RectifyConfig
+
+    check_known(RectifyConfig, options)
+    cfg = RectifyConfig().replace(**options)
+    check_config(cfg)
+    return cfg
+
+
+def _rectify(twin, inputs: Inputs, cfg, keys):
+    """The loop on the fitted inputs (key statistics from ``keys`` when sharded)."""
+    import torch
+
+    from .rectify import rectify
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    with keys if keys is not None else contextlib.nullcontext():
+        try:
+            return rectify(twin, inputs.pairs.corrupt, inputs.pairs.clean,
+                           stats_x=inputs.stats.x if inputs.stats else None,
+                           val_x=inputs.val.x if inputs.val else None,
+                           val_y=inputs.val.y if inputs.val else None, config=cfg, key_source=keys)
+        finally:
+            progress.end()
+
+
+def _inputs_info(raw: Inputs, inputs: Inputs) -> dict:
+    """The report's ``inputs``: where the pairs, stats and val came from."""
+    return {"pairs": inputs.pairs.source, "n_pairs": inputs.pairs.n,
+            "stats": (raw.stats_shards.source if raw.stats_shards is not None
+                      else inputs.stats.source if inputs.stats else None),
+            "val": inputs.val.source if inputs.val else None}
+
+
+def _check_edit_outputs(out, report, plot, protected, *, in_place: bool, data) -> None:
+    """Every output path can be written, replaces no input, and is not another output."""
+    _refuse_data_overwrite([out, report, plot], data)
     if out is not None:
         check_output_path(out, protected, in_place=in_place)
     named = [(n, p) for n, p in (("out", out), ("report", report), ("plot", plot)) if p is not None]
@@ -380,119 +465,102 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
             if Path(path).resolve() == Path(other_path).resolve():
                 raise OutputError(f"{option(name)} {path} is the same file as {option(other)} {other_path}",
                                   hint="give each output its own name")
-    engine = _engine(engine, ray_address)
-    raw = read_inputs(pairs, stats, val, engine=engine)
-    clock.phase("load", t0)
-    t0 = time.perf_counter()
-    twin, parity0 = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
-    inputs = fit_inputs(twin, raw)
-    if twin.token_inputs or len(twin.inputs) > 1:
-        if augment is None:
-            augment = 0  # transplanting x~ - x onto stats inputs means nothing for token ids
-        if config.get("criterion") == "attribution":
-            raise InputError(f"{loaded.label}: {option('criterion', 'attribution')} needs one float input "
-                             "(input-level attribution); this model has integer or several inputs",
-                             hint=f"use {option('criterion', 'output')}")
-        if config.get("criterion") in (None, "auto"):
-            config["criterion"] = "output"
-    clock.phase("twin_and_parity", t0)
-    keys = _sharded_keys(twin, raw, model, engine, ray_address)
-    cfg = RectifyConfig().replace(layers=tuple(layers) if layers else None, max_edits=max_edits,
-                                  max_degradation=max_degradation, target_gap=target_gap, objective=objective,
-                                  augment=augment, seed=seed, **config)
-    if cfg.layers:
-        for name in cfg.layers:
-            twin.layer_map.get(name)  # unknown names fail early with close matches
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    t0 = time.perf_counter()
-    with keys if keys is not None else contextlib.nullcontext():
-        try:
-            result = rectify(twin, inputs.pairs.corrupt, inputs.pairs.clean,
-                             stats_x=inputs.stats.x if inputs.stats else None,
-                             val_x=inputs.val.x if inputs.val else None,
-                             val_y=inputs.val.y if inputs.val else None, config=cfg, key_source=keys)
-        finally:
-            progress.end()
-    clock.phase("rectify", t0)
-    info = {"pairs": inputs.pairs.source, "n_pairs": inputs.pairs.n,
-            "stats": (raw.stats_shards.source if raw.stats_shards is not None
-                      else inputs.stats.source if inputs.stats else None),
-            "val": inputs.val.source if inputs.val else None}
-    parity_after = {}
-    rounding: tuple[dict, ...] = ()
-    rounding_effect: dict = {}
+
+
+def _output_criterion_only(cfg, label: str, *, augment_given: bool):
+    """A model with integer or several inputs: the output criterion, and no synthetic
+    pairs unless asked for (transplanting x~ - x onto stats inputs means nothing for
+    token ids)."""
+    import dataclasses
+
+    if cfg.criterion == "attribution":
+        raise InputError(f"{label}: {option('criterion', 'attribution')} needs one float input "
+                         "(input-level attribution); this model has integer or several inputs",
+                         hint=f"use {option('criterion', 'output')}")
+    return dataclasses.replace(cfg, criterion="output", augment=cfg.augment if augment_given else 0)
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What ``edit_model`` wrote (nothing, by default)."""
+
+    path: str | None = None
+    unchanged: bool = False
     changed: tuple[str, ...] = ()
+    parity_after: dict = field(default_factory=dict)
+    rounding: tuple[dict, ...] = ()
+    rounding_effect: dict = field(default_factory=dict)
+
+
+def _write_edits(twin, loaded: LoadedModel, inputs: Inputs, result, edits, out, protected, in_place,
+                 clock: _Clock) -> _Written:
+    """Write the accepted edits back into the ONNX initializers, check the written model
+    against the edited twin with ONNX Runtime, and save it when ``out`` is given."""
+    from .parity import require_parity
+    from .metadata import edit_record
+    from .writeback import write_back, written_edits
+
+    t0 = time.perf_counter()
+    with progress.phase("write back into the ONNX initializers"):
+        updates = result.updates()
+        new_model = write_back(loaded, updates, extra_provenance={
+            "edits": len(result.edits), "layers": [u.layer.node for u in updates]})
+    clock.phase("write_back", t0)
+    feeds_x = np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean])
+    quantised = any(u.layer.quant is not None for u in updates)
+    t0 = time.perf_counter()
+    with progress.phase("parity of the written model (ONNX Runtime vs edited twin)"):
+        # parity of what was written: a requantised layer's change is not the float edit
+        parity = _parity_after(twin, feeds_x, new_model,
+                               written_edits(loaded.model, new_model, updates) if quantised else edits)
+    clock.phase("parity_after", t0)
+    require_parity(parity, f"{loaded.label} (edited)")
+    rounding = tuple({"initializer": r["initializer"], "node": r["node"], "dtype": r["dtype"],
+                      **({"quant": r["quant"]} if "quant" in r else {}),
+                      "aux_changed": [a["initializer"] for a in r.get("aux", [])], **r["rounding"]}
+                     for r in edit_record(new_model)["tensors"])
+    rounding_effect: dict = {}
+    if quantised or any(r["dtype"] not in ("float32", "float64") for r in rounding):
+        effect = _parity_after(twin, feeds_x, new_model, edits)
+        rounding_effect = {"max_abs_logit_change": effect.max_abs_diff, "max_rel_logit_change": effect.max_rel_diff,
+                           "n_inputs": effect.n_inputs,
+                           "what": "ONNX Runtime on the written model vs the twin with the float edit"}
     written = None
-    unchanged = False
-    edits = [e.to_torch(twin.device) for e in result.edits]
-    if result.edits:
-        from .writeback import edit_record, written_edits
-
+    if out is not None:
         t0 = time.perf_counter()
-        with progress.phase("write back into the ONNX initializers"):
-            updates = result.updates()
-            new_model = write_back(loaded, updates, extra_provenance={
-                "edits": len(result.edits), "layers": [u.layer.node for u in updates]})
-        clock.phase("write_back", t0)
-        feeds_x = np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean])
-        quantised = any(u.layer.quant is not None for u in updates)
-        t0 = time.perf_counter()
-        with progress.phase("parity of the written model (ONNX Runtime vs edited twin)"):
-            # parity of what was written: a requantised layer's change is not the float edit
-            parity = _parity_after(twin, feeds_x, new_model,
-                                   written_edits(loaded.model, new_model, updates) if quantised else edits)
-        clock.phase("parity_after", t0)
-        require_parity(parity, f"{loaded.label} (edited)")
-        parity_after = parity.to_dict()
-        changed = tuple(u.layer.initializer for u in updates)
-        rounding = tuple({"initializer": r["initializer"], "node": r["node"], "dtype": r["dtype"],
-                          **({"quant": r["quant"]} if "quant" in r else {}),
-                          "aux_changed": [a["initializer"] for a in r.get("aux", [])], **r["rounding"]}
-                         for r in edit_record(new_model)["tensors"])
-        if quantised or any(r["dtype"] not in ("float32", "float64") for r in rounding):
-            effect = _parity_after(twin, feeds_x, new_model, edits)
-            rounding_effect = {"max_abs_logit_change": effect.max_abs_diff, "max_rel_logit_change": effect.max_rel_diff,
-                               "n_inputs": effect.n_inputs,
-                               "what": "ONNX Runtime on the written model vs the twin with the float edit"}
-        if out is not None:
-            t0 = time.perf_counter()
-            with progress.phase(f"save {out}"):
-                written = str(save_model(new_model, out, external_names=_external_names(loaded, new_model),
-                                         protected=protected, in_place=in_place))
-            clock.phase("save", t0)
-    elif out is not None and result.success:
-        # Nothing needed changing: a pipeline step still finds its output.
-        unchanged = True
-        t0 = time.perf_counter()
-        if in_place and Path(out).resolve() == (protected[0] if protected else None):
-            written = str(Path(out))  # the input is already the unchanged model: leave it alone
-        else:
-            with progress.phase(f"save {out} (unchanged)"):
-                written = str(save_model(loaded.model, out, external_names=_external_names(loaded, loaded.model),
-                                         protected=protected, in_place=in_place))
+        with progress.phase(f"save {out}"):
+            written = str(save_model(new_model, out, external_names=_external_names(loaded, new_model),
+                                     protected=protected, in_place=in_place))
         clock.phase("save", t0)
-        log.info("nothing to change: every given pair already behaves like its clean twin; "
-                 "%s is the model unchanged", written)
-    plot_path = None
-    if plot is not None:
-        t0 = time.perf_counter()
-        with progress.phase(f"plot {plot}"):
-            _write_edit_plot(Path(plot), twin, loaded, inputs, result, edits)
-        plot_path = str(plot)
-        clock.phase("plot", t0)
-    outcome = EditOutcome(model=loaded.label, output=written, result=result, parity_before=parity0.to_dict(),
-                          parity_after=parity_after, changed=changed, device=str(twin.device), inputs=info,
-                          output_unchanged=unchanged, timings=clock.total(), plot=plot_path,
-                          rounding=rounding, rounding_effect=rounding_effect,
-                          attributed_output=twin.attributed_output, **_engine_info(keys))
-    if report is not None:
-        atomic_write_bytes(Path(report), (to_json(outcome.to_dict()) + "\n").encode())
-    return outcome
+    return _Written(path=written, changed=tuple(u.layer.initializer for u in updates),
+                    parity_after=parity.to_dict(), rounding=rounding, rounding_effect=rounding_effect)
 
 
-def _write_edit_plot(path: Path, twin, loaded: LoadedModel, inputs: Inputs, result, edits) -> None:
-    """Gather what `edit --plot` shows (input attribution on the first given pairs before
-    and after the edits, the layer scores of each round) and draw it (plot.py)."""
+def _save_unchanged(loaded: LoadedModel, out, protected, in_place, clock: _Clock) -> _Written:
+    """Nothing needed changing: a pipeline step still finds its output."""
+    t0 = time.perf_counter()
+    if in_place and Path(out).resolve() == (protected[0] if protected else None):
+        written = str(Path(out))  # the input is already the unchanged model: leave it alone
+    else:
+        with progress.phase(f"save {out} (unchanged)"):
+            written = str(save_model(loaded.model, out, external_names=_external_names(loaded, loaded.model),
+                                     protected=protected, in_place=in_place))
+    clock.phase("save", t0)
+    log.info("nothing to change: every given pair already behaves like its clean twin; "
+             "%s is the model unchanged", written)
+    return _Written(path=written, unchanged=True)
+
+
+def _write_edit_plot(path: Path, twin, loaded: LoadedModel, inputs: Inputs, result, edits, clock: _Clock) -> None:
+    """Gather what the edit's plot shows (input attribution on the first given pairs
+    before and after the edits, the layer scores of each round) and draw it (plot.py)."""
+    t0 = time.perf_counter()
+    with progress.phase(f"plot {path}"):
+        _draw_edit_plot(path, twin, loaded, inputs, result, edits)
+    clock.phase("plot", t0)
+
+
+def _draw_edit_plot(path: Path, twin, loaded: LoadedModel, inputs: Inputs, result, edits) -> None:
     import torch
 
     from .attribution import DEFAULT_STEPS, input_attribution

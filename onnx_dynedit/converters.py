@@ -37,6 +37,8 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 from torch import nn
 
+from .layers import same_pads
+
 log = logging.getLogger(__name__)
 
 # Ops whose every version is the same computation for the float tensors classifiers use
@@ -263,10 +265,8 @@ class SamePadding(nn.Module, OnnxToTorchModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         pads = []
         for i in reversed(range(len(self.kernel))):  # torch pads the last dim first
-            size, k, s, d = int(x.shape[2 + i]), self.kernel[i], self.strides[i], self.dilations[i]
-            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            small, large = total // 2, total - total // 2
-            pads += [small, large] if self.upper else [large, small]
+            pads += same_pads(int(x.shape[2 + i]), self.kernel[i], self.strides[i], self.dilations[i],
+                              upper=self.upper)
         return torch.nn.functional.pad(x, pads) if any(pads) else x
 
 

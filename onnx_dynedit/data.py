@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, UnsafeInputError
+from .errors import DataError, UnsafeInputError, short
 
 # Refuse arrays larger than this many elements before allocating them.
 MAX_ARRAY_ELEMENTS = 1 << 31
@@ -56,7 +56,7 @@ def load_npz(path: str | os.PathLike, required: tuple[str, ...], optional: tuple
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - numpy raises many kinds here
-        raise DataError(f"{what} file {path} cannot be read: {_short(exc)}") from None
+        raise DataError(f"{what} file {path} cannot be read: {short(exc)}") from None
     with archive:
         found = list(archive.files)
         grouped = {k: [f for f in found if f.startswith(k + ":")] for k in required + optional if k not in found}
@@ -103,7 +103,7 @@ def _read_member(archive, path: Path, key: str, what: str) -> np.ndarray:
     try:
         arr = archive[key]
     except Exception as exc:  # noqa: BLE001 - numpy / zipfile raise many kinds here
-        raise DataError(f"{what} file {path}: array {key!r} cannot be read ({_short(exc)})") from None
+        raise DataError(f"{what} file {path}: array {key!r} cannot be read ({short(exc)})") from None
     if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
         raise UnsafeInputError(f"{what} file {path}: array {key!r} is not a plain numeric array")
     return arr
@@ -121,7 +121,7 @@ def npz_headers(path: str | os.PathLike, *, what: str = "data") -> dict[str, tup
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - numpy raises many kinds here
-        raise DataError(f"{what} file {path} cannot be read: {_short(exc)}") from None
+        raise DataError(f"{what} file {path} cannot be read: {short(exc)}") from None
     with archive:
         return {key: _member_header(archive, path, key, what) for key in archive.files}
 
@@ -139,7 +139,7 @@ def _member_header(archive, path: Path, key: str, what: str) -> tuple[tuple[int,
                 shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
             header_end = fh.tell()
     except Exception as exc:  # noqa: BLE001 - numpy / zipfile raise many kinds on bad headers
-        raise DataError(f"{what} file {path}: array {key!r} has a broken header ({_short(exc)})",
+        raise DataError(f"{what} file {path}: array {key!r} has a broken header ({short(exc)})",
                         hint="re-save it with numpy.savez") from None
     if dtype.hasobject:
         raise UnsafeInputError(f"{what} file {path}: array {key!r} holds Python objects",
@@ -154,11 +154,6 @@ def _member_header(archive, path: Path, key: str, what: str) -> tuple[tuple[int,
         raise DataError(f"{what} file {path}: array {key!r} declares shape {tuple(dims)} ({need} bytes) "
                         f"but holds only {max(have, 0)} bytes", hint="the file is truncated or tampered with")
     return tuple(dims), np.dtype(dtype)
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_finite(arr: np.ndarray, *, name: str) -> None:

@@ -26,9 +26,8 @@ import onnx
 from onnx import numpy_helper
 
 from .io import LoadedModel
+from .metadata import edit_record, replace_ours
 from .quant import dequantize, weight_dequantisations
-
-METADATA_PREFIX = "dynedit."
 
 
 @dataclass(frozen=True)
@@ -116,11 +115,7 @@ def _strip(model: onnx.ModelProto) -> onnx.ModelProto:
             for attr in node.attribute:
                 if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                     _clear_data(attr.t)
-    kept = [(p.key, p.value) for p in copy.metadata_props if not p.key.startswith(METADATA_PREFIX)]
-    del copy.metadata_props[:]
-    for k, v in kept:
-        e = copy.metadata_props.add()
-        e.key, e.value = k, v
+    replace_ours(copy)
     return copy
 
 
@@ -188,16 +183,13 @@ def _by_quantized(model: onnx.ModelProto, weights: dict) -> dict:
 
 
 def _edit_records(model: onnx.ModelProto) -> dict:
-    import json
-
-    for prop in model.metadata_props:
-        if prop.key == METADATA_PREFIX + "edits":
-            try:
-                record = json.loads(prop.value)
-                return {t["initializer"]: t for t in record.get("tensors", []) if isinstance(t, dict)}
-            except (ValueError, TypeError, KeyError, AttributeError):
-                return {}
-    return {}
+    """initializer -> its tensor entry of the edit record; {} when the record is missing
+    or unreadable (diff reports what it can without it)."""
+    try:
+        record = edit_record(model) or {}
+        return {t["initializer"]: t for t in record.get("tensors", []) if isinstance(t, dict)}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 def _dequantised_change(name, wq_a, wq_b, wa, wb, records) -> TensorChange | None:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import errors
-from .errors import DynEditError, InputError, option
+from .errors import DynEditError, InputError, option, short
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _started(ray, address, num_cpus):
         try:
             ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ...
-            raise InputError(f"cannot connect to the Ray cluster at {address}: {_short(exc)}",
+            raise InputError(f"cannot connect to the Ray cluster at {address}: {short(exc)}",
                              hint=f"start it with `ray start --head` and give its address, or drop {option('ray_address')}") from None
         logger.info("connected to Ray at %s", address)
     else:
@@ -106,18 +106,13 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise InputError(f"cannot connect to the Ray cluster at {address}: {_short(exc)}",
+        raise InputError(f"cannot connect to the Ray cluster at {address}: {short(exc)}",
                          hint="start it with `ray start --head` and give its address (or auto), "
                               f"or drop {option('ray_address')} to start a local Ray") from None
 
 
 def cluster_cpus(ray) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- workers

@@ -54,6 +54,12 @@ def render(text: str | None, words: OptionWords | None = None) -> str | None:
     return _OPTION.sub(lambda m: words(*json.loads(m.group(1))), text)
 
 
+def short(exc: BaseException, limit: int = 200) -> str:
+    """``exc``'s text on one line, cut to ``limit`` characters (a reason inside a message)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class DynEditError(Exception):
     """A user-facing error: one line, no traceback, non-zero exit."""
 

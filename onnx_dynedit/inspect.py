@@ -57,7 +57,8 @@ def load_feeds(path, specs) -> dict[str, np.ndarray]:
 
 def inspect_model(src, *, inputs_file=None, device=None, seed: int = 0, int_range=(0, 10),
                   input_shapes=None) -> InspectReport:
-    from .twin import Twin, check_parity
+    from .parity import check_parity
+    from .twin import Twin
 
     loaded: LoadedModel = load_model(src)
     twin = Twin(loaded, device, input_shapes=input_shapes)

@@ -37,6 +37,16 @@ from .quant import WeightQuant, dequantize, use_counts, weight_dequantisations
 EDITABLE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
 
+def same_pads(size: int, kernel: int, stride: int, dilation: int, *, upper: bool) -> tuple[int, int]:
+    """(begin, end) padding of one spatial axis of size ``size`` under auto_pad
+    SAME_UPPER (``upper``) / SAME_LOWER, as ONNX defines it: the output has
+    ceil(size / stride) positions, an odd total goes at the end (UPPER) or the beginning."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    small, large = total // 2, total - total // 2
+    return (small, large) if upper else (large, small)
+
+
 @dataclass(frozen=True)
 class Layer:
     """One weight-bearing node of the ONNX graph and how to edit it."""

@@ -40,7 +40,8 @@ import torch
 
 from .errors import EditError
 from .layers import Layer
-from .twin import Twin, layer_keys, layer_values
+from .keys import layer_keys, layer_values
+from .twin import Twin
 
 DEFAULT_LAMBDA = 1e-2      # ridge, relative to the mean diagonal of C (keeps C invertible with few keys)
 KEY_BATCH = 32             # stats inputs per forward pass while accumulating C

@@ -705,13 +705,34 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
 # ------------------------------------------------------------------------------- loop
 
 
+class KeyCache:
+    """Key statistics of the candidates on the current (edited) model. An edit of layer L
+    changes the keys of layers after L only (graph order is topological), so after an
+    accepted edit only those are recomputed; the others are reused as they are."""
+
+    def __init__(self, twin: Twin, plan: Plan, cfg: RectifyConfig):
+        self.twin, self.plan, self.cfg = twin, plan, cfg
+        self.stats: dict = {}
+
+    def current(self, prev: list[TorchEdit]) -> dict:
+        missing = [layer for layer in self.plan.candidates if layer.node not in self.stats]
+        if missing:
+            self.stats.update(key_statistics(self.twin, missing, self.plan.key_x, edits=prev, lam=self.cfg.lam,
+                                             source=self.plan.stats_source))
+        return self.stats
+
+    def edited(self, layer: Layer) -> None:
+        for other in self.plan.candidates:
+            if other.node_index > layer.node_index:
+                self.stats.pop(other.node, None)
+
+
 def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: RectifyConfig, timings: Timings,
-             localisations: list) -> list[Option]:
+             localisations: list, cache: KeyCache) -> list[Option]:
     """The layers this step may edit, best first, each with its direction."""
     progress.step(f"round {done + 1}: key statistics ({len(plan.candidates)} layers)")
-    with timings("key_statistics"):  # they depend on upstream edits: recomputed after every accepted edit
-        stats = key_statistics(twin, list(plan.candidates), plan.key_x, edits=prev, lam=cfg.lam,
-                               source=plan.stats_source)
+    with timings("key_statistics"):
+        stats = cache.current(prev)
     with timings("localisation"):
         if plan.static:
             turn = done % len(plan.candidates)
@@ -772,6 +793,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     crit = make_criterion(twin, plan, cfg)
     degradation = Degradation(twin, plan.reference)
     timings = Timings(key_statistics=0.0, localisation=0.0, fit=0.0, check=0.0)
+    cache = KeyCache(twin, plan, cfg)
     accepted: list[RankOneEdit] = []
     steps: list[EditStep] = []
     localisations: list[dict] = []
@@ -779,7 +801,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     stopped = "max edits reached"
     while not crit.reached(state) and len(accepted) < cfg.max_edits:
         prev = [e.to_torch(twin.device) for e in accepted]
-        options = _options(twin, plan, prev, len(accepted), cfg, timings, localisations)
+        options = _options(twin, plan, prev, len(accepted), cfg, timings, localisations, cache)
         if not options:
             stopped = "no layer separates corrupted from clean keys"
             break
@@ -789,6 +811,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
             stopped = "no candidate edit lowered the gap within the degradation budget"
             break
         accepted.append(chosen.edit)
+        cache.edited(chosen.edit.layer)
         state = chosen.after
     if crit.reached(state):
         stopped = "target reached"

@@ -28,9 +28,9 @@ one at a time and each gives partial counts and sums (``CleanPartial``,
 ``CorruptPartial``), reduced in shard order. ``engine="ray"`` runs the shards on Ray
 actors that each hold a ``ShardRunner`` (``engine_ray``); the reduction is the same.
 
-This module imports numpy and onnxruntime only (plus ``errors`` and ``data``): it must
-keep working where torch is not installed. ``ort_session`` and ``run_batched`` are
-general helpers meant for reuse (parity checks, evaluation).
+This module imports numpy and onnxruntime only (plus ``errors``, ``data`` and
+``sessions``, the one ONNX Runtime session factory): it must keep working where torch
+is not installed. ``run_batched`` is a general helper meant for reuse (evaluation).
 """
 
 from __future__ import annotations
@@ -40,24 +40,18 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from . import threads as _threads
 from .data import Samples, check_against_input, check_labels
-from .errors import DataError, InputError, ModelLoadError, option
+from .errors import DataError, InputError, option, short
+from .io import check_model_file
+from .sessions import DEFAULT_PROVIDER, ort_session, provider_list
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROVIDER = "cpu"
 DEFAULT_BATCH_SIZE = 256
-
-PROVIDERS = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-}
 
 # ONNX Runtime's type strings -> numpy dtypes (inputs we can feed from an .npz).
 _ORT_DTYPES = {
@@ -79,62 +73,6 @@ ProgressCallback = Callable[[int, int], None]
 
 
 # --------------------------------------------------------------------------- sessions
-
-
-def ort_session(path: str | os.PathLike, provider: str | None = DEFAULT_PROVIDER, *,
-                what: str = "model", threads: int | None = None) -> ort.InferenceSession:
-    """Open an ONNX Runtime session on ``path``.
-
-    ``provider`` is ``"cpu"`` or ``"cuda"`` (``None`` = ``"cpu"``). ``"cuda"`` needs the
-    CUDAExecutionProvider in this onnxruntime build and fails loudly (``InputError``)
-    rather than silently falling back to the CPU. A file that ONNX Runtime cannot load
-    (missing, not ONNX, truncated, external data missing) is a ``ModelLoadError``
-    naming the file. ``threads``: ONNX Runtime's intra-op threads (``None`` = the
-    process setting, ``onnx_dynedit.threads``: the configured count, else OMP_NUM_THREADS, else all cores).
-    """
-    provider = DEFAULT_PROVIDER if provider is None else provider
-    providers = provider_list(provider)
-    path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"{what} file {path} does not exist", hint="check the path")
-    if not path.is_file():
-        raise ModelLoadError(f"{what} path {path} is not a file", hint="give the path of an .onnx file")
-    options = _threads.session_options(ort.SessionOptions())  # the configured count (onnx_dynedit.threads)
-    options.log_severity_level = 4  # fatal only: keep stderr to our own one-liners
-    if threads is not None:
-        options.intra_op_num_threads = int(threads)
-    try:
-        session = ort.InferenceSession(str(path), options, providers=list(providers))
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind classes
-        raise ModelLoadError(
-            f"cannot load {what} {path} with ONNX Runtime: {_short(exc)}",
-            hint="is it a complete .onnx file (and its external data next to it)?",
-        ) from None
-    if providers[0] not in session.get_providers():
-        raise InputError(
-            f"{providers[0]} could not be initialised for {what} {path} "
-            f"(session runs on {', '.join(session.get_providers())})",
-            hint=f"check the CUDA/cuDNN installation or use {option('provider', 'cpu')}",
-        )
-    logger.info("loaded %s %s on %s", what, path, ", ".join(session.get_providers()))
-    return session
-
-
-def provider_list(provider: str) -> tuple[str, ...]:
-    """ORT provider names for ``"cpu"`` / ``"cuda"``; an unavailable one is an ``InputError``."""
-    key = str(provider).lower()
-    if key not in PROVIDERS:
-        raise InputError(f"unknown provider {provider!r}", hint="use cpu or cuda")
-    available = ort.get_available_providers()
-    wanted = PROVIDERS[key][0]
-    if wanted not in available:
-        if key == "cuda":
-            raise InputError(
-                f"CUDA execution provider not available in this onnxruntime ({', '.join(available)})",
-                hint=f"install onnxruntime-gpu or use {option('provider', 'cpu')}",
-            )
-        raise InputError(f"{wanted} not available in this onnxruntime ({', '.join(available)})")
-    return PROVIDERS[key]
 
 
 def input_dtype(node_arg) -> np.dtype:
@@ -198,7 +136,7 @@ def run_batched(session: ort.InferenceSession, x: np.ndarray | Mapping[str, np.n
         try:
             results = session.run(names, batch)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind classes
-            raise DataError(f"{name} failed on rows {start}..{stop - 1}: {_short(exc)}") from None
+            raise DataError(f"{name} failed on rows {start}..{stop - 1}: {short(exc, 300)}") from None
         for i, (out_name, res) in enumerate(zip(names, results)):
             res = np.asarray(res)
             if res.ndim == 0 or res.shape[0] != len(next(iter(batch.values()))):
@@ -243,11 +181,6 @@ def _as_feeds(session: ort.InferenceSession, x) -> dict[str, np.ndarray]:
     if None in sizes.values() or len(set(sizes.values())) != 1:
         raise DataError(f"inputs must share their first (batch) axis, got {sizes}")
     return feeds
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- report
@@ -465,83 +398,27 @@ def verify(original: str | os.PathLike, edited: str | os.PathLike, clean, corrup
     is called once before the first batch and after each batch (the Ray engine: after
     each shard). ``None`` for ``provider`` / ``batch_size`` / ``engine`` means the
     default. Raises ``DynEditError`` subclasses for unusable input (exit 2); failed gates
-    are reported, not raised.
+    are reported, not raised. Both model files pass ``load_model``'s safety checks
+    (``io.check_model_file``) before ONNX Runtime opens them.
     """
-    from .datasets import open_dataset
-
+    check_model_file(original, what="original model")
+    check_model_file(edited, what="edited model")
     provider = DEFAULT_PROVIDER if provider is None else str(provider).lower()
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
     engine = DEFAULT_ENGINE if engine is None else str(engine).lower()
-    if engine not in ENGINES:
-        raise InputError(f"unknown engine {engine!r}", hint="use " + " or ".join(ENGINES))
-    if ray_address is not None and engine != "ray":
-        raise InputError("a Ray address needs the ray engine",
-                         hint=f"add {option('engine', 'ray')} or drop {option('ray_address')}")
-    if engine == "ray" and provider != "cpu":
-        raise InputError(f"{option('engine', 'ray')} runs ONNX Runtime on CPU workers; provider {provider} is not "
-                         "supported there", hint=f"use {option('provider', 'cpu')} with {option('engine', 'ray')}, "
-                                                 f"or {option('engine', 'local')}")
-    if batch_size < 1:
-        raise InputError(f"batch size must be at least 1, got {batch_size}")
     limits = Thresholds.coerce(thresholds)
-    if target is not None:
-        target = int(target)
-        if target < 0:
-            raise InputError(f"target class must be >= 0, got {target}")
-        if corrupt is None:
-            raise InputError("a target class needs corrupted inputs",
-                             hint="the attack success rate is measured on the corrupt file")
-    provider_list(provider)  # fail on an unavailable provider before loading anything
-
-    # Gates that cannot be computed whatever the data: say so before any work.
-    if limits.min_fix_rate is not None and corrupt is None:
-        raise InputError("gate min-fix-rate needs corrupted inputs with true labels (corrupt file)")
-    if limits.max_asr is not None and (corrupt is None or target is None):
-        raise InputError("gate max-asr needs corrupted inputs and a target class")
+    target = None if target is None else int(target)
+    _check_request(provider, batch_size, engine, ray_address, limits, target, has_corrupt=corrupt is not None)
 
     runner = ShardRunner(original, edited, provider, batch_size)
-    clean_ds = open_dataset(clean, what="clean", labels="optional")
-    runner.check_dataset(clean_ds)
-    if limits.max_acc_drop is not None and not clean_ds.has_labels:
-        raise InputError(f"gate max-acc-drop needs labels, but clean file {clean_ds.source} has no 'y' array",
-                         hint="add y=... to the clean .npz or drop the gate")
-    corrupt_ds = None
-    if corrupt is not None:
-        corrupt_ds = open_dataset(corrupt, what="corrupt", labels="required")
-        if not corrupt_ds.has_labels:
-            raise DataError(f"corrupt {corrupt_ds.source} has no labels 'y'", hint="the true labels are required")
-        runner.check_dataset(corrupt_ds)
-    if target is not None and runner.classes is not None:
-        _check_classes(runner.classes, None, None, target)
-
+    clean_ds, corrupt_ds = _open_sets(runner, clean, corrupt, limits, target)
     jobs = [ShardJob("clean", clean_ds, i) for i in range(len(clean_ds.shards))]
     if corrupt_ds is not None:
         jobs += [ShardJob("corrupt", corrupt_ds, i, target) for i in range(len(corrupt_ds.shards))]
-    weights = [2 * runner.batches(job.dataset.shards[job.index].n) for job in jobs]
-    total = sum(weights)
-    if progress is not None:
-        progress(0, total)
-
-    if engine == "local":
-        done = 0
-
-        def tick():
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(done, total)
-
-        partials = [runner.run(job, on_batch=tick) for job in jobs]
-        workers = 1
-    else:
-        from .engine_ray import verify_partials
-
-        partials, workers = verify_partials(original, edited, provider, batch_size, jobs, weights,
-                                            address=ray_address, progress=progress, total=total)
-
-    clean_parts = [p for job, p in zip(jobs, partials) if job.kind == "clean"]
+    partials, workers = _run_jobs(runner, jobs, progress, engine=engine,
+                                  ray_args=(original, edited, provider, batch_size, ray_address))
+    clean_fig = reduce_partials([p for job, p in zip(jobs, partials) if job.kind == "clean"]).figures()
     corrupt_parts = [p for job, p in zip(jobs, partials) if job.kind == "corrupt"]
-    clean_fig = reduce_partials(clean_parts).figures()
     corrupt_fig = reduce_partials(corrupt_parts).figures() if corrupt_parts else None
 
     gates = _gates(limits, clean_fig, corrupt_fig)
@@ -555,6 +432,79 @@ def verify(original: str | os.PathLike, edited: str | os.PathLike, clean, corrup
     for g in gates:
         logger.info("gate %s: %s", g.message, "ok" if g.passed else "FAILED")
     return report
+
+
+def _open_sets(runner: "ShardRunner", clean, corrupt, limits: Thresholds, target):
+    """The clean and corrupted sets (``datasets.open_dataset``), their headers checked
+    against both models and against the gates asked for."""
+    from .datasets import open_dataset
+
+    clean_ds = open_dataset(clean, what="clean", labels="optional")
+    runner.check_dataset(clean_ds)
+    if limits.max_acc_drop is not None and not clean_ds.has_labels:
+        raise InputError(f"gate max-acc-drop needs labels, but clean file {clean_ds.source} has no 'y' array",
+                         hint="add y=... to the clean .npz or drop the gate")
+    corrupt_ds = None
+    if corrupt is not None:
+        corrupt_ds = open_dataset(corrupt, what="corrupt", labels="required")
+        if not corrupt_ds.has_labels:
+            raise DataError(f"corrupt {corrupt_ds.source} has no labels 'y'", hint="the true labels are required")
+        runner.check_dataset(corrupt_ds)
+    if target is not None and runner.classes is not None:
+        _check_classes(runner.classes, None, None, target)
+    return clean_ds, corrupt_ds
+
+
+def _check_request(provider: str, batch_size: int, engine: str, ray_address, limits: Thresholds, target,
+                   *, has_corrupt: bool) -> None:
+    """The options of ``verify`` fit together, and every gate asked for can be computed
+    whatever the data: said before any work."""
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine {engine!r}", hint="use " + " or ".join(ENGINES))
+    if ray_address is not None and engine != "ray":
+        raise InputError("a Ray address needs the ray engine",
+                         hint=f"add {option('engine', 'ray')} or drop {option('ray_address')}")
+    if engine == "ray" and provider != "cpu":
+        raise InputError(f"{option('engine', 'ray')} runs ONNX Runtime on CPU workers; provider {provider} is not "
+                         "supported there", hint=f"use {option('provider', 'cpu')} with {option('engine', 'ray')}, "
+                                                 f"or {option('engine', 'local')}")
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    if target is not None:
+        if target < 0:
+            raise InputError(f"target class must be >= 0, got {target}")
+        if not has_corrupt:
+            raise InputError("a target class needs corrupted inputs",
+                             hint="the attack success rate is measured on the corrupt file")
+    provider_list(provider)  # fail on an unavailable provider before loading anything
+    if limits.min_fix_rate is not None and not has_corrupt:
+        raise InputError("gate min-fix-rate needs corrupted inputs with true labels (corrupt file)")
+    if limits.max_asr is not None and (not has_corrupt or target is None):
+        raise InputError("gate max-asr needs corrupted inputs and a target class")
+
+
+def _run_jobs(runner: "ShardRunner", jobs: list["ShardJob"], progress, *, engine: str, ray_args) -> tuple[list, int]:
+    """Every job's partial figures, in job order, and the number of workers that ran them
+    (``ray_args``: original, edited, provider, batch size and Ray address for the ray engine)."""
+    weights = [2 * runner.batches(job.dataset.shards[job.index].n) for job in jobs]
+    total = sum(weights)
+    if progress is not None:
+        progress(0, total)
+    if engine == "ray":
+        from .engine_ray import verify_partials
+
+        original, edited, provider, batch_size, address = ray_args
+        return verify_partials(original, edited, provider, batch_size, jobs, weights, address=address,
+                               progress=progress, total=total)
+    done = 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    return [runner.run(job, on_batch=tick) for job in jobs], 1
 
 
 @dataclass(frozen=True)

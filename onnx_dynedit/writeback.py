@@ -40,13 +40,11 @@ from . import __version__
 from .errors import EditError, InputError, option
 from .io import LoadedModel, model_sha256
 from .layers import Layer, build_layer_map, constant_sources, constant_value
+from .metadata import EDITS_KEY, PROVENANCE_KEY, edit_record, ours, replace_ours, set_metadata
 from .quant import dequantize, requantize, rounding_stats
 
 log = logging.getLogger(__name__)
 
-PROVENANCE_KEY = "dynedit.provenance"
-EDITS_KEY = "dynedit.edits"
-METADATA_PREFIX = "dynedit."
 
 
 @dataclass(frozen=True)
@@ -155,7 +153,7 @@ def write_back(loaded: LoadedModel, updates: list[LayerUpdate], *, extra_provena
     for idx in sorted(removed_nodes, reverse=True):
         del graph.node[idx]
 
-    previous = {p.key: p.value for p in original.metadata_props if p.key.startswith(METADATA_PREFIX)}
+    previous = ours(original)
     provenance = {
         "tool": "onnx-dynedit", "version": __version__, "original_sha256": loaded.sha256,
         "changed": [r["initializer"] for r in records],
@@ -163,8 +161,8 @@ def write_back(loaded: LoadedModel, updates: list[LayerUpdate], *, extra_provena
     if extra_provenance:
         provenance.update(extra_provenance)
     edits = {"format": 1, "original_sha256": loaded.sha256, "tensors": records, "previous_metadata": previous}
-    _set_metadata(model, PROVENANCE_KEY, json.dumps(provenance, sort_keys=True))
-    _set_metadata(model, EDITS_KEY, json.dumps(edits, sort_keys=True))
+    set_metadata(model, PROVENANCE_KEY, json.dumps(provenance, sort_keys=True))
+    set_metadata(model, EDITS_KEY, json.dumps(edits, sort_keys=True))
     return model
 
 
@@ -306,22 +304,6 @@ def written_edits(original: onnx.ModelProto, written: onnx.ModelProto, updates: 
     return out
 
 
-def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
-    for prop in model.metadata_props:
-        if prop.key == key:
-            prop.value = value
-            return
-    entry = model.metadata_props.add()
-    entry.key, entry.value = key, value
-
-
-def edit_record(model: onnx.ModelProto) -> dict | None:
-    for prop in model.metadata_props:
-        if prop.key == EDITS_KEY:
-            return json.loads(prop.value)
-    return None
-
-
 def revert(loaded: LoadedModel) -> onnx.ModelProto:
     """Undo the last ``write_back``: original tensors bit for bit, nodes and metadata restored."""
     check_edit_record(loaded)
@@ -376,11 +358,7 @@ def revert(loaded: LoadedModel) -> onnx.ModelProto:
         node.ParseFromString(base64.b64decode(node_b64))
         graph.node.insert(node_index, node)
     # metadata: drop ours, restore what the input had under dynedit.* keys
-    kept = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
-    del model.metadata_props[:]
-    for key, value in kept + sorted(record.get("previous_metadata", {}).items()):
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
+    replace_ours(model, record.get("previous_metadata", {}))
     if model_sha256(model) != record["original_sha256"]:
         raise InputError(f"{loaded.label}: reverting did not reproduce the original model (hash mismatch)",
                          hint="the file was changed after editing; revert needs the file `dynedit edit` wrote")

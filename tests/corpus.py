@@ -441,7 +441,7 @@ def sample_inputs(twin, entry: Entry, n: int, seed: int):
     """``n`` seeded rows fitting the model's inputs (token ids in [0, 50)), as one array
     or, for several inputs, a packed array (``data.pack_inputs``)."""
     from onnx_dynedit.data import pack_inputs
-    from onnx_dynedit.twin import random_inputs, resolve_input_shapes
+    from onnx_dynedit.shapes import random_inputs, resolve_input_shapes
 
     shapes = resolve_input_shapes(twin.inputs, entry.input_shapes or None, batch=n)
     feeds = random_inputs(twin.inputs, seed=seed, int_range=(0, 50),

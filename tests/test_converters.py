@@ -19,7 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_dynedit.converters import ensure_converters
 from onnx_dynedit.io import load_model
 from onnx_dynedit.layers import Layer
-from onnx_dynedit.twin import Twin, check_parity, layer_keys, ort_session_for
+from onnx_dynedit.keys import layer_keys
+from onnx_dynedit.parity import check_parity
+from onnx_dynedit.sessions import ort_session
+from onnx_dynedit.twin import Twin
 from onnx_dynedit.writeback import LayerUpdate, write_back
 
 F32 = TensorProto.FLOAT
@@ -51,7 +54,7 @@ def assert_parity(model, feeds=None, tol=1e-5):
 
 def twin_and_ort_outputs(model, feeds):
     twin = Twin(load_model(model), "cpu")
-    ref = ort_session_for(model).run(None, feeds)[0]
+    ref = ort_session(model).run(None, feeds)[0]
     with torch.no_grad():
         got = twin.forward(*[twin.to_tensor(feeds[s.name]) for s in twin.inputs]).numpy()
     return ref, got
@@ -215,7 +218,7 @@ def test_conv_auto_pad_same(auto_pad, size, kernel, strides, dilations):
     assert layer.editable and layer.auto_pad == auto_pad
     # the unfolded keys line up with ONNX Runtime's output positions
     x = np.random.default_rng(5).standard_normal((2, 2, *size)).astype(np.float32)
-    ref = ort_session_for(model).run(None, {"x": x})[0]
+    ref = ort_session(model).run(None, {"x": x})[0]
     keys = layer_keys(layer, torch.from_numpy(x)).double().numpy()
     w = layer.to_canonical(numpy_helper.to_array(inits[0]))
     pred = (keys @ w.T).transpose(0, 2, 1).reshape(ref.shape) + numpy_helper.to_array(inits[1]).reshape(1, -1, 1, 1)

@@ -10,7 +10,8 @@ import torch
 from onnx_dynedit import fit
 from onnx_dynedit.io import load_model
 from onnx_dynedit.rectify import RectifyConfig, rectify
-from onnx_dynedit.twin import Twin, layer_delta
+from onnx_dynedit.keys import layer_delta
+from onnx_dynedit.twin import Twin
 
 from test_rank_one import conv_model, dense_model, only_layer, W_SQ, BIAS
 

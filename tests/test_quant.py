@@ -182,7 +182,8 @@ def test_cast_mul_weights_are_recognised_and_requantised(tmp_path):
     rec = json.loads(next(p.value for p in new.metadata_props if p.key == "dynedit.edits"))["tensors"][0]
     assert rec["quant"]["scheme"] == "cast_mul"
     # the twin with the written (dequantised) change reproduces ONNX Runtime on the int graph
-    from onnx_dynedit.twin import Twin, check_parity
+    from onnx_dynedit.parity import check_parity
+    from onnx_dynedit.twin import Twin
     from onnx_dynedit.writeback import written_edits
 
     twin = Twin(loaded, "cpu")
@@ -272,7 +273,8 @@ def test_quantize_of_a_float_constant_is_folded_for_the_twin(tmp_path):
     """quantize_static leaves Constant-node weights as float -> QuantizeLinear ->
     DequantizeLinear: the twin evaluates the pair (parity with ONNX Runtime); the layer is
     not offered for editing (the stored tensor is float, the scale applies at run time)."""
-    from onnx_dynedit.twin import Twin, check_parity
+    from onnx_dynedit.parity import check_parity
+    from onnx_dynedit.twin import Twin
 
     w = np.array([[0.3, -0.71], [1.2, 0.05]], np.float32)
     nodes = [helper.make_node("Constant", [], ["Wf"], value=numpy_helper.from_array(w, "Wf")),

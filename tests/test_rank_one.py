@@ -29,7 +29,8 @@ from onnx_dynedit.errors import EditError
 from onnx_dynedit.io import load_model
 from onnx_dynedit.rank_one import (DEFAULT_LAMBDA, RankOneEdit, closed_form_u, edit_direction, key_statistics,
                                    pair_keys)
-from onnx_dynedit.twin import Twin, layer_keys
+from onnx_dynedit.keys import layer_keys
+from onnx_dynedit.twin import Twin
 from onnx_dynedit.writeback import LayerUpdate, write_back
 
 F32 = TensorProto.FLOAT

@@ -22,7 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402
 from onnx_dynedit.errors import ConversionError, InputError  # noqa: E402
 from onnx_dynedit.io import load_model  # noqa: E402
-from onnx_dynedit.twin import Twin, check_parity, ort_session_for, parse_input_shapes  # noqa: E402
+from onnx_dynedit.parity import check_parity  # noqa: E402
+from onnx_dynedit.sessions import ort_session  # noqa: E402
+from onnx_dynedit.shapes import parse_input_shapes  # noqa: E402
+from onnx_dynedit.twin import Twin  # noqa: E402
 from test_roundtrip import assert_one_line_error, run_cli  # noqa: E402
 
 F32 = TensorProto.FLOAT
@@ -68,7 +71,7 @@ def test_materialised_zoo_logits_match_onnxruntime(files):
     model.CopyFrom(loaded.model)
     model.graph.output.append(helper.make_empty_tensor_value_info("r65"))
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    probs, logits = ort_session_for(model).run(None, {"data_0": x})
+    probs, logits = ort_session(model).run(None, {"data_0": x})
     with torch.no_grad():
         got = twin.forward(twin.to_tensor(x)).numpy()
     assert got.shape == (1, 1000)

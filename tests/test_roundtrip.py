@@ -31,7 +31,10 @@ from cli.main import main as cli_main
 from onnx_dynedit.diff import diff_models
 from onnx_dynedit.io import load_model, model_sha256, save_model
 from onnx_dynedit.layers import Layer, build_layer_map, constant_value
-from onnx_dynedit.twin import Twin, check_parity, input_specs, layer_keys, random_inputs
+from onnx_dynedit.keys import layer_keys
+from onnx_dynedit.parity import check_parity
+from onnx_dynedit.shapes import input_specs, random_inputs
+from onnx_dynedit.twin import Twin
 from onnx_dynedit.writeback import LayerUpdate, revert, write_back
 
 REPO = Path(__file__).resolve().parents[1]

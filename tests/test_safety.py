@@ -259,6 +259,21 @@ def test_external_data_outside_the_model_folder(tmp_path, work, capfd, location)
                        before=before)
 
 
+def test_verify_from_python_runs_the_cli_file_checks(tmp_path):
+    """``verify()`` called from Python refuses the same unsafe file as `dynedit verify`."""
+    from onnx_dynedit.verify import verify
+
+    shutil.copy(BLEND / "model.onnx.data", tmp_path / "x")
+    model = blend_copy(tmp_path / "blend", location="../x")
+    before = snapshot(model, tmp_path / "x")
+    with pytest.raises(DynEditError, match="outside the model's folder") as info:
+        verify(model, BLEND / "model.onnx", BLEND / "val.npz")
+    assert info.value.exit_code == 2 and str(model) in info.value.one_line()
+    with pytest.raises(DynEditError, match="outside the model's folder"):
+        verify(BLEND / "model.onnx", model, BLEND / "val.npz")
+    assert snapshot(model, tmp_path / "x") == before
+
+
 def test_external_data_symlink_out_of_the_folder(tmp_path, work, capfd):
     shutil.copy(BLEND / "model.onnx.data", tmp_path / "elsewhere.data")
     model = blend_copy(tmp_path / "blend", with_data=False)

@@ -21,12 +21,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_dynedit.errors import DynEditError, InputError
+from onnx_dynedit.sessions import ort_session
 from onnx_dynedit.verify import (
     GateResult,
     Thresholds,
     VerifyReport,
     effective_batch_size,
-    ort_session,
     run_batched,
     verify,
 )

@@ -1,0 +1,87 @@
+"""What a rank-one edit W' = W + u d^T does at one layer, in torch: the layer's keys
+(its input, unfolded per output position for a Conv) and values arranged alike, the
+output change u (d . k) and the forward hook that adds it (``Twin.applied``), and a
+Conv's padding resolved as ONNX defines it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layers import Layer, same_pads
+
+
+def delta_hook(layer: Layer, u, d, device):
+    """A forward hook that adds the rank-one term u (d . k) to ``layer``'s output."""
+    u = torch.as_tensor(u, dtype=torch.float32, device=device) if not torch.is_tensor(u) else u
+    d = torch.as_tensor(d, dtype=torch.float32, device=device) if not torch.is_tensor(d) else d
+
+    def hook(module, args, output):
+        return output + layer_delta(layer, args[0], u, d)
+
+    return hook
+
+
+def layer_delta(layer: Layer, x: torch.Tensor, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The output change of ``layer`` for input ``x`` under W' = W + u d^T. ``u`` [C_out],
+    or [B, C_out]: one u per input row (how the fit gets per-row Jacobians)."""
+    rows = u.shape[0] if u.dim() == 2 else 1
+    if layer.op == "Conv":
+        s = key_projection_conv(layer, x, d)  # [B, 1, *spatial]
+        return s * u.to(s.dtype).view((rows, -1) + (1,) * (s.dim() - 2))
+    s = x @ d.to(x.dtype)  # [B, ...]
+    return s.unsqueeze(-1) * u.to(x.dtype).view((rows,) + (1,) * (s.dim() - 1) + (-1,))
+
+
+def conv_pads(layer: Layer, spatial: tuple[int, ...]) -> list[int]:
+    """ONNX pads [b1, b2, ..., e1, e2, ...] resolved for auto_pad."""
+    n = len(spatial)
+    if layer.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pairs = [same_pads(size, k, s, dil, upper=layer.auto_pad == "SAME_UPPER")
+                 for size, k, s, dil in zip(spatial, layer.kernel, layer.strides, layer.dilations)]
+        return [b for b, _ in pairs] + [e for _, e in pairs]
+    if layer.auto_pad == "VALID":
+        return [0] * 2 * n
+    return list(layer.pads) if layer.pads else [0] * 2 * n
+
+
+def _pad_input(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    pads = conv_pads(layer, tuple(x.shape[2:]))
+    n = x.dim() - 2
+    torch_pads = []
+    for i in reversed(range(n)):
+        torch_pads += [pads[i], pads[i + n]]
+    return F.pad(x, torch_pads) if any(torch_pads) else x
+
+
+def key_projection_conv(layer: Layer, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """d . k for every output position's unfolded key k: a conv with kernel d."""
+    xp = _pad_input(layer, x)
+    kernel = d.to(x.dtype).view((1,) + tuple(layer.shape[1:]))
+    if x.dim() == 3:
+        return F.conv1d(xp, kernel, stride=layer.strides, dilation=layer.dilations)
+    return F.conv2d(xp, kernel, stride=layer.strides, dilation=layer.dilations)
+
+
+def layer_keys(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """Keys of ``layer`` for its input ``x``: [B, P, in] (P positions; 1 for dense)."""
+    if layer.op == "Conv":
+        xp = _pad_input(layer, x)
+        if x.dim() == 3:  # 1-D conv as 2-D with height 1
+            cols = F.unfold(xp.unsqueeze(2), (1, layer.kernel[0]), dilation=(1, layer.dilations[0]),
+                            stride=(1, layer.strides[0]))
+        else:
+            cols = F.unfold(xp, tuple(layer.kernel), dilation=tuple(layer.dilations), stride=tuple(layer.strides))
+        return cols.transpose(1, 2)  # [B, P, in]
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def layer_values(layer: Layer, out: torch.Tensor) -> torch.Tensor:
+    """Layer outputs arranged like ``layer_keys``: [B, P, out]."""
+    if layer.op == "Conv":
+        return out.flatten(2).transpose(1, 2)
+    if out.dim() == 2:
+        return out.unsqueeze(1)
+    return out.reshape(out.shape[0], -1, out.shape[-1])
