@@ -8,24 +8,30 @@ seeded inputs go through ONNX Runtime and through three torch conversions:
                    Runtime takes them by default)
   dynedit twin     ``onnx_dynedit.twin.Twin(onnx_dynedit.io.load_model(path))``: the
                    normalised copy (unique names, Constant weights as initializers, IR 3
-                   inputs dropped, fp16 -> fp32, dequantised constants folded ...)
-                   converted by onnx2torch with our converters registered
+                   inputs dropped, fp16 computed in fp32, dequantised constants folded ...)
+                   converted by onnx2torch with our converters registered; its graph
+                   outputs are compared (the extra logits output it adds is left out)
   onnx2pytorch     onnx2pytorch 0.6.0 ``ConvertModel(model, experimental=True)`` (the
                    column is skipped, with a note, when onnx2pytorch is not installed:
                    ``pip install -e ".[bench]"``)
 
-A cell is the max relative difference to ONNX Runtime over all outputs (max |ORT - torch|
-/ max(1, max |ORT output|), as ``check_parity`` measures it), in bold when it is above the
-graph's tolerance (the twin's own: 1e-5 float32, 1e-2 float16, 5e-2 quantised
-activations), or the first line of the error (``convert:`` or ``run:``, shortened). The
-``s`` columns are seconds to convert (for the twin: load checks + normalisation +
-conversion + layer map). Inputs: batch 2, seed 0, integer ids in [0, 50), attention masks
-all ones, the corpus's ``input_shapes`` for symbolic sizes.
+A cell is the max relative difference to ONNX Runtime over all graph outputs (max |ORT -
+torch| / max(1, max |ORT output|), ``parity.compare_outputs``, as the twin's parity check
+measures it), in bold when it is above the graph's tolerance (the twin's own, ``Twin.tol``:
+1e-5 float32, 1e-2 float16, 5e-2 quantised activations), or the first line of the error
+(``convert:`` or ``run:``, shortened; onnx2torch's missing-converter message becomes ``no
+converter for Op-version``). The ``s`` columns are seconds to convert, after one untimed
+warm-up conversion of a tiny graph per converter (for the twin: load checks +
+normalisation + conversion + layer map). Inputs: batch 2, seed 0, integer ids in [0, 50),
+attention masks all ones, the corpus's ``input_shapes`` for symbolic sizes. ONNX Runtime
+runs with dynedit's session settings (``sessions.ort_session``).
 
-Each graph is built in one subprocess and each converter runs in its own (a crash fills one
-cell, not the table); a process is killed if its resident memory passes --max-rss-mb
-(default 4096) or it runs past --timeout seconds. ``peak RSS MB`` is the largest of the
-graph's processes (build + ONNX Runtime, or one converter).
+Each graph runs in its own subprocess; if that process dies (a segfault in a converter or
+in ONNX Runtime), the graph is run again with ONNX Runtime and each converter in separate
+processes, so a crash fills one cell (and if ONNX Runtime itself crashes at its default
+optimisation level, the reference is taken at ``ORT_ENABLE_BASIC``, marked ``ORT basic``).
+A process is killed if its resident memory passes --max-rss-mb (default 4096) or it runs
+past --timeout seconds. ``peak RSS MB`` is the largest of the graph's processes.
 
     python benchmarks/bench_converters.py                 # the light graphs
     python benchmarks/bench_converters.py --all           # + heavy ones (VGG-19 ...)
@@ -65,7 +71,7 @@ def onnx2pytorch_version() -> str | None:
         return None
 
 
-# ---------------------------------------------------------------- one graph (subprocess)
+# ---------------------------------------------------------------- measuring (in a subprocess)
 
 
 def peak_rss_mb() -> float:
@@ -89,11 +95,19 @@ def first_line(exc: BaseException) -> str:
     return _NO_CONVERTER.sub(lambda m: f"no converter for {m[1] + '.' if m[1] else ''}{m[2]}-{m[3]}", text)
 
 
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+
+
 def feeds_for(model, entry) -> dict:
     """Seeded inputs from the graph's own inputs (batch 2, the corpus's sizes)."""
     import numpy as np
 
-    from onnx_dynedit.twin import input_specs, random_inputs
+    from onnx_dynedit.shapes import input_specs, random_inputs
 
     specs = input_specs(model)
     feeds = random_inputs(specs, batch=BATCH, seed=SEED, int_range=INT_RANGE, shapes=entry.input_shapes or None,
@@ -105,7 +119,7 @@ def feeds_for(model, entry) -> dict:
 
 
 def graph_tolerance(model) -> float:
-    """The twin's tolerance for a graph it could not build (same rule as Twin.tol)."""
+    """The twin's tolerance for a graph it could not build (the rule of ``Twin.tol``)."""
     from onnx import TensorProto
 
     from onnx_dynedit.twin import FP16_TOL, FP32_TOL, QUANT_TOL
@@ -115,6 +129,33 @@ def graph_tolerance(model) -> float:
     halves = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16]
     halves += [v for v in model.graph.input if v.type.tensor_type.elem_type == TensorProto.FLOAT16]
     return FP16_TOL if halves else FP32_TOL
+
+
+def reference(name: str, folder: Path, *, ort_basic: bool = False) -> dict:
+    """Build graph ``name``, save it, and compute ONNX Runtime's outputs on seeded inputs:
+    {"path", "entry", "feeds", "names", "expected", "tol", "ort"}."""
+    import onnx
+    import onnxruntime as ort
+
+    import corpus
+    from onnx_dynedit.sessions import ort_session
+
+    entry = corpus.CORPUS[name]
+    path = folder / f"{name}.onnx"
+    model = entry.build()
+    onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
+    model = onnx.load(str(path))
+    feeds = feeds_for(model, entry)
+    if ort_basic:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    else:
+        session = ort_session(path)
+    names = [o.name for o in session.get_outputs()]
+    expected = session.run(None, feeds)
+    return {"path": path, "entry": entry, "feeds": feeds, "names": names, "expected": expected,
+            "tol": graph_tolerance(model), "ort": "basic" if ort_basic else "default"}
 
 
 def _outputs(got) -> list:
@@ -128,7 +169,7 @@ def _outputs(got) -> list:
 def _compare(names, expected, got) -> float:
     import numpy as np
 
-    from onnx_dynedit.twin import compare_outputs
+    from onnx_dynedit.parity import compare_outputs
 
     if len(got) != len(expected):
         raise ValueError(f"{len(got)} outputs, ONNX Runtime gives {len(expected)}")
@@ -139,132 +180,126 @@ def _compare(names, expected, got) -> float:
     return rel if np.isfinite(rel) else float("inf")
 
 
-def _copy(model):
+def _onnx2torch(ref: dict):
     import onnx
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
-def run_onnx2torch(model, feeds, names, expected) -> dict:
     import torch
     from onnx import numpy_helper
     from onnx2torch import convert
 
-    t0 = time.perf_counter()
-    try:
-        module = convert(_copy(model))
-    except Exception as exc:  # noqa: BLE001 - any converter failure is a measurement
-        return {"error": "convert: " + first_line(exc), "seconds": time.perf_counter() - t0}
-    seconds = time.perf_counter() - t0
+    model = onnx.load(str(ref["path"]))  # the unmodified ModelProto
+    module = convert(model)
     inits = {t.name: t for t in model.graph.initializer}
-    args = [torch.from_numpy(feeds[vi.name]) if vi.name in feeds else torch.from_numpy(numpy_helper.to_array(inits[vi.name]).copy())
+    args = [ref["feeds"][vi.name] if vi.name in ref["feeds"] else numpy_helper.to_array(inits[vi.name]).copy()
             for vi in model.graph.input]
-    try:
-        with torch.no_grad():
-            rel = _compare(names, expected, _outputs(module.eval()(*args)))
-    except Exception as exc:  # noqa: BLE001
-        return {"error": "run: " + first_line(exc), "seconds": seconds}
-    return {"rel": rel, "seconds": seconds}
+    return module, lambda: module.eval()(*[torch.from_numpy(a) for a in args])
 
 
-def run_twin(path, entry, feeds) -> dict:
-    from onnx_dynedit.errors import DynEditError
+def _twin(ref: dict):
     from onnx_dynedit.io import load_model
-    from onnx_dynedit.twin import Twin, check_parity
+    from onnx_dynedit.twin import Twin
 
-    t0 = time.perf_counter()
-    try:
-        twin = Twin(load_model(path), "cpu", input_shapes=entry.input_shapes or None)
-    except DynEditError as exc:
-        return {"error": "convert: " + exc.one_line(), "seconds": time.perf_counter() - t0}
-    except Exception as exc:  # noqa: BLE001 - a bug in ours is a measurement too
-        return {"error": "convert: " + first_line(exc), "seconds": time.perf_counter() - t0}
-    seconds = time.perf_counter() - t0
-    try:
-        parity = check_parity(twin, feeds)
-    except DynEditError as exc:
-        return {"error": "run: " + exc.one_line(), "seconds": seconds, "tol": twin.tol}
-    except Exception as exc:  # noqa: BLE001
-        return {"error": "run: " + first_line(exc), "seconds": seconds, "tol": twin.tol}
-    return {"rel": parity.max_rel_diff, "seconds": seconds, "tol": twin.tol}
+    twin = Twin(load_model(ref["path"]), "cpu", input_shapes=ref["entry"].input_shapes or None)
+    xs = [twin.to_tensor(ref["feeds"][spec.name]) for spec in twin.inputs]
+    def run():
+        got = twin.module(*xs)
+        return list(got)[:len(ref["names"])] if isinstance(got, (tuple, list)) else got  # not the extra logits
+
+    return twin, run
 
 
-def run_onnx2pytorch(model, feeds, names, expected) -> dict:
+def _onnx2pytorch(ref: dict):
+    import onnx
     import torch
     from onnx2pytorch import ConvertModel
 
-    t0 = time.perf_counter()
-    try:
-        module = ConvertModel(_copy(model), experimental=True)
-    except Exception as exc:  # noqa: BLE001
-        return {"error": "convert: " + first_line(exc), "seconds": time.perf_counter() - t0}
-    seconds = time.perf_counter() - t0
-    try:
-        with torch.no_grad():
-            got = module.eval()(**{k: torch.from_numpy(v) for k, v in feeds.items()})
-        rel = _compare(names, expected, _outputs(got))
-    except Exception as exc:  # noqa: BLE001
-        return {"error": "run: " + first_line(exc), "seconds": seconds}
-    return {"rel": rel, "seconds": seconds}
+    module = ConvertModel(onnx.load(str(ref["path"])), experimental=True)
+    return module, lambda: module.eval()(**{k: torch.from_numpy(v) for k, v in ref["feeds"].items()})
 
 
-def _quiet() -> None:
-    import logging
-    import warnings
-
-    warnings.simplefilter("ignore")
-    logging.disable(logging.WARNING)
+CONVERTERS = {"onnx2torch": _onnx2torch, "twin": _twin, "onnx2pytorch": _onnx2pytorch}
 
 
-def prepare(name: str, folder: Path) -> dict:
-    """Build graph ``name``, save it, and keep the seeded inputs and ONNX Runtime's outputs."""
-    import numpy as np
-    import onnx
+def _error(exc: BaseException) -> str:
+    from onnx_dynedit.errors import DynEditError
 
-    import corpus
-    from onnx_dynedit.twin import ort_session_for
-
-    _quiet()
-    entry = corpus.CORPUS[name]
-    path = folder / f"{name}.onnx"
-    model = entry.build()
-    onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
-    model = onnx.load(str(path))
-    feeds = feeds_for(model, entry)
-    session = ort_session_for(model)
-    names = [o.name for o in session.get_outputs()]
-    expected = session.run(None, feeds)
-    np.savez(folder / f"{name}_io.npz", **{f"in{i}": v for i, v in enumerate(feeds.values())},
-             **{f"out{i}": v for i, v in enumerate(expected)})
-    return {"graph": name, "inputs": list(feeds), "outputs": names, "tol": graph_tolerance(model),
-            "rss_mb": peak_rss_mb()}
+    return exc.one_line() if isinstance(exc, DynEditError) else first_line(exc)
 
 
-def cell(name: str, converter: str, folder: Path, meta: dict) -> dict:
-    """One converter on graph ``name`` (prepared in ``folder``)."""
+def measure(converter: str, ref: dict) -> dict:
+    """Convert with ``converter`` and compare with ONNX Runtime: {"rel" | "error", "seconds"}."""
     import contextlib
+    import gc
     import io
 
+    import torch
+
+    build = CONVERTERS[converter]
+    res: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # converters that print
+        t0 = time.perf_counter()
+        try:
+            obj, run = build(ref)
+        except Exception as exc:  # noqa: BLE001 - a converter's failure is a measurement
+            return {"error": "convert: " + _error(exc), "seconds": time.perf_counter() - t0}
+        res["seconds"] = time.perf_counter() - t0
+        if converter == "twin":
+            res["tol"] = obj.tol
+        try:
+            with torch.no_grad():
+                res["rel"] = _compare(ref["names"], ref["expected"], _outputs(run()))
+        except Exception as exc:  # noqa: BLE001
+            res["error"] = "run: " + _error(exc)
+    del obj, run
+    gc.collect()
+    return res
+
+
+def warm_up(converters, folder: Path) -> None:
+    """One untimed conversion of a tiny Conv + Relu graph per converter (lazy imports,
+    first-call setup), so the timed conversions compare like with like."""
     import numpy as np
     import onnx
+    from onnx import TensorProto, helper, numpy_helper
 
-    import corpus
+    w = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                               helper.make_node("Relu", ["c"], ["y"], name="relu")], "warm_up",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])], [w])
+    path = folder / "_warm_up.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    ref = {"path": path, "feeds": {"x": np.ones((1, 1, 2, 2), np.float32)}, "names": ["y"],
+           "entry": type("E", (), {"input_shapes": {}})()}
+    for converter in converters:
+        try:
+            CONVERTERS[converter](ref)[1]()
+        except Exception:  # noqa: BLE001 - a warm-up only
+            pass
 
+
+def whole_graph(name: str, folder: Path, columns) -> dict:
+    """Every converter on graph ``name`` in this process."""
     _quiet()
-    path = folder / f"{name}.onnx"
-    with np.load(folder / f"{name}_io.npz") as io_arrays:
-        feeds = {k: io_arrays[f"in{i}"] for i, k in enumerate(meta["inputs"])}
-        expected = [io_arrays[f"out{i}"] for i in range(len(meta["outputs"]))]
-    with contextlib.redirect_stdout(io.StringIO()):  # converters that print
-        if converter == "twin":
-            res = run_twin(path, corpus.CORPUS[name], feeds)
-        else:
-            model = onnx.load(str(path))  # the unmodified ModelProto
-            run = run_onnx2torch if converter == "onnx2torch" else run_onnx2pytorch
-            res = run(model, feeds, meta["outputs"], expected)
-    res["rss_mb"] = peak_rss_mb()
+    ref = reference(name, folder)
+    row = {"graph": name, "tol": ref["tol"], "ort": ref["ort"]}
+    # raw onnx2torch first: building a twin registers our converters in onnx2torch's
+    # own registry (converters.ensure_converters), which would help the raw column
+    for converter in sorted(columns, key=lambda c: c != "onnx2torch"):
+        warm_up([converter], folder)
+        row[converter] = measure(converter, ref)
+        row["tol"] = row[converter].pop("tol", row["tol"])  # the twin's own tolerance when it builds
+    row["rss_mb"] = peak_rss_mb()
+    return row
+
+
+def one_cell(name: str, folder: Path, converter: str | None, ort_basic: bool) -> dict:
+    """ONNX Runtime alone (``converter`` None), or ONNX Runtime and one converter."""
+    _quiet()
+    if converter:
+        warm_up([converter], folder)
+    ref = reference(name, folder, ort_basic=ort_basic)
+    res = measure(converter, ref) if converter else {}
+    res.update({"ref_tol": ref["tol"], "rss_mb": peak_rss_mb()})
     return res
 
 
@@ -282,7 +317,8 @@ def _rss_mb(pid: int) -> float:
 
 
 def _subprocess(args: list[str], result: Path, timeout: float, max_rss_mb: float) -> dict:
-    """Run this script with ``args``; its JSON result, or {"error": why, "rss_mb": peak}."""
+    """Run this script with ``args``; its JSON result, or {"crash": why, "rss_mb": peak}."""
+    result.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, *args, "--result", str(result)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -307,25 +343,37 @@ def _subprocess(args: list[str], result: Path, timeout: float, max_rss_mb: float
         why = f"process crashed (signal {-proc.returncode})"
     else:
         why = (err.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-    return {"error": why, "rss_mb": peak, "seconds": None}
+    return {"crash": why, "rss_mb": peak}
 
 
 def run_graph(name: str, folder: Path, columns, timeout: float, max_rss_mb: float) -> dict:
-    """Prepare graph ``name`` in one process, then each converter in its own process."""
-    meta_path = folder / f"{name}_meta.json"
-    meta = _subprocess(["--prepare", name, "--folder", str(folder)], meta_path, timeout, max_rss_mb)
-    row = {"graph": name, "tol": meta.get("tol"), "rss_mb": meta.get("rss_mb")}
-    if "error" in meta:
-        row["error"] = "prepare: " + meta["error"]
+    """Graph ``name`` in one process; if it dies, ONNX Runtime and each converter apart."""
+    common = ["--folder", str(folder), "--columns", ",".join(columns)]
+    row = _subprocess(["--graph", name, *common], folder / "row.json", timeout, max_rss_mb)
+    if "crash" not in row:
         return row
+    print(f"{name}: {row['crash']}; again with one process per converter", file=sys.stderr, flush=True)
+    peak = row["rss_mb"]
+    ort_basic = []
+    ref = _subprocess(["--cell", name, *common], folder / "cell.json", timeout, max_rss_mb)
+    if "crash" in ref:  # ONNX Runtime itself: try its basic optimisation level
+        peak = max(peak, ref["rss_mb"])
+        ort_basic = ["--ort-basic"]
+        ref = _subprocess(["--cell", name, *common, *ort_basic], folder / "cell.json", timeout, max_rss_mb)
+    peak = max(peak, ref["rss_mb"])
+    if "crash" in ref:
+        return {"graph": name, "error": "ONNX Runtime: " + ref["crash"], "rss_mb": peak}
+    row = {"graph": name, "tol": ref["ref_tol"], "ort": "basic" if ort_basic else "default"}
     for converter in columns:
-        res = _subprocess(["--cell", name, "--converter", converter, "--folder", str(folder), "--meta", str(meta_path)],
-                          folder / f"{name}_{converter}.json", timeout, max_rss_mb)
-        if "error" in res and not res["error"].startswith(("convert:", "run:")):
-            res["error"] = "run: " + res["error"]
-        row["tol"] = res.pop("tol", row["tol"])  # the twin's own tolerance when it builds
-        row["rss_mb"] = max(row["rss_mb"] or 0.0, res.pop("rss_mb", 0.0) or 0.0)
+        res = _subprocess(["--cell", name, "--converter", converter, *common, *ort_basic], folder / "cell.json",
+                          timeout, max_rss_mb)
+        peak = max(peak, res.pop("rss_mb", 0.0))
+        res.pop("ref_tol", None)
+        if "crash" in res:
+            res = {"error": "run: " + res["crash"], "seconds": None}
+        row["tol"] = res.pop("tol", row["tol"])
         row[converter] = res
+    row["rss_mb"] = peak
     return row
 
 
@@ -334,7 +382,7 @@ def _cell(res: dict | None, tol: float | None) -> str:
         return "-"
     if "rel" in res:
         text = f"{res['rel']:.1e}"
-        return text if tol is not None and res["rel"] <= tol else f"**{text}**"
+        return text if passes(res, tol) else f"**{text}**"
     err = res["error"].replace("|", "/").replace("`", "'")
     return err if len(err) <= CELL_CHARS else err[:CELL_CHARS - 3] + "..."
 
@@ -352,12 +400,14 @@ def render(rows: list[dict], columns: tuple[str, ...]) -> None:
     print("|" + "---|" * len(head))
     for r in rows:
         tol = r.get("tol")
-        cells = [r["graph"], f"{tol:g}" if tol is not None else "-"]
+        graph = r["graph"] + (" (ORT basic)" if r.get("ort") == "basic" else "")
+        cells = [graph, f"{tol:g}" if tol is not None else "-"]
         for i, c in enumerate(columns):
             res = r.get(c)
-            if res is None and i == 0 and r.get("error"):  # the graph's process failed
+            if res is None and i == 0 and r.get("error"):  # no reference: the row's error, once
                 res = {"error": r["error"], "seconds": None}
-            cells += [_cell(res, tol), f"{res['seconds']:.2f}" if res and res["seconds"] is not None else "-"]
+            seconds = res.get("seconds") if res else None
+            cells += [_cell(res, tol), f"{seconds:.2f}" if seconds is not None else "-"]
         cells.append(f"{r['rss_mb']:.0f}" if r.get("rss_mb") else "-")
         print("| " + " | ".join(cells) + " |")
     total = ["**with parity**", ""]
@@ -371,17 +421,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--all", action="store_true", help="include the heavy graphs")
     ap.add_argument("--only", nargs="*", default=None, help="graph names (tests/corpus.py CORPUS)")
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per graph (default 600)")
-    ap.add_argument("--max-rss-mb", type=float, default=4096.0, help="kill a graph's process past this (default 4096)")
-    for hidden in ("--prepare", "--cell", "--converter", "--folder", "--meta", "--result"):
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per process (default 600)")
+    ap.add_argument("--max-rss-mb", type=float, default=4096.0, help="kill a process past this (default 4096)")
+    for hidden in ("--graph", "--cell", "--converter", "--folder", "--columns", "--result"):
         ap.add_argument(hidden, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ort-basic", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.prepare:
-        Path(args.result).write_text(json.dumps(prepare(args.prepare, Path(args.folder))))
-        return
-    if args.cell:
-        meta = json.loads(Path(args.meta).read_text())
-        Path(args.result).write_text(json.dumps(cell(args.cell, args.converter, Path(args.folder), meta)))
+    if args.graph or args.cell:
+        folder = Path(args.folder)
+        if args.graph:
+            out = whole_graph(args.graph, folder, args.columns.split(","))
+        else:
+            out = one_cell(args.cell, folder, args.converter, args.ort_basic)
+        Path(args.result).write_text(json.dumps(out))
         return
     import corpus
 
