@@ -3,9 +3,9 @@
 For every graph of tests/corpus.py (saved to a temporary folder and loaded back), the same
 seeded inputs go through ONNX Runtime and through three torch conversions:
 
-  onnx2torch raw   ``onnx2torch.convert`` on the unmodified ModelProto (graphs that list
-                   initializers as inputs, IR 3, get those values as arguments, as ONNX
-                   Runtime takes them by default)
+  onnx2torch raw   ``onnx2torch.convert`` on the unmodified ModelProto, called with the
+                   graph inputs its module keeps (an IR-3 graph's initializers listed as
+                   inputs are read as weights and dropped from the arguments)
   dynedit twin     ``onnx_dynedit.twin.Twin(onnx_dynedit.io.load_model(path))``: the
                    normalised copy (unique names, Constant weights as initializers, IR 3
                    inputs dropped, fp16 computed in fp32, dequantised constants folded ...)
@@ -26,12 +26,13 @@ normalisation + conversion + layer map). Inputs: batch 2, seed 0, integer ids in
 attention masks all ones, the corpus's ``input_shapes`` for symbolic sizes. ONNX Runtime
 runs with dynedit's session settings (``sessions.ort_session``).
 
-Each graph runs in its own subprocess; if that process dies (a segfault in a converter or
-in ONNX Runtime), the graph is run again with ONNX Runtime and each converter in separate
-processes, so a crash fills one cell (and if ONNX Runtime itself crashes at its default
-optimisation level, the reference is taken at ``ORT_ENABLE_BASIC``, marked ``ORT basic``).
-A process is killed if its resident memory passes --max-rss-mb (default 4096) or it runs
-past --timeout seconds. ``peak RSS MB`` is the largest of the graph's processes.
+Each graph runs in its own subprocess. A heavy graph, or one whose process dies (a segfault
+in a converter or in ONNX Runtime), runs with ONNX Runtime and each converter in separate
+processes, so one process holds one converter's copy of the weights and a crash fills one
+cell; if ONNX Runtime itself crashes at its default optimisation level, the reference is
+taken at ``ORT_ENABLE_BASIC`` (the row is marked ``ORT basic``). A process is killed if its
+resident memory passes --max-rss-mb (default 4096) or it runs past --timeout seconds.
+``peak RSS MB`` is the largest of the graph's processes.
 
     python benchmarks/bench_converters.py                 # the light graphs
     python benchmarks/bench_converters.py --all           # + heavy ones (VGG-19 ...)
@@ -188,9 +189,14 @@ def _onnx2torch(ref: dict):
 
     model = onnx.load(str(ref["path"]))  # the unmodified ModelProto
     module = convert(model)
+    # placeholders are input_<k> for graph input k (1-based); fx drops the unused ones
+    # (an IR-3 graph's initializers listed as inputs: the converters read them directly)
     inits = {t.name: t for t in model.graph.initializer}
-    args = [ref["feeds"][vi.name] if vi.name in ref["feeds"] else numpy_helper.to_array(inits[vi.name]).copy()
-            for vi in model.graph.input]
+    args = []
+    for node in module.graph.nodes:
+        if node.op == "placeholder":
+            vi = model.graph.input[int(node.target.rsplit("_", 1)[1]) - 1]
+            args.append(ref["feeds"][vi.name] if vi.name in ref["feeds"] else numpy_helper.to_array(inits[vi.name]).copy())
     return module, lambda: module.eval()(*[torch.from_numpy(a) for a in args])
 
 
@@ -346,14 +352,18 @@ def _subprocess(args: list[str], result: Path, timeout: float, max_rss_mb: float
     return {"crash": why, "rss_mb": peak}
 
 
-def run_graph(name: str, folder: Path, columns, timeout: float, max_rss_mb: float) -> dict:
-    """Graph ``name`` in one process; if it dies, ONNX Runtime and each converter apart."""
+def run_graph(name: str, folder: Path, columns, timeout: float, max_rss_mb: float, *, isolate: bool = False) -> dict:
+    """Graph ``name`` in one process; if it dies (or ``isolate``: heavy graphs, so one
+    process holds one converter's copy of the weights), ONNX Runtime and each converter
+    apart."""
     common = ["--folder", str(folder), "--columns", ",".join(columns)]
-    row = _subprocess(["--graph", name, *common], folder / "row.json", timeout, max_rss_mb)
-    if "crash" not in row:
-        return row
-    print(f"{name}: {row['crash']}; again with one process per converter", file=sys.stderr, flush=True)
-    peak = row["rss_mb"]
+    peak = 0.0
+    if not isolate:
+        row = _subprocess(["--graph", name, *common], folder / "row.json", timeout, max_rss_mb)
+        if "crash" not in row:
+            return row
+        print(f"{name}: {row['crash']}; again with one process per converter", file=sys.stderr, flush=True)
+        peak = row["rss_mb"]
     ort_basic = []
     ref = _subprocess(["--cell", name, *common], folder / "cell.json", timeout, max_rss_mb)
     if "crash" in ref:  # ONNX Runtime itself: try its basic optimisation level
@@ -447,7 +457,8 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            rows.append(run_graph(name, Path(tmp), columns, args.timeout, args.max_rss_mb))
+            rows.append(run_graph(name, Path(tmp), columns, args.timeout, args.max_rss_mb,
+                                  isolate=corpus.CORPUS[name].heavy))
             print(f"{name}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
             for f in Path(tmp).iterdir():
                 f.unlink()
