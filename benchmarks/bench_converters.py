@@ -189,14 +189,16 @@ def _onnx2torch(ref: dict):
 
     model = onnx.load(str(ref["path"]))  # the unmodified ModelProto
     module = convert(model)
-    # placeholders are input_<k> for graph input k (1-based); fx drops the unused ones
-    # (an IR-3 graph's initializers listed as inputs: the converters read them directly)
+    # an IR-3 graph lists its initializers as inputs too: onnx2torch reads them as weights
+    # and its module keeps only the real inputs (graph order) as arguments
     inits = {t.name: t for t in model.graph.initializer}
-    args = []
-    for node in module.graph.nodes:
-        if node.op == "placeholder":
-            vi = model.graph.input[int(node.target.rsplit("_", 1)[1]) - 1]
-            args.append(ref["feeds"][vi.name] if vi.name in ref["feeds"] else numpy_helper.to_array(inits[vi.name]).copy())
+    kept = sum(1 for node in module.graph.nodes if node.op == "placeholder")
+    real = [vi.name for vi in model.graph.input if vi.name not in inits]
+    if kept == len(real):
+        args = [ref["feeds"][name] for name in real]
+    else:
+        args = [ref["feeds"][vi.name] if vi.name in ref["feeds"] else numpy_helper.to_array(inits[vi.name]).copy()
+                for vi in model.graph.input]
     return module, lambda: module.eval()(*[torch.from_numpy(a) for a in args])
 
 
@@ -373,10 +375,12 @@ def run_graph(name: str, folder: Path, columns, timeout: float, max_rss_mb: floa
     peak = max(peak, ref["rss_mb"])
     if "crash" in ref:
         return {"graph": name, "error": "ONNX Runtime: " + ref["crash"], "rss_mb": peak}
-    row = {"graph": name, "tol": ref["ref_tol"], "ort": "basic" if ort_basic else "default"}
+    row = {"graph": name, "tol": ref["ref_tol"], "ort": "basic" if ort_basic else "default",
+           "rss_by": {"ONNX Runtime": ref["rss_mb"]}}
     for converter in columns:
         res = _subprocess(["--cell", name, "--converter", converter, *common, *ort_basic], folder / "cell.json",
                           timeout, max_rss_mb)
+        row["rss_by"][HEADS[converter]] = res.get("rss_mb", 0.0)
         peak = max(peak, res.pop("rss_mb", 0.0))
         res.pop("ref_tol", None)
         if "crash" in res:
@@ -425,6 +429,15 @@ def render(rows: list[dict], columns: tuple[str, ...]) -> None:
         total += [f"**{sum(passes(r.get(c), r.get('tol')) for r in rows)} / {len(rows)}**", ""]
     total.append("")
     print("| " + " | ".join(total) + " |")
+    apart = [r for r in rows if r.get("rss_by")]
+    if apart:  # graphs run one process per converter: each process's peak (each builds the graph and runs ORT first)
+        keys = list(apart[0]["rss_by"])
+        print("\nPeak RSS MB of each process (graphs run one process per converter; each process builds the "
+              "graph and runs ONNX Runtime before converting):\n")
+        print("| graph | " + " | ".join(keys) + " |")
+        print("|" + "---|" * (len(keys) + 1))
+        for r in apart:
+            print(f"| {r['graph']} | " + " | ".join(f"{r['rss_by'].get(k, 0):.0f}" for k in keys) + " |")
 
 
 def main() -> None:
