@@ -222,10 +222,6 @@ def fit_inputs(twin, raw: Inputs) -> Inputs:
     return Inputs(pairs=pairs, stats=stats, val=val, stats_shards=raw.stats_shards)
 
 
-def load_inputs(twin, pairs_path, stats_path=None, val_path=None) -> Inputs:
-    return fit_inputs(twin, read_inputs(pairs_path, stats_path, val_path))
-
-
 # --------------------------------------------------------------------------- locate
 
 
