@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from cli.common import ENGINE_OPTION, RAY_ADDRESS_OPTION, input_shape_option, run_options
+from cli.common import ENGINE_OPTION, RAY_ADDRESS_OPTION, echo_json, input_shape_option, run_options
 from onnx_dynedit import progress as _progress
 from onnx_dynedit.errors import CheckFailed
 from onnx_dynedit.sessions import DEFAULT_PROVIDER
@@ -59,7 +58,7 @@ def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate,
     finally:
         progress.close()
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
+        echo_json(report.to_dict())
     else:
         click.echo(render(report))
     if not report.passed:

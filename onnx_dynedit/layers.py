@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import LayerError
+from .errors import DataError, LayerError
 from .quant import WeightQuant, dequantize, use_counts, weight_dequantisations
 
 EDITABLE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
@@ -357,3 +357,19 @@ def _op_layout(node, attrs: dict, shape: tuple[int, ...]) -> tuple[dict, str | N
         reason = "ConvTranspose is mapped but not editable"
     return out, reason
 
+
+def check_finite_weights(model: onnx.ModelProto, layer_map: LayerMap, label: str) -> None:
+    """A model whose layer weights hold NaN/Inf is unusable input: say so instead of
+    reporting a NaN parity or propagating NaN into the edit."""
+    graph = model.graph
+    for layer in layer_map.layers:
+        for kind, name in (("weight", layer.initializer), ("bias", layer.bias)):
+            if not name:
+                continue
+            value = constant_value(graph, name)
+            if value is None or not np.issubdtype(value.dtype, np.floating):
+                continue
+            bad = int(np.count_nonzero(~np.isfinite(value.astype(np.float32, copy=False))))
+            if bad:
+                raise DataError(f"{label}: {kind} {name!r} of layer {layer.node!r} holds {bad} NaN/Inf "
+                                "value(s)", hint="the model is broken; re-export it from a healthy checkpoint")
