@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speed.py [--models resnet18 resnet50 vgg16] [--device auto|cpu|cuda]
                                      [--stats N] [--augment N] [--fit-methods adam lm lbfgs]
+                                     [--fit-steps N] [--finetune-steps N]
 
 Models (random weights, seeded, exported to ONNX at run time; nothing is downloaded):
   resnet18  a CIFAR-style ResNet-18 (11.2 M parameters, 3x32x32, BatchNorm with non-trivial
@@ -117,7 +118,7 @@ def forward_backward(twin, x) -> float:
     return (time.perf_counter() - t) / reps
 
 
-def finetune_seconds(twin, corrupt, clean) -> float:
+def finetune_seconds(twin, corrupt, clean, steps: int = FT_STEPS) -> float:
     module = copy.deepcopy(twin.module)
     params = [p for p in module.parameters() if p.is_floating_point()]
     for p in params:
@@ -128,7 +129,7 @@ def finetune_seconds(twin, corrupt, clean) -> float:
     ys = torch.cat([labels, labels])
     opt = torch.optim.Adam(params, lr=1e-4)
     t = time.perf_counter()
-    for _ in range(FT_STEPS):
+    for _ in range(steps):
         opt.zero_grad()
         out = module(xs)
         out = out[0] if isinstance(out, (tuple, list)) else out
@@ -139,7 +140,8 @@ def finetune_seconds(twin, corrupt, clean) -> float:
     return time.perf_counter() - t
 
 
-def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_method: str) -> dict:
+def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_method: str,
+            fit_steps: int | None = None, ft_steps: int = FT_STEPS) -> dict:
     """The measured run (child process): every phase of `dynedit edit`, timed."""
     from onnx_dynedit.io import load_model, save_model
     from onnx_dynedit.rectify import RectifyConfig, rectify
@@ -169,6 +171,8 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_metho
     parity = phase("parity before (ORT vs twin)", lambda: check_parity(twin))
     fb = forward_backward(twin, clean)
     cfg = RectifyConfig(target_gap=0.0, max_edits=1, fit_method=fit_method)
+    if fit_steps is not None:
+        cfg = cfg.replace(fit_steps=fit_steps)
     if augment is not None:
         cfg = cfg.replace(augment=augment)
     result = phase("rectify (total)", lambda: rectify(twin, corrupt, clean, stats_x=stats, val_x=val, config=cfg))
@@ -183,12 +187,14 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_metho
     clean20 = rng.standard_normal((20, *shape)).astype(np.float32)
     corrupt20 = clean20.copy()
     corrupt20[:, :, -p:, -p:] = 6.0
-    ft = {"1": finetune_seconds(twin, corrupt, clean), "20": finetune_seconds(twin, corrupt20, clean20)}
+    ft = {"1": finetune_seconds(twin, corrupt, clean, ft_steps),
+          "20": finetune_seconds(twin, corrupt20, clean20, ft_steps)}
     return {"fb": fb, "phases": phases, "finetune": ft, "peak_rss_mb": rss_mb(), "device": str(twin.device),
             "threads": torch.get_num_threads(), "edits": [e.layer.node for e in result.edits],
             "parity_before": parity.max_rel_diff, "parity_after": after.max_rel_diff,
             "synthetic": result.n_pairs - result.n_real_pairs, "stopped": result.stopped_because,
-            "fit_method": fit_method, "fit_loss": [s.fit_loss for s in result.steps]}
+            "fit_method": fit_method if fit_steps is None else f"{fit_method}, at most {fit_steps} steps",
+            "fit_loss": [s.fit_loss for s in result.steps], "ft_steps": ft_steps}
 
 
 def table(name: str, n_params: int, side: int, n_stats: int, r: dict) -> str:
@@ -204,7 +210,7 @@ def table(name: str, n_params: int, side: int, n_stats: int, r: dict) -> str:
     lines.append(f"| **total locate + edit + write-back** | **{total:.2f}** | **{total / fb:.0f}** | "
                  f"**{r['peak_rss_mb']:.0f}** |")
     for n, v in r["finetune"].items():
-        lines.append(f"| fine-tune all weights, {FT_STEPS} Adam steps, n = {n} | {v:.2f} | {v / fb:.0f} | |")
+        lines.append(f"| fine-tune all weights, {r['ft_steps']} Adam steps, n = {n} | {v:.2f} | {v / fb:.0f} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,11 +223,16 @@ def main() -> None:
     ap.add_argument("--fit-methods", nargs="*", default=["adam"], choices=["adam", "lm", "lbfgs"],
                     help="fit of u, one table per method (RectifyConfig.fit_method)")
     ap.add_argument("--fit-method", default="adam", help=argparse.SUPPRESS)  # the child's
+    ap.add_argument("--finetune-steps", type=int, default=FT_STEPS, help="Adam steps of the fine-tuning rows")
+    ap.add_argument("--fit-steps", type=int, default=None,
+                    help="cap Adam's steps (default: the library's, 200 with early stop); for a timed look at "
+                         "models where a full fit takes hours on a CPU")
     ap.add_argument("--child", nargs=3, metavar=("PATH", "SIDE", "STATS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         path, side, n_stats = args.child
-        print(json.dumps(run_one(Path(path), int(side), int(n_stats), args.device, args.augment, args.fit_method)))
+        print(json.dumps(run_one(Path(path), int(side), int(n_stats), args.device, args.augment, args.fit_method,
+                                 args.fit_steps, args.finetune_steps)))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,6 +246,9 @@ def main() -> None:
                        args.device, "--fit-method", method]
                 if args.augment is not None:
                     cmd += ["--augment", str(args.augment)]
+                if args.fit_steps is not None:
+                    cmd += ["--fit-steps", str(args.fit_steps)]
+                cmd += ["--finetune-steps", str(args.finetune_steps)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 print(table(name, n_params, side, n_stats, json.loads(out.strip().splitlines()[-1])), flush=True)
 

@@ -45,10 +45,15 @@ def _input_shapes(ctx, param, value):
         raise click.BadParameter(render(exc.raw_message, flag_words), ctx=ctx, param=param) from None
 
 
-INPUT_SHAPE_OPTION = click.option(
-    "--input-shape", "input_shapes", multiple=True, callback=_input_shapes, metavar="NAME:D1,D2,...",
-    help="Size of a model input for generated inputs (repeat per input), e.g. input:1,3,224,224; "
-         "default: the graph's own dims, a symbolic batch dim is 2.")
+def input_shape_option(help_text: str):
+    """``--input-shape NAME:D1,D2,...`` (repeatable) parsed into {name: dims}."""
+    return click.option("--input-shape", "input_shapes", multiple=True, callback=_input_shapes,
+                        metavar="NAME:D1,D2,...", help=help_text)
+
+
+INPUT_SHAPE_OPTION = input_shape_option(
+    "Size of a model input for generated inputs (repeat per input), e.g. input:1,3,224,224; "
+    "default: the graph's own dims, a symbolic batch dim is 2.")
 
 
 class LibraryDefault(click.Option):

@@ -64,50 +64,55 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, crit
                          augment=augment, criterion=criterion, target_attribution=target_attribution, seed=seed,
                          device=device, in_place=in_place, report=report, plot=plot, engine=engine,
                          ray_address=ray_address, input_shapes=input_shapes)
-    res = outcome.result
     if outcome.output_unchanged:
         click.echo(f"dynedit: nothing to change (every given pair already behaves like its clean twin); "
                    f"{outcome.output} is the model unchanged", err=True)
     if as_json:
         echo_json(outcome.to_dict())
     else:
-        rows = [[s.step, s.node, "-" if s.score is None else f"{s.score:.4g}", f"{s.gap_before:.4f}",
-                 f"{s.gap_after:.4f}", f"{s.fixed_after}/{res.n_pairs}", f"{s.degradation:.4f}", s.reason]
-                for s in res.steps]
-        if rows:
-            click.echo(table(rows, ["step", "layer", "score", "gap before", "gap after", "fixed", "degradation", "decision"]))
-        gap_name = ("attribution share on the differing region" if res.criterion == "attribution"
-                    else "output TV distance")
-        click.echo(f"criterion: {res.criterion} (gap = {gap_name})")
-        click.echo(f"pairs: {res.n_real_pairs} given + {res.n_pairs - res.n_real_pairs} synthetic; "
-                   f"key statistics from {res.stats_source}; degradation = {res.degradation_kind}")
-        click.echo(f"gap {res.gap_before:.4f} -> {res.gap_after:.4f}; fixed {res.fixed_before} -> {res.fixed_after} of "
-                   f"{res.n_pairs}; degradation {res.degradation:.4f}; {len(res.edits)} edit(s); stopped: {res.stopped_because}")
-        click.echo(f"given pairs: {res.real_fixed_after}/{res.n_real_pairs} classified like their clean twin; "
-                   f"gap {res.real_gap_before:.4f} -> {res.real_gap_after:.4f} (target {res.target})")
-        if outcome.parity_after:
-            click.echo(f"written-model parity (ONNX Runtime vs edited twin): max rel {outcome.parity_after['max_rel_diff']:.3g}")
-        for r in outcome.rounding:
-            if r["dtype"] in ("float32", "float64"):
-                continue
-            extra = ""
-            if "quant" in r:
-                kept = "kept" if r["scale_kept"] else f"recomputed for {r['rescaled_groups']}/{r['groups']} group(s)"
-                extra = f"; scale {kept}"
-                if r["clipped"]:
-                    extra += f"; {r['clipped']} value(s) clipped (shared scale)"
-                if r["aux_changed"]:
-                    extra += f"; also changed: {', '.join(r['aux_changed'])}"
-            click.echo(f"written as {r['dtype']}: {r['initializer']}: max rounding {r['max_abs_rounding_error']:.3g} "
-                       f"({r['rel_rounding_error']:.2%} of max |edit|){extra}")
-        if outcome.rounding_effect:
-            click.echo(f"rounding effect (ONNX Runtime on the written model vs the float edit on the twin): "
-                       f"max |logit change| {outcome.rounding_effect['max_abs_logit_change']:.3g}")
-        if outcome.output_unchanged:
-            click.echo(f"wrote {outcome.output} (unchanged: no edit needed)")
-        else:
-            click.echo(f"wrote {outcome.output}" if outcome.output else "nothing written (no edit accepted)")
-        if outcome.plot:
-            click.echo(f"plot written to {outcome.plot}")
-        click.echo("PASSED" if outcome.success else "FAILED: target not reached within the edit and degradation budgets")
+        _print_report(outcome)
     sys.exit(0 if outcome.success else 1)
+
+
+def _print_report(outcome) -> None:
+    """The text report: one row per trial, then the summary lines and PASSED / FAILED."""
+    res = outcome.result
+    rows = [[s.step, s.node, "-" if s.score is None else f"{s.score:.4g}", f"{s.gap_before:.4f}",
+             f"{s.gap_after:.4f}", f"{s.fixed_after}/{res.n_pairs}", f"{s.degradation:.4f}", s.reason]
+            for s in res.steps]
+    if rows:
+        click.echo(table(rows, ["step", "layer", "score", "gap before", "gap after", "fixed", "degradation", "decision"]))
+    gap_name = ("attribution share on the differing region" if res.criterion == "attribution"
+                else "output TV distance")
+    click.echo(f"criterion: {res.criterion} (gap = {gap_name})")
+    click.echo(f"pairs: {res.n_real_pairs} given + {res.n_pairs - res.n_real_pairs} synthetic; "
+               f"key statistics from {res.stats_source}; degradation = {res.degradation_kind}")
+    click.echo(f"gap {res.gap_before:.4f} -> {res.gap_after:.4f}; fixed {res.fixed_before} -> {res.fixed_after} of "
+               f"{res.n_pairs}; degradation {res.degradation:.4f}; {len(res.edits)} edit(s); stopped: {res.stopped_because}")
+    click.echo(f"given pairs: {res.real_fixed_after}/{res.n_real_pairs} classified like their clean twin; "
+               f"gap {res.real_gap_before:.4f} -> {res.real_gap_after:.4f} (target {res.target})")
+    if outcome.parity_after:
+        click.echo(f"written-model parity (ONNX Runtime vs edited twin): max rel {outcome.parity_after['max_rel_diff']:.3g}")
+    for r in outcome.rounding:
+        if r["dtype"] in ("float32", "float64"):
+            continue
+        extra = ""
+        if "quant" in r:
+            kept = "kept" if r["scale_kept"] else f"recomputed for {r['rescaled_groups']}/{r['groups']} group(s)"
+            extra = f"; scale {kept}"
+            if r["clipped"]:
+                extra += f"; {r['clipped']} value(s) clipped (shared scale)"
+            if r["aux_changed"]:
+                extra += f"; also changed: {', '.join(r['aux_changed'])}"
+        click.echo(f"written as {r['dtype']}: {r['initializer']}: max rounding {r['max_abs_rounding_error']:.3g} "
+                   f"({r['rel_rounding_error']:.2%} of max |edit|){extra}")
+    if outcome.rounding_effect:
+        click.echo(f"rounding effect (ONNX Runtime on the written model vs the float edit on the twin): "
+                   f"max |logit change| {outcome.rounding_effect['max_abs_logit_change']:.3g}")
+    if outcome.output_unchanged:
+        click.echo(f"wrote {outcome.output} (unchanged: no edit needed)")
+    else:
+        click.echo(f"wrote {outcome.output}" if outcome.output else "nothing written (no edit accepted)")
+    if outcome.plot:
+        click.echo(f"plot written to {outcome.plot}")
+    click.echo("PASSED" if outcome.success else "FAILED: target not reached within the edit and degradation budgets")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from cli.common import ENGINE_OPTION, RAY_ADDRESS_OPTION, run_options
+from cli.common import ENGINE_OPTION, RAY_ADDRESS_OPTION, echo_json, input_shape_option, run_options
 from onnx_dynedit import progress as _progress
 from onnx_dynedit.errors import CheckFailed
 from onnx_dynedit.sessions import DEFAULT_PROVIDER
@@ -35,12 +34,15 @@ from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, VerifyReport, verify as run_
               help=f"ONNX Runtime execution provider [default: {DEFAULT_PROVIDER}].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
               help=f"Inputs per ONNX Runtime call [default: {DEFAULT_BATCH_SIZE}].")
+@input_shape_option("Size of a model input with symbolic dims (repeat per input), e.g. input:1,3,224,224: "
+                    "every set must fit it (the batch axis is the data's own). Several inputs: give the sets "
+                    "as '<key>:<input name>' arrays.")
 @ENGINE_OPTION
 @RAY_ADDRESS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @run_options()
 def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate, max_logit_change,
-           max_asr, provider, batch_size, engine, ray_address, as_json):
+           max_asr, provider, batch_size, input_shapes, engine, ray_address, as_json):
     """Check EDITED against ORIGINAL: accuracy, agreement, logit change, fix rate, attack success.
 
     Exit 0 and "PASSED" when every given gate holds, 1 and one "FAILED: ..." line per
@@ -52,11 +54,11 @@ def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate,
     try:
         report = run_verify(original, edited, clean, corrupt=corrupt, target=target, thresholds=thresholds,
                             provider=provider, batch_size=batch_size, progress=progress, engine=engine,
-                            ray_address=ray_address)
+                            ray_address=ray_address, input_shapes=input_shapes)
     finally:
         progress.close()
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
+        echo_json(report.to_dict())
     else:
         click.echo(render(report))
     if not report.passed:

@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 def _twin(loaded: LoadedModel, device, input_shapes=None, data=None):
     """The twin, parity required. Parity inputs take their sizes from ``input_shapes``
     (given by the caller), else the graph, else (symbolic non-batch dims) the rows of ``data``."""
+    from .layers import check_finite_weights
     from .parity import check_parity, require_parity
     from .twin import Twin
 
     twin = Twin(loaded, device, input_shapes=_with_data_shapes(loaded, input_shapes, data))
-    check_finite_weights(loaded, twin)
+    check_finite_weights(loaded.model, twin.layer_map, loaded.label)
     with progress.phase("parity (ONNX Runtime vs twin)"):
         parity = check_parity(twin)
     require_parity(parity, loaded.label)
@@ -57,25 +58,6 @@ def _with_data_shapes(loaded: LoadedModel, given, data):
             first = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else min(len(arr), 2)
             given[spec.name] = (first,) + tuple(int(d) for d in arr.shape[1:])
     return given
-
-
-def check_finite_weights(loaded: LoadedModel, twin) -> None:
-    """A model whose layer weights hold NaN/Inf is unusable input: say so instead of
-    reporting a NaN parity or propagating NaN into the edit."""
-    from .layers import constant_value
-
-    graph = loaded.model.graph
-    for layer in twin.layer_map.layers:
-        for kind, name in (("weight", layer.initializer), ("bias", layer.bias)):
-            if not name:
-                continue
-            value = constant_value(graph, name)
-            if value is None or not np.issubdtype(value.dtype, np.floating):
-                continue
-            bad = int(np.count_nonzero(~np.isfinite(value.astype(np.float32, copy=False))))
-            if bad:
-                raise DataError(f"{loaded.label}: {kind} {name!r} of layer {layer.node!r} holds {bad} NaN/Inf "
-                                "value(s)", hint="the model is broken; re-export it from a healthy checkpoint")
 
 
 def _refuse_data_overwrite(outputs, data_inputs) -> None:
@@ -222,10 +204,6 @@ def fit_inputs(twin, raw: Inputs) -> Inputs:
     return Inputs(pairs=pairs, stats=stats, val=val, stats_shards=raw.stats_shards)
 
 
-def load_inputs(twin, pairs_path, stats_path=None, val_path=None) -> Inputs:
-    return fit_inputs(twin, read_inputs(pairs_path, stats_path, val_path))
-
-
 # --------------------------------------------------------------------------- locate
 
 
@@ -300,10 +278,6 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
 
 
 # ----------------------------------------------------------------------------- edit
-
-
-# How many of the given pairs `edit --plot` shows.
-PLOT_PAIRS = 3
 
 
 @dataclass(frozen=True)
@@ -554,48 +528,12 @@ def _save_unchanged(loaded: LoadedModel, out, protected, in_place, clock: _Clock
 def _write_edit_plot(path: Path, twin, loaded: LoadedModel, inputs: Inputs, result, edits, clock: _Clock) -> None:
     """Gather what the edit's plot shows (input attribution on the first given pairs
     before and after the edits, the layer scores of each round) and draw it (plot.py)."""
+    from .figures import draw_edit_figure
+
     t0 = time.perf_counter()
     with progress.phase(f"plot {path}"):
-        _draw_edit_plot(path, twin, loaded, inputs, result, edits)
+        draw_edit_figure(path, twin, loaded.label, inputs.pairs.corrupt, inputs.pairs.clean, result, edits)
     clock.phase("plot", t0)
-
-
-def _draw_edit_plot(path: Path, twin, loaded: LoadedModel, inputs: Inputs, result, edits) -> None:
-    import torch
-
-    from .attribution import DEFAULT_STEPS, input_attribution
-    from .plot import PairView, Round, write_edit_plot
-
-    k = min(PLOT_PAIRS, inputs.pairs.n)
-    corrupt, clean = inputs.pairs.corrupt[:k], inputs.pairs.clean[:k]
-    xc = twin.to_tensor(corrupt)
-    with torch.no_grad():
-        p_clean = torch.softmax(twin.forward(twin.to_tensor(clean)).float(), 1)
-        p_before = torch.softmax(twin.forward(xc).float(), 1)
-        with twin.applied(edits):
-            p_after = torch.softmax(twin.forward(xc).float(), 1)
-    # the logit attributed: the class each model predicts on the corrupted input
-    a_before = input_attribution(twin, xc, p_before.argmax(1), steps=DEFAULT_STEPS).detach().cpu().numpy()
-    with twin.applied(edits):
-        a_after = input_attribution(twin, xc, p_after.argmax(1), steps=DEFAULT_STEPS).detach().cpu().numpy()
-
-    def label(p, i):
-        c = int(p[i].argmax())
-        return f"class {c} (p {float(p[i, c]):.2f})"
-
-    views = [PairView(corrupt=corrupt[i], clean=clean[i], attr_before=a_before[i], attr_after=a_after[i],
-                      label_corrupt=label(p_before, i), label_clean=label(p_clean, i),
-                      label_after=label(p_after, i)) for i in range(k)]
-    order = [l.node for l in sorted(twin.layer_map.editable(), key=lambda l: l.node_index)]
-    rounds = []
-    for i, loc in enumerate(result.localisations):
-        scores = {entry["node"]: float(entry["score"]) for entry in loc.get("layers", [])}
-        rounds.append(Round(scores=scores, edited=result.edits[i].layer.node if i < len(result.edits) else None))
-    done = "success" if result.success else "target not reached"
-    summary = (f"{len(result.edits)} edit(s) [{', '.join(e.layer.node for e in result.edits) or 'none'}], "
-               f"criterion {result.criterion}, given pairs' gap {result.real_gap_before:.3f} -> "
-               f"{result.real_gap_after:.3f} (target {result.target:g}): {done}")
-    write_edit_plot(path, views, rounds, order, model_label=loaded.label, summary=summary)
 
 
 def _external_names(loaded: LoadedModel, new_model) -> set[str]:

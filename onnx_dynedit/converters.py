@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
@@ -446,7 +445,3 @@ def _wrap(op: str, version: int) -> None:
 # or replace outright (every version).
 WRAPPERS = {"Reshape": _reshape_allowzero, "Conv": _conv_auto_pad, "AveragePool": _avg_pool_padded}
 OWN_CONVERTERS = {"Dropout": _dropout, "Gelu": _gelu}
-
-
-def tensor_from_numpy(arr: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).to(device)

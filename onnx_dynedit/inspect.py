@@ -57,14 +57,13 @@ def load_feeds(path, specs) -> dict[str, np.ndarray]:
 
 def inspect_model(src, *, inputs_file=None, device=None, seed: int = 0, int_range=(0, 10),
                   input_shapes=None) -> InspectReport:
+    from .layers import check_finite_weights
     from .parity import check_parity
     from .twin import Twin
 
     loaded: LoadedModel = load_model(src)
     twin = Twin(loaded, device, input_shapes=input_shapes)
-    from .api import check_finite_weights
-
-    check_finite_weights(loaded, twin)  # NaN/Inf weights: unusable input (exit 2), not a parity failure
+    check_finite_weights(loaded.model, twin.layer_map, loaded.label)  # NaN/Inf weights: unusable input (exit 2), not a parity failure
     feeds = load_feeds(inputs_file, twin.inputs) if inputs_file else None
     parity = check_parity(twin, feeds, seed=seed, int_range=int_range)
     opset = next((o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")), 0)

@@ -36,8 +36,6 @@ MAX_TENSOR_ELEMENTS = 1 << 33
 # elements than this (256 M): dynedit allocates such tensors itself (parity inputs,
 # weight placeholders), and a few bytes of a hostile file must not ask for terabytes.
 MAX_SYNTH_ELEMENTS = 1 << 28
-# Tensors at least this large (bytes) go to external data for newly created tensors.
-EXTERNAL_THRESHOLD = 1024
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import LayerError
+from .errors import DataError, LayerError
 from .quant import WeightQuant, dequantize, use_counts, weight_dequantisations
 
 EDITABLE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
@@ -239,6 +239,8 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def build_layer_map(model: onnx.ModelProto) -> LayerMap:
+    """Every weight-bearing node of ``model`` (``EDITABLE_OPS``), with its weight's layout
+    and, when it cannot be edited, why."""
     graph = model.graph
     names = unique_node_names(graph)
     init_names = {init.name for init in graph.initializer}
@@ -246,100 +248,128 @@ def build_layer_map(model: onnx.ModelProto) -> LayerMap:
     sources = constant_sources(graph)
     consumers = use_counts(graph)
     graph_outputs = {o.name for o in graph.output}
+    dequantised = weight_dequantisations(graph, _memo_constants(graph))
 
     def is_const(name: str) -> bool:
         return name in init_names or name in sources
 
-    dequantised = weight_dequantisations(graph, _memo_constants(graph))
-
-    def is_weight(name: str) -> bool:
-        return is_const(name) or name in dequantised
+    def is_shared(name: str) -> bool:
+        return consumers.get(name, 0) > 1 or name in graph_outputs or name in graph_inputs
 
     layers = []
     for i, node in enumerate(graph.node):
         if node.op_type not in EDITABLE_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        attrs = _attrs(node)
-        inputs = list(node.input)
-        reason = None
-        if node.op_type == "MatMul":
-            if len(inputs) < 2:
-                continue
-            if is_weight(inputs[1]) and not is_weight(inputs[0]):
-                weight, key = inputs[1], inputs[0]
-            elif is_weight(inputs[0]) and not is_weight(inputs[1]):
-                weight, key = inputs[0], inputs[1]
-                reason = "the constant is MatMul's first operand (W @ X); only X @ W is editable"
-            else:
-                continue  # activation x activation: no weight
-            bias = None
-        else:
-            if len(inputs) < 2 or not is_weight(inputs[1]):
-                continue
-            weight, key = inputs[1], inputs[0]
-            bias = inputs[2] if len(inputs) > 2 and inputs[2] and is_const(inputs[2]) else None
+        operands = _operands(node, is_const, lambda name: is_const(name) or name in dequantised)
+        if operands is None:
+            continue
+        weight, key, bias, reason = operands
         quant = dequantised.get(weight)
-        shared = consumers.get(weight, 0) > 1 or weight in graph_outputs or weight in graph_inputs
-        if quant is not None:  # the layer edits the dequantised weight; the integers are stored
-            shared = shared or consumers.get(quant.quantized, 0) > 1 or quant.quantized in graph_outputs \
-                or quant.quantized in graph_inputs
-            q = constant_value(graph, quant.quantized)
-            zp = constant_value(graph, quant.zero_point) if quant.zero_point else None
-            value = dequantize(q, constant_value(graph, quant.scale), zp, quant)
-            dtype = str(q.dtype)
-            weight = quant.quantized
-            if quant.reason is not None:
-                reason = reason or quant.reason
-        else:
-            value = constant_value(graph, weight)
-            if value is None:
-                continue
-            dtype = str(value.dtype)
+        shared = is_shared(weight) or (quant is not None and is_shared(quant.quantized))
+        stored = _stored_weight(graph, weight, quant)
+        if stored is None:
+            continue
+        weight, value, dtype = stored
+        if quant is not None and quant.reason is not None:
+            reason = reason or quant.reason
         shape = tuple(int(d) for d in value.shape)
         source = sources.get(weight, ("initializer", -1))[0] if weight not in init_names else "initializer"
-        alpha, trans_b, groups = 1.0, True, 1
-        strides = pads = dilations = kernel = ()
-        auto_pad = "NOTSET"
-        if node.op_type == "Conv":
-            groups = int(attrs.get("group", 1))
-            kernel = tuple(int(k) for k in attrs.get("kernel_shape", shape[2:]))
-            nsp = len(shape) - 2
-            strides = tuple(int(s) for s in attrs.get("strides", [1] * nsp))
-            dilations = tuple(int(s) for s in attrs.get("dilations", [1] * nsp))
-            pads = tuple(int(s) for s in attrs.get("pads", [0] * 2 * nsp))
-            ap = attrs.get("auto_pad", b"NOTSET")
-            auto_pad = ap.decode() if isinstance(ap, bytes) else str(ap)
-            layout = f"W[out,in*k] = weight.reshape({shape[0]}, -1)"
-            if groups != 1:
-                reason = f"grouped convolution (group={groups}) is mapped but not editable"
-            elif nsp not in (1, 2):
-                reason = f"{nsp}-D convolution is mapped but not editable (1-D and 2-D are)"
-        elif node.op_type == "Gemm":
-            alpha = float(attrs.get("alpha", 1.0))
-            trans_b = bool(attrs.get("transB", 0))
-            layout = (f"W[out,in] = {alpha:g} * B" if trans_b else f"W[out,in] = {alpha:g} * B.T")
-            if attrs.get("transA", 0):
-                reason = "Gemm with transA=1 is not editable"
-            elif alpha == 0:
-                reason = "Gemm with alpha=0 ignores its weight"
-            elif len(shape) != 2:
-                reason = f"Gemm weight has rank {len(shape)}"
-        elif node.op_type == "MatMul":
-            layout = "W[out,in] = B.T"
-            if len(shape) != 2 and reason is None:
-                reason = f"MatMul with a {len(shape)}-D constant is not editable (2-D only)"
-        else:  # ConvTranspose
-            layout = "weight [in, out/group, *k]"
-            reason = "ConvTranspose is mapped but not editable"
+        layout, op_reason = _op_layout(node, _attrs(node), shape)
+        reason = (reason or op_reason) if node.op_type == "MatMul" else (op_reason or reason)
         if reason is None and shared:
             reason = f"initializer {weight!r} is shared by several nodes; editing it would change all of them"
         if reason is None and not np.issubdtype(value.dtype, np.floating):
             reason = f"weight dtype {dtype} is not floating point"
         layers.append(Layer(
             node=names[i], node_index=i, op=node.op_type, initializer=weight, bias=bias, shape=shape,
-            dtype=dtype, source=source, shared=shared, layout=layout, key_input=key,
+            dtype=dtype, source=source, shared=shared, key_input=key,
             module=twin_module_name(names[i], node.domain), editable=reason is None, reason=reason,
-            alpha=alpha, trans_b=trans_b, groups=groups, strides=strides, pads=pads,
-            dilations=dilations, auto_pad=auto_pad, kernel=kernel, quant=quant,
+            quant=quant, **layout,
         ))
     return LayerMap(layers=tuple(layers), node_names=tuple(names))
+
+
+def _operands(node, is_const, is_weight) -> tuple[str, str, str | None, str | None] | None:
+    """(weight, key input, bias or None, why not editable or None) of an editable op's
+    node; None when the node has no constant weight (activation x activation)."""
+    inputs = list(node.input)
+    if node.op_type == "MatMul":
+        if len(inputs) < 2:
+            return None
+        if is_weight(inputs[1]) and not is_weight(inputs[0]):
+            return inputs[1], inputs[0], None, None
+        if is_weight(inputs[0]) and not is_weight(inputs[1]):
+            return inputs[0], inputs[1], None, "the constant is MatMul's first operand (W @ X); only X @ W is editable"
+        return None
+    if len(inputs) < 2 or not is_weight(inputs[1]):
+        return None
+    bias = inputs[2] if len(inputs) > 2 and inputs[2] and is_const(inputs[2]) else None
+    return inputs[1], inputs[0], bias, None
+
+
+def _stored_weight(graph, weight: str, quant: WeightQuant | None) -> tuple[str, np.ndarray, str] | None:
+    """(the stored tensor's name, the float weight, the stored dtype): a dequantised
+    weight is edited as floats and stored as its integers; None when not a constant."""
+    if quant is not None:
+        q = constant_value(graph, quant.quantized)
+        zp = constant_value(graph, quant.zero_point) if quant.zero_point else None
+        return quant.quantized, dequantize(q, constant_value(graph, quant.scale), zp, quant), str(q.dtype)
+    value = constant_value(graph, weight)
+    return None if value is None else (weight, value, str(value.dtype))
+
+
+def _op_layout(node, attrs: dict, shape: tuple[int, ...]) -> tuple[dict, str | None]:
+    """The layout fields of a ``Layer`` for this op's attributes, and why the op's form
+    is not editable (None when it is)."""
+    out = dict(alpha=1.0, trans_b=True, groups=1, strides=(), pads=(), dilations=(), kernel=(), auto_pad="NOTSET")
+    reason = None
+    if node.op_type == "Conv":
+        groups = int(attrs.get("group", 1))
+        nsp = len(shape) - 2
+        ap = attrs.get("auto_pad", b"NOTSET")
+        out.update(groups=groups, kernel=tuple(int(k) for k in attrs.get("kernel_shape", shape[2:])),
+                   strides=tuple(int(s) for s in attrs.get("strides", [1] * nsp)),
+                   dilations=tuple(int(s) for s in attrs.get("dilations", [1] * nsp)),
+                   pads=tuple(int(s) for s in attrs.get("pads", [0] * 2 * nsp)),
+                   auto_pad=ap.decode() if isinstance(ap, bytes) else str(ap))
+        out["layout"] = f"W[out,in*k] = weight.reshape({shape[0]}, -1)"
+        if groups != 1:
+            reason = f"grouped convolution (group={groups}) is mapped but not editable"
+        elif nsp not in (1, 2):
+            reason = f"{nsp}-D convolution is mapped but not editable (1-D and 2-D are)"
+    elif node.op_type == "Gemm":
+        alpha = float(attrs.get("alpha", 1.0))
+        trans_b = bool(attrs.get("transB", 0))
+        out.update(alpha=alpha, trans_b=trans_b,
+                   layout=f"W[out,in] = {alpha:g} * B" if trans_b else f"W[out,in] = {alpha:g} * B.T")
+        if attrs.get("transA", 0):
+            reason = "Gemm with transA=1 is not editable"
+        elif alpha == 0:
+            reason = "Gemm with alpha=0 ignores its weight"
+        elif len(shape) != 2:
+            reason = f"Gemm weight has rank {len(shape)}"
+    elif node.op_type == "MatMul":
+        out["layout"] = "W[out,in] = B.T"
+        if len(shape) != 2:
+            reason = f"MatMul with a {len(shape)}-D constant is not editable (2-D only)"
+    else:  # ConvTranspose
+        out["layout"] = "weight [in, out/group, *k]"
+        reason = "ConvTranspose is mapped but not editable"
+    return out, reason
+
+
+def check_finite_weights(model: onnx.ModelProto, layer_map: LayerMap, label: str) -> None:
+    """A model whose layer weights hold NaN/Inf is unusable input: say so instead of
+    reporting a NaN parity or propagating NaN into the edit."""
+    graph = model.graph
+    for layer in layer_map.layers:
+        for kind, name in (("weight", layer.initializer), ("bias", layer.bias)):
+            if not name:
+                continue
+            value = constant_value(graph, name)
+            if value is None or not np.issubdtype(value.dtype, np.floating):
+                continue
+            bad = int(np.count_nonzero(~np.isfinite(value.astype(np.float32, copy=False))))
+            if bad:
+                raise DataError(f"{label}: {kind} {name!r} of layer {layer.node!r} holds {bad} NaN/Inf "
+                                "value(s)", hint="the model is broken; re-export it from a healthy checkpoint")

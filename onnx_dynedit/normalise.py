@@ -8,6 +8,9 @@ for write-back):
   - graphs that list initializers as graph inputs (IR 3) lose those inputs, and an IR-3
     copy is marked IR 4 (else shape inference ignores the initializers and onnx2torch
     sees every shape as unknown: "spatial rank == -2");
+  - in a graph whose inputs have a fixed batch of 1, a Reshape to a constant shape that
+    starts with 1 (a hard-coded batch, e.g. the zoo's Inception v1 and ShuffleNet) gets 0
+    there ("copy the input's dim"): the same at batch 1, and the twin can run batches;
   - the logits before a final Softmax become an extra output (the attributed scalar);
   - float16 models get a float32 copy (the twin computes in fp32; parity tolerance is
     looser for them);
@@ -72,6 +75,7 @@ def normalise(model: onnx.ModelProto) -> Normalised:
     notes = [note for note in (_constants_to_initializers(graph), _fold_dequantised(copy),
                                _aliases_to_initializers(graph)) if note]
     notes += _drop_initializer_inputs(copy)
+    notes += [note for note in (_batch_free_reshapes(copy),) if note]
     logits = softmax_node = None
     found = final_softmax(graph)
     if found is not None:
@@ -106,6 +110,43 @@ def _constants_to_initializers(graph) -> str | None:
     graph.node.extend(keep)
     graph.initializer.extend(new_inits)
     return f"{len(new_inits)} Constant/ConstantOfShape node(s) turned into initializers"
+
+
+def _batch_free_reshapes(model: onnx.ModelProto) -> str | None:
+    """Reshape targets with a hard-coded batch of 1 -> 0 (copy the input's dim 0), where
+    the graph's inputs are fixed at batch 1 and shape inference says the reshaped tensor
+    has dim 0 = 1: equal at batch 1, and batch-preserving when the twin runs more rows."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    real = [vi for vi in graph.input if vi.name not in inits]
+    if not real or any(not vi.type.tensor_type.shape.dim or vi.type.tensor_type.shape.dim[0].dim_value != 1
+                       for vi in real):
+        return None
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a graph shape inference cannot read keeps its reshapes
+        return None
+    dim0 = {vi.name: (vi.type.tensor_type.shape.dim[0].dim_value if vi.type.tensor_type.shape.dim else None)
+            for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    by_name = {i.name: i for i in graph.initializer}
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in by_name:
+            continue
+        if any(a.name == "allowzero" and a.i for a in node.attribute) or dim0.get(node.input[0]) != 1:
+            continue
+        shape = numpy_helper.to_array(by_name[node.input[1]])
+        if shape.ndim != 1 or not shape.size or shape[0] != 1:
+            continue
+        name = f"{node.input[1]}__batch_free"
+        if name not in by_name:
+            new = shape.copy()
+            new[0] = 0
+            by_name[name] = numpy_helper.from_array(new.astype(shape.dtype), name)
+            graph.initializer.append(by_name[name])
+        node.input[1] = name
+        changed += 1
+    return f"{changed} Reshape(s) with a hard-coded batch of 1 made batch-free" if changed else None
 
 
 def _fold_dequantised(model: onnx.ModelProto) -> str | None:

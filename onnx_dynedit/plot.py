@@ -194,8 +194,6 @@ def write_edit_plot(path, pairs: list[PairView], rounds: list[Round], layer_orde
     round (the layer edited in that round marked)."""
     import textwrap
 
-    from matplotlib.colors import PowerNorm
-
     plt = _pyplot()
     n = len(pairs)
     image = n and _image(pairs[0].corrupt) is not None
@@ -209,65 +207,77 @@ def write_edit_plot(path, pairs: list[PairView], rounds: list[Round], layer_orde
         titles = [f"corrupted input\nshipped: {p.label_corrupt}", f"clean twin\nshipped: {p.label_clean}",
                   f"attribution, shipped model{shares[0]}", f"attribution, edited model\nedited: {p.label_after}"
                   f"{shares[1]}"]
-        if image:
-            hb, ha = _heat(p.attr_before), _heat(p.attr_after)
-            vmax = max(float(hb.max()), float(ha.max()), 1e-12)
-            for j, (arr, cmap) in enumerate([(_image(p.corrupt), "gray"), (_image(p.clean), "gray"),
-                                             (hb, "magma"), (ha, "magma")]):
-                ax = fig.add_subplot(grid[i, j])
-                # sqrt scale: a few strong pixels would otherwise leave the rest black
-                kw = {"norm": PowerNorm(0.5, vmin=0.0, vmax=vmax)} if j >= 2 else {}
-                ax.imshow(arr, cmap=cmap if arr.ndim == 2 else None, interpolation="nearest", **kw)
-                box = _box(region)
-                if box is not None:  # where the pair differs
-                    from matplotlib.patches import Rectangle
-
-                    (r0, r1), (c0, c1) = box
-                    ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0 + 1, r1 - r0 + 1, fill=False,
-                                           edgecolor="#00bcd4", linewidth=1.0))
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.set_title(titles[j], fontsize=7)
-                if j == 0:
-                    ax.set_ylabel(f"pair {i + 1}", fontsize=8)
-        else:
-            for j, (arr, kind) in enumerate([(p.corrupt, "x"), (p.clean, "x"), (p.attr_before, "a"),
-                                             (p.attr_after, "a")]):
-                ax = fig.add_subplot(grid[i, j])
-                ax.plot(np.asarray(arr, dtype=np.float64).reshape(-1), lw=0.8,
-                        color="#424242" if kind == "x" else CHOSEN)
-                ax.set_title(titles[j], fontsize=7)
-                ax.tick_params(labelsize=6)
-    ax = fig.add_subplot(grid[n, :])
-    if rounds:
-        xs = np.arange(len(layer_order))
-        width = 0.8 / len(rounds)
-        colours = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(rounds)))
-        for r_i, rnd in enumerate(rounds):
-            best = max([v for v in rnd.scores.values() if np.isfinite(v)] + [0.0]) or 1.0
-            vals = [rnd.scores.get(node, np.nan) / best for node in layer_order]
-            label = f"round {r_i + 1}" + (f": edited {rnd.edited}" if rnd.edited else ": no edit kept")
-            pos = xs - 0.4 + width * (r_i + 0.5)
-            ax.bar(pos, np.nan_to_num(vals), width, color=colours[r_i], label=label)
-            if rnd.edited in layer_order:
-                k = layer_order.index(rnd.edited)
-                ax.bar(pos[k], np.nan_to_num(vals[k]), width, color=colours[r_i], edgecolor=CHOSEN, linewidth=1.6)
-        ax.set_xticks(xs)
-        ax.set_xticklabels(layer_order, rotation=30, ha="right", fontsize=7)
-        ax.set_xlabel("layer (graph order)", fontsize=8)
-        ax.set_ylabel("score / best of the round", fontsize=8)
-        ax.set_ylim(0, 1.35)
-        ax.tick_params(axis="y", labelsize=7)
-        ax.legend(fontsize=7, frameon=False, loc="upper left", ncol=min(len(rounds), 3))
-        ax.set_title("layer scores of each localisation round (red outline: the layer edited in that round)",
-                     fontsize=8)
-    else:
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no localisation: the layers were pinned or nothing needed an edit",
-                ha="center", va="center", fontsize=8)
+        axes = [fig.add_subplot(grid[i, j]) for j in range(4)]
+        (_image_row if image else _curve_row)(axes, p, region, titles, i)
+    _round_scores(fig.add_subplot(grid[n, :]), plt, rounds, layer_order)
     fig.suptitle(f"dynedit edit: {model_title(model_label)}\n" + "\n".join(textwrap.wrap(summary, 100)), fontsize=9)
     fig.subplots_adjust(top=1.0 - 1.15 / height, bottom=0.9 / height, left=0.09, right=0.98)
     _save(fig, path)
+
+
+def _image_row(axes, p: PairView, region: np.ndarray, titles: list[str], i: int) -> None:
+    """One pair as images: inputs in grey, attribution maps on one sqrt colour scale, the
+    box where the pair differs drawn on each."""
+    from matplotlib.colors import PowerNorm
+    from matplotlib.patches import Rectangle
+
+    hb, ha = _heat(p.attr_before), _heat(p.attr_after)
+    vmax = max(float(hb.max()), float(ha.max()), 1e-12)
+    box = _box(region)
+    for j, (ax, (arr, cmap)) in enumerate(zip(axes, [(_image(p.corrupt), "gray"), (_image(p.clean), "gray"),
+                                                     (hb, "magma"), (ha, "magma")])):
+        # sqrt scale: a few strong pixels would otherwise leave the rest black
+        kw = {"norm": PowerNorm(0.5, vmin=0.0, vmax=vmax)} if j >= 2 else {}
+        ax.imshow(arr, cmap=cmap if arr.ndim == 2 else None, interpolation="nearest", **kw)
+        if box is not None:  # where the pair differs
+            (r0, r1), (c0, c1) = box
+            ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0 + 1, r1 - r0 + 1, fill=False,
+                                   edgecolor="#00bcd4", linewidth=1.0))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(titles[j], fontsize=7)
+        if j == 0:
+            ax.set_ylabel(f"pair {i + 1}", fontsize=8)
+
+
+def _curve_row(axes, p: PairView, region: np.ndarray, titles: list[str], i: int) -> None:
+    """One pair as curves over the flattened input (inputs that are not images)."""
+    for j, (ax, (arr, kind)) in enumerate(zip(axes, [(p.corrupt, "x"), (p.clean, "x"), (p.attr_before, "a"),
+                                                     (p.attr_after, "a")])):
+        ax.plot(np.asarray(arr, dtype=np.float64).reshape(-1), lw=0.8, color="#424242" if kind == "x" else CHOSEN)
+        ax.set_title(titles[j], fontsize=7)
+        ax.tick_params(labelsize=6)
+
+
+def _round_scores(ax, plt, rounds: list[Round], layer_order: list[str]) -> None:
+    """Grouped bars: each round's layer scores over the best of the round, in graph
+    order, the layer edited in that round outlined."""
+    if not rounds:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no localisation: the layers were pinned or nothing needed an edit",
+                ha="center", va="center", fontsize=8)
+        return
+    xs = np.arange(len(layer_order))
+    width = 0.8 / len(rounds)
+    colours = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(rounds)))
+    for r_i, rnd in enumerate(rounds):
+        best = max([v for v in rnd.scores.values() if np.isfinite(v)] + [0.0]) or 1.0
+        vals = [rnd.scores.get(node, np.nan) / best for node in layer_order]
+        label = f"round {r_i + 1}" + (f": edited {rnd.edited}" if rnd.edited else ": no edit kept")
+        pos = xs - 0.4 + width * (r_i + 0.5)
+        ax.bar(pos, np.nan_to_num(vals), width, color=colours[r_i], label=label)
+        if rnd.edited in layer_order:
+            k = layer_order.index(rnd.edited)
+            ax.bar(pos[k], np.nan_to_num(vals[k]), width, color=colours[r_i], edgecolor=CHOSEN, linewidth=1.6)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(layer_order, rotation=30, ha="right", fontsize=7)
+    ax.set_xlabel("layer (graph order)", fontsize=8)
+    ax.set_ylabel("score / best of the round", fontsize=8)
+    ax.set_ylim(0, 1.35)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", ncol=min(len(rounds), 3))
+    ax.set_title("layer scores of each localisation round (red outline: the layer edited in that round)",
+                 fontsize=8)
 
 
 __all__ = ["write_locate_plot", "write_edit_plot", "PairView", "Round", "layer_bars", "model_title"]

@@ -371,40 +371,53 @@ def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m
     m = min(m, len(pool))
     lo = min(float(corrupt.min()), float(clean.min()))
     hi = max(float(corrupt.max()), float(clean.max()))
-    n = len(corrupt)
     if model == "gain":
-        c = corrupt.reshape(n, corrupt.shape[1], -1).astype(np.float64)
-        k = clean.reshape(n, clean.shape[1], -1).astype(np.float64)
-        gain = (c * k).sum(2) / np.maximum((k * k).sum(2), 1e-12)  # [n, channels]
-        shape = (1, corrupt.shape[1]) + (1,) * (corrupt.ndim - 2)
-        src, syn = [], []
-        for i in range(len(pool) - 1, -1, -1):  # the tail first: the locality batch uses the head
-            s = pool[i].astype(np.float64)
-            t = np.clip(s * gain[len(syn) % n].reshape(shape[1:]), lo, hi)
-            if np.abs(t).sum() >= 0.5 * np.abs(s).sum():
-                src.append(pool[i])
-                syn.append(t)
-            if len(syn) >= m:
-                break
-        if not syn:
+        src, syn = _gain_transplant(corrupt, clean, pool, m, lo, hi)
+        if not len(syn):
             return corrupt, clean
-        src_a = np.stack(src).astype(clean.dtype)
-        return np.concatenate([corrupt, np.stack(syn).astype(corrupt.dtype)]), np.concatenate([clean, src_a])
-    src = pool[len(pool) - m:]  # the tail: the locality batch uses the head
-    if model == "affine":
-        x = clean.reshape(n, -1).astype(np.float64)
-        t = corrupt.reshape(n, -1).astype(np.float64)
-        lam = AFFINE_RIDGE * n
-        sx, sxx, st, sxt = x.sum(0), (x * x).sum(0), t.sum(0), (x * t).sum(0)
-        det = (sxx + lam) * n - sx * sx  # > 0: lam > 0 and Cauchy-Schwarz
-        a = ((sxt + lam) * n - sx * st) / det
-        b = ((sxx + lam) * st - sx * (sxt + lam)) / det
-        syn = np.clip(src.reshape(m, -1).astype(np.float64) * a + b, lo, hi).reshape(src.shape)
-        return np.concatenate([corrupt, syn.astype(corrupt.dtype)]), np.concatenate([clean, src.astype(clean.dtype)])
-    delta = (corrupt - clean).astype(np.float64)
-    idx = np.arange(m) % len(corrupt)
-    syn = np.clip(src.astype(np.float64) + delta[idx], lo, hi).astype(corrupt.dtype)
-    return np.concatenate([corrupt, syn]), np.concatenate([clean, src.astype(clean.dtype)])
+    else:
+        src = pool[len(pool) - m:]  # the tail: the locality batch uses the head
+        if model == "affine":
+            syn = _affine_transplant(corrupt, clean, src, lo, hi)
+        else:
+            delta = (corrupt - clean).astype(np.float64)
+            syn = np.clip(src.astype(np.float64) + delta[np.arange(m) % len(corrupt)], lo, hi)
+    return np.concatenate([corrupt, syn.astype(corrupt.dtype)]), np.concatenate([clean, src.astype(clean.dtype)])
+
+
+def _gain_transplant(corrupt, clean, pool, m: int, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """(sources, synthetic inputs): pool inputs with pair j's per-channel gain, the tail of
+    the pool first; those that keep less than half of their mass are skipped."""
+    n = len(corrupt)
+    c = corrupt.reshape(n, corrupt.shape[1], -1).astype(np.float64)
+    k = clean.reshape(n, clean.shape[1], -1).astype(np.float64)
+    gain = (c * k).sum(2) / np.maximum((k * k).sum(2), 1e-12)  # [n, channels]
+    shape = (corrupt.shape[1],) + (1,) * (corrupt.ndim - 2)
+    src, syn = [], []
+    for i in range(len(pool) - 1, -1, -1):  # the tail first: the locality batch uses the head
+        s = pool[i].astype(np.float64)
+        t = np.clip(s * gain[len(syn) % n].reshape(shape), lo, hi)
+        if np.abs(t).sum() >= 0.5 * np.abs(s).sum():
+            src.append(pool[i])
+            syn.append(t)
+        if len(syn) >= m:
+            break
+    if not syn:
+        return pool[:0], np.zeros((0,) + corrupt.shape[1:])
+    return np.stack(src), np.stack(syn)
+
+
+def _affine_transplant(corrupt, clean, src, lo: float, hi: float) -> np.ndarray:
+    """Per element x~ = a x + b over the given pairs (ridge toward a = 1), applied to ``src``."""
+    n, m = len(corrupt), len(src)
+    x = clean.reshape(n, -1).astype(np.float64)
+    t = corrupt.reshape(n, -1).astype(np.float64)
+    lam = AFFINE_RIDGE * n
+    sx, sxx, st, sxt = x.sum(0), (x * x).sum(0), t.sum(0), (x * t).sum(0)
+    det = (sxx + lam) * n - sx * sx  # > 0: lam > 0 and Cauchy-Schwarz
+    a = ((sxt + lam) * n - sx * st) / det
+    b = ((sxx + lam) * st - sx * (sxt + lam)) / det
+    return np.clip(src.reshape(m, -1).astype(np.float64) * a + b, lo, hi).reshape(src.shape)
 
 
 # ------------------------------------------------------------------------- degradation

@@ -163,7 +163,7 @@ class Twin:
         return any(not np.issubdtype(spec.dtype, np.floating) for spec in self.inputs)
 
     # -- straight-line paths for integrated gradients ------------------------------
-    def interpolate(self, xc, xk, alphas: torch.Tensor) -> "Path":
+    def interpolate(self, xc, xk, alphas: torch.Tensor) -> "_InputPath | _EmbeddingPath":
         """The points ``xc + a (xk - xc)`` for every pair and every ``a`` (pair-major).
         Float inputs are interpolated themselves; integer token inputs through the outputs
         of their embedding Gathers (``embeddings``), the other inputs kept at ``xc``'s."""

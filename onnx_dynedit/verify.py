@@ -39,15 +39,16 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnxruntime as ort
 
-from .data import Samples, check_against_input, check_labels
+from .data import Samples, check_against_input, check_labels, fields
 from .errors import DataError, InputError, option, short
 from .io import check_model_file
 from .sessions import DEFAULT_PROVIDER, ort_session, provider_list
+from .shapes import InputSpec, check_input_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +386,7 @@ def verify(original: str | os.PathLike, edited: str | os.PathLike, clean, corrup
            thresholds: Thresholds | Mapping | None = None, provider: str | None = DEFAULT_PROVIDER,
            batch_size: int | None = DEFAULT_BATCH_SIZE,
            progress: ProgressCallback | None = None, *, engine: str | None = DEFAULT_ENGINE,
-           ray_address: str | None = None) -> VerifyReport:
+           ray_address: str | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None) -> VerifyReport:
     """Compare ``edited`` with ``original`` on clean (and corrupted) inputs; see module doc.
 
     ``clean``: npz with ``x`` and optional ``y``; ``corrupt``: npz with ``x`` and ``y``
@@ -397,7 +398,9 @@ def verify(original: str | os.PathLike, edited: str | os.PathLike, clean, corrup
     sums in shard order, whichever engine ran. ``progress(done_batches, total_batches)``
     is called once before the first batch and after each batch (the Ray engine: after
     each shard). ``None`` for ``provider`` / ``batch_size`` / ``engine`` means the
-    default. Raises ``DynEditError`` subclasses for unusable input (exit 2); failed gates
+    default. Several model inputs: the sets hold ``<key>:<input name>`` arrays (packed,
+    ``data.pack_inputs``). ``input_shapes`` ({input name: dims}) fixes symbolic dims of
+    the inputs, and every shard must fit them (the batch axis is the data's own). Raises ``DynEditError`` subclasses for unusable input (exit 2); failed gates
     are reported, not raised. Both model files pass ``load_model``'s safety checks
     (``io.check_model_file``) before ONNX Runtime opens them.
     """
@@ -410,7 +413,7 @@ def verify(original: str | os.PathLike, edited: str | os.PathLike, clean, corrup
     target = None if target is None else int(target)
     _check_request(provider, batch_size, engine, ray_address, limits, target, has_corrupt=corrupt is not None)
 
-    runner = ShardRunner(original, edited, provider, batch_size)
+    runner = ShardRunner(original, edited, provider, batch_size, input_shapes=input_shapes)
     clean_ds, corrupt_ds = _open_sets(runner, clean, corrupt, limits, target)
     jobs = [ShardJob("clean", clean_ds, i) for i in range(len(clean_ds.shards))]
     if corrupt_ds is not None:
@@ -522,11 +525,12 @@ class ShardRunner:
     local engine runs in this process and that each Ray worker holds (one per worker)."""
 
     def __init__(self, original, edited, provider: str | None = DEFAULT_PROVIDER,
-                 batch_size: int = DEFAULT_BATCH_SIZE, *, threads: int | None = None):
+                 batch_size: int = DEFAULT_BATCH_SIZE, *, threads: int | None = None,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None):
         self.s_orig = ort_session(original, provider, what="original model", threads=threads)
         self.s_edit = ort_session(edited, provider, what="edited model", threads=threads)
-        self.input_name, self.shape, self.dtype = _single_input(self.s_orig, original)
         _same_signature(self.s_orig, self.s_edit, original, edited)
+        self.inputs = _input_specs(self.s_orig, original, input_shapes)
         self.batch_size = int(batch_size)
         self.classes = _declared_classes(self.s_orig) or _declared_classes(self.s_edit)
 
@@ -534,28 +538,57 @@ class ShardRunner:
         return num_batches(self.s_orig, n, self.batch_size)
 
     def check_dataset(self, dataset) -> None:
-        """Every shard's declared shape and dtype against both models' input (headers only)."""
+        """Every shard's declared shape and dtype against both models' inputs (headers only)."""
         for shard, name in dataset.layouts():
-            # the declared shape (a view of one zero: nothing allocated), then the dtype on one row
-            self._fit(np.broadcast_to(np.zeros((), dtype=self.dtype), shard.x_shape), name)
+            # the declared shape (a view of one zero per input: nothing allocated), then the dtype on one row
+            layout = fields(np.zeros(0, dtype=shard.x_dtype))
+            shapes = {k: (shard.x_shape[0],) + v.shape[1:] if k else tuple(shard.x_shape) for k, v in layout.items()}
+            self._fit_fields({k: np.broadcast_to(np.zeros((), dtype=self._dtype(k)), shapes[k]) for k in layout}, name)
             self._fit(np.zeros((1,) + tuple(shard.x_shape[1:]), dtype=shard.x_dtype), name)
 
-    def _fit(self, x: np.ndarray, name: str) -> np.ndarray:
-        x = check_against_input(x, name=name, input_name=self.input_name, shape=self.shape, dtype=self.dtype)
-        e = self.s_edit.get_inputs()[0]
-        return check_against_input(x, name=name, input_name=e.name, shape=list(e.shape or []), dtype=input_dtype(e))
+    def _dtype(self, key: str) -> np.dtype:
+        spec = self.inputs.get(key) or next(iter(self.inputs.values()))
+        return spec.dtype
+
+    def _fit(self, x: np.ndarray, name: str) -> np.ndarray | dict[str, np.ndarray]:
+        """``x`` checked against (and cast to) the models' inputs: one array for a
+        single-input model, {input name: array} for a packed ``<key>:<input name>`` set."""
+        return self._fit_fields(fields(x), name)
+
+    def _fit_fields(self, parts: dict[str, np.ndarray], name: str):
+        if "" in parts:  # a plain array
+            if len(self.inputs) != 1:
+                raise DataError(f"{name}: the model has {len(self.inputs)} inputs ({', '.join(self.inputs)}) but the "
+                                "data is one array", hint="save one array per input as '<key>:<input name>' "
+                                                          "(e.g. x:" + next(iter(self.inputs)) + "=...)")
+            parts = {next(iter(self.inputs)): parts[""]}
+        missing = [k for k in self.inputs if k not in parts]
+        extra = [k for k in parts if k not in self.inputs]
+        if missing or extra:
+            raise DataError(f"{name}: arrays for inputs {', '.join(parts)} but the model's inputs are "
+                            f"{', '.join(self.inputs)}", hint="name each array '<key>:<input name>'")
+        edit = {i.name: i for i in self.s_edit.get_inputs()}
+        out = {}
+        for key, arr in parts.items():
+            spec, label = self.inputs[key], name if len(self.inputs) == 1 else f"{name} (input {key!r})"
+            arr = check_against_input(arr, name=label, input_name=key, shape=list(spec.shape), dtype=spec.dtype)
+            e = edit[key]
+            out[key] = check_against_input(arr, name=label, input_name=key, shape=list(e.shape or []),
+                                           dtype=input_dtype(e))
+        return next(iter(out.values())) if len(out) == 1 else out
 
     def run(self, job: ShardJob, on_batch: Callable[[], None] | None = None):
         """Read one shard (safe loader), run both models on it, return its partial figures."""
         samples = job.dataset.load(job.index)
         what = job.dataset.what
         x = self._fit(samples.x, f"{what} {samples.source}: 'x'")
+        n = len(samples.x)
         if samples.y is not None and self.classes is not None:
             check_labels(samples.y, self.classes, name=f"{what} {samples.source}: 'y'")
 
         def run(session, label):
             tick = None if on_batch is None else (lambda rows: on_batch())
-            logger.info("running %s on %d %s inputs of %s (batch %d)", label, len(x), what, samples.source,
+            logger.info("running %s on %d %s inputs of %s (batch %d)", label, n, what, samples.source,
                         effective_batch_size(session, self.batch_size))
             logits = run_batched(session, x, self.batch_size, name=label, on_batch=tick)
             if logits.ndim != 2:
@@ -677,23 +710,24 @@ class CorruptPartial:
             n_fixed=self.fixed, n_broken=self.broken, n_not_target=self.not_target)
 
 
-def _single_input(session, path):
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise InputError(
-            f"model {path} has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
-            "verify supports single-input models"
-        )
-    node = inputs[0]
-    return node.name, list(node.shape or []), input_dtype(node)
+def _input_specs(session, path, input_shapes=None) -> dict[str, InputSpec]:
+    """The model's inputs as ONNX Runtime reads them, with the sizes ``input_shapes`` gives
+    for symbolic dims (the batch axis stays the data's own)."""
+    specs = [InputSpec(i.name, tuple(i.shape or ()), input_dtype(i)) for i in session.get_inputs()]
+    check_input_shapes(specs, dict(input_shapes or {}), str(path))
+    given = dict(input_shapes or {})
+    return {s.name: replace(s, shape=(s.shape[:1] + tuple(given[s.name][1:])) if s.name in given else s.shape)
+            for s in specs}
 
 
 def _same_signature(s_orig, s_edit, original, edited):
     a, b = s_orig.get_inputs(), s_edit.get_inputs()
     if len(b) != len(a):
         raise InputError(f"edited model {edited} has {len(b)} inputs but original {original} has {len(a)}")
-    if a[0].type != b[0].type:
-        raise InputError(f"edited model {edited} takes {b[0].type} but original {original} takes {a[0].type}")
+    for x, y in zip(a, b):
+        if x.name != y.name or x.type != y.type:
+            raise InputError(f"edited model {edited} takes {y.name!r} ({y.type}) but original {original} takes "
+                             f"{x.name!r} ({x.type})")
     ca, cb = _declared_classes(s_orig), _declared_classes(s_edit)
     if ca is not None and cb is not None and ca != cb:
         raise InputError(f"original model {original} outputs {ca} classes but edited model {edited} outputs {cb}")

@@ -110,60 +110,67 @@ def write_back(loaded: LoadedModel, updates: list[LayerUpdate], *, extra_provena
     removed_nodes = []
     for upd in updates:
         layer = upd.layer
-        name = layer.initializer
-        weight = constant_value(graph, name)
+        weight = constant_value(graph, layer.initializer)
         if weight is None:
-            raise InputError(f"weight {name!r} of layer {layer.node!r} is not a constant in {loaded.label}")
-        delta = upd.delta()
+            raise InputError(f"weight {layer.initializer!r} of layer {layer.node!r} is not a constant in {loaded.label}")
         if layer.quant is not None:
-            records.append(_write_quantised(loaded, model, layer, upd, weight, delta))
+            records.append(_write_quantised(loaded, model, layer, upd, weight, upd.delta()))
             continue
-        new = _apply_delta(layer, weight, delta, +1.0)
-        if not np.isfinite(new).all():
-            raise EditError(f"the edit of layer {layer.node!r} would make non-finite weights in {name!r}",
-                            hint=f"the edit is refused; try {option('max_edits', 1)} or another layer")
-        restored = _apply_delta(layer, new, delta, -1.0)
-        xor = np.bitwise_xor(_bits(restored), _bits(weight))
-        record = {
-            "initializer": name, "node": layer.node, "op": layer.op, "dtype": str(weight.dtype),
-            "shape": list(weight.shape), "source": layer.source,
-            "factors": [[_b64(u), _b64(d)] for u, d in upd.factors],
-            "xor_zlib": base64.b64encode(zlib.compress(xor.tobytes(), 9)).decode(),
-            "rounding": _rounding(layer, delta, new.astype(np.float64) - weight.astype(np.float64)),
-        }
-        if name in init_index:
-            i = init_index[name]
-            graph.initializer[i].CopyFrom(_tensor_proto(name, new, original.graph.initializer[i]))
-        else:
-            kind, node_idx = sources[name]
-            node = graph.node[node_idx]
-            if kind == "constant":
-                for attr in node.attribute:
-                    if attr.name == "value":
-                        attr.t.CopyFrom(_tensor_proto(name, new, attr.t))
-                        break
-                else:  # value_floats etc.: becomes a tensor attribute
-                    raise EditError(f"Constant node for {name!r} stores a list attribute; not editable")
-            else:  # ConstantOfShape placeholder -> initializer of the same name
-                record["node_proto"] = base64.b64encode(node.SerializeToString(deterministic=True)).decode()
-                record["node_index"] = node_idx
-                removed_nodes.append(node_idx)
-                graph.initializer.append(_tensor_proto(name, new, None))
+        record = _write_float(original, model, upd, weight, sources, init_index)
+        if "node_index" in record:
+            removed_nodes.append(record["node_index"])
         records.append(record)
     for idx in sorted(removed_nodes, reverse=True):
         del graph.node[idx]
-
-    previous = ours(original)
     provenance = {
         "tool": "onnx-dynedit", "version": __version__, "original_sha256": loaded.sha256,
         "changed": [r["initializer"] for r in records],
     }
     if extra_provenance:
         provenance.update(extra_provenance)
-    edits = {"format": 1, "original_sha256": loaded.sha256, "tensors": records, "previous_metadata": previous}
+    edits = {"format": 1, "original_sha256": loaded.sha256, "tensors": records, "previous_metadata": ours(original)}
     set_metadata(model, PROVENANCE_KEY, json.dumps(provenance, sort_keys=True))
     set_metadata(model, EDITS_KEY, json.dumps(edits, sort_keys=True))
     return model
+
+
+def _write_float(original: onnx.ModelProto, model: onnx.ModelProto, upd: LayerUpdate, weight: np.ndarray,
+                 sources: dict, init_index: dict[str, int]) -> dict:
+    """Write the edited float weight of ``upd.layer`` into ``model`` (in place) where the
+    weight lives (initializer, Constant node, or a ConstantOfShape placeholder that
+    becomes an initializer: its node is recorded for the caller to remove); the record."""
+    layer, graph, name = upd.layer, model.graph, upd.layer.initializer
+    delta = upd.delta()
+    new = _apply_delta(layer, weight, delta, +1.0)
+    if not np.isfinite(new).all():
+        raise EditError(f"the edit of layer {layer.node!r} would make non-finite weights in {name!r}",
+                        hint=f"the edit is refused; try {option('max_edits', 1)} or another layer")
+    restored = _apply_delta(layer, new, delta, -1.0)
+    xor = np.bitwise_xor(_bits(restored), _bits(weight))
+    record = {
+        "initializer": name, "node": layer.node, "op": layer.op, "dtype": str(weight.dtype),
+        "shape": list(weight.shape), "source": layer.source,
+        "factors": [[_b64(u), _b64(d)] for u, d in upd.factors],
+        "xor_zlib": base64.b64encode(zlib.compress(xor.tobytes(), 9)).decode(),
+        "rounding": _rounding(layer, delta, new.astype(np.float64) - weight.astype(np.float64)),
+    }
+    if name in init_index:
+        i = init_index[name]
+        graph.initializer[i].CopyFrom(_tensor_proto(name, new, original.graph.initializer[i]))
+        return record
+    kind, node_idx = sources[name]
+    node = graph.node[node_idx]
+    if kind == "constant":
+        for attr in node.attribute:
+            if attr.name == "value":
+                attr.t.CopyFrom(_tensor_proto(name, new, attr.t))
+                return record
+        raise EditError(f"Constant node for {name!r} stores a list attribute; not editable")  # value_floats etc.
+    # ConstantOfShape placeholder -> initializer of the same name
+    record["node_proto"] = base64.b64encode(node.SerializeToString(deterministic=True)).decode()
+    record["node_index"] = node_idx
+    graph.initializer.append(_tensor_proto(name, new, None))
+    return record
 
 
 def _rounding(layer: Layer, delta: np.ndarray, written: np.ndarray) -> dict:
@@ -330,16 +337,11 @@ def revert(loaded: LoadedModel) -> onnx.ModelProto:
         if "quant" in rec:  # integers (and aux tensors): XOR against the written ones
             for entry in [rec] + list(rec.get("aux", [])):
                 current = constant_value(graph, entry["initializer"])
-                xor = np.frombuffer(zlib.decompress(base64.b64decode(entry["xor_zlib"])), dtype=_bits(current).dtype)
-                original = np.bitwise_xor(_bits(current).reshape(current.shape),
-                                          xor.reshape(current.shape)).view(current.dtype)
-                _replace_tensor(graph, entry["initializer"], original)
+                _replace_tensor(graph, entry["initializer"], _unxor(current, entry["xor_zlib"]))
             continue
         factors = tuple((_unb64(u), _unb64(d)) for u, d in rec["factors"])
-        delta = LayerUpdate(layer=layer, factors=factors).delta()
-        restored = _apply_delta(layer, weight, delta, -1.0)
-        xor = np.frombuffer(zlib.decompress(base64.b64decode(rec["xor_zlib"])), dtype=_bits(restored).dtype)
-        original = np.bitwise_xor(_bits(restored), xor.reshape(restored.shape)).view(weight.dtype)
+        restored = _apply_delta(layer, weight, LayerUpdate(layer=layer, factors=factors).delta(), -1.0)
+        original = _unxor(restored, rec["xor_zlib"]).view(weight.dtype)
         if name in init_index:
             i = init_index[name]
             if rec["source"] == "constant_of_shape":
@@ -351,18 +353,29 @@ def revert(loaded: LoadedModel) -> onnx.ModelProto:
             for attr in graph.node[node_idx].attribute:
                 if attr.name == "value":
                     attr.t.CopyFrom(_tensor_proto(name, original, attr.t))
+    _reinsert_nodes(graph, reinsert)
+    replace_ours(model, record.get("previous_metadata", {}))  # ours dropped, the input's restored
+    if model_sha256(model) != record["original_sha256"]:
+        raise InputError(f"{loaded.label}: reverting did not reproduce the original model (hash mismatch)",
+                         hint="the file was changed after editing; revert needs the file `dynedit edit` wrote")
+    return model
+
+
+def _unxor(current: np.ndarray, xor_b64: str) -> np.ndarray:
+    """The tensor whose bits XOR ``current``'s give the recorded ``xor_zlib``."""
+    bits = _bits(current)
+    xor = np.frombuffer(zlib.decompress(base64.b64decode(xor_b64)), dtype=bits.dtype)
+    return np.bitwise_xor(bits.reshape(current.shape), xor.reshape(current.shape)).view(current.dtype)
+
+
+def _reinsert_nodes(graph, reinsert: list[tuple[int, str, int]]) -> None:
+    """ConstantOfShape placeholders back (node index, node proto, the initializer that replaced it)."""
     for node_index, node_b64, init_i in sorted(reinsert, key=lambda r: -r[2]):
         del graph.initializer[init_i]
     for node_index, node_b64, _ in sorted(reinsert):
         node = onnx.NodeProto()
         node.ParseFromString(base64.b64decode(node_b64))
         graph.node.insert(node_index, node)
-    # metadata: drop ours, restore what the input had under dynedit.* keys
-    replace_ours(model, record.get("previous_metadata", {}))
-    if model_sha256(model) != record["original_sha256"]:
-        raise InputError(f"{loaded.label}: reverting did not reproduce the original model (hash mismatch)",
-                         hint="the file was changed after editing; revert needs the file `dynedit edit` wrote")
-    return model
 
 
 def check_edit_record(loaded: LoadedModel) -> None:
@@ -379,6 +392,44 @@ def check_edit_record(loaded: LoadedModel) -> None:
         raise InputError(f"{loaded.label}: the edit record ({EDITS_KEY}) is corrupt: {why}",
                          hint="the file was changed after `dynedit edit`; use the original or its .bak")
 
+    tensors = _check_record_header(record, corrupt)
+    layers = build_layer_map(loaded.model).layers
+    graph = loaded.model.graph
+    for i, rec in enumerate(tensors):
+        if not isinstance(rec, dict):
+            corrupt(f"entry {i} is not an object")
+        name = rec.get("initializer")
+        if not isinstance(name, str) or not isinstance(rec.get("source"), str):
+            corrupt(f"entry {i} has no initializer/source")
+        layer = next((l for l in layers if l.initializer == name), None)
+        weight = constant_value(graph, name)
+        if layer is None or weight is None:
+            continue  # revert reports this one itself
+        _check_factors(rec, i, name, layer, corrupt)
+        _check_xor(rec.get("xor_zlib"), name, weight.size * weight.dtype.itemsize, "the weight", corrupt)
+        aux = rec.get("aux", [])
+        if not isinstance(aux, list):
+            corrupt(f"aux of {name!r} is not a list")
+        for j, entry in enumerate(aux):
+            aname = entry.get("initializer") if isinstance(entry, dict) else None
+            avalue = constant_value(graph, aname) if isinstance(aname, str) else None
+            if avalue is None:
+                corrupt(f"aux entry {j} of {name!r} names no constant tensor")
+            _check_xor(entry.get("xor_zlib"), aname, avalue.nbytes, "the tensor", corrupt)
+        if rec["source"] == "constant_of_shape":
+            index = rec.get("node_index")
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= len(graph.node):
+                corrupt(f"entry {i} ({name!r}) has no valid node_index")
+            node_bytes = _b64_field(rec.get("node_proto"), f"node_proto of {name!r}", corrupt)
+            try:
+                onnx.NodeProto().ParseFromString(node_bytes)
+            except Exception:  # noqa: BLE001 - protobuf DecodeError and friends
+                corrupt(f"node_proto of {name!r} is not a NodeProto")
+
+
+def _check_record_header(record, corrupt) -> list:
+    """The record's top level: an object with the original's hash, a string map of the
+    metadata it replaced, and a non-empty list of tensors (returned)."""
     if not isinstance(record, dict):
         corrupt("not a JSON object")
     if not isinstance(record.get("original_sha256"), str):
@@ -390,67 +441,40 @@ def check_edit_record(loaded: LoadedModel) -> None:
     tensors = record.get("tensors")
     if not isinstance(tensors, list) or not tensors:
         corrupt("no list of edited tensors")
-    layers = build_layer_map(loaded.model).layers
-    graph = loaded.model.graph
+    return tensors
 
-    def b64(text, what) -> bytes:
-        if not isinstance(text, str):
-            corrupt(f"{what} is not a string")
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            corrupt(f"{what} is not base64")
 
-    for i, rec in enumerate(tensors):
-        if not isinstance(rec, dict):
-            corrupt(f"entry {i} is not an object")
-        name = rec.get("initializer")
-        if not isinstance(name, str) or not isinstance(rec.get("source"), str):
-            corrupt(f"entry {i} has no initializer/source")
-        layer = next((l for l in layers if l.initializer == name), None)
-        weight = constant_value(graph, name)
-        if layer is None or weight is None:
-            continue  # revert reports this one itself
-        factors = rec.get("factors")
-        if not isinstance(factors, list) or not factors:
-            corrupt(f"entry {i} ({name!r}) has no factors")
-        for j, pair in enumerate(factors):
-            if not isinstance(pair, list) or len(pair) != 2:
-                corrupt(f"factor {j} of {name!r} is not a (u, d) pair")
-            u, d = (b64(v, f"factor {j} of {name!r}") for v in pair)
-            if len(u) != 8 * layer.out_features or len(d) != 8 * layer.in_features:
-                corrupt(f"factor {j} of {name!r} does not fit the layer's {layer.out_features}x{layer.in_features} "
-                        "weight")
-        xor = b64(rec.get("xor_zlib"), f"xor_zlib of {name!r}")
-        need = weight.size * weight.dtype.itemsize
-        try:
-            inflater = zlib.decompressobj()
-            raw = inflater.decompress(xor, need + 1)  # bounded: no zip bomb
-        except zlib.error:
-            corrupt(f"xor_zlib of {name!r} is not zlib data")
-        if len(raw) != need:
-            corrupt(f"xor_zlib of {name!r} has {len(raw)} bytes, the weight needs {need}")
-        aux = rec.get("aux", [])
-        if not isinstance(aux, list):
-            corrupt(f"aux of {name!r} is not a list")
-        for j, entry in enumerate(aux):
-            aname = entry.get("initializer") if isinstance(entry, dict) else None
-            avalue = constant_value(graph, aname) if isinstance(aname, str) else None
-            if avalue is None:
-                corrupt(f"aux entry {j} of {name!r} names no constant tensor")
-            araw = b64(entry.get("xor_zlib"), f"xor_zlib of {aname!r}")
-            try:
-                got = zlib.decompressobj().decompress(araw, avalue.nbytes + 1)
-            except zlib.error:
-                corrupt(f"xor_zlib of {aname!r} is not zlib data")
-            if len(got) != avalue.nbytes:
-                corrupt(f"xor_zlib of {aname!r} has {len(got)} bytes, the tensor needs {avalue.nbytes}")
-        if rec["source"] == "constant_of_shape":
-            index = rec.get("node_index")
-            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= len(graph.node):
-                corrupt(f"entry {i} ({name!r}) has no valid node_index")
-            node_bytes = b64(rec.get("node_proto"), f"node_proto of {name!r}")
-            try:
-                onnx.NodeProto().ParseFromString(node_bytes)
-            except Exception:  # noqa: BLE001 - protobuf DecodeError and friends
-                corrupt(f"node_proto of {name!r} is not a NodeProto")
+def _check_factors(rec: dict, i: int, name: str, layer: Layer, corrupt) -> None:
+    """Every recorded (u, d) pair is base64 of float64 vectors that fit the layer."""
+    factors = rec.get("factors")
+    if not isinstance(factors, list) or not factors:
+        corrupt(f"entry {i} ({name!r}) has no factors")
+    for j, pair in enumerate(factors):
+        if not isinstance(pair, list) or len(pair) != 2:
+            corrupt(f"factor {j} of {name!r} is not a (u, d) pair")
+        u, d = (_b64_field(v, f"factor {j} of {name!r}", corrupt) for v in pair)
+        if len(u) != 8 * layer.out_features or len(d) != 8 * layer.in_features:
+            corrupt(f"factor {j} of {name!r} does not fit the layer's {layer.out_features}x{layer.in_features} "
+                    "weight")
+
+
+def _check_xor(text, name: str, need: int, what: str, corrupt) -> None:
+    """``text`` is base64 of zlib data that inflates to exactly ``need`` bytes (bounded:
+    no zip bomb)."""
+    raw = _b64_field(text, f"xor_zlib of {name!r}", corrupt)
+    try:
+        got = zlib.decompressobj().decompress(raw, need + 1)
+    except zlib.error:
+        corrupt(f"xor_zlib of {name!r} is not zlib data")
+    if len(got) != need:
+        corrupt(f"xor_zlib of {name!r} has {len(got)} bytes, {what} needs {need}")
+
+
+def _b64_field(text, what: str, corrupt) -> bytes:
+    if not isinstance(text, str):
+        corrupt(f"{what} is not a string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        corrupt(f"{what} is not base64")
+

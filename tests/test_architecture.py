@@ -1,5 +1,7 @@
 """Measured shape of the code (issue 12): the library speaks in its own terms (no message
-names a command-line flag: it names the option, and the CLI words it as a flag). Static checks (ast), no model."""
+names a command-line flag: it names the option, and the CLI words it as a flag), no
+function in the library or the CLI is longer than 60 lines, and no private name is
+imported across modules. Static checks (ast), no model."""
 
 from __future__ import annotations
 
@@ -7,14 +9,13 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
-
 from onnx_dynedit.errors import InputError, option
 
 REPO = Path(__file__).resolve().parents[1]
 FLAG = re.compile(r"(?<![\w`-])--[a-z][a-z-]+")
 # Commands of other tools that a hint may show the user verbatim.
 FOREIGN = ("ray start --head",)
+MAX_FUNCTION_LINES = 60
 
 
 def _strings(tree: ast.Module):
@@ -56,3 +57,24 @@ def test_option_reads_as_a_keyword_in_python_and_as_a_flag_on_the_cli():
     assert err.one_line(flag_words) == ("--input-shape gives input 'x' twice; "
                                         "use --device cpu, --in-place or --max-edits 1")
 
+
+def test_no_function_longer_than_60_lines():
+    long = []
+    for name, tree in _sources("onnx_dynedit", "cli"):
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, "functions longer than 60 lines:\n" + "\n".join(long)
+
+
+def test_no_private_name_is_imported_across_modules():
+    found = []
+    for name, tree in _sources("onnx_dynedit", "cli", "benchmarks"):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(
+                    ("onnx_dynedit", "cli", "benchmarks"))):
+                found += [f"{name}:{node.lineno} {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, "private names imported across modules:\n" + "\n".join(found)

@@ -248,3 +248,42 @@ def test_conv_same_at_opset22():
     inits = [_t(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")]
     node = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2])
     assert_parity(_model([node], ["N", 2, 7, 7], inits, opset=22))
+
+
+def _batch_one_reshape_model(tmp_path, *, transpose_first: bool):
+    """x [1, 4, 2, 2] -> (Transpose) -> Reshape to the constant [1, 16] -> MatMul W -> y [1, 3]."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((16, 3)).astype(np.float32)
+    nodes, src = [], "x"
+    if transpose_first:  # dim 0 of the reshaped tensor is 4, not the batch: left alone
+        nodes.append(helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2, 3]))
+        src = "xt"
+    nodes += [helper.make_node("Reshape", [src, "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "W"], ["y"])]
+    model = _model(nodes, [1, 4, 2, 2], [_t(np.array([1, 16], np.int64), "shape"), _t(w, "W")], out_shape=[1, 3])
+    path = tmp_path / "batch1.onnx"
+    onnx.save(model, str(path))
+    return path, w
+
+
+def test_hard_coded_batch_reshape_runs_batches(tmp_path):
+    """A graph fixed at batch 1 with Reshape([1, 16]) (the zoo's Inception v1 / ShuffleNet
+    style): the twin runs several rows at once, each row as ONNX Runtime gives it alone."""
+    path, w = _batch_one_reshape_model(tmp_path, transpose_first=False)
+    loaded = load_model(path)
+    twin = Twin(loaded, "cpu")
+    assert any("hard-coded batch" in note for note in twin.notes)
+    x = np.random.default_rng(0).standard_normal((3, 4, 2, 2)).astype(np.float32)
+    with torch.no_grad():
+        out = twin.forward(twin.to_tensor(x)).numpy()
+    sess = ort_session(loaded.model)
+    expected = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, x.reshape(3, 16) @ w, rtol=1e-5, atol=1e-5)
+    assert [i.name for i in loaded.model.graph.initializer] == ["shape", "W"]  # the original is untouched
+
+
+def test_reshape_of_a_non_batch_dim_is_left_alone(tmp_path):
+    path, _ = _batch_one_reshape_model(tmp_path, transpose_first=True)
+    twin = Twin(load_model(path), "cpu")
+    assert not any("hard-coded batch" in note for note in twin.notes)
+    assert check_parity(twin).max_rel_diff < 1e-5

@@ -464,3 +464,71 @@ def test_verify_modules_do_not_import_torch():
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------- several inputs and --input-shape
+
+
+def two_input_model(path: Path, w: np.ndarray) -> Path:
+    """logits = (a + b) @ W: two float inputs a, b [N, 4] (the second with a symbolic width)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("MatMul", ["s", "W"], ["logits"])],
+        "two_inputs",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", "width"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", w.shape[1]])],
+        initializer=[numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture()
+def two_inputs(tmp_path):
+    rng = np.random.default_rng(4)
+    orig = two_input_model(tmp_path / "orig2.onnx", W_ORIG)
+    edit = two_input_model(tmp_path / "edit2.onnx", W_EDIT)
+    a, b = rng.normal(size=(40, 4)).astype(np.float32), rng.normal(size=(40, 4)).astype(np.float32)
+    b[:, 3] = 3.0  # the trigger feature: the edit changes some predictions
+    y = (a + b)[:, :3].argmax(1)
+    np.savez(tmp_path / "two.npz", **{"x:a": a, "x:b": b, "y": y})
+    return {"dir": tmp_path, "orig": orig, "edit": edit, "clean": tmp_path / "two.npz", "a": a, "b": b, "y": y}
+
+
+def test_verify_several_inputs_match_numpy(two_inputs):
+    c = two_inputs
+    rep = verify(c["orig"], c["edit"], c["clean"])
+    lo, le = (c["a"] + c["b"]) @ W_ORIG, (c["a"] + c["b"]) @ W_EDIT
+    assert rep.clean.n == 40
+    assert rep.clean.acc_before == pytest.approx(float((lo.argmax(1) == c["y"]).mean()))
+    assert rep.clean.acc_after == pytest.approx(float((le.argmax(1) == c["y"]).mean()))
+    assert rep.clean.agreement == pytest.approx(float((lo.argmax(1) == le.argmax(1)).mean()))
+    assert 0 < rep.clean.agreement < 1
+    proc = dynedit(c["orig"], c["edit"], "--clean", c["clean"], "--json", check_rc=0)
+    assert json.loads(proc.stdout)["clean"]["agreement"] == pytest.approx(rep.clean.agreement)
+
+
+def test_verify_several_inputs_errors_name_the_inputs(two_inputs):
+    c = two_inputs
+    plain = c["dir"] / "plain.npz"
+    np.savez(plain, x=c["a"])
+    assert_one_line_error(dynedit(c["orig"], c["edit"], "--clean", plain), "2 inputs (a, b)", "x:a")
+    half = c["dir"] / "half.npz"
+    np.savez(half, **{"x:a": c["a"]})
+    assert_one_line_error(dynedit(c["orig"], c["edit"], "--clean", half), "a, b")
+
+
+def test_verify_input_shape_checks_every_set(two_inputs):
+    c = two_inputs
+    dynedit(c["orig"], c["edit"], "--clean", c["clean"], "--input-shape", "b:1,4", check_rc=0)
+    err = assert_one_line_error(dynedit(c["orig"], c["edit"], "--clean", c["clean"], "--input-shape", "b:1,5"),
+                                "input 'b'", "axis 1")
+    assert "--input-shape" not in err or "b:1,5" in err
+    assert_one_line_error(dynedit(c["orig"], c["edit"], "--clean", c["clean"], "--input-shape", "c:1,4"),
+                          "--input-shape", "'c'", "not an input")
+    assert_one_line_error(dynedit(c["orig"], c["edit"], "--clean", c["clean"], "--input-shape", "a:1,5"),
+                          "axis 1", "fixed at 4")
+    with pytest.raises(InputError, match="input_shapes"):
+        verify(c["orig"], c["edit"], c["clean"], input_shapes={"c": (1, 4)})
