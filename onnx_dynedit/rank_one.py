@@ -23,7 +23,8 @@ Value (the "u"):
          u = (v* - W k*) / (d^T k*).
   output fitted in rectify.py: u starts at the closed form and Adam makes the
          NETWORK output on x~ match the output on x while keeping outputs on unlabeled
-         clean inputs unchanged (the measured hint in method.md).
+         clean inputs unchanged (the README's decision table; ``objective="local"`` keeps
+         the closed form).
   attribution (feature leakage, rectify.py): u and the whitened key a are fitted
          together, d = R^-T a = C_l^-1 k with k = R a, starting at this module's k*;
          d keeps the form C^-1 k, only k moves.

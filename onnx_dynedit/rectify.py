@@ -54,6 +54,7 @@ from . import progress
 from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
 from .errors import EditError, InputError, LayerError, option
 from .layers import Layer
+from .options import check_config
 from .rank_one import (DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, edit_direction, key_statistics, pair_keys,
                        too_wide)
 from .twin import DownstreamRunner, Twin, batch_size_of, cat_inputs
@@ -98,6 +99,9 @@ class RectifyConfig:
     transplant: str = "auto"          # how: "add", "affine", "gain" or "auto" (transplant_pairs)
     holdout: float = 0.25             # share of stats held out for the degradation check when no val is given
     seed: int = 0
+
+    def __post_init__(self):
+        check_config(self)  # a bad value is an InputError naming the option (exit 2), before any work
 
     def replace(self, **changes) -> "RectifyConfig":
         values = asdict(self)
