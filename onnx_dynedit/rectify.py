@@ -55,7 +55,8 @@ from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
 from .errors import EditError, InputError, LayerError, option
 from .layers import Layer
 from .options import check_config
-from .rank_one import (DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, edit_direction, key_statistics, pair_keys,
+from .rank_one import (ACTIVATION_BUDGET, DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, activation_sizes,
+                       edit_direction, key_statistics, pair_keys,
                        too_wide)
 from .twin import DownstreamRunner, Twin, batch_size_of, cat_inputs
 from .writeback import LayerUpdate
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 GAP_EPS = 1e-6          # a gap must fall by more than this to count as smaller (float noise)
 BUDGET_SLACK = 1e-12    # a degradation equal to the budget passes (float rounding of exact fractions)
 MIN_HOLDOUT_POOL = 4    # fewer stats inputs than this: nothing is held out (the check is in-sample)
+FIT_BUDGET = 4 * ACTIVATION_BUDGET  # bytes of activations one forward/backward pass of the output fit keeps
 
 
 @dataclass(frozen=True)
@@ -461,6 +463,7 @@ class Criterion:
 
     def __init__(self, twin: Twin, plan: Plan, cfg: RectifyConfig):
         self.twin, self.cfg, self.n_real = twin, cfg, plan.n_real
+        self.candidates, self.x1, self._chunk = plan.candidates, plan.corrupt[:1], None
         self.corrupt, self.n = plan.corrupt, len(plan.corrupt)
         self.target_p = torch.softmax(torch.as_tensor(twin.run(plan.clean)), 1)  # shipped model on clean twins
         self.target_cls = self.target_p.argmax(1)
@@ -527,9 +530,9 @@ class OutputGap(Criterion):
         with self.twin.applied(prev):
             runner = DownstreamRunner(self.twin, layer, xs)  # upstream of the layer stays cached
 
-        def out(u):
+        def out(u, rows=None):
             with self.twin.applied(prev + [TorchEdit(layer, u, d)]):
-                return runner()
+                return runner(rows)
 
         method = self.cfg.fit_method
         if method == "lm" and self.target_logits.shape[-1] > fitting.LM_MAX_OUTPUTS:
@@ -542,16 +545,7 @@ class OutputGap(Criterion):
                 method = "adam"
         scale = fitting.u_scale(u0)
         v = (u0 / scale).float().clone().requires_grad_(True)
-        t_norm = self.target_logits.pow(2).mean().clamp_min(1e-8)
-        l_norm = self.loc_ref.pow(2).mean().clamp_min(1e-8)
-
-        def loss_fn():
-            o = out(v * scale)
-            loss = F.mse_loss(o[:n], self.target_logits) / t_norm
-            if m:
-                loss = loss + self.cfg.locality_weight * F.mse_loss(o[n:], self.loc_ref) / l_norm
-            return loss
-
+        loss_fn = self._output_loss(lambda rows: out(v * scale, rows), n, m)
         if method == "lbfgs":
             (best_v,), loss = fitting.lbfgs([v], loss_fn, self.cfg.lbfgs_evals)
         elif method == "adam":
@@ -559,6 +553,49 @@ class OutputGap(Criterion):
         else:
             raise ValueError(f"unknown fit method {method!r}")
         return (best_v * scale).float(), loss
+
+    def _output_loss(self, out_rows, n: int, m: int):
+        """The output fit's loss: mean squared logit error on the pairs (to the shipped
+        outputs on the clean twins) + locality_weight x the same on the locality inputs,
+        each relative to its mean square. In one pass when the kept activations fit
+        FIT_BUDGET, else chunk by chunk, each chunk's gradient accumulated (the same sum;
+        ``loss_fn`` then returns a float, see fit.adam)."""
+        t_norm = self.target_logits.pow(2).mean().clamp_min(1e-8)
+        l_norm = self.loc_ref.pow(2).mean().clamp_min(1e-8)
+        total, k = n + m, self.target_logits.shape[-1]
+        chunk = self._fit_chunk()
+        if chunk >= total:
+            def loss_fn():
+                o = out_rows(None)
+                loss = F.mse_loss(o[:n], self.target_logits) / t_norm
+                if m:
+                    loss = loss + self.cfg.locality_weight * F.mse_loss(o[n:], self.loc_ref) / l_norm
+                return loss
+
+            return loss_fn
+        ref = torch.cat([self.target_logits, self.loc_ref])
+        weight = torch.cat([(1.0 / (t_norm * n * k)).expand(n),
+                            (self.cfg.locality_weight / (l_norm * max(m, 1) * k)).expand(m)])
+
+        def chunked() -> float:
+            value = 0.0
+            for lo in range(0, total, chunk):
+                rows = slice(lo, min(lo + chunk, total))
+                part = ((out_rows(rows) - ref[rows]).pow(2).sum(1) * weight[rows]).sum()
+                part.backward()
+                value += float(part.detach())
+            return value
+
+        return chunked
+
+    def _fit_chunk(self) -> int:
+        """Inputs per forward/backward pass of the output fit: activations within FIT_BUDGET
+        (estimated from one input through every candidate layer, as the localisation does)."""
+        if self._chunk is None:
+            sizes = activation_sizes(self.twin, list(self.candidates), self.x1)
+            per_input = 4 * sum(i + 3 * o for i, o, _ in sizes.values())
+            self._chunk = max(1, FIT_BUDGET // max(per_input, 1))
+        return self._chunk
 
     def _fit_lm(self, out, u0, n: int, m: int) -> tuple[torch.Tensor, float]:
         """The same loss as Adam's, as weighted least squares, by Levenberg-Marquardt."""
