@@ -31,6 +31,8 @@ LM_DAMPING = 1e-3       # initial damping, relative to the diagonal of J^T W J (
 LM_TOL = 1e-4           # stop when an accepted step lowers the loss by less than this share
 LM_TRIES = 8            # damping increases (x LM_UP) before giving up on a step
 LM_UP, LM_DOWN = 4.0, 3.0
+LM_MIN_DAMPING = 1e-12  # the damping never falls below this (J^T W J may be singular)
+U_SCALE_FLOOR = 1e-3    # Adam's unit for u when the closed form is zero
 
 
 def adam(params: list[torch.Tensor], loss_fn, steps: int, lr: float) -> tuple[list[torch.Tensor], float]:
@@ -74,7 +76,7 @@ def lbfgs(params: list[torch.Tensor], loss_fn, max_evals: int) -> tuple[list[tor
 
 def u_scale(u0: torch.Tensor) -> float:
     """Adam fits u / scale so that its step size (lr) is relative to the closed form's size."""
-    return float(u0.norm()) / max(1.0, u0.numel() ** 0.5) or 1e-3
+    return float(u0.norm()) / max(1.0, u0.numel() ** 0.5) or U_SCALE_FLOOR
 
 
 def _value_and_grad(loss_fn) -> float:
@@ -141,7 +143,7 @@ def levenberg_marquardt(problem: LeastSquares, u0: torch.Tensor, *, iterations: 
         else:
             break  # no damping gives a smaller loss: a (local) minimum
         gain = (loss - trial) / max(loss, 1e-300)
-        u, mu = u + step, max(mu / LM_DOWN, 1e-12)
+        u, mu = u + step, max(mu / LM_DOWN, LM_MIN_DAMPING)
         if gain < tol:
             loss = trial
             break

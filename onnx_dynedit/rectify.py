@@ -67,6 +67,9 @@ GAP_EPS = 1e-6          # a gap must fall by more than this to count as smaller 
 BUDGET_SLACK = 1e-12    # a degradation equal to the budget passes (float rounding of exact fractions)
 MIN_HOLDOUT_POOL = 4    # fewer stats inputs than this: nothing is held out (the check is in-sample)
 FIT_BUDGET = 4 * ACTIVATION_BUDGET  # bytes of activations one forward/backward pass of the output fit keeps
+NORM_FLOOR = 1e-8       # mean squares the fit losses are divided by never fall below this (all-zero logits)
+SHARE_FLOOR = 1e-12     # denominators of shares and gains (an all-zero attribution or channel)
+SAME_VALUE = 1e-6       # a stats input 'equals' the clean twin where the pairs differ within this
 
 
 @dataclass(frozen=True)
@@ -333,10 +336,10 @@ def corruption_model(corrupt: np.ndarray, clean: np.ndarray) -> str:
     if corrupt.ndim >= 3 and corrupt.shape[1] > 1:
         c = corrupt.reshape(n, corrupt.shape[1], -1).astype(np.float64)
         k = clean.reshape(n, clean.shape[1], -1).astype(np.float64)
-        g = (c * k).sum(2) / np.maximum((k * k).sum(2), 1e-12)
+        g = (c * k).sum(2) / np.maximum((k * k).sum(2), SHARE_FLOOR)
         resid = np.linalg.norm((c - g[:, :, None] * k).reshape(n, -1), axis=1)
         diff = np.linalg.norm((c - k).reshape(n, -1), axis=1)
-        if np.all(resid <= GAIN_RESIDUAL * np.maximum(diff, 1e-12)):
+        if np.all(resid <= GAIN_RESIDUAL * np.maximum(diff, SHARE_FLOOR)):
             return "gain"
     return "affine" if n >= 2 else "add"
 
@@ -367,7 +370,7 @@ def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m
         model = "add"
         support = (corrupt != clean).any(axis=0).reshape(-1)
         gap = np.abs(pool - clean[:1]).reshape(len(pool), -1)[:, support]
-        ok = gap.max(axis=1) <= 1e-6 if support.any() else np.zeros(len(pool), bool)
+        ok = gap.max(axis=1) <= SAME_VALUE if support.any() else np.zeros(len(pool), bool)
         if ok.any():
             pool = pool[ok]
     elif model == "auto":
@@ -397,7 +400,7 @@ def _gain_transplant(corrupt, clean, pool, m: int, lo: float, hi: float) -> tupl
     n = len(corrupt)
     c = corrupt.reshape(n, corrupt.shape[1], -1).astype(np.float64)
     k = clean.reshape(n, clean.shape[1], -1).astype(np.float64)
-    gain = (c * k).sum(2) / np.maximum((k * k).sum(2), 1e-12)  # [n, channels]
+    gain = (c * k).sum(2) / np.maximum((k * k).sum(2), SHARE_FLOOR)  # [n, channels]
     shape = (corrupt.shape[1],) + (1,) * (corrupt.ndim - 2)
     src, syn = [], []
     for i in range(len(pool) - 1, -1, -1):  # the tail first: the locality batch uses the head
@@ -560,8 +563,8 @@ class OutputGap(Criterion):
         each relative to its mean square. In one pass when the kept activations fit
         FIT_BUDGET, else chunk by chunk, each chunk's gradient accumulated (the same sum;
         ``loss_fn`` then returns a float, see fit.adam)."""
-        t_norm = self.target_logits.pow(2).mean().clamp_min(1e-8)
-        l_norm = self.loc_ref.pow(2).mean().clamp_min(1e-8)
+        t_norm = self.target_logits.pow(2).mean().clamp_min(NORM_FLOOR)
+        l_norm = self.loc_ref.pow(2).mean().clamp_min(NORM_FLOOR)
         total, k = n + m, self.target_logits.shape[-1]
         chunk = self._fit_chunk()
         if chunk >= total:
@@ -600,8 +603,8 @@ class OutputGap(Criterion):
     def _fit_lm(self, out, u0, n: int, m: int) -> tuple[torch.Tensor, float]:
         """The same loss as Adam's, as weighted least squares, by Levenberg-Marquardt."""
         k = self.target_logits.shape[-1]
-        t_norm = float(self.target_logits.pow(2).mean().clamp_min(1e-8))
-        l_norm = float(self.loc_ref.pow(2).mean().clamp_min(1e-8))
+        t_norm = float(self.target_logits.pow(2).mean().clamp_min(NORM_FLOOR))
+        l_norm = float(self.loc_ref.pow(2).mean().clamp_min(NORM_FLOOR))
         weight = torch.cat([torch.full((n,), 1.0 / (t_norm * n * k)),
                             torch.full((m,), self.cfg.locality_weight / (l_norm * max(m, 1) * k))])
         problem = fitting.LeastSquares(out, torch.cat([self.target_logits, self.loc_ref]), weight.to(u0.device))
@@ -653,14 +656,14 @@ class AttributionShare(Criterion):
         v = torch.zeros_like(direction.u_local, dtype=torch.float32).requires_grad_(True)  # start at the shipped model
         with twin.applied(prev):
             total0 = input_attribution(twin, self.corrupt_t, self.cls_t, steps=cfg.attr_steps).detach().flatten(1).sum(1)
-        total0 = total0.clamp_min(1e-12)
+        total0 = total0.clamp_min(SHARE_FLOOR)
         xs = torch.cat([self.corrupt_t, self.loc_x], 0)
         ref = torch.cat([self.target_logits, self.loc_ref], 0)
         n = self.corrupt_t.shape[0]
         w = torch.ones(xs.shape[0], 1, device=xs.device)
         if self.loc_x.shape[0]:
             w[n:] = cfg.locality_weight * n / self.loc_x.shape[0]
-        norm = ref.pow(2).mean().clamp_min(1e-8)
+        norm = ref.pow(2).mean().clamp_min(NORM_FLOOR)
 
         def unwhiten(a_):
             return torch.linalg.solve_triangular(r.T, (a_ * a_scale).unsqueeze(1), upper=True).squeeze(1)
