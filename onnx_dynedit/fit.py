@@ -31,19 +31,21 @@ LM_DAMPING = 1e-3       # initial damping, relative to the diagonal of J^T W J (
 LM_TOL = 1e-4           # stop when an accepted step lowers the loss by less than this share
 LM_TRIES = 8            # damping increases (x LM_UP) before giving up on a step
 LM_UP, LM_DOWN = 4.0, 3.0
+LM_MIN_DAMPING = 1e-12  # the damping never falls below this (J^T W J may be singular)
+U_SCALE_FLOOR = 1e-3    # Adam's unit for u when the closed form is zero
 
 
 def adam(params: list[torch.Tensor], loss_fn, steps: int, lr: float) -> tuple[list[torch.Tensor], float]:
     """Minimise ``loss_fn()`` with Adam; keep the best iterate; stop early when the loss
-    has converged or stalled. Returns (best params, detached; best loss)."""
+    has converged or stalled. ``loss_fn`` returns the loss as a tensor to differentiate,
+    or as a float when it has accumulated the gradients itself (a loss summed chunk by
+    chunk). Returns (best params, detached; best loss)."""
     opt = torch.optim.Adam(params, lr=lr)
     best = (float("inf"), [p.detach().clone() for p in params])
     since_best = 0
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        loss_val = float(loss.detach())
+        loss_val = _value_and_grad(loss_fn)
         since_best = 0 if loss_val < best[0] * (1 - STALL_REL) else since_best + 1
         if loss_val < best[0]:
             best = (loss_val, [p.detach().clone() for p in params])
@@ -63,11 +65,10 @@ def lbfgs(params: list[torch.Tensor], loss_fn, max_evals: int) -> tuple[list[tor
 
     def closure():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        if float(loss.detach()) < best[0]:
-            best[0], best[1] = float(loss.detach()), [p.detach().clone() for p in params]
-        return loss
+        value = _value_and_grad(loss_fn)
+        if value < best[0]:
+            best[0], best[1] = value, [p.detach().clone() for p in params]
+        return torch.tensor(value)
 
     opt.step(closure)
     return best[1], best[0]
@@ -75,7 +76,16 @@ def lbfgs(params: list[torch.Tensor], loss_fn, max_evals: int) -> tuple[list[tor
 
 def u_scale(u0: torch.Tensor) -> float:
     """Adam fits u / scale so that its step size (lr) is relative to the closed form's size."""
-    return float(u0.norm()) / max(1.0, u0.numel() ** 0.5) or 1e-3
+    return float(u0.norm()) / max(1.0, u0.numel() ** 0.5) or U_SCALE_FLOOR
+
+
+def _value_and_grad(loss_fn) -> float:
+    """Call ``loss_fn``; differentiate what it returns unless it did so itself (a float)."""
+    loss = loss_fn()
+    if torch.is_tensor(loss):
+        loss.backward()
+        return float(loss.detach())
+    return float(loss)
 
 
 @dataclass(frozen=True)
@@ -133,7 +143,7 @@ def levenberg_marquardt(problem: LeastSquares, u0: torch.Tensor, *, iterations: 
         else:
             break  # no damping gives a smaller loss: a (local) minimum
         gain = (loss - trial) / max(loss, 1e-300)
-        u, mu = u + step, max(mu / LM_DOWN, 1e-12)
+        u, mu = u + step, max(mu / LM_DOWN, LM_MIN_DAMPING)
         if gain < tol:
             loss = trial
             break

@@ -23,7 +23,8 @@ Value (the "u"):
          u = (v* - W k*) / (d^T k*).
   output fitted in rectify.py: u starts at the closed form and Adam makes the
          NETWORK output on x~ match the output on x while keeping outputs on unlabeled
-         clean inputs unchanged (the measured hint in method.md).
+         clean inputs unchanged (the README's decision table; ``objective="local"`` keeps
+         the closed form).
   attribution (feature leakage, rectify.py): u and the whitened key a are fitted
          together, d = R^-T a = C_l^-1 k with k = R a, starting at this module's k*;
          d keeps the form C^-1 k, only k moves.
@@ -48,6 +49,8 @@ KEY_BATCH = 32             # stats inputs per forward pass while accumulating C
 MAX_KEYS_PER_BATCH = 8192  # conv positions per batch and layer used for C (an even subsample; bounds the cost)
 ACTIVATION_BUDGET = 256 * 2**20  # bytes of captured activations per chunked pass (bounds peak memory at 224x224)
 MAX_KEY_FEATURES = 8192    # C is in_features^2 float64 (8192: 512 MB); wider layers (VGG's 25088-wide fc) are not edited
+RIDGE_FLOOR = 1e-12        # the ridge's scale when every key is zero (C = 0 stays factorable)
+CANCEL_SHARE = 1e-6        # a mean projection below this share of the mean |projection|: the changes cancel
 AFFECTED_SHARE = 1e-3      # a position is "affected" when its key change exceeds this share of the largest
 
 
@@ -192,7 +195,7 @@ def stats_from_moments(layers: list[Layer], parts, *, lam: float = DEFAULT_LAMBD
 
 def _factor(layer: Layer, acc: torch.Tensor, count: int, lam: float, source: str) -> KeyStats:
     c = acc.div_(max(count, 1))
-    ridge = lam * float(torch.diagonal(c).mean().clamp_min(1e-12))
+    ridge = lam * float(torch.diagonal(c).mean().clamp_min(RIDGE_FLOOR))
     c.diagonal().add_(ridge)
     chol, info = torch.linalg.cholesky_ex(c)
     if int(info) != 0:
@@ -284,7 +287,7 @@ def edit_direction(stats: KeyStats, keys: PairKeys, *, key: str = "diff", score_
     spread = float(proj.abs().mean())
     if spread == 0.0:
         raise EditError(f"layer {stats.layer.node!r}: the edit direction does not separate corrupted from clean keys")
-    if abs(mean) > 1e-6 * spread:
+    if abs(mean) > CANCEL_SHARE * spread:
         d = d / mean  # mean d . delta over affected positions = 1, sign positive
     else:  # changes that cancel in the mean (+k and -k) still separate: mean |d . delta| = 1,
         # sign fixed by the largest projection

@@ -54,7 +54,9 @@ from . import progress
 from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
 from .errors import EditError, InputError, LayerError, option
 from .layers import Layer
-from .rank_one import (DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, edit_direction, key_statistics, pair_keys,
+from .options import check_config
+from .rank_one import (ACTIVATION_BUDGET, DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, activation_sizes,
+                       edit_direction, key_statistics, pair_keys,
                        too_wide)
 from .twin import DownstreamRunner, Twin, batch_size_of, cat_inputs
 from .writeback import LayerUpdate
@@ -64,6 +66,10 @@ log = logging.getLogger(__name__)
 GAP_EPS = 1e-6          # a gap must fall by more than this to count as smaller (float noise)
 BUDGET_SLACK = 1e-12    # a degradation equal to the budget passes (float rounding of exact fractions)
 MIN_HOLDOUT_POOL = 4    # fewer stats inputs than this: nothing is held out (the check is in-sample)
+FIT_BUDGET = 4 * ACTIVATION_BUDGET  # bytes of activations one forward/backward pass of the output fit keeps
+NORM_FLOOR = 1e-8       # mean squares the fit losses are divided by never fall below this (all-zero logits)
+SHARE_FLOOR = 1e-12     # denominators of shares and gains (an all-zero attribution or channel)
+SAME_VALUE = 1e-6       # a stats input 'equals' the clean twin where the pairs differ within this
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,9 @@ class RectifyConfig:
     transplant: str = "auto"          # how: "add", "affine", "gain" or "auto" (transplant_pairs)
     holdout: float = 0.25             # share of stats held out for the degradation check when no val is given
     seed: int = 0
+
+    def __post_init__(self):
+        check_config(self)  # a bad value is an InputError naming the option (exit 2), before any work
 
     def replace(self, **changes) -> "RectifyConfig":
         values = asdict(self)
@@ -327,10 +336,10 @@ def corruption_model(corrupt: np.ndarray, clean: np.ndarray) -> str:
     if corrupt.ndim >= 3 and corrupt.shape[1] > 1:
         c = corrupt.reshape(n, corrupt.shape[1], -1).astype(np.float64)
         k = clean.reshape(n, clean.shape[1], -1).astype(np.float64)
-        g = (c * k).sum(2) / np.maximum((k * k).sum(2), 1e-12)
+        g = (c * k).sum(2) / np.maximum((k * k).sum(2), SHARE_FLOOR)
         resid = np.linalg.norm((c - g[:, :, None] * k).reshape(n, -1), axis=1)
         diff = np.linalg.norm((c - k).reshape(n, -1), axis=1)
-        if np.all(resid <= GAIN_RESIDUAL * np.maximum(diff, 1e-12)):
+        if np.all(resid <= GAIN_RESIDUAL * np.maximum(diff, SHARE_FLOOR)):
             return "gain"
     return "affine" if n >= 2 else "add"
 
@@ -361,7 +370,7 @@ def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m
         model = "add"
         support = (corrupt != clean).any(axis=0).reshape(-1)
         gap = np.abs(pool - clean[:1]).reshape(len(pool), -1)[:, support]
-        ok = gap.max(axis=1) <= 1e-6 if support.any() else np.zeros(len(pool), bool)
+        ok = gap.max(axis=1) <= SAME_VALUE if support.any() else np.zeros(len(pool), bool)
         if ok.any():
             pool = pool[ok]
     elif model == "auto":
@@ -391,7 +400,7 @@ def _gain_transplant(corrupt, clean, pool, m: int, lo: float, hi: float) -> tupl
     n = len(corrupt)
     c = corrupt.reshape(n, corrupt.shape[1], -1).astype(np.float64)
     k = clean.reshape(n, clean.shape[1], -1).astype(np.float64)
-    gain = (c * k).sum(2) / np.maximum((k * k).sum(2), 1e-12)  # [n, channels]
+    gain = (c * k).sum(2) / np.maximum((k * k).sum(2), SHARE_FLOOR)  # [n, channels]
     shape = (corrupt.shape[1],) + (1,) * (corrupt.ndim - 2)
     src, syn = [], []
     for i in range(len(pool) - 1, -1, -1):  # the tail first: the locality batch uses the head
@@ -457,6 +466,7 @@ class Criterion:
 
     def __init__(self, twin: Twin, plan: Plan, cfg: RectifyConfig):
         self.twin, self.cfg, self.n_real = twin, cfg, plan.n_real
+        self.candidates, self.x1, self._chunk = plan.candidates, plan.corrupt[:1], None
         self.corrupt, self.n = plan.corrupt, len(plan.corrupt)
         self.target_p = torch.softmax(torch.as_tensor(twin.run(plan.clean)), 1)  # shipped model on clean twins
         self.target_cls = self.target_p.argmax(1)
@@ -523,9 +533,9 @@ class OutputGap(Criterion):
         with self.twin.applied(prev):
             runner = DownstreamRunner(self.twin, layer, xs)  # upstream of the layer stays cached
 
-        def out(u):
+        def out(u, rows=None):
             with self.twin.applied(prev + [TorchEdit(layer, u, d)]):
-                return runner()
+                return runner(rows)
 
         method = self.cfg.fit_method
         if method == "lm" and self.target_logits.shape[-1] > fitting.LM_MAX_OUTPUTS:
@@ -538,16 +548,7 @@ class OutputGap(Criterion):
                 method = "adam"
         scale = fitting.u_scale(u0)
         v = (u0 / scale).float().clone().requires_grad_(True)
-        t_norm = self.target_logits.pow(2).mean().clamp_min(1e-8)
-        l_norm = self.loc_ref.pow(2).mean().clamp_min(1e-8)
-
-        def loss_fn():
-            o = out(v * scale)
-            loss = F.mse_loss(o[:n], self.target_logits) / t_norm
-            if m:
-                loss = loss + self.cfg.locality_weight * F.mse_loss(o[n:], self.loc_ref) / l_norm
-            return loss
-
+        loss_fn = self._output_loss(lambda rows: out(v * scale, rows), n, m)
         if method == "lbfgs":
             (best_v,), loss = fitting.lbfgs([v], loss_fn, self.cfg.lbfgs_evals)
         elif method == "adam":
@@ -556,11 +557,54 @@ class OutputGap(Criterion):
             raise ValueError(f"unknown fit method {method!r}")
         return (best_v * scale).float(), loss
 
+    def _output_loss(self, out_rows, n: int, m: int):
+        """The output fit's loss: mean squared logit error on the pairs (to the shipped
+        outputs on the clean twins) + locality_weight x the same on the locality inputs,
+        each relative to its mean square. In one pass when the kept activations fit
+        FIT_BUDGET, else chunk by chunk, each chunk's gradient accumulated (the same sum;
+        ``loss_fn`` then returns a float, see fit.adam)."""
+        t_norm = self.target_logits.pow(2).mean().clamp_min(NORM_FLOOR)
+        l_norm = self.loc_ref.pow(2).mean().clamp_min(NORM_FLOOR)
+        total, k = n + m, self.target_logits.shape[-1]
+        chunk = self._fit_chunk()
+        if chunk >= total:
+            def loss_fn():
+                o = out_rows(None)
+                loss = F.mse_loss(o[:n], self.target_logits) / t_norm
+                if m:
+                    loss = loss + self.cfg.locality_weight * F.mse_loss(o[n:], self.loc_ref) / l_norm
+                return loss
+
+            return loss_fn
+        ref = torch.cat([self.target_logits, self.loc_ref])
+        weight = torch.cat([(1.0 / (t_norm * n * k)).expand(n),
+                            (self.cfg.locality_weight / (l_norm * max(m, 1) * k)).expand(m)])
+
+        def chunked() -> float:
+            value = 0.0
+            for lo in range(0, total, chunk):
+                rows = slice(lo, min(lo + chunk, total))
+                part = ((out_rows(rows) - ref[rows]).pow(2).sum(1) * weight[rows]).sum()
+                part.backward()
+                value += float(part.detach())
+            return value
+
+        return chunked
+
+    def _fit_chunk(self) -> int:
+        """Inputs per forward/backward pass of the output fit: activations within FIT_BUDGET
+        (estimated from one input through every candidate layer, as the localisation does)."""
+        if self._chunk is None:
+            sizes = activation_sizes(self.twin, list(self.candidates), self.x1)
+            per_input = 4 * sum(i + 3 * o for i, o, _ in sizes.values())
+            self._chunk = max(1, FIT_BUDGET // max(per_input, 1))
+        return self._chunk
+
     def _fit_lm(self, out, u0, n: int, m: int) -> tuple[torch.Tensor, float]:
         """The same loss as Adam's, as weighted least squares, by Levenberg-Marquardt."""
         k = self.target_logits.shape[-1]
-        t_norm = float(self.target_logits.pow(2).mean().clamp_min(1e-8))
-        l_norm = float(self.loc_ref.pow(2).mean().clamp_min(1e-8))
+        t_norm = float(self.target_logits.pow(2).mean().clamp_min(NORM_FLOOR))
+        l_norm = float(self.loc_ref.pow(2).mean().clamp_min(NORM_FLOOR))
         weight = torch.cat([torch.full((n,), 1.0 / (t_norm * n * k)),
                             torch.full((m,), self.cfg.locality_weight / (l_norm * max(m, 1) * k))])
         problem = fitting.LeastSquares(out, torch.cat([self.target_logits, self.loc_ref]), weight.to(u0.device))
@@ -612,14 +656,14 @@ class AttributionShare(Criterion):
         v = torch.zeros_like(direction.u_local, dtype=torch.float32).requires_grad_(True)  # start at the shipped model
         with twin.applied(prev):
             total0 = input_attribution(twin, self.corrupt_t, self.cls_t, steps=cfg.attr_steps).detach().flatten(1).sum(1)
-        total0 = total0.clamp_min(1e-12)
+        total0 = total0.clamp_min(SHARE_FLOOR)
         xs = torch.cat([self.corrupt_t, self.loc_x], 0)
         ref = torch.cat([self.target_logits, self.loc_ref], 0)
         n = self.corrupt_t.shape[0]
         w = torch.ones(xs.shape[0], 1, device=xs.device)
         if self.loc_x.shape[0]:
             w[n:] = cfg.locality_weight * n / self.loc_x.shape[0]
-        norm = ref.pow(2).mean().clamp_min(1e-8)
+        norm = ref.pow(2).mean().clamp_min(NORM_FLOOR)
 
         def unwhiten(a_):
             return torch.linalg.solve_triangular(r.T, (a_ * a_scale).unsqueeze(1), upper=True).squeeze(1)

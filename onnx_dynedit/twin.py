@@ -354,6 +354,10 @@ class DownstreamRunner:
             if node not in downstream:
                 downstream.add(node)
                 stack.extend(node.users)
+        dependent: set = set()  # nodes computed from the inputs: their cached values have a batch axis
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
+                dependent.add(node)
         cache: dict = {}
 
         class _Record(fx.Interpreter):
@@ -366,10 +370,15 @@ class DownstreamRunner:
         with torch.no_grad():
             _Record(gm).run(*inputs)
 
+        rows = batch_size_of(inputs[0] if len(inputs) == 1 else tuple(inputs))
+        sliced = {n for n, v in cache.items() if n in dependent and torch.is_tensor(v) and v.dim() and v.shape[0] == rows}
+
         class _Replay(fx.Interpreter):
+            rows: slice | None = None
+
             def run_node(self, n):
                 if n in cache:
-                    return cache[n]
+                    return cache[n][self.rows] if self.rows is not None and n in sliced else cache[n]
                 if n not in downstream and n.op != "output":
                     return None  # upstream and not read downstream: skipped
                 return super().run_node(n)
@@ -377,6 +386,13 @@ class DownstreamRunner:
         self._replay = _Replay(gm)
         self._inputs = inputs
         self._select = twin.select
+        self.rows = rows
 
-    def __call__(self) -> torch.Tensor:
-        return self._select(self._replay.run(*self._inputs))
+    def __call__(self, rows: slice | None = None) -> torch.Tensor:
+        """The output on every input, or on the inputs ``rows`` (a slice of the batch:
+        memory for one chunk of the fit at a time)."""
+        self._replay.rows = rows
+        try:
+            return self._select(self._replay.run(*self._inputs))
+        finally:
+            self._replay.rows = None

@@ -47,6 +47,7 @@ import onnxruntime as ort
 from .data import Samples, check_against_input, check_labels, fields
 from .errors import DataError, InputError, option, short
 from .io import check_model_file
+from .report import jsonable
 from .sessions import DEFAULT_PROVIDER, ort_session, provider_list
 from .shapes import InputSpec, check_input_shapes
 
@@ -358,11 +359,8 @@ class VerifyReport:
 
 
 def _num(value) -> float | None:
-    """JSON-safe float: non-finite values become null (strict parsers reject NaN)."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    """JSON-safe float (``report.jsonable``: non-finite values become null)."""
+    return None if value is None else jsonable(float(value))
 
 
 def _fmt_pair(value: float, limit: float) -> tuple[str, str]:

@@ -69,3 +69,14 @@ def test_cli_help_reads_the_defaults_from_the_library(capsys):
     assert f"(default {cfg.ig_steps})" in " ".join(out.split())
     _, out, _ = run_cli(["inspect", "--help"], capsys)
     assert "[default: 0 10]" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("changes", [{"criterion": "bogus"}, {"fit_method": "sgd"}, {"max_edits": 0}])
+def test_a_rectify_config_checks_itself(changes):
+    """``rectify()`` called with a hand-made config refuses it at construction, not deep
+    in the loop."""
+    with pytest.raises(InputError) as info:
+        RectifyConfig(**changes)
+    assert next(iter(changes)) in str(info.value)
+    with pytest.raises(InputError):
+        RectifyConfig().replace(**changes)
