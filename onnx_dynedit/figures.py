@@ -44,7 +44,7 @@ def draw_edit_figure(path: Path, twin, model_label: str, corrupt: np.ndarray, cl
     order = [l.node for l in sorted(twin.layer_map.editable(), key=lambda l: l.node_index)]
     rounds = []
     for i, loc in enumerate(result.localisations):
-        scores = {entry["node"]: float(entry["score"]) for entry in loc.get("layers", [])}
+        scores = {a.layer.node: float(a.score) for a in loc.ranked}
         rounds.append(Round(scores=scores, edited=result.edits[i].layer.node if i < len(result.edits) else None))
     done = "success" if result.success else "target not reached"
     summary = (f"{len(result.edits)} edit(s) [{', '.join(e.layer.node for e in result.edits) or 'none'}], "

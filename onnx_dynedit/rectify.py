@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from . import fit as fitting
 from . import progress
-from .attribution import DEFAULT_STEPS, input_attribution, locate, region_shares
+from .attribution import DEFAULT_STEPS, Localisation, input_attribution, locate, region_shares
 from .errors import EditError, InputError, LayerError, option
 from .layers import Layer
 from .options import check_config
@@ -151,7 +151,7 @@ class EditStep:
 class RectifyResult:
     edits: tuple[RankOneEdit, ...]
     steps: tuple[EditStep, ...]
-    localisations: tuple[dict, ...]
+    localisations: tuple[Localisation, ...]  # one per round of the loop
     n_pairs: int          # pairs used (given + synthetic)
     n_real_pairs: int     # pairs given by the user
     gap_before: float
@@ -207,7 +207,7 @@ class RectifyResult:
             "degradation_source": self.degradation_source, "degradation_count": self.degradation_count,
             "stats_source": self.stats_source, "stopped_because": self.stopped_because, "success": self.success,
             "edits": [e.to_dict() for e in self.edits], "steps": [s.to_dict() for s in self.steps],
-            "localisations": list(self.localisations), "config": asdict(self.config),
+            "localisations": [loc.to_dict() for loc in self.localisations], "config": asdict(self.config),
             "timings": dict(self.timings),
         }
 
@@ -810,7 +810,7 @@ def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: Rect
         loc = locate(twin, list(plan.candidates), plan.corrupt[:r], plan.clean[:r], stats, edits=prev,
                      steps=cfg.ig_steps, target=cfg.ig_target, key=cfg.key, reduction=cfg.ig_reduction,
                      key_pairs=(plan.corrupt, plan.clean))
-    localisations.append(loc.to_dict())
+    localisations.append(loc)
     return [Option(a.layer, a.score, a.direction, stats[a.layer.node].chol)
             for a in loc.ranked[: cfg.candidates_per_step]]
 
@@ -853,7 +853,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     cache = KeyCache(twin, plan, cfg)
     accepted: list[RankOneEdit] = []
     steps: list[EditStep] = []
-    localisations: list[dict] = []
+    localisations: list[Localisation] = []
     start = state = crit.score([])
     stopped = "max edits reached"
     while not crit.reached(state) and len(accepted) < cfg.max_edits:
