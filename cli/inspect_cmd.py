@@ -29,21 +29,22 @@ def inspect(model, inputs_file, seed, int_range, device, input_shapes, as_json):
         raise click.BadParameter(f"low {int_range[0]} must be below high {int_range[1]}", param_hint="--int-range")
     given = {k: v for k, v in (("seed", seed), ("int_range", int_range and tuple(int_range))) if v is not None}
     report = inspect_model(model, inputs_file=inputs_file, device=device, input_shapes=input_shapes, **given)
+    d = report.to_dict()
     if as_json:
-        echo_json(report.to_dict())
+        echo_json(d)
     else:
         click.echo(f"{report.path}: opset {report.opset}, IR {report.ir_version}")
-        for kind, specs in (("input", report.inputs), ("output", report.outputs)):
+        for kind, specs in (("input", d["inputs"]), ("output", d["outputs"])):
             for s in specs:
                 click.echo(f"  {kind:6} {s['name']}  {s['dtype']}{s['shape']}")
         rows = [[l["node"], l["op"], l["initializer"] + _quant_note(l), "x".join(map(str, l["shape"])) or "scalar",
                  "yes" if l["shared"] else "", "yes" if l["editable"] else f"no: {l['reason']}"]
-                for l in report.layers]
+                for l in d["layers"]]
         click.echo(table(rows, ["node", "op", "weight", "shape", "shared", "editable"]))
         click.echo(f"attributed output: {report.attributed_output}")
         for note in report.notes:
             click.echo(f"note: {note}")
-        click.echo(parity_line(report.parity))
+        click.echo(parity_line(d["parity"]))
         click.echo("PASSED" if report.ok else "FAILED: parity outside tolerance")
     sys.exit(0 if report.ok else 1)
 

@@ -12,5 +12,5 @@ from onnx_dynedit.api import revert_model
 @run_options(threads=False)
 def revert(edited, out, in_place):
     """Undo `dynedit edit`: restore the original weights of EDITED bit for bit."""
-    path = revert_model(edited, out, in_place=in_place)
-    click.echo(f"wrote {path} (original weights restored)")
+    outcome = revert_model(edited, out, in_place=in_place)
+    click.echo(f"wrote {outcome.path} (original weights restored: {', '.join(outcome.restored)})")

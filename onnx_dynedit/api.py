@@ -552,14 +552,29 @@ def _external_names(loaded: LoadedModel, new_model) -> set[str]:
 # --------------------------------------------------------------------------- revert
 
 
-def revert_model(edited, out, *, in_place: bool = False) -> str:
+@dataclass(frozen=True)
+class RevertOutcome:
+    """What ``revert_model`` wrote: the restored model and the weights it restored."""
+
+    path: str
+    restored: tuple[str, ...]  # initializers given back their original values, as the edit record lists them
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "restored": list(self.restored)}
+
+
+def revert_model(edited, out, *, in_place: bool = False) -> RevertOutcome:
+    from .metadata import edit_record
     from .writeback import revert
 
     loaded = load_model(edited)
     check_output_path(out, loaded.protected_paths(), in_place=in_place)
     original = revert(loaded)
-    return str(save_model(original, out, external_names=loaded.external_names if loaded.has_external_data else None,
-                          protected=loaded.protected_paths(), in_place=in_place))
+    restored = tuple(rec["initializer"] for rec in edit_record(loaded.model)["tensors"])
+    path = save_model(original, out, external_names=loaded.external_names if loaded.has_external_data else None,
+                      protected=loaded.protected_paths(), in_place=in_place)
+    return RevertOutcome(path=str(path), restored=restored)
 
 
-__all__ = ["edit_model", "locate_model", "revert_model", "EditOutcome", "LocateOutcome", "CheckFailed"]
+__all__ = ["edit_model", "locate_model", "revert_model", "EditOutcome", "LocateOutcome", "RevertOutcome",
+           "CheckFailed"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -10,27 +11,31 @@ from .data import check_against_input, load_npz
 from .errors import DataError
 from .io import LoadedModel, load_model
 
+if TYPE_CHECKING:  # parity imports torch; inspect_model imports it when it runs
+    from .parity import Parity
+
 
 @dataclass(frozen=True)
 class InspectReport:
     path: str
     opset: int
     ir_version: int
-    inputs: list
-    outputs: list
-    layers: list
-    parity: dict
+    inputs: tuple                # shapes.InputSpec
+    outputs: tuple               # shapes.InputSpec
+    layers: tuple                # layers.Layer, in graph order
+    parity: "Parity"             # parity.Parity: ONNX Runtime vs the twin
     notes: tuple[str, ...] = field(default=())
     device: str = "cpu"
     attributed_output: str = ""
 
     @property
     def ok(self) -> bool:
-        return bool(self.parity.get("ok"))
+        return bool(self.parity.ok)
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "opset": self.opset, "ir_version": self.ir_version, "inputs": self.inputs,
-                "outputs": self.outputs, "layers": self.layers, "parity": self.parity,
+        return {"path": self.path, "opset": self.opset, "ir_version": self.ir_version,
+                "inputs": [_spec_dict(s) for s in self.inputs], "outputs": [_spec_dict(s) for s in self.outputs],
+                "layers": [layer.to_dict() for layer in self.layers], "parity": self.parity.to_dict(),
                 "notes": list(self.notes), "device": self.device,
                 "attributed_output": self.attributed_output}
 
@@ -69,7 +74,7 @@ def inspect_model(src, *, inputs_file=None, device=None, seed: int = 0, int_rang
     opset = next((o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return InspectReport(
         path=loaded.label, opset=opset, ir_version=loaded.model.ir_version,
-        inputs=[_spec_dict(s) for s in twin.inputs], outputs=[_spec_dict(s) for s in twin.outputs],
-        layers=[l.to_dict() for l in twin.layer_map.layers], parity=parity.to_dict(), notes=twin.notes,
+        inputs=tuple(twin.inputs), outputs=tuple(twin.outputs), layers=tuple(twin.layer_map.layers),
+        parity=parity, notes=twin.notes,
         device=str(twin.device), attributed_output=twin.attributed_output,
     )

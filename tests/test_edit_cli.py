@@ -248,6 +248,8 @@ def test_revert_restores_original_bits(runs, name, tmp_path):
         assert a[key].tobytes() == b[key].tobytes(), key
     edited = initializers(run["out"])
     assert any(edited[k].tobytes() != a[k].tobytes() for k in a)  # the edit did change something
+    changed = [k for k in a if edited[k].tobytes() != a[k].tobytes()]
+    assert all(k in proc.stdout for k in changed), proc.stdout  # the restored weights are named
     if name == "blend":  # external data stays external
         assert any(p.name != "restored.onnx" for p in tmp_path.iterdir())
     proc = dynedit("diff", original, restored)
