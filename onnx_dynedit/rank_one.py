@@ -181,15 +181,21 @@ def key_moments(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), bat
 def stats_from_moments(layers: list[Layer], parts, *, lam: float = DEFAULT_LAMBDA, source: str = "stats",
                        device=None) -> dict[str, KeyStats]:
     """Add per-shard ``key_moments`` results (in the order given) and factor each layer's
-    regularised second moment C + lam * mean(diag C) * I (Cholesky)."""
+    regularised second moment C + lam * mean(diag C) * I (Cholesky). The parts are used
+    up: each layer's entries are taken out of them (and a single part's sum is divided in
+    place), so at most one layer's C exists beside the factors (VGG-16: 1 GiB less)."""
     out = {}
     for layer in layers:
-        total, n = None, 0
-        for part in parts:
-            m = part[layer.node]
-            total = m.sum_kk.copy() if total is None else total + m.sum_kk
-            n += m.count
+        entries = [part.pop(layer.node) for part in parts]
+        total = entries[0].sum_kk
+        for m in entries[1:]:
+            total = total + m.sum_kk
+        n = sum(m.count for m in entries)
+        del entries
+        if not total.flags.writeable:  # a part read from Ray's object store: divided in a copy
+            total = total.copy()
         out[layer.node] = _factor(layer, torch.as_tensor(total, dtype=torch.float64, device=device), n, lam, source)
+        del total
     return out
 
 
