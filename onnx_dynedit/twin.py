@@ -36,6 +36,8 @@ FP16_TOL = 1e-2
 # per-channel / per-tensor copies of a random-weight ResNet-18 (16 inputs), the same with
 # every ORT graph optimisation off. A wrong conversion is off by far more.
 QUANT_TOL = 5e-2
+RUN_BUDGET = 256 * 2**20  # bytes of activations one no-grad pass of ``Twin.run`` may hold (VGG-16 at 240x240: 5 rows)
+RUN_MAX_BATCH = 256
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -71,6 +73,7 @@ class Twin:
         self.fp16 = norm.fp16
         self.quantised = norm.quantised
         self.notes = norm.notes
+        self._row_bytes: int | None = None
         # The scalar attributed / compared by the output criterion: the logits before a
         # final Softmax (an extra output of the twin, after the graph's own), else the
         # graph's first output.
@@ -149,13 +152,39 @@ class Twin:
             out = out.flatten(1)
         return out
 
-    def run(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Logits as float64 numpy, batched, no grad, current hooks applied."""
+    def run(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Logits as float64 numpy, batched, no grad, current hooks applied. The default
+        batch keeps the activations within RUN_BUDGET (at most RUN_MAX_BATCH rows)."""
+        batch_size = batch_size or self._run_batch(x)
         outs = []
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 outs.append(self.forward(self.to_tensor(x[i:i + batch_size])).double().cpu().numpy())
         return np.concatenate(outs, axis=0)
+
+    def _run_batch(self, x: np.ndarray) -> int:
+        """Rows per no-grad pass: RUN_BUDGET over three times the largest module output of
+        one row (a module's input and output, and a branch, are alive at once)."""
+        if not len(x):
+            return RUN_MAX_BATCH
+        if self._row_bytes is None:
+            largest = [0]
+
+            def hook(module, args, output):
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                if torch.is_tensor(out):
+                    largest[0] = max(largest[0], out.numel() * out.element_size())
+
+            leaves = [m for m in self.module.modules() if not list(m.children())]
+            handles = [m.register_forward_hook(hook) for m in leaves]
+            try:
+                with torch.no_grad():
+                    self.forward(self.to_tensor(x[:1]))
+            finally:
+                for h in handles:
+                    h.remove()
+            self._row_bytes = 3 * max(largest[0], 1)
+        return int(max(1, min(RUN_MAX_BATCH, RUN_BUDGET // self._row_bytes)))
 
     @property
     def token_inputs(self) -> bool:

@@ -130,3 +130,18 @@ def test_chunked_output_fit_is_the_unchunked_fit(monkeypatch):
     assert [e.layer.node for e in chunked.edits] == [e.layer.node for e in whole.edits]
     np.testing.assert_allclose(chunked.edits[0].u, whole.edits[0].u, rtol=1e-3, atol=1e-4 * np.abs(whole.edits[0].u).max())
     assert chunked.gap_after == pytest.approx(whole.gap_after, abs=1e-4)
+
+
+def test_twin_run_batches_within_its_activation_budget(monkeypatch):
+    """Twin.run's default batch keeps the activations within RUN_BUDGET; the logits do
+    not depend on the batch."""
+    import onnx_dynedit.twin as twin_module
+
+    d = SAMPLES / "badnets"
+    twin = Twin(load_model(d / "model.onnx"), "cpu")
+    x = np.load(d / "stats.npz")["x"][:20]
+    whole = twin.run(x)
+    assert twin._run_batch(x) == twin_module.RUN_MAX_BATCH  # a 16x16 CNN: everything at once
+    monkeypatch.setattr(twin_module, "RUN_BUDGET", twin._row_bytes * 3)  # three rows a pass
+    assert twin._run_batch(x) == 3
+    np.testing.assert_allclose(twin.run(x), whole, rtol=1e-5, atol=1e-5)
