@@ -73,7 +73,8 @@ class Twin:
         self.fp16 = norm.fp16
         self.quantised = norm.quantised
         self.notes = norm.notes
-        self._row_bytes: int | None = None
+        self._row_bytes: int | None = None  # Twin.run's memory per row, measured on its first call
+        self._capturing = 0  # open capture() contexts: run() then measures nothing (no extra pass recorded)
         # The scalar attributed / compared by the output criterion: the logits before a
         # final Softmax (an extra output of the twin, after the graph's own), else the
         # graph's first output.
@@ -165,7 +166,7 @@ class Twin:
     def _run_batch(self, x: np.ndarray) -> int:
         """Rows per no-grad pass: RUN_BUDGET over three times the largest module output of
         one row (a module's input and output, and a branch, are alive at once)."""
-        if not len(x):
+        if not len(x) or (self._row_bytes is None and self._capturing):
             return RUN_MAX_BATCH
         if self._row_bytes is None:
             largest = [0]
@@ -269,11 +270,13 @@ class Twin:
 
             return hook
 
+        self._capturing += 1
         try:
             for layer in layers:
                 handles.append(self.module_of(layer).register_forward_hook(make(layer)))
             yield store
         finally:
+            self._capturing -= 1
             for h in handles:
                 h.remove()
 
