@@ -565,7 +565,7 @@ class OutputGap(Criterion):
         ``loss_fn`` then returns a float, see fit.adam)."""
         t_norm = self.target_logits.pow(2).mean().clamp_min(NORM_FLOOR)
         l_norm = self.loc_ref.pow(2).mean().clamp_min(NORM_FLOOR)
-        total, k = n + m, self.target_logits.shape[-1]
+        total = n + m
         chunk = self._fit_chunk()
         if chunk >= total:
             def loss_fn():
@@ -576,9 +576,7 @@ class OutputGap(Criterion):
                 return loss
 
             return loss_fn
-        ref = torch.cat([self.target_logits, self.loc_ref])
-        weight = torch.cat([(1.0 / (t_norm * n * k)).expand(n),
-                            (self.cfg.locality_weight / (l_norm * max(m, 1) * k)).expand(m)])
+        ref, weight = self._rows(n, m)
 
         def chunked() -> float:
             value = 0.0
@@ -591,6 +589,18 @@ class OutputGap(Criterion):
 
         return chunked
 
+    def _rows(self, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output fit's loss as weighted least squares over rows: the reference logits
+        [n + m, K] (shipped outputs on the clean twins, then on the locality inputs) and
+        each row's weight, so that sum_rows w ||out - ref||^2 is the two relative mean
+        squares of ``_output_loss``."""
+        k = self.target_logits.shape[-1]
+        t_norm = float(self.target_logits.pow(2).mean().clamp_min(NORM_FLOOR))
+        l_norm = float(self.loc_ref.pow(2).mean().clamp_min(NORM_FLOOR))
+        weight = torch.cat([torch.full((n,), 1.0 / (t_norm * n * k)),
+                            torch.full((m,), self.cfg.locality_weight / (l_norm * max(m, 1) * k))])
+        return torch.cat([self.target_logits, self.loc_ref]), weight.to(self.target_logits.device)
+
     def _fit_chunk(self) -> int:
         """Inputs per forward/backward pass of the output fit: activations within FIT_BUDGET
         (estimated from one input through every candidate layer, as the localisation does)."""
@@ -602,12 +612,7 @@ class OutputGap(Criterion):
 
     def _fit_lm(self, out, u0, n: int, m: int) -> tuple[torch.Tensor, float]:
         """The same loss as Adam's, as weighted least squares, by Levenberg-Marquardt."""
-        k = self.target_logits.shape[-1]
-        t_norm = float(self.target_logits.pow(2).mean().clamp_min(NORM_FLOOR))
-        l_norm = float(self.loc_ref.pow(2).mean().clamp_min(NORM_FLOOR))
-        weight = torch.cat([torch.full((n,), 1.0 / (t_norm * n * k)),
-                            torch.full((m,), self.cfg.locality_weight / (l_norm * max(m, 1) * k))])
-        problem = fitting.LeastSquares(out, torch.cat([self.target_logits, self.loc_ref]), weight.to(u0.device))
+        problem = fitting.LeastSquares(out, *self._rows(n, m))
         u, loss, passes = fitting.levenberg_marquardt(problem, u0.float())
         log.debug("Levenberg-Marquardt: loss %.4g after %d passes", loss, passes)
         return u, loss

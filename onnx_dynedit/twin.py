@@ -418,7 +418,7 @@ class DownstreamRunner:
         self._replay = _Replay(gm)
         self._inputs = inputs
         self._select = twin.select
-        self.rows = rows
+        self.n_rows = rows  # the batch it caches
 
     def __call__(self, rows: slice | None = None) -> torch.Tensor:
         """The output on every input, or on the inputs ``rows`` (a slice of the batch:

@@ -712,8 +712,8 @@ def _input_specs(session, path, input_shapes=None) -> dict[str, InputSpec]:
     """The model's inputs as ONNX Runtime reads them, with the sizes ``input_shapes`` gives
     for symbolic dims (the batch axis stays the data's own)."""
     specs = [InputSpec(i.name, tuple(i.shape or ()), input_dtype(i)) for i in session.get_inputs()]
-    check_input_shapes(specs, dict(input_shapes or {}), str(path))
     given = dict(input_shapes or {})
+    check_input_shapes(specs, given, str(path))
     return {s.name: replace(s, shape=(s.shape[:1] + tuple(given[s.name][1:])) if s.name in given else s.shape)
             for s in specs}
 

@@ -110,7 +110,7 @@ def test_downstream_runner_rows_are_the_slices_of_the_whole_batch():
     with torch.no_grad():
         whole = runner()
         parts = torch.cat([runner(slice(0, 4)), runner(slice(4, 10))])
-    assert runner.rows == 10
+    assert runner.n_rows == 10
     torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5)
 
 
