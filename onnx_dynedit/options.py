@@ -20,7 +20,7 @@ CHOICES = {
     "target": ("corrupt_logit", "gap"),
     "ig_reduction": ("sum", "abs"),
     "fit_method": ("adam", "lbfgs", "lm"),
-    "transplant": ("auto", "add", "affine", "gain"),
+    "transplant": ("auto", "add", "affine", "gain", "paste"),
 }
 
 # option -> (kind, low, high, high_open); None: no bound
@@ -40,6 +40,8 @@ RANGES = {
     "locality_batch": (int, 1, None, False),
     "lam": (float, 0.0, None, False),
     "candidates_per_step": (int, 1, None, False),
+    "check_pairs": (int, 0, None, False),
+    "check_candidates": (int, 0, None, False),
     "augment": (int, 0, None, False),
     "holdout": (float, 0.0, 1.0, True),
     "seed": (int, 0, 2 ** 32 - 1, False),

@@ -17,8 +17,13 @@ Criteria (``Criterion``; each has gap / fit / improves / pick):
     gap = mean total-variation distance between the softmax on x~ and the shipped model's
     softmax on x; "fixed" = same top-1 as the shipped model on x. u is fitted so the
     network output on x~ matches the shipped output on x while outputs on unlabeled clean
-    inputs stay put (or the layer-local closed form, ``objective="local"``). The first
-    layer that fixes more pairs (or as many with a smaller gap) is kept.
+    inputs stay put (or the layer-local closed form, ``objective="local"``). A trial passes
+    when it fixes more pairs (or as many with a smaller gap) within budget. With check
+    pairs (``check_pairs``: the corruption transplanted onto stats inputs that neither the
+    locality term nor the synthetic pairs use) every candidate is fitted and the passing
+    one that fixes most check pairs (then the smallest gap on them) is kept: a repair must
+    hold on inputs the fit never saw; a trial that reaches the target and fixes every check
+    pair ends the round early. Without check pairs, the first that passes.
   "attribution" (feature leakage: x~ and x already get the same prediction, but the
     attribution leans on a region that should not matter): gap = mean share of input
     attribution on the region where x~ differs from x, in excess of the clean twin's share.
@@ -99,6 +104,10 @@ class RectifyConfig:
     locality_batch: int = 16
     lam: float = DEFAULT_LAMBDA
     candidates_per_step: int = 3
+    check_pairs: int = 256            # synthetic pairs held out from the fit: every candidate of a round is fitted
+                                      # and the one that does best on them is kept (0: the first that improves)
+    check_candidates: int = 0         # layers fitted per round when check pairs decide, best localised first
+                                      # (0: every editable layer; the localisation's top 3 miss the best on badnets)
     layers: tuple[str, ...] | None = None  # static mode: edit these, skip localisation
     augment: int = 16                 # synthetic pairs: the corruption transplanted onto stats inputs (0 = off)
     transplant: str = "auto"          # how: "add", "affine", "gain" or "auto" (transplant_pairs)
@@ -124,6 +133,8 @@ class Score:
     fixed: int
     real_gap: float     # over the given pairs only
     real_fixed: int
+    check_gap: float = float("nan")   # over the check pairs (synthetic, held out from the fit)
+    check_fixed: int = 0
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,8 @@ class EditStep:
     u_norm: float
     d_norm: float
     fit_loss: float | None
+    check_fixed_after: int | None = None   # check pairs (held out from the fit) fixed; None: no check pairs
+    check_gap_after: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,6 +184,7 @@ class RectifyResult:
     criterion: str = "output"              # the gap used: "output" or "attribution"
     degradation_source: str = "val"        # "val", "held-out stats", "stats" (in-sample) or "clean twins"
     degradation_count: int = 0             # inputs the degradation was measured on
+    n_check_pairs: int = 0                 # synthetic pairs held out from the fit that chose among candidates
 
     @property
     def target(self) -> float:
@@ -205,6 +219,7 @@ class RectifyResult:
             "real_gap_before": self.real_gap_before, "real_gap_after": self.real_gap_after, "real_fixed_after": self.real_fixed_after,
             "degradation": self.degradation, "degradation_kind": self.degradation_kind,
             "degradation_source": self.degradation_source, "degradation_count": self.degradation_count,
+            "n_check_pairs": self.n_check_pairs,
             "stats_source": self.stats_source, "stopped_because": self.stopped_because, "success": self.success,
             "edits": [e.to_dict() for e in self.edits], "steps": [s.to_dict() for s in self.steps],
             "localisations": [loc.to_dict() for loc in self.localisations], "config": asdict(self.config),
@@ -241,6 +256,8 @@ class Plan:
     clean: np.ndarray
     n_real: int
     criterion: str               # "output" or "attribution"
+    check_corrupt: np.ndarray | None = None  # check pairs: synthetic, on stats inputs nothing in the fit uses
+    check_clean: np.ndarray | None = None
 
 
 def _candidates(twin: Twin, cfg: RectifyConfig) -> tuple[tuple[Layer, ...], bool]:
@@ -303,12 +320,42 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
                          "the pairs call for the attribution criterion",
                          hint=f"drop {option('objective', 'local')}, or pass {option('criterion', 'output')}")
     n_real = len(corrupt)
-    if cfg.augment and fit_stats is not None:
-        corrupt, clean = transplant_pairs(corrupt, clean, fit_stats, cfg.augment, match=criterion == "attribution",
-                                          model=cfg.transplant)
+    reference = _reference(clean, fit_stats, held, val_x, val_y)
+    check = (None, None)
+    if fit_stats is not None:
+        pool = fit_stats
+        if criterion == "output":
+            pool, spare = split_check(fit_stats, cfg)
+            check = make_check_pairs(corrupt, clean, spare, reference, cfg)
+        if cfg.augment:
+            corrupt, clean = transplant_pairs(corrupt, clean, pool, cfg.augment, match=criterion == "attribution",
+                                              model=cfg.transplant)
     return Plan(candidates=candidates, static=static, key_x=key_x, stats_source=stats_source, fit_x=fit_x,
-                reference=_reference(clean[:n_real], fit_stats, held, val_x, val_y), corrupt=corrupt,
-                clean=clean, n_real=n_real, criterion=criterion)
+                reference=reference, corrupt=corrupt, clean=clean, n_real=n_real, criterion=criterion,
+                check_corrupt=check[0], check_clean=check[1])
+
+
+def split_check(fit_stats: np.ndarray, cfg: RectifyConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(the pool of the synthetic pairs, the spare stats): up to ``check_pairs`` stats inputs
+    between the locality batch (the head) and the synthetic pairs' sources (the tail), so
+    that neither changes; none when the stats have no input to spare."""
+    head = min(cfg.locality_batch, len(fit_stats))
+    k = max(0, min(cfg.check_pairs, len(fit_stats) - head - cfg.augment))
+    return np.concatenate([fit_stats[:head], fit_stats[head + k:]]), fit_stats[head: head + k]
+
+
+def make_check_pairs(corrupt, clean, spare: np.ndarray, reference: Reference, cfg: RectifyConfig):
+    """(corrupted, clean) check pairs: the given pairs' corruption transplanted onto inputs
+    nothing in the fit uses: the spare stats, then the degradation check's inputs when they
+    are held out (val, held-out stats), at most ``check_pairs``; (None, None) when none."""
+    sources = [spare]
+    if reference.source in ("val", "held-out stats"):
+        sources.append(reference.x)
+    pool = np.concatenate(sources)[: cfg.check_pairs]
+    if not len(pool):
+        return None, None
+    c, k = transplant_pairs(corrupt, clean, pool, len(pool), model=cfg.transplant)
+    return c[len(corrupt):], k[len(corrupt):]
 
 
 def _criterion_name(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, cfg: RectifyConfig) -> str:
@@ -325,13 +372,16 @@ def _criterion_name(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, cfg: Rec
 
 AFFINE_RIDGE = 1e-4   # per-element affine fit of the corruption: ridge (x n pairs) toward a = 1
 GAIN_RESIDUAL = 0.05  # a per-pair channel gain "explains" a pair below this share of ||x~ - x||
-TRANSPLANTS = ("auto", "add", "affine", "gain")
+PASTE_SHARE = 0.25    # one pair that differs from its clean twin on at most this share of elements: a pasted patch
+TRANSPLANTS = ("auto", "add", "affine", "gain", "paste")
 
 
 def corruption_model(corrupt: np.ndarray, clean: np.ndarray) -> str:
     """The transplant that ``auto`` picks for these pairs (see ``transplant_pairs``):
     "gain" when every pair is its clean twin with each channel scaled (a re-colouring,
-    inputs with 2+ channels), else "affine" with two or more pairs, else "add"."""
+    inputs with 2+ channels), else "affine" with two or more pairs, else (one pair) "paste"
+    when the pair differs on at most PASTE_SHARE of its elements (a localised trigger: a
+    patch replaces what lies under it), else "add"."""
     n = len(corrupt)
     if corrupt.ndim >= 3 and corrupt.shape[1] > 1:
         c = corrupt.reshape(n, corrupt.shape[1], -1).astype(np.float64)
@@ -341,7 +391,9 @@ def corruption_model(corrupt: np.ndarray, clean: np.ndarray) -> str:
         diff = np.linalg.norm((c - k).reshape(n, -1), axis=1)
         if np.all(resid <= GAIN_RESIDUAL * np.maximum(diff, SHARE_FLOOR)):
             return "gain"
-    return "affine" if n >= 2 else "add"
+    if n >= 2:
+        return "affine"
+    return "paste" if float((corrupt != clean).mean()) <= PASTE_SHARE else "add"
 
 
 def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m: int, *, match: bool = False,
@@ -351,6 +403,9 @@ def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m
 
     "add"    s + (x~_j - x_j), j cycling over the pairs: exact for a pasted patch on a
              constant background, an approximation for blended triggers;
+    "paste"  the pair's corrupted values where it differs from its clean twin, s elsewhere
+             (j cycling): exact for a patch that replaces what lies under it, whatever
+             the source has there ("add" leaves a ghost where the pair's own digit was);
     "affine" per input element x~ = a x + b, fitted by least squares over the given pairs
              with a ridge (AFFINE_RIDGE x n) toward a = 1, applied to s: a blend
              x~ = (1 - phi) x + phi p is recovered exactly from 2+ pairs (a = 1 - phi,
@@ -388,6 +443,9 @@ def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m
         src = pool[len(pool) - m:]  # the tail: the locality batch uses the head
         if model == "affine":
             syn = _affine_transplant(corrupt, clean, src, lo, hi)
+        elif model == "paste":
+            j = np.arange(m) % len(corrupt)
+            syn = np.where(corrupt[j] != clean[j], corrupt[j], src)
         else:
             delta = (corrupt - clean).astype(np.float64)
             syn = np.clip(src.astype(np.float64) + delta[np.arange(m) % len(corrupt)], lo, hi)
@@ -475,10 +533,18 @@ class Criterion:
             self.target_logits = twin.forward(twin.to_tensor(plan.clean)).float()
             self.loc_x = twin.to_tensor(plan.fit_x[: cfg.locality_batch])
             self.loc_ref = twin.forward(self.loc_x).float()
+        self.check = plan.check_corrupt if plan.check_corrupt is not None and len(plan.check_corrupt) else None
+        self.static = plan.static
+        if self.check is not None:  # the shipped model on the check pairs' clean sides
+            self.check_p = torch.softmax(torch.as_tensor(twin.run(plan.check_clean)), 1)
 
     @property
     def target(self) -> float:
         raise NotImplementedError
+
+    def good_enough(self, trial: "Trial") -> bool:
+        """With ``try_all``: this passing trial ends the round (the others are not fitted)."""
+        return False
 
     def reached(self, s: Score) -> bool:
         return s.fixed == self.n and s.gap <= self.target
@@ -486,11 +552,14 @@ class Criterion:
     def score(self, edits) -> Score:
         with self.twin.applied(edits):
             p = torch.softmax(torch.as_tensor(self.twin.run(self.corrupt)), 1)
+            q = None if self.check is None else torch.softmax(torch.as_tensor(self.twin.run(self.check)), 1)
         ok = p.argmax(1) == self.target_cls
         per_pair = self.per_pair_gap(p, edits)
         r = self.n_real
+        check = {} if q is None else {"check_gap": float((0.5 * (q - self.check_p).abs().sum(1)).mean()),
+                                      "check_fixed": int((q.argmax(1) == self.check_p.argmax(1)).sum())}
         return Score(gap=float(per_pair.mean()), fixed=int(ok.sum()), real_gap=float(per_pair[:r].mean()),
-                     real_fixed=int(ok[:r].sum()))
+                     real_fixed=int(ok[:r].sum()), **check)
 
     def per_pair_gap(self, p: torch.Tensor, edits) -> torch.Tensor:
         raise NotImplementedError
@@ -508,6 +577,16 @@ class Criterion:
 
 class OutputGap(Criterion):
     name = "output"
+
+    @property
+    def try_all(self) -> bool:
+        # with check pairs every candidate is fitted: the one that generalises best is kept
+        # (static mode edits the given layers in turn, as before)
+        return self.check is not None and not self.static
+
+    def good_enough(self, trial: "Trial") -> bool:
+        """No other candidate can do better on the check pairs (the rest need not be fitted)."""
+        return self.reached(trial.after) and trial.after.check_fixed == len(self.check)
 
     @property
     def target(self) -> float:
@@ -624,6 +703,9 @@ class OutputGap(Criterion):
         return "neither more pairs fixed nor a smaller gap"
 
     def pick(self, passing):
+        if self.check is not None:  # generalisation first: the check pairs were never fitted
+            return min(passing, key=lambda t: (-t.after.check_fixed, t.after.check_gap, -t.after.fixed, t.after.gap),
+                       default=None)
         return min(passing, key=lambda t: (-t.after.fixed, t.after.gap), default=None)
 
 
@@ -736,7 +818,9 @@ def _step(number: int, layer: Layer, score, before: Score, after: Score, degrada
     return EditStep(step=number, node=layer.node, initializer=layer.initializer, score=score,
                     gap_before=before.gap, gap_after=after.gap, fixed_before=before.fixed, fixed_after=after.fixed,
                     degradation=degradation, accepted=reason == "accepted", reason=reason,
-                    u_norm=float(np.linalg.norm(edit.u)), d_norm=float(np.linalg.norm(edit.d)), fit_loss=loss)
+                    u_norm=float(np.linalg.norm(edit.u)), d_norm=float(np.linalg.norm(edit.d)), fit_loss=loss,
+                    check_fixed_after=after.check_fixed if np.isfinite(after.check_gap) else None,
+                    check_gap_after=after.check_gap if np.isfinite(after.check_gap) else None)
 
 
 def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[TorchEdit], state: Score,
@@ -816,8 +900,10 @@ def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: Rect
                      steps=cfg.ig_steps, target=cfg.ig_target, key=cfg.key, reduction=cfg.ig_reduction,
                      key_pairs=(plan.corrupt, plan.clean))
     localisations.append(loc)
-    return [Option(a.layer, a.score, a.direction, stats[a.layer.node].chol)
-            for a in loc.ranked[: cfg.candidates_per_step]]
+    n = cfg.candidates_per_step
+    if plan.criterion == "output" and plan.check_corrupt is not None and len(plan.check_corrupt):
+        n = cfg.check_candidates or None  # the check pairs judge every candidate: each one fitted
+    return [Option(a.layer, a.score, a.direction, stats[a.layer.node].chol) for a in loc.ranked[:n]]
 
 
 def _choose(crit: Criterion, degradation: Degradation, options: list[Option], prev, state: Score, first: int,
@@ -832,14 +918,15 @@ def _choose(crit: Criterion, degradation: Degradation, options: list[Option], pr
             continue
         t = trial(crit, degradation, opt, prev, state, number, timings)
         trials.append(t)
-        if t.step.accepted and not crit.try_all:
+        if t.step.accepted and (not crit.try_all or crit.good_enough(t)):
             break
     chosen = crit.pick([t for t in trials if t.step.accepted])
     steps = [t.step if t is chosen or not t.step.accepted
              else replace(t.step, accepted=False, reason=f"not kept: {chosen.step.node} did better") for t in trials]
     for s in steps:
-        log.info("step %d: %s gap %.4f -> %.4f, fixed %d -> %d, degradation %.4f: %s", s.step, s.node,
-                 s.gap_before, s.gap_after, s.fixed_before, s.fixed_after, s.degradation, s.reason)
+        log.info("step %d: %s gap %.4f -> %.4f, fixed %d -> %d, check pairs fixed %s, degradation %.4f: %s",
+                 s.step, s.node, s.gap_before, s.gap_after, s.fixed_before, s.fixed_after, s.check_fixed_after,
+                 s.degradation, s.reason)
     return steps, chosen
 
 
@@ -891,4 +978,5 @@ def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted
         fixed_after=state.fixed, degradation=degradation(final) if accepted else 0.0, degradation_kind=ref.kind,
         stats_source=plan.stats_source, stopped_because=stopped, config=cfg, timings=dict(timings),
         real_gap_before=start.real_gap, real_gap_after=state.real_gap, real_fixed_after=state.real_fixed,
-        criterion=crit.name, degradation_source=ref.source, degradation_count=ref.count)
+        criterion=crit.name, degradation_source=ref.source, degradation_count=ref.count,
+        n_check_pairs=0 if crit.check is None else len(crit.check))

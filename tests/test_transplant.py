@@ -34,7 +34,7 @@ def test_affine_with_one_pair_is_the_additive_transplant():
     corrupt = clean.copy()
     corrupt[..., 3:, 3:] = 1.0  # a pasted patch
     pool = _digits(4)
-    assert corruption_model(corrupt, clean) == "add"
+    assert corruption_model(corrupt, clean) == "paste"  # one pair, 1 of 16 elements changed: localised
     a = transplant_pairs(corrupt, clean, pool, 4, model="affine")
     b = transplant_pairs(corrupt, clean, pool, 4, model="add")
     for x, y in zip(a, b):

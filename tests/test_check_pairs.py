@@ -1,0 +1,99 @@
+"""Check pairs: synthetic pairs held out from the fit decide which candidate edit a round
+keeps (rectify.py, issue 10.3), and the "paste" transplant of one localised pair.
+
+A repair the tool calls good must be good on inputs it never saw: the output criterion
+fits every candidate of a round and keeps the one that fixes most check pairs (the
+corruption transplanted onto stats inputs that neither the locality term nor the
+synthetic pairs use). On the patch Trojan sample the first-ranked layer fixes every
+fitted pair but fewer check pairs than a deeper one (README, efficacy table).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnx_dynedit.errors import InputError
+from onnx_dynedit.io import load_model
+from onnx_dynedit.rectify import RectifyConfig, corruption_model, make_plan, rectify, split_check, transplant_pairs
+from onnx_dynedit.twin import Twin
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
+
+
+def _patched(x: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    out[..., 5:, 5:] = 1.0  # a 3x3 white patch in the corner of an 8x8 input
+    return out
+
+
+def test_paste_replaces_what_lies_under_the_patch():
+    rng = np.random.default_rng(0)
+    clean = np.zeros((1, 1, 8, 8), np.float32)
+    clean[..., 4:7, 5] = 0.5  # the pair's own stroke runs under part of the patch
+    corrupt = _patched(clean)
+    pool = rng.uniform(0, 1, (6, 1, 8, 8)).astype(np.float32)
+    assert corruption_model(corrupt, clean) == "paste"  # 9 of 64 elements differ: localised
+    c, k = transplant_pairs(corrupt, clean, pool, 6, model="auto")
+    np.testing.assert_array_equal(k[1:], pool)
+    np.testing.assert_array_equal(c[1:], _patched(pool))  # exactly the trigger, whatever lay under it
+    c_add, _ = transplant_pairs(corrupt, clean, pool, 6, model="add")
+    assert np.abs(c_add[1:] - _patched(pool)).max() > 0.1  # the additive one leaves a ghost of the stroke
+
+
+def test_one_whole_image_change_stays_additive():
+    rng = np.random.default_rng(1)
+    clean = rng.uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)
+    corrupt = (0.75 * clean + 0.25 * rng.uniform(0, 1, (1, 1, 8, 8))).astype(np.float32)  # a blend
+    assert corruption_model(corrupt, clean) == "add"
+
+
+def test_check_pool_leaves_the_fit_unchanged():
+    stats = np.arange(100, dtype=np.float32).reshape(100, 1)
+    cfg = RectifyConfig(locality_batch=16, augment=16, check_pairs=64)
+    pool, check = split_check(stats, cfg)
+    np.testing.assert_array_equal(check[:, 0], np.arange(16, 80))
+    np.testing.assert_array_equal(pool[:16], stats[:16])     # the locality batch (the head)
+    np.testing.assert_array_equal(pool[-16:], stats[-16:])   # the synthetic pairs' sources (the tail)
+    assert not set(check[:, 0]) & set(pool[:, 0])
+    _, none = split_check(stats[:30], cfg)  # no input to spare
+    assert len(none) == 0
+
+
+def test_check_pairs_option_is_validated():
+    with pytest.raises(InputError, match="check_pairs"):
+        RectifyConfig(check_pairs=-1)
+
+
+@pytest.fixture(scope="module")
+def badnets():
+    twin = Twin(load_model(SAMPLE / "model.onnx"), "cpu")
+    pairs, stats = np.load(SAMPLE / "pairs.npz"), np.load(SAMPLE / "stats.npz")["x"]
+    return twin, pairs["corrupt"], pairs["clean"], stats
+
+
+def test_check_pairs_are_never_fitted(badnets):
+    twin, corrupt, clean, stats = badnets
+    plan = make_plan(twin, corrupt, clean, stats, None, None, RectifyConfig())
+    assert len(plan.check_clean) > 0
+    fitted = np.concatenate([plan.clean, plan.fit_x[: RectifyConfig().locality_batch]])  # pairs, locality term
+    for x in plan.check_clean:
+        assert not (np.abs(fitted - x).reshape(len(fitted), -1).max(1) == 0).any()
+    # the held-out stats of the degradation check are check sources too (the fit never sees them)
+    assert any((np.abs(plan.reference.x - x).reshape(len(plan.reference.x), -1).max(1) == 0).any()
+               for x in plan.check_clean)
+    off = make_plan(twin, corrupt, clean, stats, None, None, RectifyConfig(check_pairs=0))
+    assert off.check_corrupt is None
+
+
+def test_each_round_keeps_the_trial_best_on_the_check_pairs(badnets):
+    twin, corrupt, clean, stats = badnets
+    res = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig())
+    assert res.success and res.edits
+    kept = [s for s in res.steps if s.accepted]
+    assert all(s.check_fixed_after is not None for s in res.steps)
+    for s in kept:  # the trials of a round start from the same state
+        rivals = [t for t in res.steps if t.gap_before == s.gap_before and t.reason.startswith("not kept")]
+        assert all(t.check_fixed_after <= s.check_fixed_after for t in rivals)
