@@ -22,8 +22,11 @@ Criteria (``Criterion``; each has gap / fit / improves / pick):
     pairs (``check_pairs``: the corruption transplanted onto stats inputs that neither the
     locality term nor the synthetic pairs use) every candidate is fitted and the passing
     one that fixes most check pairs (then the smallest gap on them) is kept: a repair must
-    hold on inputs the fit never saw; a trial that reaches the target and fixes every check
-    pair ends the round early. Without check pairs, the first that passes.
+    hold on inputs the fit never saw. Every editable layer is then a candidate, best
+    localised first (``check_candidates`` bounds it); a trial that reaches the target and
+    fixes every check pair ends the round early. No check pairs (no stats, ``check_pairs=0``,
+    or one widely changed pair whose transplant is the additive guess): the first of the
+    ``candidates_per_step`` best localised layers that passes.
   "attribution" (feature leakage: x~ and x already get the same prediction, but the
     attribution leans on a region that should not matter): gap = mean share of input
     attribution on the region where x~ differs from x, in excess of the clean twin's share.
@@ -347,7 +350,12 @@ def split_check(fit_stats: np.ndarray, cfg: RectifyConfig) -> tuple[np.ndarray, 
 def make_check_pairs(corrupt, clean, spare: np.ndarray, reference: Reference, cfg: RectifyConfig):
     """(corrupted, clean) check pairs: the given pairs' corruption transplanted onto inputs
     nothing in the fit uses: the spare stats, then the degradation check's inputs when they
-    are held out (val, held-out stats), at most ``check_pairs``; (None, None) when none."""
+    are held out (val, held-out stats), at most ``check_pairs``; (None, None) when none, or
+    when the transplant is "add": a single pair that changes the input widely does not
+    identify the corruption (a blend's ghost of the pair's own digit rides along), so pairs
+    made by that guess would judge the candidates on the wrong corruption."""
+    if transplant_model(corrupt, clean, cfg.transplant) == "add":
+        return None, None
     sources = [spare]
     if reference.source in ("val", "held-out stats"):
         sources.append(reference.x)
@@ -396,6 +404,14 @@ def corruption_model(corrupt: np.ndarray, clean: np.ndarray) -> str:
     return "paste" if float((corrupt != clean).mean()) <= PASTE_SHARE else "add"
 
 
+def transplant_model(corrupt: np.ndarray, clean: np.ndarray, model: str) -> str:
+    """The transplant ``model`` resolves to for these pairs ("auto": ``corruption_model``;
+    "affine" with one pair: "add")."""
+    if model == "auto":
+        model = corruption_model(corrupt, clean)
+    return "add" if model == "affine" and len(corrupt) < 2 else model
+
+
 def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m: int, *, match: bool = False,
                      model: str = "add"):
     """Append up to ``m`` synthetic pairs (stats input s, s corrupted the way the given
@@ -428,10 +444,8 @@ def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m
         ok = gap.max(axis=1) <= SAME_VALUE if support.any() else np.zeros(len(pool), bool)
         if ok.any():
             pool = pool[ok]
-    elif model == "auto":
-        model = corruption_model(corrupt, clean)
-    if model == "affine" and len(corrupt) < 2:
-        model = "add"
+    else:
+        model = transplant_model(corrupt, clean, model)
     m = min(m, len(pool))
     lo = min(float(corrupt.min()), float(clean.min()))
     hi = max(float(corrupt.max()), float(clean.max()))

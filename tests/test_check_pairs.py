@@ -17,7 +17,8 @@ import pytest
 
 from onnx_dynedit.errors import InputError
 from onnx_dynedit.io import load_model
-from onnx_dynedit.rectify import RectifyConfig, corruption_model, make_plan, rectify, split_check, transplant_pairs
+from onnx_dynedit.rectify import (RectifyConfig, Reference, corruption_model, make_check_pairs, make_plan, rectify,
+                                  split_check, transplant_pairs)
 from onnx_dynedit.twin import Twin
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
@@ -48,6 +49,19 @@ def test_one_whole_image_change_stays_additive():
     clean = rng.uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)
     corrupt = (0.75 * clean + 0.25 * rng.uniform(0, 1, (1, 1, 8, 8))).astype(np.float32)  # a blend
     assert corruption_model(corrupt, clean) == "add"
+
+
+def test_no_check_pairs_from_one_widely_changed_pair():
+    rng = np.random.default_rng(2)
+    clean = rng.uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)
+    corrupt = (0.75 * clean + 0.25 * rng.uniform(0, 1, (1, 1, 8, 8))).astype(np.float32)  # one blended pair
+    ref = Reference(rng.uniform(0, 1, (20, 1, 8, 8)).astype(np.float32), None, "val", "")
+    spare = rng.uniform(0, 1, (10, 1, 8, 8)).astype(np.float32)
+    assert make_check_pairs(corrupt, clean, spare, ref, RectifyConfig()) == (None, None)  # "add" is a guess
+    c, k = make_check_pairs(np.concatenate([corrupt, corrupt]), np.concatenate([clean, clean]), spare, ref,
+                            RectifyConfig(check_pairs=25))  # two pairs: the affine map is fitted
+    assert len(c) == len(k) == 25
+    np.testing.assert_array_equal(k, np.concatenate([spare, ref.x])[:25])  # spare stats first, then val
 
 
 def test_check_pool_leaves_the_fit_unchanged():
