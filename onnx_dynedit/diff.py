@@ -5,7 +5,8 @@ Needs onnx + numpy only. "Weights" are initializers and Constant-node tensors; t
 ``dynedit.*`` metadata entries (provenance, undo record) are not reported as
 differences.
 
-Integer tensors that a model dequantises (DequantizeLinear, Cast [+ Sub] + Mul; quant.py)
+Integer tensors that a model dequantises (DequantizeLinear, Cast [+ Sub] + Mul, or the
+weight of a ConvInteger / MatMulInteger whose output is scaled; quant.py)
 are compared as the float values they stand for: (q_b - z_b) s_b - (q_a - z_a) s_a, each
 model with its own scale and zero point. Their ``rank`` is the numerical rank at the
 tensor's quantisation step: the change is divided elementwise by b's scale (the step of
@@ -27,7 +28,7 @@ from onnx import numpy_helper
 
 from .io import LoadedModel
 from .metadata import edit_record, replace_ours
-from .quant import dequantize, weight_dequantisations
+from .quant import dequantize, integer_op_weights, weight_dequantisations
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,9 @@ def structural_differences(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:
 
 
 def _by_quantized(model: onnx.ModelProto, weights: dict) -> dict:
-    return {wq.quantized: wq for wq in weight_dequantisations(model.graph, weights.get).values()}
+    found = list(weight_dequantisations(model.graph, weights.get).values())
+    found += integer_op_weights(model.graph, weights.get).values()
+    return {wq.quantized: wq for wq in found}
 
 
 def _edit_records(model: onnx.ModelProto) -> dict:
