@@ -220,6 +220,7 @@ def _dequantised_change(name, wq_a, wq_b, wa, wb, records) -> TensorChange | Non
 def diff_models(a: LoadedModel, b: LoadedModel) -> ModelDiff:
     wa, wb = _weights(a.model), _weights(b.model)
     qa, qb = _by_quantized(a.model, wa), _by_quantized(b.model, wb)
+    zero_points = {wq.zero_point for wq in list(qa.values()) + list(qb.values()) if wq.zero_point}
     record = _edit_records(b.model)
     changed = []
     other = []
@@ -237,7 +238,7 @@ def diff_models(a: LoadedModel, b: LoadedModel) -> ModelDiff:
             if change is not None:
                 changed.append(change)
                 continue
-        if not np.issubdtype(x.dtype, np.floating):
+        if not np.issubdtype(x.dtype, np.floating) and name not in zero_points:  # a zero point is a number
             other.append(f"tensor {name!r} ({x.dtype}) values differ")
             continue
         d = y.astype(np.float64) - x.astype(np.float64)

@@ -312,12 +312,16 @@ def _layer(ctx: _MapContext, i: int, node, op: str, name: str, operands) -> Laye
     """The Layer of node ``i`` (op ``op``) with weight / key / bias ``operands``."""
     weight, key, bias, reason = operands
     quant = ctx.dequantised.get(weight) or ctx.by_value.get(weight)
+    if quant is not None and quant.scheme == "integer_op":  # ``weight`` names the op's scaled output
+        shared = ctx.is_shared(quant.quantized)
+    else:
+        shared = ctx.is_shared(weight) or (quant is not None and ctx.is_shared(quant.quantized))
     perm = None
     if weight in ctx.transposed:
         weight, perm = ctx.transposed[weight]
+        shared = shared or ctx.is_shared(weight)
         if op == "Conv":
             reason = reason or "a Conv weight made by Transpose is mapped but not editable"
-    shared = ctx.is_shared(operands[0]) or ctx.is_shared(weight) or (quant is not None and ctx.is_shared(quant.quantized))
     stored = _stored_weight(ctx.graph, weight, quant)
     if stored is None:
         return None
