@@ -338,7 +338,8 @@ class _EmbeddingPath:
 def find_embeddings(model: onnx.ModelProto, names) -> tuple[tuple[str, str], ...]:
     """(twin module name, ONNX node name) of each Gather that looks up a float table
     (an initializer or Constant) with indices read from an integer graph input (directly,
-    or through Cast / Identity / Unsqueeze / Reshape)."""
+    or through Cast / Identity / Unsqueeze / Reshape); for an int8/uint8 table (what
+    quantize_dynamic makes of an embedding), the DequantizeLinear of the looked-up rows."""
     from .layers import constant_sources, twin_module_name
 
     graph = model.graph
@@ -347,17 +348,21 @@ def find_embeddings(model: onnx.ModelProto, names) -> tuple[tuple[str, str], ...
     ints = {vi.name for vi in graph.input if vi.name not in init
             and vi.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
     derived = set(ints)
-    out = []
+    out, int_rows = [], set()
     for node, name in zip(graph.node, names):
         if node.op_type in ("Cast", "Identity", "Unsqueeze", "Reshape") and node.input and node.input[0] in derived:
             derived.update(node.output)
+        if node.op_type == "DequantizeLinear" and node.input and node.input[0] in int_rows:
+            out.append((twin_module_name(name, node.domain), name))
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         table = node.input[0]
-        is_float_table = (table in init and init[table].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-                          and len(init[table].dims) == 2) or table in consts
-        if is_float_table and node.input[1] in derived:
+        dtype = init[table].data_type if table in init and len(init[table].dims) == 2 else None
+        is_float_table = dtype in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or table in consts
+        if node.input[1] in derived and is_float_table:
             out.append((twin_module_name(name, node.domain), name))
+        elif node.input[1] in derived and dtype in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            int_rows.add(node.output[0])
     return tuple(out)
 
 
