@@ -34,12 +34,13 @@ from .layers import constant_value, unique_node_names
 
 @dataclass(frozen=True)
 class Normalised:
-    model: onnx.ModelProto = field(repr=False)
+    model: onnx.ModelProto | None = field(repr=False)  # None once handed on (twin._normalised_module)
     fp16: bool
     notes: tuple[str, ...]
     logits: str | None = None        # tensor appended as an extra output: the Softmax input
     softmax_node: str | None = None  # the Softmax / LogSoftmax node that ends the graph
     quantised: bool = False  # QuantizeLinear left in the graph (quantised activations)
+    logits_index: int = 0    # the attributed output's position among the graph outputs
 
 
 SOFTMAX_OPS = ("Softmax", "LogSoftmax")
@@ -91,8 +92,9 @@ def normalise(model: onnx.ModelProto) -> Normalised:
         _fp16_to_fp32(graph)
         notes.append("float16 tensors converted to float32 for the twin")
     copy = _with_converters(copy, notes)
+    index = [o.name for o in copy.graph.output].index(logits) if logits is not None else 0
     return Normalised(model=copy, fp16=fp16, notes=tuple(notes), quantised=_has_quantize(copy), logits=logits,
-                      softmax_node=softmax_node)
+                      softmax_node=softmax_node, logits_index=index)
 
 
 def _constants_to_initializers(graph) -> str | None:
