@@ -138,6 +138,35 @@ def test_edit_is_requantised_into_the_integer_initializer(tmp_path, case):
     assert revert(load_model(b)).SerializeToString() == loaded.model.SerializeToString()
 
 
+def test_per_column_edit_rescales_that_column_only(tmp_path):
+    """uint8 MatMulInteger weight with a scale and zero point per column (quantize_dynamic
+    per_channel=True): B = [[1.0, -0.2], [0.5, 1.0]] as q = [[138, 108], [133, 228]],
+    scales [0.1, 0.01], zero points 128. +0.5 at B[1, 1] (1.5: q 278 > 255) gives column 1
+    alone the symmetric scale 1.5 / 127 (zero point 128 kept): q = rint(-0.2 / s') + 128 =
+    111 and 255; column 0 keeps its scale and integers."""
+    bq = np.array([[138, 108], [133, 228]], np.uint8)
+    inits = [numpy_helper.from_array(bq, "Bq"), numpy_helper.from_array(np.array([0.1, 0.01], np.float32), "b_scale"),
+             numpy_helper.from_array(np.array([128, 128], np.uint8), "b_zp")]
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["x_q", "x_s", "x_zp"]),
+             helper.make_node("Mul", ["x_s", "b_scale"], ["scales"]),
+             helper.make_node("MatMulInteger", ["x_q", "Bq", "x_zp", "b_zp"], ["acc"], name="mm"),
+             helper.make_node("Cast", ["acc"], ["acc_f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["acc_f", "scales"], ["y"])]
+    model = _model(nodes, inits)
+    loaded = load_model(_save(model, tmp_path / "m.onnx"))
+    layer = build_layer_map(model).get("mm")
+    assert layer.editable and layer.quant.axis == 1 and layer.quant.scale_shape == (1, 2)
+    upd = LayerUpdate(layer=layer, factors=((np.array([0.0, 1.0]), np.array([0.0, 0.5])),))
+    new = write_back(loaded, [upd])
+    inits = {i.name: numpy_helper.to_array(i) for i in new.graph.initializer}
+    assert inits["Bq"].tolist() == [[138, 111], [133, 255]] and inits["b_zp"].tolist() == [128, 128]
+    assert inits["b_scale"][0] == np.float32(0.1) and inits["b_scale"][1] == pytest.approx(1.5 / 127, rel=1e-6)
+    written = dequantize(inits["Bq"], inits["b_scale"], inits["b_zp"], layer.quant)
+    assert np.allclose(_ort(new, X), X @ written, atol=1e-5)
+    b = _save(new, tmp_path / "e.onnx")
+    assert revert(load_model(b)).SerializeToString() == loaded.model.SerializeToString()
+
+
 def test_dynamic_quantize_converter_matches_onnx_runtime():
     """The twin's DynamicQuantizeLinear: the scale spans [min(x, 0), max(x, 0)] over the
     whole tensor; on paper x = [-1, 0, 0.6, 2]: scale 3/255, zero point 85,
