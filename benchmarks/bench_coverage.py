@@ -165,7 +165,7 @@ def main() -> None:
 
     names = args.only or [n for n, e in corpus.CORPUS.items() if args.all or not e.heavy]
     if args.quant:
-        copies = [n for n in names if n.split("_")[0] in ("fp16", "qdq", "int8cm")]
+        copies = [n for n in names if n.split("_")[0] in ("fp16", "qdq", "int8cm", "int8dyn")]
         bases = {corpus.CORPUS[n].family.rsplit(" of ", 1)[-1] for n in copies}
         names = [n for n in names if n in bases] + copies
     rows = []

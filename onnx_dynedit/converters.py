@@ -10,7 +10,9 @@ Two gaps matter for real shipped classifiers:
    added ``num_outputs``) get converters of their own instead.
 2. *Ops onnx2torch lacks*: GlobalMaxPool, Gelu-20; QuantizeLinear / DequantizeLinear (the
    activations of a QDQ-quantised graph; constant weights are folded by the twin, see
-   quant.py): fake quantisation in float with a straight-through gradient; Conv with
+   quant.py) and DynamicQuantizeLinear (quantize_dynamic's activations; its ConvInteger /
+   MatMulInteger become DequantizeLinear + Conv / MatMul in the twin's copy, quant.py):
+   fake quantisation in float with a straight-through gradient; Conv with
    auto_pad SAME_UPPER/SAME_LOWER (onnx2torch refuses it; ``SamePadding`` pads from the
    input size at run time); AveragePool with asymmetric pads (inception-era graphs;
    ``AvgPoolPadded``).
@@ -163,6 +165,30 @@ def _qdq_converter(op: str):
         return OperationConverterResult(torch_module=QuantizeLinear(axis, qrange), onnx_mapping=onnx_mapping_from_node(node))
 
     return convert
+
+
+class DynamicQuantizeLinear(nn.Module, OnnxToTorchModule):
+    """ONNX DynamicQuantizeLinear (uint8) in float: scale = (max(x, 0) - min(x, 0)) / 255
+    over the whole tensor (every row of the batch, as ONNX Runtime computes it), zero
+    point = saturate(rint(-min / scale)), y = saturate(rint(x / scale) + zero point). The
+    scale and zero point are constants to the gradient; rounding passes it straight
+    through (as QuantizeLinear). quantize_dynamic puts it before ConvInteger /
+    MatMulInteger, which the twin runs as DequantizeLinear + Conv / MatMul (quant.py)."""
+
+    def forward(self, x):  # noqa: D102
+        x = x.to(torch.float32)
+        lo = torch.clamp(x.detach().min(), max=0.0)
+        hi = torch.clamp(x.detach().max(), min=0.0)
+        scale = (hi - lo) / 255.0
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero_point = torch.clamp(torch.round(-lo / safe), 0, 255)
+        v = x / safe
+        v = v + (torch.round(v) - v).detach()
+        return torch.clamp(v + zero_point, 0, 255), scale, zero_point
+
+
+def _dynamic_quantize(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    return OperationConverterResult(torch_module=DynamicQuantizeLinear(), onnx_mapping=onnx_mapping_from_node(node))
 
 
 def _schema_versions(op: str) -> list[int]:
@@ -387,6 +413,7 @@ def _avg_pool_padded(base):
 def ensure_converters(model: onnx.ModelProto) -> list[str]:
     """Register the converters ``model`` needs; return the ops still missing."""
     _register("GlobalMaxPool", 1, _global_max_pool)
+    _register("DynamicQuantizeLinear", 11, _dynamic_quantize)
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         for op in ("QuantizeLinear", "DequantizeLinear"):
             for version in _schema_versions(op):

@@ -5,7 +5,8 @@ Needs onnx + numpy only. "Weights" are initializers and Constant-node tensors; t
 ``dynedit.*`` metadata entries (provenance, undo record) are not reported as
 differences.
 
-Integer tensors that a model dequantises (DequantizeLinear, Cast [+ Sub] + Mul; quant.py)
+Integer tensors that a model dequantises (DequantizeLinear, Cast [+ Sub] + Mul, or the
+weight of a ConvInteger / MatMulInteger whose output is scaled; quant.py)
 are compared as the float values they stand for: (q_b - z_b) s_b - (q_a - z_a) s_a, each
 model with its own scale and zero point. Their ``rank`` is the numerical rank at the
 tensor's quantisation step: the change is divided elementwise by b's scale (the step of
@@ -27,7 +28,7 @@ from onnx import numpy_helper
 
 from .io import LoadedModel
 from .metadata import edit_record, replace_ours
-from .quant import dequantize, weight_dequantisations
+from .quant import dequantize, integer_op_weights, weight_dequantisations
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,9 @@ def structural_differences(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:
 
 
 def _by_quantized(model: onnx.ModelProto, weights: dict) -> dict:
-    return {wq.quantized: wq for wq in weight_dequantisations(model.graph, weights.get).values()}
+    found = list(weight_dequantisations(model.graph, weights.get).values())
+    found += integer_op_weights(model.graph, weights.get).values()
+    return {wq.quantized: wq for wq in found}
 
 
 def _edit_records(model: onnx.ModelProto) -> dict:
@@ -217,6 +220,7 @@ def _dequantised_change(name, wq_a, wq_b, wa, wb, records) -> TensorChange | Non
 def diff_models(a: LoadedModel, b: LoadedModel) -> ModelDiff:
     wa, wb = _weights(a.model), _weights(b.model)
     qa, qb = _by_quantized(a.model, wa), _by_quantized(b.model, wb)
+    zero_points = {wq.zero_point for wq in list(qa.values()) + list(qb.values()) if wq.zero_point}
     record = _edit_records(b.model)
     changed = []
     other = []
@@ -234,7 +238,7 @@ def diff_models(a: LoadedModel, b: LoadedModel) -> ModelDiff:
             if change is not None:
                 changed.append(change)
                 continue
-        if not np.issubdtype(x.dtype, np.floating):
+        if not np.issubdtype(x.dtype, np.floating) and name not in zero_points:  # a zero point is a number
             other.append(f"tensor {name!r} ({x.dtype}) values differ")
             continue
         d = y.astype(np.float64) - x.astype(np.float64)

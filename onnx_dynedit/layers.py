@@ -14,6 +14,14 @@ shape, so square weights come out right:
             transB = 0: B is [in, out], W = alpha * B.T
   MatMul    Y = X @ B with B a 2-D constant [in, out]: W = B.T
 
+A Gemm / MatMul weight may be ``Transpose(stored, perm)`` of a constant (some exporters
+write this): ``perm`` is recorded, ``shape`` is the node's (transposed) weight shape, and
+``initializer`` names the stored tensor; ``to_canonical`` / ``from_canonical`` go through
+the perm, so an edit is written into the stored tensor.
+
+ConvInteger / MatMulInteger (quantize_dynamic) are mapped as Conv / MatMul on the
+dequantised weight (``quant.scheme == "integer_op"``); the node is the integer op.
+
 A weight may also be made from an integer tensor (DequantizeLinear, or Cast [+ Sub] +
 Mul; quant.py): the layer then names the integer tensor as its ``initializer``, its
 ``dtype`` is the integer type, and ``quant`` records the pattern, the scale / zero-point
@@ -32,7 +40,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import DataError, LayerError
-from .quant import WeightQuant, dequantize, use_counts, weight_dequantisations
+from .quant import INTEGER_OPS, WeightQuant, dequantize, integer_op_weights, use_counts, weight_dequantisations
 
 EDITABLE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
@@ -74,6 +82,7 @@ class Layer:
     auto_pad: str = "NOTSET"
     kernel: tuple[int, ...] = ()
     quant: WeightQuant | None = None  # the weight is dequantised from an integer tensor
+    perm: tuple[int, ...] | None = None  # the node's weight is Transpose(stored tensor, perm)
 
     @property
     def out_features(self) -> int:
@@ -93,8 +102,10 @@ class Layer:
 
     # -- layout transforms (float64 in and out) -------------------------------------
     def to_canonical(self, weight: np.ndarray) -> np.ndarray:
-        """ONNX weight tensor -> canonical W [out, in]."""
+        """Stored ONNX weight tensor -> canonical W [out, in]."""
         w = np.asarray(weight, dtype=np.float64)
+        if self.perm is not None:
+            w = np.transpose(w, self.perm)
         if self.op == "Conv":
             return w.reshape(self.shape[0], -1)
         if self.op == "Gemm":
@@ -104,8 +115,11 @@ class Layer:
         raise LayerError(f"layer {self.node!r} ({self.op}) has no canonical form")
 
     def from_canonical(self, canon: np.ndarray) -> np.ndarray:
-        """Canonical W [out, in] -> ONNX weight tensor layout (float64)."""
-        c = np.asarray(canon, dtype=np.float64)
+        """Canonical W [out, in] -> the stored ONNX weight tensor's layout (float64)."""
+        w = self._node_layout(np.asarray(canon, dtype=np.float64))
+        return w if self.perm is None else np.transpose(w, np.argsort(self.perm))
+
+    def _node_layout(self, c: np.ndarray) -> np.ndarray:
         if self.op == "Conv":
             return c.reshape(self.shape)
         if self.op == "Gemm":
@@ -121,6 +135,7 @@ class Layer:
             "shape": list(self.shape), "dtype": self.dtype, "shared": self.shared, "source": self.source,
             "layout": self.layout, "editable": self.editable, "reason": self.reason, "module": self.module,
             "quant": self.quant.to_dict() if self.quant is not None else None,
+            "perm": list(self.perm) if self.perm is not None else None,
         }
 
 
@@ -239,54 +254,99 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def build_layer_map(model: onnx.ModelProto) -> LayerMap:
-    """Every weight-bearing node of ``model`` (``EDITABLE_OPS``), with its weight's layout
-    and, when it cannot be edited, why."""
+    """Every weight-bearing node of ``model`` (``EDITABLE_OPS``, and the integer ops of
+    quant.INTEGER_OPS as their float op), with its weight's layout and, when it cannot be
+    edited, why."""
     graph = model.graph
     names = unique_node_names(graph)
-    init_names = {init.name for init in graph.initializer}
-    graph_inputs = {vi.name for vi in graph.input} - init_names
-    sources = constant_sources(graph)
-    consumers = use_counts(graph)
-    graph_outputs = {o.name for o in graph.output}
-    dequantised = weight_dequantisations(graph, _memo_constants(graph))
-
-    def is_const(name: str) -> bool:
-        return name in init_names or name in sources
-
-    def is_shared(name: str) -> bool:
-        return consumers.get(name, 0) > 1 or name in graph_outputs or name in graph_inputs
-
+    ctx = _MapContext(graph)
     layers = []
     for i, node in enumerate(graph.node):
-        if node.op_type not in EDITABLE_OPS or node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
             continue
-        operands = _operands(node, is_const, lambda name: is_const(name) or name in dequantised)
-        if operands is None:
+        if node.op_type in INTEGER_OPS:
+            if i not in ctx.integer:
+                continue
+            wq = ctx.integer[i]
+            operands, op = (wq.value, node.input[0], None, None), INTEGER_OPS[node.op_type]
+        elif node.op_type in EDITABLE_OPS:
+            operands, op = _operands(node, ctx.is_const, ctx.is_weight), node.op_type
+        else:
             continue
-        weight, key, bias, reason = operands
-        quant = dequantised.get(weight)
-        shared = is_shared(weight) or (quant is not None and is_shared(quant.quantized))
-        stored = _stored_weight(graph, weight, quant)
-        if stored is None:
-            continue
-        weight, value, dtype = stored
-        if quant is not None and quant.reason is not None:
-            reason = reason or quant.reason
-        shape = tuple(int(d) for d in value.shape)
-        source = sources.get(weight, ("initializer", -1))[0] if weight not in init_names else "initializer"
-        layout, op_reason = _op_layout(node, _attrs(node), shape)
-        reason = (reason or op_reason) if node.op_type == "MatMul" else (op_reason or reason)
-        if reason is None and shared:
-            reason = f"initializer {weight!r} is shared by several nodes; editing it would change all of them"
-        if reason is None and not np.issubdtype(value.dtype, np.floating):
-            reason = f"weight dtype {dtype} is not floating point"
-        layers.append(Layer(
-            node=names[i], node_index=i, op=node.op_type, initializer=weight, bias=bias, shape=shape,
-            dtype=dtype, source=source, shared=shared, key_input=key,
-            module=twin_module_name(names[i], node.domain), editable=reason is None, reason=reason,
-            quant=quant, **layout,
-        ))
+        layer = None if operands is None else _layer(ctx, i, node, op, names[i], operands)
+        if layer is not None:
+            layers.append(layer)
     return LayerMap(layers=tuple(layers), node_names=tuple(names))
+
+
+class _MapContext:
+    """What ``build_layer_map`` looks up for every node of one graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.init_names = {init.name for init in graph.initializer}
+        self.graph_inputs = {vi.name for vi in graph.input} - self.init_names
+        self.sources = constant_sources(graph)
+        self.consumers = use_counts(graph)
+        self.graph_outputs = {o.name for o in graph.output}
+        value = _memo_constants(graph)
+        self.dequantised = weight_dequantisations(graph, value)
+        self.integer = integer_op_weights(graph, value)
+        self.by_value = {wq.value: wq for wq in self.integer.values()}
+        # Transpose(constant) -> (the constant, perm): the weight is stored transposed
+        self.transposed = {n.output[0]: (n.input[0], tuple(int(p) for p in _attrs(n).get("perm", ())))
+                           for n in graph.node if n.op_type == "Transpose" and n.domain in ("", "ai.onnx")
+                           and n.input and self.is_const(n.input[0])}
+
+    def is_const(self, name: str) -> bool:
+        return name in self.init_names or name in self.sources
+
+    def is_weight(self, name: str) -> bool:
+        return self.is_const(name) or name in self.dequantised or name in self.transposed
+
+    def is_shared(self, name: str) -> bool:
+        return self.consumers.get(name, 0) > 1 or name in self.graph_outputs or name in self.graph_inputs
+
+
+def _layer(ctx: _MapContext, i: int, node, op: str, name: str, operands) -> Layer | None:
+    """The Layer of node ``i`` (op ``op``) with weight / key / bias ``operands``."""
+    weight, key, bias, reason = operands
+    quant = ctx.dequantised.get(weight) or ctx.by_value.get(weight)
+    if quant is not None and quant.scheme == "integer_op":  # ``weight`` names the op's scaled output
+        shared = ctx.is_shared(quant.quantized)
+    else:
+        shared = ctx.is_shared(weight) or (quant is not None and ctx.is_shared(quant.quantized))
+    perm = None
+    if weight in ctx.transposed:
+        weight, perm = ctx.transposed[weight]
+        shared = shared or ctx.is_shared(weight)
+        if op == "Conv":
+            reason = reason or "a Conv weight made by Transpose is mapped but not editable"
+    stored = _stored_weight(ctx.graph, weight, quant)
+    if stored is None:
+        return None
+    weight, value, dtype = stored
+    if perm is not None:
+        if len(perm) != value.ndim:  # Transpose without perm reverses the axes
+            perm = tuple(reversed(range(value.ndim)))
+        value = np.transpose(value, perm)
+    if quant is not None and quant.reason is not None:
+        reason = reason or quant.reason
+    shape = tuple(int(d) for d in value.shape)
+    source = ctx.sources.get(weight, ("initializer", -1))[0] if weight not in ctx.init_names else "initializer"
+    layout, op_reason = _op_layout(op, _attrs(node), shape)
+    if perm is not None:
+        layout["layout"] = f"weight = transpose({weight}, perm={list(perm)}); " + layout["layout"]
+    if quant is not None and quant.scheme == "integer_op":
+        layout["layout"] = f"{node.op_type} (as {op}): " + layout["layout"]
+    reason = (reason or op_reason) if op == "MatMul" else (op_reason or reason)
+    if reason is None and shared:
+        reason = f"initializer {weight!r} is shared by several nodes; editing it would change all of them"
+    if reason is None and not np.issubdtype(value.dtype, np.floating):
+        reason = f"weight dtype {dtype} is not floating point"
+    return Layer(node=name, node_index=i, op=op, initializer=weight, bias=bias, shape=shape, dtype=dtype,
+                 source=source, shared=shared, key_input=key, module=twin_module_name(name, node.domain),
+                 editable=reason is None, reason=reason, quant=quant, perm=perm, **layout)
 
 
 def _operands(node, is_const, is_weight) -> tuple[str, str, str | None, str | None] | None:
@@ -318,12 +378,12 @@ def _stored_weight(graph, weight: str, quant: WeightQuant | None) -> tuple[str, 
     return None if value is None else (weight, value, str(value.dtype))
 
 
-def _op_layout(node, attrs: dict, shape: tuple[int, ...]) -> tuple[dict, str | None]:
+def _op_layout(op: str, attrs: dict, shape: tuple[int, ...]) -> tuple[dict, str | None]:
     """The layout fields of a ``Layer`` for this op's attributes, and why the op's form
     is not editable (None when it is)."""
     out = dict(alpha=1.0, trans_b=True, groups=1, strides=(), pads=(), dilations=(), kernel=(), auto_pad="NOTSET")
     reason = None
-    if node.op_type == "Conv":
+    if op == "Conv":
         groups = int(attrs.get("group", 1))
         nsp = len(shape) - 2
         ap = attrs.get("auto_pad", b"NOTSET")
@@ -337,7 +397,7 @@ def _op_layout(node, attrs: dict, shape: tuple[int, ...]) -> tuple[dict, str | N
             reason = f"grouped convolution (group={groups}) is mapped but not editable"
         elif nsp not in (1, 2):
             reason = f"{nsp}-D convolution is mapped but not editable (1-D and 2-D are)"
-    elif node.op_type == "Gemm":
+    elif op == "Gemm":
         alpha = float(attrs.get("alpha", 1.0))
         trans_b = bool(attrs.get("transB", 0))
         out.update(alpha=alpha, trans_b=trans_b,
@@ -348,7 +408,7 @@ def _op_layout(node, attrs: dict, shape: tuple[int, ...]) -> tuple[dict, str | N
             reason = "Gemm with alpha=0 ignores its weight"
         elif len(shape) != 2:
             reason = f"Gemm weight has rank {len(shape)}"
-    elif node.op_type == "MatMul":
+    elif op == "MatMul":
         out["layout"] = "W[out,in] = B.T"
         if len(shape) != 2:
             reason = f"MatMul with a {len(shape)}-D constant is not editable (2-D only)"

@@ -4,7 +4,9 @@ for write-back):
     the twin's module names are known from the layer map;
   - weights made by Constant / ConstantOfShape nodes become initializers of the same
     name (onnx2torch wants Conv/Gemm weights as initializers); dequantised constants
-    are folded (quant.py) and Identity aliases of initializers become initializers;
+    are folded (quant.py), ConvInteger / MatMulInteger run as float ops on the dequantised
+    activation and weight (quant.py), and Identity aliases and Transposes of initializers
+    become initializers;
   - graphs that list initializers as graph inputs (IR 3) lose those inputs, and an IR-3
     copy is marked IR 4 (else shape inference ignores the initializers and onnx2torch
     sees every shape as unknown: "spatial rank == -2");
@@ -32,12 +34,13 @@ from .layers import constant_value, unique_node_names
 
 @dataclass(frozen=True)
 class Normalised:
-    model: onnx.ModelProto = field(repr=False)
+    model: onnx.ModelProto | None = field(repr=False)  # None once handed on (twin._normalised_module)
     fp16: bool
     notes: tuple[str, ...]
     logits: str | None = None        # tensor appended as an extra output: the Softmax input
     softmax_node: str | None = None  # the Softmax / LogSoftmax node that ends the graph
     quantised: bool = False  # QuantizeLinear left in the graph (quantised activations)
+    logits_index: int = 0    # the attributed output's position among the graph outputs
 
 
 SOFTMAX_OPS = ("Softmax", "LogSoftmax")
@@ -72,8 +75,8 @@ def normalise(model: onnx.ModelProto) -> Normalised:
     graph = copy.graph
     for node, name in zip(graph.node, unique_node_names(graph)):
         node.name = name
-    notes = [note for note in (_constants_to_initializers(graph), _fold_dequantised(copy),
-                               _aliases_to_initializers(graph)) if note]
+    notes = [note for note in (_constants_to_initializers(graph), _fold_dequantised(copy), _float_integer_ops(copy),
+                               _transposed_weights(graph), _aliases_to_initializers(graph)) if note]
     notes += _drop_initializer_inputs(copy)
     notes += [note for note in (_batch_free_reshapes(copy),) if note]
     logits = softmax_node = None
@@ -89,8 +92,9 @@ def normalise(model: onnx.ModelProto) -> Normalised:
         _fp16_to_fp32(graph)
         notes.append("float16 tensors converted to float32 for the twin")
     copy = _with_converters(copy, notes)
+    index = [o.name for o in copy.graph.output].index(logits) if logits is not None else 0
     return Normalised(model=copy, fp16=fp16, notes=tuple(notes), quantised=_has_quantize(copy), logits=logits,
-                      softmax_node=softmax_node)
+                      softmax_node=softmax_node, logits_index=index)
 
 
 def _constants_to_initializers(graph) -> str | None:
@@ -159,6 +163,38 @@ def _fold_dequantised(model: onnx.ModelProto) -> str | None:
         return None
     return (f"{folded} dequantised constant(s) (DequantizeLinear / Cast+Mul of integers) folded "
             "into float initializers")
+
+
+def _float_integer_ops(model: onnx.ModelProto) -> str | None:
+    """ConvInteger / MatMulInteger chains (quantize_dynamic) run as DequantizeLinear of the
+    activation + the float op on the dequantised weight (quant.float_integer_ops)."""
+    from .quant import float_integer_ops
+
+    done = float_integer_ops(model)
+    if not done:
+        return None
+    return (f"{done} integer op(s) (ConvInteger / MatMulInteger) run as float ops on the dequantised "
+            "activation and weight")
+
+
+def _transposed_weights(graph) -> str | None:
+    """Transpose of an initializer -> an initializer of the output's name (the layer map
+    records the perm; write-back goes through it into the stored tensor)."""
+    inits = {i.name: i for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    folded = {i for i, n in enumerate(graph.node) if n.op_type == "Transpose" and n.domain in ("", "ai.onnx")
+              and n.input and n.input[0] in inits and n.output[0] not in outputs}
+    if not folded:
+        return None
+    for i in sorted(folded):
+        n = graph.node[i]
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+        value = numpy_helper.to_array(inits[n.input[0]])
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(np.transpose(value, perm)), n.output[0]))
+    keep = [n for i, n in enumerate(graph.node) if i not in folded]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return f"{len(folded)} Transpose node(s) of initializers turned into initializers"
 
 
 def _aliases_to_initializers(graph) -> str | None:
@@ -233,7 +269,7 @@ def _with_converters(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProt
 
 
 def _has_quantize(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") for n in model.graph.node)
 
 
 def op_of(graph, node_name: str) -> str:

@@ -8,7 +8,16 @@ Two patterns make a float weight out of an integer tensor stored in the model:
   cast_mul   q (integer constant) -> Cast(to=float) [-> Sub(zero_point)] -> Mul(scale)
              (int8 exports that dequantise with plain arithmetic, e.g. an int8 MiniLM)
 
-Both compute ``W = (q - zero_point) * scale`` with the scale (and zero point) broadcast
+A third keeps the weight inside an integer op (onnxruntime.quantization.quantize_dynamic):
+
+  integer_op ConvInteger / MatMulInteger(x_q, q, x_zero_point, zero_point) -> Cast(to=float)
+             -> Mul(Mul(x_scale, scale)): the weight scale is multiplied into the output
+             after the integer op, together with the activation's scale (x_q, x_scale and
+             x_zero_point usually come from DynamicQuantizeLinear). The float layer is
+             Conv / MatMul(x_f, W) with x_f = (x_q - x_zero_point) x_scale; the record
+             names the activation tensors and the chain's float output too.
+
+All three compute ``W = (q - zero_point) * scale`` with the scale (and zero point) broadcast
 over ``q``: one value (per-tensor), one per slice along ``axis`` (per-channel), or, for
 cast_mul, any shape that broadcasts (recorded, never guessed). ``WeightQuant`` records the
 pattern, the tensor names and the node indices; the layer map carries it (``Layer.quant``).
@@ -48,8 +57,8 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 class WeightQuant:
     """How a float weight is made from an integer tensor (see module doc)."""
 
-    scheme: str                   # "qdq" | "cast_mul"
-    value: str                    # the float tensor the layer consumes
+    scheme: str                   # "qdq" | "cast_mul" | "integer_op"
+    value: str                    # the float tensor the layer consumes (integer_op: the chain's float output)
     quantized: str                # the integer tensor (initializer / Constant)
     scale: str
     zero_point: str | None        # None: zero point 0
@@ -59,6 +68,7 @@ class WeightQuant:
     nodes: tuple[int, ...]        # graph.node indices of the dequantisation chain
     scale_shared: bool            # scale / zero point used by another node too
     reason: str | None = None     # why this weight cannot be requantised (None: it can)
+    activation: tuple[str, str, str] = ()  # integer_op: (x_q, x_scale, x_zero_point or "")
 
     @property
     def per_channel(self) -> bool:
@@ -67,7 +77,8 @@ class WeightQuant:
     def to_dict(self) -> dict:
         return {"scheme": self.scheme, "quantized": self.quantized, "value": self.value, "scale": self.scale,
                 "zero_point": self.zero_point, "axis": self.axis, "scale_shape": list(self.scale_shape),
-                "dtype": self.q_dtype, "scale_shared": self.scale_shared}
+                "dtype": self.q_dtype, "scale_shared": self.scale_shared,
+                **({"activation": list(self.activation)} if self.activation else {})}
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -182,6 +193,98 @@ def _cast_mul(graph, mul_index, producer, const_value, single_use) -> WeightQuan
     return None
 
 
+INTEGER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # integer op -> its float op
+
+
+def integer_op_weights(graph: onnx.GraphProto, const_value) -> dict[int, WeightQuant]:
+    """Node index -> WeightQuant (scheme ``integer_op``, module doc) for every ConvInteger /
+    MatMulInteger whose weight is a constant int8/uint8 tensor and whose output is
+    Cast to float and multiplied by ``x_scale x weight scale``; other forms are left out."""
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for inp in node.input:
+            readers.setdefault(inp, []).append(i)
+    outputs = {o.name for o in graph.output}
+
+    def only_reader(name):
+        return readers[name][0] if len(readers.get(name, [])) == 1 and name not in outputs else None
+
+    found = {}
+    for i, node in enumerate(graph.node):
+        if node.op_type in INTEGER_OPS and _is_default_domain(node) and len(node.input) >= 2:
+            wq = _integer_op(graph, i, producer, only_reader, const_value)
+            if wq is not None:
+                found[i] = wq
+    return found
+
+
+def _integer_op(graph, index, producer, only_reader, const_value) -> WeightQuant | None:
+    node = graph.node[index]
+    q = const_value(node.input[1])
+    zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    zp = const_value(zp_name) if zp_name else None
+    if q is None or q.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)) or (zp_name and zp is None):
+        return None
+    cast_i = only_reader(node.output[0])
+    cast = graph.node[cast_i] if cast_i is not None else None
+    if cast is None or cast.op_type != "Cast" or _attrs(cast).get("to") != onnx.TensorProto.FLOAT:
+        return None
+    mul_i = only_reader(cast.output[0])
+    mul = graph.node[mul_i] if mul_i is not None else None
+    if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
+        return None
+    product = mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]
+    prod = graph.node[producer[product]] if product in producer else None
+    if prod is None or prod.op_type != "Mul" or not _is_default_domain(prod):
+        return None
+    x_zp = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    for pos in (1, 0):  # the weight scale is the constant factor that is not the activation's scale
+        scale_name, x_scale = prod.input[pos], prod.input[1 - pos]
+        scale = const_value(scale_name)
+        if scale is not None and _activation_scalar(graph, node.input[0], x_scale, x_zp, producer, const_value):
+            break
+    else:
+        return None
+    axis = _integer_op_axis(INTEGER_OPS[node.op_type], q, scale)
+    if axis == -1 or (zp is not None and zp.size not in (1, scale.size)):
+        return None  # a scale (zero point) along no axis the layer map knows
+    single = [only_reader(n) is not None for n in (scale_name, product) + ((zp_name,) if zp_name else ())]
+    shape = [1] * q.ndim
+    if axis is not None:
+        shape[axis] = scale.size
+    return WeightQuant(
+        scheme="integer_op", value=mul.output[0], quantized=node.input[1], scale=scale_name, zero_point=zp_name,
+        axis=axis, scale_shape=tuple(shape), q_dtype=str(q.dtype),
+        nodes=tuple(sorted((index, cast_i, mul_i, producer[product]))), scale_shared=not all(single),
+        activation=(node.input[0], x_scale, x_zp))
+
+
+def _activation_scalar(graph, x_q, x_scale, x_zp, producer, const_value) -> bool:
+    """The activation's (x_q, x_scale, x_zero_point) are DynamicQuantizeLinear's three
+    outputs, or x_scale (and x_zero_point) are constant scalars."""
+    dq = graph.node[producer[x_q]] if x_q in producer else None
+    if dq is not None and dq.op_type == "DynamicQuantizeLinear" and list(dq.output[:3]) == [x_q, x_scale, x_zp]:
+        return True
+    s = const_value(x_scale)
+    z = const_value(x_zp) if x_zp else np.zeros(())
+    return s is not None and s.size == 1 and z is not None and z.size == 1
+
+
+def _integer_op_axis(float_op: str, q: np.ndarray, scale: np.ndarray) -> int | None:
+    """The weight axis a scale multiplied into the output runs along: per-tensor (None),
+    Conv output channels (scale [M, 1, ...] on the output's channel axis: weight axis 0),
+    MatMul columns (scale [N] on the output's last axis: weight axis 1); -1 for any other."""
+    if scale.size == 1:
+        return None
+    big = [k for k, n in enumerate(scale.shape) if n > 1]
+    if float_op == "MatMul" and q.ndim == 2 and big == [scale.ndim - 1] and scale.size == q.shape[1]:
+        return 1
+    if float_op == "Conv" and len(big) == 1 and scale.ndim - big[0] == q.ndim - 1 and scale.size == q.shape[0]:
+        return 0
+    return -1
+
+
 # ------------------------------------------------------------------ (de)quantisation
 
 
@@ -195,7 +298,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
     """W = (q - z) * s computed as ONNX Runtime does (in the scale's float type)."""
     s = _group_view(scale, wq, q.shape)
     z = _group_view(zero_point, wq, q.shape) if zero_point is not None else 0
-    diff = np.asarray(q, np.int64) - np.asarray(z, np.int64) if wq.scheme == "qdq" else \
+    diff = np.asarray(q, np.int64) - np.asarray(z, np.int64) if wq.scheme in ("qdq", "integer_op") else \
         q.astype(s.dtype) - np.asarray(z, s.dtype)
     return (diff.astype(s.dtype) * s).astype(s.dtype)
 
@@ -366,6 +469,49 @@ def fold_dequantisation(model: onnx.ModelProto) -> int:
         graph.node.extend(kept)
         graph.initializer.extend(new)
     return len(new)
+
+
+def float_integer_ops(model: onnx.ModelProto) -> int:
+    """Replace each recognised integer op chain (``integer_op_weights``) by its float
+    equivalent, in place (used on the twin's normalised copy): DequantizeLinear(x_q,
+    x_scale, x_zero_point) -> Conv / MatMul with the dequantised weight (an initializer),
+    under the integer op's node name, writing the chain's float output. Equal in exact
+    arithmetic: sum (x_q - x_z)(q - z) x x_scale x scale. Returns how many."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+
+    def value(name):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    found = integer_op_weights(graph, value)
+    if not found:
+        return 0
+    counts = use_counts(graph)
+    replace: dict[int, list] = {}
+    drop: set[int] = set()
+    for index, wq in found.items():
+        node = graph.node[index]
+        w_name = f"{wq.quantized}__dequantised"
+        if w_name not in inits:
+            z = value(wq.zero_point) if wq.zero_point else None
+            inits[w_name] = numpy_helper.from_array(dequantize(value(wq.quantized), value(wq.scale), z, wq), w_name)
+            graph.initializer.append(inits[w_name])
+        x_q, x_scale, x_zp = wq.activation
+        x_f = f"{node.name}__input_dequantised"
+        float_node = helper.make_node(INTEGER_OPS[node.op_type], [x_f, w_name], [wq.value], name=node.name)
+        float_node.attribute.extend(node.attribute)  # ConvInteger's attributes are Conv's
+        replace[index] = [helper.make_node("DequantizeLinear", [x_q, x_scale] + ([x_zp] if x_zp else []), [x_f],
+                                           name=f"{node.name}__dequantize_input"), float_node]
+        for i in wq.nodes:  # the Cast, the Mul, and the scale product when nothing else reads it
+            out = graph.node[i].output[0]
+            if i != index and (out == wq.value or graph.node[i].op_type == "Cast" or counts.get(out) == 1):
+                drop.add(i)
+    nodes = [new for i, node in enumerate(graph.node) if i not in drop for new in replace.get(i, [node])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(found)
 
 
 def use_counts(graph: onnx.GraphProto) -> dict[str, int]:

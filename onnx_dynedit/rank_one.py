@@ -34,7 +34,7 @@ Pure functions over torch tensors; no state, no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ ACTIVATION_BUDGET = 256 * 2**20  # bytes of captured activations per chunked pas
 MAX_KEY_FEATURES = 8192    # C is in_features^2 float64 (8192: 512 MB); wider layers (VGG's 25088-wide fc) are not edited
 RIDGE_FLOOR = 1e-12        # the ridge's scale when every key is zero (C = 0 stays factorable)
 CANCEL_SHARE = 1e-6        # a mean projection below this share of the mean |projection|: the changes cancel
+PAIR_KEYS_BUDGET = 64 * 2**20  # bytes of float64 pair keys kept whole (small layers: unfolded once)
+KEY_BLOCK = 32 * 2**20       # bytes of float64 keys per block when they are read pair by pair
+ROWS_BUDGET = 64 * 2**20     # bytes of affected key rows kept as rows; beyond, their Gram matrix
 AFFECTED_SHARE = 1e-3      # a position is "affected" when its key change exceeds this share of the largest
 
 
@@ -212,12 +215,62 @@ def _factor(layer: Layer, acc: torch.Tensor, count: int, lam: float, source: str
 
 @dataclass(frozen=True)
 class PairKeys:
-    """Keys and outputs of one layer on the corrupted and clean inputs: [n, P, *]."""
+    """One layer's inputs and outputs on the corrupted and clean inputs [n, ...], as
+    captured (float32). The keys are unfolded from them pair by pair (``pair``, ``blocks``)
+    and kept whole only when they are small (PAIR_KEYS_BUDGET): a 576-wide conv at 240x240
+    would hold 9 GB of float64 keys for 17 pairs."""
 
-    k_corrupt: torch.Tensor
-    k_clean: torch.Tensor
+    layer: Layer
+    x_corrupt: torch.Tensor
+    x_clean: torch.Tensor
     v_corrupt: torch.Tensor
     v_clean: torch.Tensor
+    _whole: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def n(self) -> int:
+        return int(self.x_corrupt.shape[0])
+
+    def _unfold(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (layer_keys(self.layer, self.x_corrupt[i:i + 1])[0],
+                layer_keys(self.layer, self.x_clean[i:i + 1])[0])
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every pair's keys, float64 [n, P, in], when they fit PAIR_KEYS_BUDGET; else None."""
+        if "keys" not in self._whole:
+            kc, kk = self._unfold(0)
+            small = 2 * 8 * self.n * kc.numel() <= PAIR_KEYS_BUDGET
+            self._whole["keys"] = (torch.stack([self._unfold(i)[0] for i in range(self.n)]).double(),
+                                   torch.stack([self._unfold(i)[1] for i in range(self.n)]).double()) if small else None
+        return self._whole["keys"]
+
+    def pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Corrupted and clean keys of pair ``i``: float64 [P, in]."""
+        whole = self._stacked()
+        if whole is not None:
+            return whole[0][i], whole[1][i]
+        kc, kk = self._unfold(i)
+        return kc.double(), kk.double()
+
+    def _values(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return (layer_values(self.layer, self.v_corrupt[rows]).double(),
+                layer_values(self.layer, self.v_clean[rows]).double())
+
+    def blocks(self, *, values: bool = False):
+        """Yield (first pair, corrupted keys, clean keys[, corrupted values, clean values]),
+        blocks [pairs, positions, features] in pair and position order: every pair at once
+        when the keys are small, else one pair and at most KEY_BLOCK bytes of keys."""
+        whole = self._stacked()
+        if whole is not None:
+            yield (0,) + whole + (self._values(slice(None)) if values else ())
+            return
+        for i in range(self.n):
+            kc, kk = self._unfold(i)  # float32, made float64 a block at a time
+            vals = self._values(slice(i, i + 1)) if values else ()
+            step = max(1, KEY_BLOCK // (8 * kc.shape[1]))
+            for s in range(0, kc.shape[0], step):
+                yield (i, kc[None, s:s + step].double(), kk[None, s:s + step].double()) + tuple(
+                    v[:, s:s + step] for v in vals)
 
 
 def pair_keys(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.ndarray, *, edits=()) -> dict[str, PairKeys]:
@@ -227,22 +280,20 @@ def pair_keys(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.nd
         twin.forward(twin.to_tensor(clean))
     for layer in layers:
         rec = store[layer.node]
-        out[layer.node] = PairKeys(
-            k_corrupt=layer_keys(layer, rec["in"][0]).double(), k_clean=layer_keys(layer, rec["in"][1]).double(),
-            v_corrupt=layer_values(layer, rec["out"][0]).double(), v_clean=layer_values(layer, rec["out"][1]).double())
+        out[layer.node] = PairKeys(layer, rec["in"][0], rec["in"][1], rec["out"][0], rec["out"][1])
     return out
 
 
 def pair_key_groups(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.ndarray, *, edits=(),
                     sizes: dict | None = None):
     """Yield (layer, PairKeys) for every layer, capturing a group of layers per pass so
-    that a group's keys stay within ACTIVATION_BUDGET (one group for small models)."""
+    that a group's captured inputs and outputs stay within ACTIVATION_BUDGET (one group
+    for small models; a layer larger than that is a group of its own)."""
     sizes = sizes or activation_sizes(twin, layers, corrupt, edits=edits)
     n = len(corrupt) + len(clean)
     group, used = [], 0
     for layer in list(layers) + [None]:
-        cost = 0 if layer is None else n * 4 * (sizes[layer.node][0] + 3 * sizes[layer.node][1]
-                                                + 2 * sizes[layer.node][2])
+        cost = 0 if layer is None else n * 4 * (sizes[layer.node][0] + sizes[layer.node][1])
         if group and (layer is None or used + cost > ACTIVATION_BUDGET):
             keys = pair_keys(twin, group, corrupt, clean, edits=edits)
             for done in group:
@@ -264,56 +315,97 @@ class Direction:
 def edit_direction(stats: KeyStats, keys: PairKeys, *, key: str = "diff", score_pairs: int | None = None) -> Direction:
     """d = C^-1 k* with k* the top whitened direction of the key differences (see module doc),
     and the layer-local closed-form u for it. ``score_pairs``: the specificity is measured
-    on the first ``score_pairs`` pairs only (the given ones; the rest are synthetic)."""
-    diff = (keys.k_corrupt - keys.k_clean).reshape(-1, keys.k_corrupt.shape[-1])
-    norms = diff.norm(dim=1)
-    scale = float(norms.max()) if norms.numel() else 0.0
+    on the first ``score_pairs`` pairs only (the given ones; the rest are synthetic).
+    The keys are read block by block (``PairKeys.blocks``), three times: their norms, the
+    whitened rows' top direction, the projections on it."""
+    if key not in ("diff", "corrupt"):
+        raise ValueError(f"unknown key formulation {key!r}")
+    norms = [(kc - kk).reshape(-1, kc.shape[-1]).norm(dim=1) for _, kc, kk in keys.blocks()]
+    scale = max((float(b.max()) for b in norms if b.numel()), default=0.0)
     if scale == 0.0:
         raise EditError(f"layer {stats.layer.node!r}: corrupted and clean inputs give identical keys",
                         hint="the pair does not differ before this layer; pick an earlier layer")
-    affected_mask = norms > AFFECTED_SHARE * scale
-    if key == "diff":
-        rows = diff[affected_mask]
-    elif key == "corrupt":
-        k = keys.k_corrupt.reshape(-1, diff.shape[1])[affected_mask]
-        rows = k * (norms[affected_mask] / scale).unsqueeze(1)
-    else:
-        raise ValueError(f"unknown key formulation {key!r}")
-    z = stats.whiten(rows)  # [m, in]
-    if z.shape[0] < z.shape[1]:  # top right singular vector from the smaller Gram matrix
-        evals, evecs = torch.linalg.eigh(z @ z.T)
-        a = z.T @ evecs[:, -1]
-        a = a / a.norm().clamp_min(1e-300)
-    else:
-        evals, evecs = torch.linalg.eigh(z.T @ z)
-        a = evecs[:, -1]
-    d = stats.unwhiten_solve(a)
-    proj = diff[affected_mask] @ d
-    mean = float(proj.mean())
-    spread = float(proj.abs().mean())
-    if spread == 0.0:
-        raise EditError(f"layer {stats.layer.node!r}: the edit direction does not separate corrupted from clean keys")
-    if abs(mean) > CANCEL_SHARE * spread:
-        d = d / mean  # mean d . delta over affected positions = 1, sign positive
-    else:  # changes that cancel in the mean (+k and -k) still separate: mean |d . delta| = 1,
-        # sign fixed by the largest projection
-        d = d / (spread if float(proj[proj.abs().argmax()]) > 0 else -spread)
-    # k*_i = sum over positions of pair i's key change; its Mahalanobis norm under C
-    # (scale-free: the same whatever the scale of the layer's keys)
-    kstar = (keys.k_corrupt[:score_pairs] - keys.k_clean[:score_pairs]).sum(dim=1)  # [n, in]
+    threshold = AFFECTED_SHARE * scale
+    n_score = keys.n if score_pairs is None else min(score_pairs, keys.n)
+    kstar = torch.zeros(n_score, stats.chol.shape[0], dtype=torch.float64, device=stats.chol.device)
+    pool = _RowPool(stats)
+    for (i, kc, kk), nb in zip(keys.blocks(), norms):
+        diff = kc - kk
+        if i < n_score:  # k*_i = the sum over positions of pair i's key change
+            kstar[i:i + diff.shape[0]] += diff[: n_score - i].sum(dim=1)
+        mask = nb > threshold
+        if key == "diff":
+            pool.add(diff.reshape(-1, diff.shape[-1])[mask])
+        else:
+            pool.add(kc.reshape(-1, kc.shape[-1])[mask] * (nb[mask] / scale).unsqueeze(1))
+    d = _scaled(stats, stats.unwhiten_solve(pool.top()), keys, norms, threshold)
+    # the Mahalanobis norm of k*_i under C (scale-free: the same whatever the scale of the keys)
     maha = float(stats.whiten(kstar).pow(2).sum(1).mean().sqrt())
     try:
         u_local = closed_form_u(keys, d)
     except EditError:
         u_local = None
-    return Direction(d=d, specificity=maha, affected=float(affected_mask.double().mean()), u_local=u_local)
+    affected = sum(int((nb > threshold).sum()) for nb in norms) / max(sum(nb.numel() for nb in norms), 1)
+    return Direction(d=d, specificity=maha, affected=affected, u_local=u_local)
+
+
+class _RowPool:
+    """The top right singular vector of the whitened rows z = R^-1 r: from the rows
+    themselves while they fit ROWS_BUDGET (the smaller of z z^T and z^T z), else from
+    their Gram matrix sum r r^T, accumulated block by block (R^-1 G R^-T)."""
+
+    def __init__(self, stats: KeyStats):
+        self.stats, self.rows, self.size, self.gram = stats, [], 0, None
+
+    def add(self, rows: torch.Tensor) -> None:
+        if self.gram is None and 8 * (self.size + rows.numel()) <= ROWS_BUDGET:
+            self.rows.append(rows)
+            self.size += rows.numel()
+            return
+        if self.gram is None:
+            dim = self.stats.chol.shape[0]
+            self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=self.stats.chol.device)
+            for r in self.rows:
+                self.gram += r.T @ r
+            self.rows = []
+        self.gram += rows.T @ rows
+
+    def top(self) -> torch.Tensor:
+        if self.gram is not None:
+            chol = self.stats.chol
+            half = torch.linalg.solve_triangular(chol, self.gram, upper=False)        # R^-1 G
+            whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)     # R^-1 G R^-T
+            return torch.linalg.eigh(whitened)[1][:, -1]
+        z = self.stats.whiten(torch.cat(self.rows))  # [m, in]
+        if z.shape[0] < z.shape[1]:  # from the smaller Gram matrix
+            a = z.T @ torch.linalg.eigh(z @ z.T)[1][:, -1]
+            return a / a.norm().clamp_min(1e-300)
+        return torch.linalg.eigh(z.T @ z)[1][:, -1]
+
+
+def _scaled(stats: KeyStats, d: torch.Tensor, keys: PairKeys, norms: list, threshold: float) -> torch.Tensor:
+    """``d`` scaled so that mean(d . delta) over the affected positions is 1, sign positive;
+    changes that cancel in the mean (+k and -k) still separate: mean |d . delta| = 1, the
+    sign fixed by the largest projection."""
+    proj = torch.cat([(kc - kk).reshape(-1, kc.shape[-1])[nb > threshold] @ d
+                      for (_, kc, kk), nb in zip(keys.blocks(), norms)])
+    mean = float(proj.mean())
+    spread = float(proj.abs().mean())
+    if spread == 0.0:
+        raise EditError(f"layer {stats.layer.node!r}: the edit direction does not separate corrupted from clean keys")
+    if abs(mean) > CANCEL_SHARE * spread:
+        return d / mean
+    return d / (spread if float(proj[proj.abs().argmax()]) > 0 else -spread)
 
 
 def closed_form_u(keys: PairKeys, d: torch.Tensor) -> torch.Tensor:
     """Least-squares u for fixed d: match the clean outputs at the layer itself."""
-    s = keys.k_corrupt.reshape(-1, keys.k_corrupt.shape[-1]) @ d          # [m]
-    r = (keys.v_clean - keys.v_corrupt).reshape(-1, keys.v_clean.shape[-1])  # [m, out]
-    denom = float((s * s).sum())
+    num, denom = 0.0, 0.0
+    for _, kc, _, vc, vk in keys.blocks(values=True):
+        s = kc.reshape(-1, kc.shape[-1]) @ d                       # [m]
+        r = (vk - vc).reshape(-1, vk.shape[-1])                    # [m, out]
+        num = num + (s.unsqueeze(1) * r).sum(0)
+        denom += float((s * s).sum())
     if denom == 0.0:
         raise EditError("the edit direction is orthogonal to every corrupted key")
-    return (s.unsqueeze(1) * r).sum(0) / denom
+    return num / denom

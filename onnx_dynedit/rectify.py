@@ -64,7 +64,7 @@ from .errors import EditError, InputError, LayerError, option
 from .layers import Layer
 from .options import check_config
 from .rank_one import (ACTIVATION_BUDGET, DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, activation_sizes,
-                       edit_direction, key_statistics, pair_keys,
+                       edit_direction, key_statistics, pair_key_groups,
                        too_wide)
 from .twin import DownstreamRunner, Twin, batch_size_of, cat_inputs
 from .writeback import LayerUpdate
@@ -897,11 +897,10 @@ def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: Rect
         if plan.static:
             turn = done % len(plan.candidates)
             layers = list(plan.candidates[turn:] + plan.candidates[:turn])
-            keys = pair_keys(twin, layers, plan.corrupt, plan.clean, edits=prev)
             options = []
-            for layer in layers:
+            for layer, keys in pair_key_groups(twin, layers, plan.corrupt, plan.clean, edits=prev):
                 try:
-                    direction = edit_direction(stats[layer.node], keys[layer.node], key=cfg.key)
+                    direction = edit_direction(stats[layer.node], keys, key=cfg.key)
                 except EditError as err:
                     log.info("layer %s skipped: %s", layer.node, err.message)
                     continue

@@ -9,8 +9,11 @@ exact rank-one term to a layer's output (``Twin.applied``, keys.py), always remo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -38,6 +41,7 @@ FP16_TOL = 1e-2
 QUANT_TOL = 5e-2
 RUN_BUDGET = 256 * 2**20  # bytes of activations one no-grad pass of ``Twin.run`` may hold (VGG-16 at 240x240: 5 rows)
 RUN_MAX_BATCH = 256
+TWIN_VIA_FILE = 256 * 2**20  # bytes: a larger normalised model reaches onnx2torch through a file
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -51,13 +55,49 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+def _normalised_module(loaded: LoadedModel):
+    """The normalised copy's facts (``Normalised`` without its model) and the onnx2torch
+    module made from it. A copy larger than TWIN_VIA_FILE reaches onnx2torch through a
+    temporary file, its only holder while onnx2torch runs: onnx2torch's shape inference
+    then reads the file instead of serialising and parsing two more copies in memory
+    (VGG-16: 3.9 GB peak before)."""
+    try:
+        norm = normalise(loaded.model)
+    except ConversionError as exc:  # name the file: the CLI prints this one line
+        raise ConversionError(f"{loaded.label}: {exc.raw_message}", hint=exc.raw_hint) from None
+    model, norm = norm.model, dataclasses.replace(norm, model=None)
+    if model.ByteSize() <= TWIN_VIA_FILE:
+        return norm, _onnx2torch(model, loaded.label)
+    with tempfile.TemporaryDirectory(prefix="dynedit-twin-") as tmp:
+        path = Path(tmp) / "twin.onnx"
+        onnx.save_model(model, str(path))
+        del model
+        return norm, _onnx2torch(str(path), loaded.label)
+
+
+def _onnx2torch(src, label: str) -> torch.nn.Module:
+    from onnx2torch import convert
+
+    try:
+        with progress.phase("torch twin (onnx2torch)"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = convert(src)
+        for w in caught:  # converter notes are for -vv, not the user's terminal
+            log.debug("onnx2torch: %s: %s", w.category.__name__, w.message)
+    except NotImplementedError as exc:
+        raise ConversionError(f"{label}: the torch twin cannot be built: {str(exc).splitlines()[0]}",
+                              hint="onnx2torch lacks a converter for this op") from None
+    except Exception as exc:  # noqa: BLE001 - converter failures are many
+        raise ConversionError(f"{label}: onnx2torch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                              hint="onnx2torch failed on an op of this graph; report the op") from None
+    return module
+
+
 class Twin:
     """An onnx2torch module plus the layer map of the ORIGINAL model."""
 
     def __init__(self, loaded: LoadedModel, device: str | torch.device | None = None, *,
                  input_shapes: dict[str, tuple[int, ...]] | None = None):
-        from onnx2torch import convert
-
         self.loaded = loaded
         self.device = resolve_device(device)
         threads.apply_torch()
@@ -66,10 +106,7 @@ class Twin:
         self.outputs = output_specs(loaded.model)
         check_input_shapes(self.inputs, input_shapes, loaded.label)
         self.input_shapes = dict(input_shapes or {})  # user-given sizes (input_shapes), name -> dims
-        try:
-            norm = normalise(loaded.model)
-        except ConversionError as exc:  # name the file: the CLI prints this one line
-            raise ConversionError(f"{loaded.label}: {exc.raw_message}", hint=exc.raw_hint) from None
+        norm, module = _normalised_module(loaded)
         self.fp16 = norm.fp16
         self.quantised = norm.quantised
         self.notes = norm.notes
@@ -80,8 +117,7 @@ class Twin:
         # graph's first output.
         self.logits_tensor = norm.logits
         self.softmax_node = norm.softmax_node
-        self._select = ([o.name for o in norm.model.graph.output].index(norm.logits)
-                        if norm.logits is not None else 0)
+        self._select = norm.logits_index
         # Integer token inputs have no gradient: attribution interpolates the outputs of the
         # Gathers on embedding tables that read them (``interpolate``).
         self.embeddings = find_embeddings(loaded.model, unique_node_names(loaded.model.graph))
@@ -89,18 +125,6 @@ class Twin:
         first = self.outputs[0].shape if self.outputs else ()
         self._flatten = (len(first) > 2 and all(isinstance(d, int) and d == 1 for d in first[2:])
                          and not (isinstance(first[1], int) and first[1] <= 1))
-        try:
-            with progress.phase("torch twin (onnx2torch)"), warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                module = convert(norm.model)
-            for w in caught:  # converter notes are for -vv, not the user's terminal
-                log.debug("onnx2torch: %s: %s", w.category.__name__, w.message)
-        except NotImplementedError as exc:
-            raise ConversionError(f"{loaded.label}: the torch twin cannot be built: {str(exc).splitlines()[0]}",
-                                  hint="onnx2torch lacks a converter for this op") from None
-        except Exception as exc:  # noqa: BLE001 - converter failures are many
-            raise ConversionError(f"{loaded.label}: onnx2torch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
-                                  hint="onnx2torch failed on an op of this graph; report the op") from None
         module.eval()
         for p in module.parameters():
             p.requires_grad_(False)
@@ -338,7 +362,8 @@ class _EmbeddingPath:
 def find_embeddings(model: onnx.ModelProto, names) -> tuple[tuple[str, str], ...]:
     """(twin module name, ONNX node name) of each Gather that looks up a float table
     (an initializer or Constant) with indices read from an integer graph input (directly,
-    or through Cast / Identity / Unsqueeze / Reshape)."""
+    or through Cast / Identity / Unsqueeze / Reshape); for an int8/uint8 table (what
+    quantize_dynamic makes of an embedding), the DequantizeLinear of the looked-up rows."""
     from .layers import constant_sources, twin_module_name
 
     graph = model.graph
@@ -347,17 +372,21 @@ def find_embeddings(model: onnx.ModelProto, names) -> tuple[tuple[str, str], ...
     ints = {vi.name for vi in graph.input if vi.name not in init
             and vi.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
     derived = set(ints)
-    out = []
+    out, int_rows = [], set()
     for node, name in zip(graph.node, names):
         if node.op_type in ("Cast", "Identity", "Unsqueeze", "Reshape") and node.input and node.input[0] in derived:
             derived.update(node.output)
+        if node.op_type == "DequantizeLinear" and node.input and node.input[0] in int_rows:
+            out.append((twin_module_name(name, node.domain), name))
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         table = node.input[0]
-        is_float_table = (table in init and init[table].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-                          and len(init[table].dims) == 2) or table in consts
-        if is_float_table and node.input[1] in derived:
+        dtype = init[table].data_type if table in init and len(init[table].dims) == 2 else None
+        is_float_table = dtype in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or table in consts
+        if node.input[1] in derived and is_float_table:
             out.append((twin_module_name(name, node.domain), name))
+        elif node.input[1] in derived and dtype in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            int_rows.add(node.output[0])
     return tuple(out)
 
 

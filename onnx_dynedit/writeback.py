@@ -249,7 +249,7 @@ def _requantised_bias(graph: onnx.GraphProto, layer: Layer, w_scale: np.ndarray,
     (integers name, old, new), max |bias change|], or [] when the bias is not of that form
     (or its tensors are shared)."""
     node = graph.node[layer.node_index]
-    if layer.op not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+    if layer.quant.scheme != "qdq" or layer.op not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
         return []
     producer = {out: n for n in graph.node for out in n.output}
     b_dq, x_dq = producer.get(node.input[2]), producer.get(node.input[0])

@@ -22,12 +22,14 @@ lists them with what the tests need to know (``Entry``). Families:
 - ``tv_*``      torchvision architectures with random weights, exported by the legacy
                 (TorchScript) and the dynamo exporter at a few opsets.
 - ``vit_tiny`` / ``bert_tiny``  small transformer classifiers (random weights).
-- ``fp16_*``, ``qdq_*``, ``int8cm_*``  half-precision and int8 copies of some of the above
+- ``fp16_*``, ``qdq_*``, ``int8cm_*``, ``int8dyn_*``  half-precision and int8 copies of some of the above
                 (tests/quantised.py): every float tensor in float16; onnxruntime's
                 quantize_static in QDQ format (int8 weights and activations, per-channel
                 ``_pc`` or per-tensor ``_pt``, calibrated on 16 seeded random inputs); int8
                 weights dequantised by Cast + Mul (per-channel), as int8 transformer
-                exports (MiniLM) write them.
+                exports (MiniLM) write them; ``int8dyn_*``: onnxruntime's quantize_dynamic
+                (ConvInteger / MatMulInteger on int8 weights, DynamicQuantizeLinear on
+                activations).
 
 Builders are plain functions so derived copies (fp16, int8) are one wrapper away.
 """
@@ -405,14 +407,20 @@ def int8_cast_mul_copy(base: str) -> onnx.ModelProto:
     return quantised.to_cast_mul(build(base))
 
 
+def int8_dynamic_copy(base: str) -> onnx.ModelProto:
+    import quantised
+
+    return quantised.to_dynamic(build(base))
+
+
 def _quant_entries(bases: dict[str, Entry]) -> list[Entry]:
     """fp16 / int8 copies of light graphs (QDQ needs opset >= 13 for per-channel axes)."""
     out = []
-    for base, kinds in (("tv_resnet18_legacy13", ("fp16", "qdq_pc", "qdq_pt", "int8cm")),
+    for base, kinds in (("tv_resnet18_legacy13", ("fp16", "qdq_pc", "qdq_pt", "int8cm", "int8dyn")),
                         ("tv_mobilenet_v3_small_legacy17", ("fp16", "qdq_pc")),
-                        ("tf2onnx_style", ("fp16", "qdq_pc", "int8cm")),
+                        ("tf2onnx_style", ("fp16", "qdq_pc", "int8cm", "int8dyn")),
                         ("paddle_style", ("fp16", "int8cm")),
-                        ("bert_tiny_legacy17", ("fp16", "qdq_pc", "int8cm")),
+                        ("bert_tiny_legacy17", ("fp16", "qdq_pc", "int8cm", "int8dyn")),
                         ("vit_tiny_legacy17", ("fp16", "int8cm"))):
         e = bases[base]
         for kind in kinds:
@@ -421,6 +429,7 @@ def _quant_entries(bases: dict[str, Entry]) -> list[Entry]:
                 "qdq_pc": (lambda b=base: qdq_copy(b, per_channel=True), "int8 QDQ copy (quantize_static)"),
                 "qdq_pt": (lambda b=base: qdq_copy(b, per_channel=False), "int8 QDQ copy (quantize_static)"),
                 "int8cm": (lambda b=base: int8_cast_mul_copy(b), "int8 Cast+Mul copy"),
+                "int8dyn": (lambda b=base: int8_dynamic_copy(b), "int8 dynamic copy (quantize_dynamic)"),
             }[kind]
             prefix, _, suffix = kind.partition("_")
             name = f"{prefix}_{base}" + (f"_{suffix}" if suffix else "")

@@ -6,6 +6,10 @@ benchmarks (no downloads): the same graph as a shipped fp16 / int8 model would h
 ``to_qdq``       onnxruntime.quantization.quantize_static with QuantFormat.QDQ (int8
                  weights and activations, calibrated on the given inputs), per-tensor or
                  per-channel.
+``to_dynamic``   onnxruntime.quantization.quantize_dynamic (its default QOperator form):
+                 ConvInteger / MatMulInteger with int8 (or uint8) weight initializers, the
+                 activations quantised at run time by DynamicQuantizeLinear, the output
+                 Cast to float and multiplied by activation scale x weight scale.
 ``to_cast_mul``  weights stored as int8 (symmetric) or uint8 (asymmetric) integers and
                  dequantised by Cast [+ Sub] + Mul in the graph, as int8 transformer
                  exports do; activations stay float.
@@ -100,6 +104,20 @@ def qdq_model(model: onnx.ModelProto, *, per_channel: bool, feeds: dict | None =
         src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         onnx.save(model, str(src))
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel)
+        return onnx.load(str(dst))
+
+
+def to_dynamic(model: onnx.ModelProto, *, per_channel: bool = False, unsigned: bool = False) -> onnx.ModelProto:
+    """quantize_dynamic of ``model`` (int8 weights, or uint8 with ``unsigned``)."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        onnx.save(model, str(src))
+        quantize_dynamic(str(src), str(dst), per_channel=per_channel,
+                         weight_type=QuantType.QUInt8 if unsigned else QuantType.QInt8)
         return onnx.load(str(dst))
 
 

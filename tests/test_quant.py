@@ -293,13 +293,14 @@ def test_quantize_of_a_float_constant_is_folded_for_the_twin(tmp_path):
 
 # ------------------------------------------------- corpus copies (tests/corpus.py entries)
 
-CORPUS_EDITS = ["qdq_tf2onnx_style_pc", "int8cm_bert_tiny_legacy17", "fp16_paddle_style"]
+CORPUS_EDITS = ["qdq_tf2onnx_style_pc", "int8cm_bert_tiny_legacy17", "fp16_paddle_style", "int8dyn_bert_tiny_legacy17"]
 
 
 @pytest.mark.parametrize("name", CORPUS_EDITS)
 def test_corpus_copy_forced_edit(name, tmp_path, capsys):
     """A forced one-edit repair of a synthetic pair on fp16 / int8 copies of corpus graphs
-    (an int8 Cast+Mul BERT as int8 MiniLM exports are): written-model parity on the
+    (an int8 Cast+Mul BERT as int8 MiniLM exports are; a quantize_dynamic BERT, whose
+    embedding tables are int8 too): written-model parity on the
     quantised graph, diff = the edited weight (rank 1) and its quantisation tensors,
     revert = the original bytes."""
     import corpus

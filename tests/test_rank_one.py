@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_dynedit.errors import EditError
 from onnx_dynedit.io import load_model
+from onnx_dynedit import rank_one
 from onnx_dynedit.rank_one import (DEFAULT_LAMBDA, RankOneEdit, closed_form_u, edit_direction, key_statistics,
                                    pair_keys)
 from onnx_dynedit.keys import layer_keys
@@ -143,8 +144,8 @@ def test_dense_closed_form_identity_stats(tmp_path, op, weight, bias, trans_b, a
     corrupt = k_star[None].astype(np.float32)
     clean = np.zeros_like(corrupt)
     keys = pair_keys(twin, [layer], corrupt, clean)[layer.node]
-    np.testing.assert_array_equal(keys.k_corrupt.numpy().reshape(-1), k_star)
-    np.testing.assert_array_equal(keys.k_clean.numpy().reshape(-1), 0.0)
+    np.testing.assert_array_equal(keys.pair(0)[0].numpy().reshape(-1), k_star)
+    np.testing.assert_array_equal(keys.pair(0)[1].numpy().reshape(-1), 0.0)
 
     direction = edit_direction(stats, keys)
     d = direction.d.numpy()
@@ -342,7 +343,7 @@ def test_conv_rank_one_edit_written_model(conv_case):
     d = direction.d.numpy()
     u = closed_form_u(keys, direction.d).numpy()
     assert 0 < direction.affected < 1  # only positions whose window sees the patch
-    diff = (keys.k_corrupt - keys.k_clean).numpy().reshape(-1, 18)
+    diff = np.concatenate([(kc - kk).numpy() for kc, kk in map(keys.pair, range(keys.n))]).reshape(-1, 18)
     affected = np.linalg.norm(diff, axis=1) > 1e-3 * np.linalg.norm(diff, axis=1).max()
     assert np.mean(diff[affected] @ d) == pytest.approx(1.0, abs=1e-9)
 
@@ -360,6 +361,33 @@ def test_conv_rank_one_edit_written_model(conv_case):
     before = np.linalg.norm(ort_run(path, corrupt) - ort_run(path, clean))
     after = np.linalg.norm(got[:2] - ort_run(path, clean))
     assert after < before
+
+
+@pytest.mark.parametrize("key", ["diff", "corrupt"])
+def test_pair_keys_read_block_by_block_give_the_same_edit(conv_case, monkeypatch, key):
+    """Large layers' pair keys are never held whole: unfolded pair by pair in blocks of a
+    few positions, the affected rows pooled into their Gram matrix. With every budget at
+    its smallest (one position per block, no rows kept), the direction, the specificity,
+    the affected share and the closed-form u are those of the keys held whole."""
+    _, _, twin, _, _ = conv_case
+    layer = only_layer(twin)
+    rng = np.random.default_rng(7)
+    stats = key_statistics(twin, [layer], rng.uniform(0, 1, (16, 2, 5, 5)).astype(np.float32))[layer.node]
+    clean = rng.uniform(0, 1, (3, 2, 5, 5)).astype(np.float32)
+    corrupt = clean.copy()
+    corrupt[:, :, 3:5, 3:5] = 1.0
+    corrupt[1, :, 0, 0] = -1.0
+    whole = edit_direction(stats, pair_keys(twin, [layer], corrupt, clean)[layer.node], key=key, score_pairs=2)
+    monkeypatch.setattr(rank_one, "PAIR_KEYS_BUDGET", 0)
+    monkeypatch.setattr(rank_one, "KEY_BLOCK", 1)
+    monkeypatch.setattr(rank_one, "ROWS_BUDGET", 0)
+    keys = pair_keys(twin, [layer], corrupt, clean)[layer.node]
+    assert len(list(keys.blocks())) == 3 * 25  # one position of one pair per block
+    streamed = edit_direction(stats, keys, key=key, score_pairs=2)
+    np.testing.assert_allclose(streamed.d.numpy(), whole.d.numpy(), rtol=1e-9, atol=1e-12)
+    assert streamed.specificity == pytest.approx(whole.specificity, rel=1e-12)
+    assert streamed.affected == whole.affected
+    np.testing.assert_allclose(streamed.u_local.numpy(), whole.u_local.numpy(), rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- errors

@@ -545,3 +545,27 @@ def test_bad_input_unsupported_op(builder, tmp_path, capsys):
 def test_bad_input_missing_file(tmp_path, capsys):
     path = tmp_path / "nowhere.onnx"
     assert_one_line_error(*run_cli(["inspect", path], capsys)[::2], path)
+
+
+def test_large_model_twin_built_through_a_file(all_model_files, monkeypatch):
+    """A normalised copy larger than TWIN_VIA_FILE reaches onnx2torch through a temporary
+    file (memory at VGG size): the same twin, with exact parity, the folder removed."""
+    from onnx_dynedit import twin as twin_module
+
+    made = []
+    real = twin_module.tempfile.TemporaryDirectory
+
+    def recording(*args, **kwargs):
+        folder = real(*args, **kwargs)
+        made.append(Path(folder.name))
+        return folder
+
+    monkeypatch.setattr(twin_module, "TWIN_VIA_FILE", 0)
+    monkeypatch.setattr(twin_module.tempfile, "TemporaryDirectory", recording)
+    loaded = load_model(all_model_files["torch_legacy13"])
+    twin = Twin(loaded, "cpu")
+    assert len(made) == 1 and not made[0].exists()
+    assert check_parity(twin).ok
+    monkeypatch.setattr(twin_module, "TWIN_VIA_FILE", 2**40)
+    x = next(iter(random_inputs(twin.inputs, batch=3).values()))
+    np.testing.assert_array_equal(twin.run(x), Twin(loaded, "cpu").run(x))
