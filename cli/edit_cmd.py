@@ -38,6 +38,12 @@ from onnx_dynedit.options import CHOICES
                help="Fit u on the network output (output) or closed form at the layer (local) (default {default}).")
 @config_option("--augment", field="augment", type=int,
                help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default {default}; 0 = off).")
+@config_option("--check-pairs", field="check_pairs", type=int,
+               help="Synthetic pairs held out from the fit that pick which candidate edit each round keeps "
+                    "(default {default}; 0 = keep the first candidate that passes).")
+@config_option("--check-candidates", field="check_candidates", type=int,
+               help="Layers fitted per round when check pairs decide, best localised first "
+                    "(default {default} = every editable layer; smaller is faster on deep models).")
 @config_option("--seed", field="seed", type=SEED, help="Seed (default {default}).")
 @DEVICE_OPTION
 @INPUT_SHAPE_OPTION
@@ -51,8 +57,8 @@ from onnx_dynedit.options import CHOICES
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
 @run_options()
 def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, criterion, target_gap, target_attribution,
-         objective, augment, seed, device, input_shapes, engine, ray_address, in_place, report, plot,
-         as_json):
+         objective, augment, check_pairs, check_candidates, seed, device, input_shapes, engine, ray_address, in_place,
+         report, plot, as_json):
     """Repair MODEL so that each corrupted input behaves like its clean twin; write OUT.
 
     Exit 0 when every pair is fixed within budget (OUT is always written then: the model
@@ -61,7 +67,8 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, crit
     """
     outcome = edit_model(model, pairs, out, stats=stats, val=val, layers=layers or None, max_edits=max_edits,
                          max_degradation=max_degradation, target_gap=target_gap, objective=objective,
-                         augment=augment, criterion=criterion, target_attribution=target_attribution, seed=seed,
+                         augment=augment, check_pairs=check_pairs, check_candidates=check_candidates,
+                         criterion=criterion, target_attribution=target_attribution, seed=seed,
                          device=device, in_place=in_place, report=report, plot=plot, engine=engine,
                          ray_address=ray_address, input_shapes=input_shapes)
     if outcome.output_unchanged:

@@ -362,7 +362,8 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     twin, parity0 = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
     inputs = fit_inputs(twin, raw)
     if twin.token_inputs or len(twin.inputs) > 1:
-        cfg = _output_criterion_only(cfg, loaded.label, augment_given=augment is not None)
+        cfg = _output_criterion_only(cfg, loaded.label, augment_given=augment is not None,
+                                     check_given=config.get("check_pairs") is not None)
     clock.phase("twin_and_parity", t0)
     keys = _sharded_keys(twin, raw, model, engine, ray_address)
     for name in cfg.layers or ():
@@ -441,17 +442,18 @@ def _check_edit_outputs(out, report, plot, protected, *, in_place: bool, data) -
                                   hint="give each output its own name")
 
 
-def _output_criterion_only(cfg, label: str, *, augment_given: bool):
+def _output_criterion_only(cfg, label: str, *, augment_given: bool, check_given: bool = False):
     """A model with integer or several inputs: the output criterion, and no synthetic
-    pairs unless asked for (transplanting x~ - x onto stats inputs means nothing for
-    token ids)."""
+    pairs (nor check pairs) unless asked for (transplanting x~ - x onto stats inputs means
+    nothing for token ids)."""
     import dataclasses
 
     if cfg.criterion == "attribution":
         raise InputError(f"{label}: {option('criterion', 'attribution')} needs one float input "
                          "(input-level attribution); this model has integer or several inputs",
                          hint=f"use {option('criterion', 'output')}")
-    return dataclasses.replace(cfg, criterion="output", augment=cfg.augment if augment_given else 0)
+    return dataclasses.replace(cfg, criterion="output", augment=cfg.augment if augment_given else 0,
+                               check_pairs=cfg.check_pairs if check_given else 0)
 
 
 @dataclass(frozen=True)
