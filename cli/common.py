@@ -7,7 +7,7 @@ import math
 
 import click
 
-from onnx_dynedit import progress
+from onnx_dynedit import memory, progress
 from onnx_dynedit import threads as _threads
 from onnx_dynedit.report import to_json
 
@@ -160,6 +160,7 @@ def run_options(*, threads: bool = True):
             ctx = click.get_current_context(silent=True)
             group_quiet = bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("quiet"))
             _threads.configure(threads)
+            memory.return_freed_memory()
             with progress.enabled(progress.wanted() and not (quiet or group_quiet)):
                 return f(*args, **kwargs)
 
