@@ -141,14 +141,17 @@ def finetune_seconds(twin, corrupt, clean, steps: int = FT_STEPS) -> float:
 
 
 def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_method: str,
-            fit_steps: int | None = None, ft_steps: int = FT_STEPS) -> dict:
-    """The measured run (child process): every phase of `dynedit edit`, timed."""
+            fit_steps: int | None = None, ft_steps: int = FT_STEPS, check_candidates: int | None = None) -> dict:
+    """The measured run (child process): every phase of `dynedit edit`, timed, with
+    freed memory returned to the system as the CLI does (onnx_dynedit.memory)."""
+    from onnx_dynedit.memory import return_freed_memory
     from onnx_dynedit.io import load_model, save_model
     from onnx_dynedit.rectify import RectifyConfig, rectify
     from onnx_dynedit.parity import check_parity
     from onnx_dynedit.twin import Twin
     from onnx_dynedit.writeback import write_back
 
+    return_freed_memory()
     rng = np.random.default_rng(0)
     shape = (3, side, side)
     stats = rng.standard_normal((n_stats, *shape)).astype(np.float32)
@@ -171,6 +174,8 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_metho
     parity = phase("parity before (ORT vs twin)", lambda: check_parity(twin))
     fb = forward_backward(twin, clean)
     cfg = RectifyConfig(target_gap=0.0, max_edits=1, fit_method=fit_method)
+    if check_candidates is not None:
+        cfg = cfg.replace(check_candidates=check_candidates)
     if fit_steps is not None:
         cfg = cfg.replace(fit_steps=fit_steps)
     if augment is not None:
@@ -194,14 +199,16 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_metho
             "parity_before": parity.max_rel_diff, "parity_after": after.max_rel_diff,
             "synthetic": result.n_pairs - result.n_real_pairs, "stopped": result.stopped_because,
             "fit_method": fit_method if fit_steps is None else f"{fit_method}, at most {fit_steps} steps",
-            "fit_loss": [s.fit_loss for s in result.steps], "ft_steps": ft_steps}
+            "fit_loss": [s.fit_loss for s in result.steps], "ft_steps": ft_steps,
+            "fitted": len(result.steps), "check_candidates": cfg.check_candidates}
 
 
 def table(name: str, n_params: int, side: int, n_stats: int, r: dict) -> str:
     fb = r["fb"]
     total = sum(v for k, v, _ in r["phases"] if not k.startswith("  "))
     lines = [f"### {name}: {n_params / 1e6:.1f} M parameters, 3x{side}x{side}, {n_stats} stats inputs, "
-             f"device {r['device']}, {r['threads']} threads, fit of u: {r['fit_method']}",
+             f"device {r['device']}, {r['threads']} threads, fit of u: {r['fit_method']}, "
+             f"{r['fitted']} candidate layers fitted (check_candidates {r['check_candidates']})",
              "", f"one forward+backward of the twin (1 input): {fb * 1000:.1f} ms; edits {r['edits']}; "
              f"{r['synthetic']} synthetic pairs; fit loss {r['fit_loss']}; parity before {r['parity_before']:.2g}, after {r['parity_after']:.2g}",
              "", "| phase | seconds | x forward+backward | peak RSS MB |", "|---|---|---|---|"]
@@ -227,12 +234,14 @@ def main() -> None:
     ap.add_argument("--fit-steps", type=int, default=None,
                     help="cap Adam's steps (default: the library's, 200 with early stop); for a timed look at "
                          "models where a full fit takes hours on a CPU")
+    ap.add_argument("--check-candidates", type=int, default=None,
+                    help="layers fitted per round (default: the library's, every editable layer)")
     ap.add_argument("--child", nargs=3, metavar=("PATH", "SIDE", "STATS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         path, side, n_stats = args.child
         print(json.dumps(run_one(Path(path), int(side), int(n_stats), args.device, args.augment, args.fit_method,
-                                 args.fit_steps, args.finetune_steps)))
+                                 args.fit_steps, args.finetune_steps, args.check_candidates)))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,8 +258,15 @@ def main() -> None:
                 if args.fit_steps is not None:
                     cmd += ["--fit-steps", str(args.fit_steps)]
                 cmd += ["--finetune-steps", str(args.finetune_steps)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                print(table(name, n_params, side, n_stats, json.loads(out.strip().splitlines()[-1])), flush=True)
+                if args.check_candidates is not None:
+                    cmd += ["--check-candidates", str(args.check_candidates)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode:
+                    print(f"### {name} ({method}): the measured run failed (exit {proc.returncode})\n\n"
+                          f"```\n{proc.stderr[-3000:]}\n```\n", flush=True)
+                    continue
+                print(table(name, n_params, side, n_stats, json.loads(proc.stdout.strip().splitlines()[-1])),
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ Criteria (``Criterion``; each has gap / fit / improves / pick):
     locality term nor the synthetic pairs use) every candidate is fitted and the passing
     one that fixes most check pairs (then the smallest gap on them) is kept: a repair must
     hold on inputs the fit never saw. Every editable layer is then a candidate, best
-    localised first (``check_candidates`` bounds it); a trial that reaches the target and
+    localised first (``check_candidates`` bounds it; on a model with more than
+    ``screen_above`` candidates each is first fitted briefly and only the ``screen_keep``
+    best on the check pairs are fitted fully); a trial that reaches the target and
     fixes every check pair ends the round early. No check pairs (no stats, ``check_pairs=0``,
     or one widely changed pair whose transplant is the additive guess): the first of the
     ``candidates_per_step`` best localised layers that passes.
@@ -111,6 +113,10 @@ class RectifyConfig:
                                       # and the one that does best on them is kept (0: the first that improves)
     check_candidates: int = 0         # layers fitted per round when check pairs decide, best localised first
                                       # (0: every editable layer; the localisation's top 3 miss the best on badnets)
+    screen_steps: int = 25            # a round with more than screen_above candidates (check pairs deciding, Adam
+    screen_above: int = 10            # fit) first fits each with screen_steps Adam steps; only the screen_keep best
+    screen_keep: int = 3              # on the check pairs get the full fit. Models with at most screen_above
+                                      # editable layers (every sample model: 6-10) fit each fully; 0 steps: never
     layers: tuple[str, ...] | None = None  # static mode: edit these, skip localisation
     augment: int = 16                 # synthetic pairs: the corruption transplanted onto stats inputs (0 = off)
     transplant: str = "auto"          # how: "add", "affine", "gain" or "auto" (transplant_pairs)
@@ -560,6 +566,9 @@ class Criterion:
         """With ``try_all``: this passing trial ends the round (the others are not fitted)."""
         return False
 
+    def screens(self, n_options: int) -> bool:
+        return False
+
     def reached(self, s: Score) -> bool:
         return s.fixed == self.n and s.gap <= self.target
 
@@ -578,7 +587,9 @@ class Criterion:
     def per_pair_gap(self, p: torch.Tensor, edits) -> torch.Tensor:
         raise NotImplementedError
 
-    def fit(self, layer: Layer, direction: Direction, chol: torch.Tensor, prev: list[TorchEdit]) -> Fitted:
+    def fit(self, layer: Layer, direction: Direction, chol: torch.Tensor, prev: list[TorchEdit],
+            steps: int | None = None) -> Fitted:
+        """``steps``: Adam steps of the output fit when not ``fit_steps`` (a screening fit)."""
         raise NotImplementedError
 
     def improves(self, before: Score, after: Score) -> str | None:
@@ -609,16 +620,24 @@ class OutputGap(Criterion):
     def per_pair_gap(self, p, edits):
         return 0.5 * (p - self.target_p).abs().sum(1)
 
-    def fit(self, layer, direction, chol, prev):
+    def fit(self, layer, direction, chol, prev, steps=None):
         d = direction.d.float()
         if self.cfg.objective == "local":
             return Fitted(direction.u_local.float(), d, None)
         if self.cfg.objective != "output":
             raise ValueError(f"unknown objective {self.cfg.objective!r}")
-        u, loss = self._fit_output(layer, d, direction.u_local, prev)
+        u, loss = self._fit_output(layer, d, direction.u_local, prev, steps or self.cfg.fit_steps)
         return Fitted(u, d, loss)
 
-    def _fit_output(self, layer, d, u0, prev) -> tuple[torch.Tensor, float]:
+    def screens(self, n_options: int) -> bool:
+        """Short Adam fits first pick which candidates get the full fit (``screen_steps``):
+        with check pairs deciding among more than ``screen_above`` (and ``screen_keep``)
+        candidates."""
+        cfg = self.cfg
+        return (self.try_all and cfg.objective == "output" and cfg.fit_method == "adam" and cfg.screen_steps > 0
+                and cfg.screen_steps < cfg.fit_steps and n_options > max(cfg.screen_keep, cfg.screen_above))
+
+    def _fit_output(self, layer, d, u0, prev, steps: int) -> tuple[torch.Tensor, float]:
         """u (d fixed) so the network output on x~ matches the shipped output on x while
         outputs on unlabeled clean inputs stay put."""
         xs = cat_inputs(self.corrupt_t, self.loc_x)  # tensors, or tuples of them for several inputs
@@ -645,7 +664,7 @@ class OutputGap(Criterion):
         if method == "lbfgs":
             (best_v,), loss = fitting.lbfgs([v], loss_fn, self.cfg.lbfgs_evals)
         elif method == "adam":
-            (best_v,), loss = fitting.adam([v], loss_fn, self.cfg.fit_steps, self.cfg.fit_lr)
+            (best_v,), loss = fitting.adam([v], loss_fn, steps, self.cfg.fit_lr)
         else:
             raise ValueError(f"unknown fit method {method!r}")
         return (best_v * scale).float(), loss
@@ -743,7 +762,7 @@ class AttributionShare(Criterion):
                                steps=self.cfg.ig_steps)
         return torch.as_tensor(np.clip(shares - self.floor, 0.0, None))
 
-    def fit(self, layer, direction, chol, prev):
+    def fit(self, layer, direction, chol, prev, steps=None):
         """u and the whitened key a (d = R^-T a = C^-1 R a, starting at the paper's
         direction) so that the input attribution of x~ on the region falls while the outputs
         on x~ and on the stats inputs keep their shipped values. Full forward passes: the
@@ -838,12 +857,13 @@ def _step(number: int, layer: Layer, score, before: Score, after: Score, degrada
 
 
 def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[TorchEdit], state: Score,
-          number: int, timings: Timings) -> Trial:
-    """Fit an edit of one layer on top of ``prev`` and judge it (nothing is applied)."""
+          number: int, timings: Timings, steps: int | None = None) -> Trial:
+    """Fit an edit of one layer on top of ``prev`` and judge it (nothing is applied);
+    ``steps``: a screening fit's Adam steps."""
     layer, device = option.layer, crit.twin.device
-    progress.step(f"fit {layer.node}")
+    progress.step(f"fit {layer.node}" + (f" ({steps} steps, screening)" if steps else ""))
     with timings("fit"):
-        fitted = crit.fit(layer, option.direction, option.chol, prev)
+        fitted = crit.fit(layer, option.direction, option.chol, prev, steps)
     edit = RankOneEdit(layer=layer, u=fitted.u.detach().double().cpu().numpy(),
                        d=fitted.d.detach().double().cpu().numpy())
     if not edit.finite:
@@ -860,6 +880,33 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
     else:
         reason = "accepted" if why is None else f"rolled back: {why}"
     return Trial(_step(number, layer, option.score, state, after, degr, reason, edit, fitted.loss), edit, after)
+
+
+def _screen(crit: Criterion, degradation: Degradation, options: list[Option], prev, state: Score, first: int,
+            timings: Timings) -> tuple[list[EditStep], list[Option], Trial | None]:
+    """Every option fitted with ``screen_steps`` Adam steps and judged; returns (the steps
+    of those screened out, the ``screen_keep`` best options in their order, a screening
+    trial good enough to end the round or None). Best:
+    passing, then most check pairs fixed, then the smallest gap on them (what
+    ``OutputGap.pick`` prefers)."""
+    cfg = crit.cfg
+    short, number = [], first
+    for opt in options:
+        number += 1
+        t = trial(crit, degradation, opt, prev, state, number, timings, steps=cfg.screen_steps)
+        if t.step.accepted and crit.good_enough(t):
+            out = [replace(u.step, accepted=False, reason=f"not kept: {t.step.node} did better")
+                   if u.step.accepted else u.step for _, u in short]
+            return out, [], t
+        short.append((opt, t))
+    ranked = sorted(short, key=lambda ot: (not ot[1].step.accepted, -ot[1].after.check_fixed, ot[1].after.check_gap,
+                                          -ot[1].after.fixed, ot[1].after.gap))
+    keep = {opt.layer.node for opt, _ in ranked[: cfg.screen_keep]}
+    out = [replace(t.step, accepted=False, reason=f"screened out after {cfg.screen_steps} Adam steps "
+                   f"({t.after.check_fixed} check pairs fixed"
+                   + ("" if t.step.accepted else f"; {t.step.reason}") + ")")
+           for opt, t in short if opt.layer.node not in keep]
+    return out, [opt for opt in options if opt.layer.node in keep], None
 
 
 # ------------------------------------------------------------------------------- loop
@@ -921,21 +968,29 @@ def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: Rect
 
 def _choose(crit: Criterion, degradation: Degradation, options: list[Option], prev, state: Score, first: int,
             timings: Timings) -> tuple[list[EditStep], Trial | None]:
-    """Try the options in order; the criterion picks among those that pass."""
-    trials, number = [], first
+    """Try the options in order (after a screen, when the criterion screens); the
+    criterion picks among those that pass."""
+    for opt in options:
+        if opt.direction.u_local is None:
+            log.info("layer %s skipped: the edit direction misses every corrupted key", opt.layer.node)
+    options = [opt for opt in options if opt.direction.u_local is not None]
+    screened, trials, number = [], [], first
+    if crit.screens(len(options)):
+        screened, options, done = _screen(crit, degradation, options, prev, state, first, timings)
+        if done is not None:
+            trials.append(done)
+            options = []
     for opt in options:
         number += 1
-        if opt.direction.u_local is None:
-            log.info("step %d: layer %s skipped: the edit direction misses every corrupted key", number,
-                     opt.layer.node)
-            continue
         t = trial(crit, degradation, opt, prev, state, number, timings)
         trials.append(t)
         if t.step.accepted and (not crit.try_all or crit.good_enough(t)):
             break
     chosen = crit.pick([t for t in trials if t.step.accepted])
-    steps = [t.step if t is chosen or not t.step.accepted
-             else replace(t.step, accepted=False, reason=f"not kept: {chosen.step.node} did better") for t in trials]
+    steps = screened + [t.step if t is chosen or not t.step.accepted
+                        else replace(t.step, accepted=False, reason=f"not kept: {chosen.step.node} did better")
+                        for t in trials]
+    steps = [replace(s, step=first + i + 1) for i, s in enumerate(steps)]  # the screen's fits of the kept: unlisted
     for s in steps:
         log.info("step %d: %s gap %.4f -> %.4f, fixed %d -> %d, check pairs fixed %s, degradation %.4f: %s",
                  s.step, s.node, s.gap_before, s.gap_after, s.fixed_before, s.fixed_after, s.check_fixed_after,

@@ -111,3 +111,27 @@ def test_each_round_keeps_the_trial_best_on_the_check_pairs(badnets):
     for s in kept:  # the trials of a round start from the same state
         rivals = [t for t in res.steps if t.gap_before == s.gap_before and t.reason.startswith("not kept")]
         assert all(t.check_fixed_after <= s.check_fixed_after for t in rivals)
+
+
+def test_screen_fits_only_the_best_few_fully(badnets):
+    """A round with more candidates than ``screen_above`` fits each briefly and only the
+    ``screen_keep`` best on the check pairs fully; on badnets it keeps the same layer as
+    fitting all six fully (/15/Gemm; README, decision table)."""
+    twin, corrupt, clean, stats = badnets
+    full = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig())  # 6 layers <= screen_above: no screen
+    assert not any(s.reason.startswith("screened out") for s in full.steps)
+    res = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(screen_above=0, screen_keep=2))
+    assert res.success
+    assert [e.layer.node for e in res.edits] == [e.layer.node for e in full.edits]
+    first_round = [s for s in res.steps if s.gap_before == res.gap_before]
+    out = [s for s in first_round if s.reason.startswith("screened out after 25 Adam steps")]
+    assert len(out) == len(first_round) - 2 == 4  # 6 candidates, 2 fitted fully
+    assert not any(s.accepted for s in out)
+    assert [s.step for s in res.steps] == list(range(1, len(res.steps) + 1))  # numbered in order, none twice
+
+
+def test_screen_options_are_validated():
+    with pytest.raises(InputError, match="screen_keep"):
+        RectifyConfig(screen_keep=0)
+    with pytest.raises(InputError, match="screen_steps"):
+        RectifyConfig(screen_steps=-1)
