@@ -4,10 +4,10 @@ glibc raises its mmap threshold each time a large block is freed, up to 32 MB: l
 blocks of up to that size then come from the heap, where freed space stays with the
 process, and every thread that allocates has a heap of its own. An edit frees and
 allocates blocks of 1-32 MB all the time (activations, unfolded keys, blocks of them), so
-its resident size grows far past what it holds: VGG-16 at 3x240x240 reached 11.7 GB of
-RSS with 2 threads for about 4 GB of live tensors (``python benchmarks/bench_speed.py
---models vgg16``; README). A fixed threshold (MMAP_THRESHOLD, 16 MB) keeps every larger block in a
-mapping of its own, unmapped when it is freed.
+its resident size can grow far past what it holds (an earlier reading, not re-measured:
+VGG-16 at 3x240x240 at 11.7 GB of RSS with 2 threads; with this setting the same
+benchmark peaked at 6.5 GB, README speed section). A fixed threshold (MMAP_THRESHOLD,
+16 MB) keeps every larger block in a mapping of its own, unmapped when it is freed.
 
 The CLI calls ``return_freed_memory`` once at start (it owns its process); a library
 caller decides for their own process. Elsewhere than glibc it does nothing.
