@@ -208,7 +208,7 @@ def table(name: str, n_params: int, side: int, n_stats: int, r: dict) -> str:
     total = sum(v for k, v, _ in r["phases"] if not k.startswith("  "))
     lines = [f"### {name}: {n_params / 1e6:.1f} M parameters, 3x{side}x{side}, {n_stats} stats inputs, "
              f"device {r['device']}, {r['threads']} threads, fit of u: {r['fit_method']}, "
-             f"{r['fitted']} candidate layers fitted (check_candidates {r['check_candidates']})",
+             f"{r['fitted']} trials reported (screened-out ones included; check_candidates {r['check_candidates']})",
              "", f"one forward+backward of the twin (1 input): {fb * 1000:.1f} ms; edits {r['edits']}; "
              f"{r['synthetic']} synthetic pairs; fit loss {r['fit_loss']}; parity before {r['parity_before']:.2g}, after {r['parity_after']:.2g}",
              "", "| phase | seconds | x forward+backward | peak RSS MB |", "|---|---|---|---|"]

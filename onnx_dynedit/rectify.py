@@ -846,9 +846,10 @@ class Timings(dict):
             self[phase] = self.get(phase, 0.0) + time.perf_counter() - t0
 
 
-def _step(number: int, layer: Layer, score, before: Score, after: Score, degradation: float, reason: str,
+def _step(layer: Layer, score, before: Score, after: Score, degradation: float, reason: str,
           edit: RankOneEdit, loss) -> EditStep:
-    return EditStep(step=number, node=layer.node, initializer=layer.initializer, score=score,
+    # step 0: numbered by _choose, in the order the round reports
+    return EditStep(step=0, node=layer.node, initializer=layer.initializer, score=score,
                     gap_before=before.gap, gap_after=after.gap, fixed_before=before.fixed, fixed_after=after.fixed,
                     degradation=degradation, accepted=reason == "accepted", reason=reason,
                     u_norm=float(np.linalg.norm(edit.u)), d_norm=float(np.linalg.norm(edit.d)), fit_loss=loss,
@@ -857,7 +858,7 @@ def _step(number: int, layer: Layer, score, before: Score, after: Score, degrada
 
 
 def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[TorchEdit], state: Score,
-          number: int, timings: Timings, steps: int | None = None) -> Trial:
+          timings: Timings, steps: int | None = None) -> Trial:
     """Fit an edit of one layer on top of ``prev`` and judge it (nothing is applied);
     ``steps``: a screening fit's Adam steps."""
     layer, device = option.layer, crit.twin.device
@@ -867,7 +868,7 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
     edit = RankOneEdit(layer=layer, u=fitted.u.detach().double().cpu().numpy(),
                        d=fitted.d.detach().double().cpu().numpy())
     if not edit.finite:
-        return Trial(_step(number, layer, option.score, state, state, float("nan"), "non-finite factors", edit,
+        return Trial(_step(layer, option.score, state, state, float("nan"), "non-finite factors", edit,
                            fitted.loss), edit, state)
     progress.step(f"check {layer.node}")
     with timings("check"):
@@ -879,21 +880,20 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
         reason = f"rolled back: degradation {degr:.4f} > budget {budget:.4f}"
     else:
         reason = "accepted" if why is None else f"rolled back: {why}"
-    return Trial(_step(number, layer, option.score, state, after, degr, reason, edit, fitted.loss), edit, after)
+    return Trial(_step(layer, option.score, state, after, degr, reason, edit, fitted.loss), edit, after)
 
 
-def _screen(crit: Criterion, degradation: Degradation, options: list[Option], prev, state: Score, first: int,
+def _screen(crit: Criterion, degradation: Degradation, options: list[Option], prev, state: Score,
             timings: Timings) -> tuple[list[EditStep], list[Option], Trial | None]:
     """Every option fitted with ``screen_steps`` Adam steps and judged; returns (the steps
     of those screened out, the ``screen_keep`` best options in their order, a screening
-    trial good enough to end the round or None). Best:
-    passing, then most check pairs fixed, then the smallest gap on them (what
-    ``OutputGap.pick`` prefers)."""
+    trial good enough to end the round or None). Best: passing, then most check pairs
+    fixed, then the smallest gap on them (what ``OutputGap.pick`` prefers). Step numbers
+    are given by ``_choose``."""
     cfg = crit.cfg
-    short, number = [], first
+    short = []
     for opt in options:
-        number += 1
-        t = trial(crit, degradation, opt, prev, state, number, timings, steps=cfg.screen_steps)
+        t = trial(crit, degradation, opt, prev, state, timings, steps=cfg.screen_steps)
         if t.step.accepted and crit.good_enough(t):
             out = [replace(u.step, accepted=False, reason=f"not kept: {t.step.node} did better")
                    if u.step.accepted else u.step for _, u in short]
@@ -974,15 +974,14 @@ def _choose(crit: Criterion, degradation: Degradation, options: list[Option], pr
         if opt.direction.u_local is None:
             log.info("layer %s skipped: the edit direction misses every corrupted key", opt.layer.node)
     options = [opt for opt in options if opt.direction.u_local is not None]
-    screened, trials, number = [], [], first
+    screened, trials = [], []
     if crit.screens(len(options)):
-        screened, options, done = _screen(crit, degradation, options, prev, state, first, timings)
+        screened, options, done = _screen(crit, degradation, options, prev, state, timings)
         if done is not None:
             trials.append(done)
             options = []
     for opt in options:
-        number += 1
-        t = trial(crit, degradation, opt, prev, state, number, timings)
+        t = trial(crit, degradation, opt, prev, state, timings)
         trials.append(t)
         if t.step.accepted and (not crit.try_all or crit.good_enough(t)):
             break
@@ -990,7 +989,7 @@ def _choose(crit: Criterion, degradation: Degradation, options: list[Option], pr
     steps = screened + [t.step if t is chosen or not t.step.accepted
                         else replace(t.step, accepted=False, reason=f"not kept: {chosen.step.node} did better")
                         for t in trials]
-    steps = [replace(s, step=first + i + 1) for i, s in enumerate(steps)]  # the screen's fits of the kept: unlisted
+    steps = [replace(s, step=first + i + 1) for i, s in enumerate(steps)]  # numbered here, in the order reported
     for s in steps:
         log.info("step %d: %s gap %.4f -> %.4f, fixed %d -> %d, check pairs fixed %s, degradation %.4f: %s",
                  s.step, s.node, s.gap_before, s.gap_after, s.fixed_before, s.fixed_after, s.check_fixed_after,

@@ -102,9 +102,14 @@ def test_check_pairs_are_never_fitted(badnets):
     assert off.check_corrupt is None
 
 
-def test_each_round_keeps_the_trial_best_on_the_check_pairs(badnets):
+@pytest.fixture(scope="module")
+def default_repair(badnets):
     twin, corrupt, clean, stats = badnets
-    res = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig())
+    return rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig())
+
+
+def test_each_round_keeps_the_trial_best_on_the_check_pairs(default_repair):
+    res = default_repair
     assert res.success and res.edits
     kept = [s for s in res.steps if s.accepted]
     assert all(s.check_fixed_after is not None for s in res.steps)
@@ -113,12 +118,12 @@ def test_each_round_keeps_the_trial_best_on_the_check_pairs(badnets):
         assert all(t.check_fixed_after <= s.check_fixed_after for t in rivals)
 
 
-def test_screen_fits_only_the_best_few_fully(badnets):
+def test_screen_fits_only_the_best_few_fully(badnets, default_repair):
     """A round with more candidates than ``screen_above`` fits each briefly and only the
     ``screen_keep`` best on the check pairs fully; on badnets it keeps the same layer as
     fitting all six fully (/15/Gemm; README, decision table)."""
     twin, corrupt, clean, stats = badnets
-    full = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig())  # 6 layers <= screen_above: no screen
+    full = default_repair  # 6 layers <= screen_above: no screen
     assert not any(s.reason.startswith("screened out") for s in full.steps)
     res = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(screen_above=0, screen_keep=2))
     assert res.success
