@@ -35,10 +35,12 @@ Pure functions over torch tensors; no state, no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
+from . import memory
 from .errors import EditError
 from .layers import Layer
 from .keys import layer_keys, layer_values
@@ -51,6 +53,7 @@ ACTIVATION_BUDGET = 256 * 2**20  # bytes of captured activations per chunked pas
 MAX_KEY_FEATURES = 8192    # C is in_features^2 float64 (8192: 512 MB); wider layers (VGG's 25088-wide fc) are not edited
 RIDGE_FLOOR = 1e-12        # the ridge's scale when every key is zero (C = 0 stays factorable)
 CANCEL_SHARE = 1e-6        # a mean projection below this share of the mean |projection|: the changes cancel
+FACTOR_F32_FEATURES = 2048  # wider factors are stored in float32 (VGG-16's 4608-wide convs: 85 MB each, not 170)
 PAIR_KEYS_BUDGET = 64 * 2**20  # bytes of float64 pair keys kept whole (small layers: unfolded once)
 KEY_BLOCK = 32 * 2**20       # bytes of float64 keys per block when they are read pair by pair
 ROWS_BUDGET = 64 * 2**20     # bytes of affected key rows kept as rows; beyond, their Gram matrix
@@ -89,19 +92,32 @@ class RankOneEdit:
 
 @dataclass(frozen=True)
 class KeyStats:
+    """One layer's factored key statistics. ``chol`` is the lower Cholesky factor R of
+    C + lam I, computed in float64 and stored in float64, or in float32 when the layer
+    has more than FACTOR_F32_FEATURES key features (every use solves in float64 with the
+    factor made float64 for that call: the stored rounding, 6e-8 relative per entry, is
+    amplified at most by cond(R) = sqrt(cond(C + lam I)) <= sqrt(100 x features), about
+    7e2 at 4608 features, so solves stay within 5e-5 relative; the twelve such factors of
+    a VGG-16 keep 0.6 GB instead of 1.3)."""
+
     layer: Layer
-    chol: torch.Tensor      # lower Cholesky factor R of C + lam I (float64)
+    chol: torch.Tensor
     n_keys: int
     lam: float
     source: str
 
+    @property
+    def factor(self) -> torch.Tensor:
+        """R in float64 (a copy when it is stored in float32)."""
+        return self.chol.double()
+
     def whiten(self, rows: torch.Tensor) -> torch.Tensor:
         """z = R^-1 r for rows [m, in] -> [m, in]."""
-        return torch.linalg.solve_triangular(self.chol, rows.T.double(), upper=False).T
+        return torch.linalg.solve_triangular(self.factor, rows.T.double(), upper=False).T
 
     def unwhiten_solve(self, a: torch.Tensor) -> torch.Tensor:
         """d = R^-T a (so that d . k = a . R^-1 k)."""
-        return torch.linalg.solve_triangular(self.chol.T, a.double().unsqueeze(1), upper=True).squeeze(1)
+        return torch.linalg.solve_triangular(self.factor.T, a.double().unsqueeze(1), upper=True).squeeze(1)
 
 
 def too_wide(layer: Layer) -> str | None:
@@ -199,6 +215,7 @@ def stats_from_moments(layers: list[Layer], parts, *, lam: float = DEFAULT_LAMBD
             total = total.copy()
         out[layer.node] = _factor(layer, torch.as_tensor(total, dtype=torch.float64, device=device), n, lam, source)
         del total
+    memory.trim()
     return out
 
 
@@ -210,6 +227,8 @@ def _factor(layer: Layer, acc: torch.Tensor, count: int, lam: float, source: str
     if int(info) != 0:
         raise EditError(f"key statistics of layer {layer.node!r} are not positive definite",
                         hint="give more stats inputs or a larger ridge")
+    if layer.in_features > FACTOR_F32_FEATURES:
+        chol = chol.float()
     return KeyStats(layer=layer, chol=chol, n_keys=count, lam=ridge, source=source)
 
 
@@ -218,28 +237,47 @@ class PairKeys:
     """One layer's inputs and outputs on the corrupted and clean inputs [n, ...], as
     captured (float32). The keys are unfolded from them pair by pair (``pair``, ``blocks``)
     and kept whole only when they are small (PAIR_KEYS_BUDGET): a 576-wide conv at 240x240
-    would hold 9 GB of float64 keys for 17 pairs."""
+    would hold 9 GB of float64 keys for 17 pairs. A layer whose captures of every pair
+    exceed ACTIVATION_BUDGET holds none (``recaptured``): each read runs the pair through
+    the network up to the layer again (VGG-16's second conv at 240x240: 1 GB of captures
+    for 17 pairs; a pair costs a forward pass through two convs)."""
 
     layer: Layer
-    x_corrupt: torch.Tensor
-    x_clean: torch.Tensor
-    v_corrupt: torch.Tensor
-    v_clean: torch.Tensor
+    x_corrupt: torch.Tensor | None
+    x_clean: torch.Tensor | None
+    v_corrupt: torch.Tensor | None
+    v_clean: torch.Tensor | None
     _whole: dict = field(default_factory=dict, compare=False, repr=False)
+    recapture: Callable[[int], tuple] | None = field(default=None, compare=False, repr=False)
+    n_pairs: int = 0
+
+    @classmethod
+    def recaptured(cls, layer: Layer, n: int, recapture: Callable[[int], tuple]) -> "PairKeys":
+        """Keys read by ``recapture(i)`` -> (x~, x, v~, v) of pair i, [1, ...] each."""
+        return cls(layer, None, None, None, None, recapture=recapture, n_pairs=n)
 
     @property
     def n(self) -> int:
-        return int(self.x_corrupt.shape[0])
+        return self.n_pairs if self.recapture is not None else int(self.x_corrupt.shape[0])
+
+    def _captured(self, i: int) -> tuple:
+        """(x~, x, v~, v) of pair ``i`` [1, ...]; recaptured at most once per pair in a row."""
+        if self.recapture is None:
+            return self.x_corrupt[i:i + 1], self.x_clean[i:i + 1], self.v_corrupt[i:i + 1], self.v_clean[i:i + 1]
+        last = self._whole.get("pair")
+        if last is None or last[0] != i:
+            self._whole["pair"] = last = (i, self.recapture(i))
+        return last[1]
 
     def _unfold(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (layer_keys(self.layer, self.x_corrupt[i:i + 1])[0],
-                layer_keys(self.layer, self.x_clean[i:i + 1])[0])
+        xc, xk = self._captured(i)[:2]
+        return layer_keys(self.layer, xc)[0], layer_keys(self.layer, xk)[0]
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Every pair's keys, float64 [n, P, in], when they fit PAIR_KEYS_BUDGET; else None."""
         if "keys" not in self._whole:
             kc, kk = self._unfold(0)
-            small = 2 * 8 * self.n * kc.numel() <= PAIR_KEYS_BUDGET
+            small = self.recapture is None and 2 * 8 * self.n * kc.numel() <= PAIR_KEYS_BUDGET
             self._whole["keys"] = (torch.stack([self._unfold(i)[0] for i in range(self.n)]).double(),
                                    torch.stack([self._unfold(i)[1] for i in range(self.n)]).double()) if small else None
         return self._whole["keys"]
@@ -252,9 +290,10 @@ class PairKeys:
         kc, kk = self._unfold(i)
         return kc.double(), kk.double()
 
-    def _values(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return (layer_values(self.layer, self.v_corrupt[rows]).double(),
-                layer_values(self.layer, self.v_clean[rows]).double())
+    def _values(self, i: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Corrupted and clean values of pair ``i`` (every pair when None), float64."""
+        vc, vk = (self.v_corrupt, self.v_clean) if i is None else self._captured(i)[2:]
+        return layer_values(self.layer, vc).double(), layer_values(self.layer, vk).double()
 
     def blocks(self, *, values: bool = False):
         """Yield (first pair, corrupted keys, clean keys[, corrupted values, clean values]),
@@ -262,11 +301,11 @@ class PairKeys:
         when the keys are small, else one pair and at most KEY_BLOCK bytes of keys."""
         whole = self._stacked()
         if whole is not None:
-            yield (0,) + whole + (self._values(slice(None)) if values else ())
+            yield (0,) + whole + (self._values() if values else ())
             return
         for i in range(self.n):
             kc, kk = self._unfold(i)  # float32, made float64 a block at a time
-            vals = self._values(slice(i, i + 1)) if values else ()
+            vals = self._values(i) if values else ()
             step = max(1, KEY_BLOCK // (8 * kc.shape[1]))
             for s in range(0, kc.shape[0], step):
                 yield (i, kc[None, s:s + step].double(), kk[None, s:s + step].double()) + tuple(
@@ -274,14 +313,13 @@ class PairKeys:
 
 
 def pair_keys(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.ndarray, *, edits=()) -> dict[str, PairKeys]:
-    out = {}
-    with torch.no_grad(), twin.applied(edits), twin.capture(layers, inputs=True, outputs=True) as store:
-        twin.forward(twin.to_tensor(corrupt))
-        twin.forward(twin.to_tensor(clean))
-    for layer in layers:
-        rec = store[layer.node]
-        out[layer.node] = PairKeys(layer, rec["in"][0], rec["in"][1], rec["out"][0], rec["out"][1])
-    return out
+    """Every layer's ``PairKeys`` on the pairs (edits applied), captured a few rows per
+    forward pass (``Twin.capture_rows``)."""
+    with twin.applied(edits):
+        c = twin.capture_rows(layers, corrupt)
+        k = twin.capture_rows(layers, clean)
+    return {layer.node: PairKeys(layer, c[layer.node][0], k[layer.node][0], c[layer.node][1], k[layer.node][1])
+            for layer in layers}
 
 
 def pair_key_groups(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean: np.ndarray, *, edits=(),
@@ -294,14 +332,29 @@ def pair_key_groups(twin: Twin, layers: list[Layer], corrupt: np.ndarray, clean:
     group, used = [], 0
     for layer in list(layers) + [None]:
         cost = 0 if layer is None else n * 4 * (sizes[layer.node][0] + sizes[layer.node][1])
+        if layer is not None and cost > ACTIVATION_BUDGET and len(corrupt) > 1:
+            yield layer, PairKeys.recaptured(layer, len(corrupt), _recapture(twin, layer, corrupt, clean, edits))
+            memory.trim()
+            continue
         if group and (layer is None or used + cost > ACTIVATION_BUDGET):
             keys = pair_keys(twin, group, corrupt, clean, edits=edits)
             for done in group:
                 yield done, keys.pop(done.node)
+                memory.trim()  # the layer's keys and their reads are freed by now
             group, used = [], 0
         if layer is not None:
             group.append(layer)
             used += cost
+
+
+def _recapture(twin: Twin, layer: Layer, corrupt: np.ndarray, clean: np.ndarray, edits):
+    def pair(i: int) -> tuple:
+        with twin.applied(edits):
+            xc, vc = twin.capture_upto(layer, corrupt[i:i + 1])
+            xk, vk = twin.capture_upto(layer, clean[i:i + 1])
+        return xc, xk, vc, vk
+
+    return pair
 
 
 @dataclass(frozen=True)
@@ -371,10 +424,12 @@ class _RowPool:
         self.gram += rows.T @ rows
 
     def top(self) -> torch.Tensor:
-        if self.gram is not None:
-            chol = self.stats.chol
+        if self.gram is not None:  # each n x n intermediate freed once used (4608 wide: 170 MB each)
+            chol = self.stats.factor
             half = torch.linalg.solve_triangular(chol, self.gram, upper=False)        # R^-1 G
+            self.gram = None
             whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)     # R^-1 G R^-T
+            del half, chol
             return torch.linalg.eigh(whitened)[1][:, -1]
         z = self.stats.whiten(torch.cat(self.rows))  # [m, in]
         if z.shape[0] < z.shape[1]:  # from the smaller Gram matrix

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fit as fitting
-from . import progress
+from . import memory, progress
 from .attribution import DEFAULT_STEPS, Localisation, input_attribution, locate, region_shares
 from .errors import EditError, InputError, LayerError, option
 from .layers import Layer
@@ -643,7 +643,8 @@ class OutputGap(Criterion):
         xs = cat_inputs(self.corrupt_t, self.loc_x)  # tensors, or tuples of them for several inputs
         n, m = batch_size_of(self.corrupt_t), batch_size_of(self.loc_x)
         with self.twin.applied(prev):
-            runner = DownstreamRunner(self.twin, layer, xs)  # upstream of the layer stays cached
+            # upstream of the layer stays cached; recorded a few rows per pass (Twin.run's budget)
+            runner = DownstreamRunner(self.twin, layer, xs, rows=self.twin.pass_rows(self.x1))
 
         def out(u, rows=None):
             with self.twin.applied(prev + [TorchEdit(layer, u, d)]):
@@ -865,6 +866,7 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
     progress.step(f"fit {layer.node}" + (f" ({steps} steps, screening)" if steps else ""))
     with timings("fit"):
         fitted = crit.fit(layer, option.direction, option.chol, prev, steps)
+    memory.trim()  # the fit's cached upstream values and activations are freed
     edit = RankOneEdit(layer=layer, u=fitted.u.detach().double().cpu().numpy(),
                        d=fitted.d.detach().double().cpu().numpy())
     if not edit.finite:

@@ -112,6 +112,33 @@ def test_downstream_runner_rows_are_the_slices_of_the_whole_batch():
         parts = torch.cat([runner(slice(0, 4)), runner(slice(4, 10))])
     assert runner.n_rows == 10
     torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        direct = twin.forward(x)
+    torch.testing.assert_close(whole, direct, rtol=1e-5, atol=1e-5)
+    # recorded 3 rows per pass (the last pass 1 row): the same cached frontier and outputs
+    chunked = DownstreamRunner(twin, layer, x, rows=3)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(), whole, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunked(slice(4, 10)), whole[4:10], rtol=1e-5, atol=1e-5)
+
+
+def test_capture_rows_in_passes_is_the_capture_in_one_pass(monkeypatch):
+    """Twin.capture_rows gathers the captures of several passes into the tensors one
+    pass gives (what pair_keys reads)."""
+    import onnx_dynedit.twin as twin_module
+
+    d = SAMPLES / "badnets"
+    twin = Twin(load_model(d / "model.onnx"), "cpu")
+    x = np.load(d / "stats.npz")["x"][:7]
+    layers = list(twin.layer_map.editable())[:3]
+    whole = twin.capture_rows(layers, x)
+    monkeypatch.setattr(twin_module, "RUN_BUDGET", twin._row_bytes * 2)  # two rows a pass
+    assert twin.pass_rows(x) == 2
+    parts = twin.capture_rows(layers, x)
+    for layer in layers:
+        for a, b in zip(parts[layer.node], whole[layer.node]):
+            assert a.shape == b.shape and a.shape[0] == 7
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # batch size moves float32 rounding
 
 
 def test_chunked_output_fit_is_the_unchunked_fit(monkeypatch):
@@ -141,7 +168,7 @@ def test_twin_run_batches_within_its_activation_budget(monkeypatch):
     twin = Twin(load_model(d / "model.onnx"), "cpu")
     x = np.load(d / "stats.npz")["x"][:20]
     whole = twin.run(x)
-    assert twin._run_batch(x) == twin_module.RUN_MAX_BATCH  # a 16x16 CNN: everything at once
+    assert twin.pass_rows(x) == twin_module.RUN_MAX_BATCH  # a 16x16 CNN: everything at once
     monkeypatch.setattr(twin_module, "RUN_BUDGET", twin._row_bytes * 3)  # three rows a pass
-    assert twin._run_batch(x) == 3
+    assert twin.pass_rows(x) == 3
     np.testing.assert_allclose(twin.run(x), whole, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,8 @@ The written ONNX model (write_back) is then run by plain onnxruntime.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -29,7 +31,7 @@ from onnx_dynedit.errors import EditError
 from onnx_dynedit.io import load_model
 from onnx_dynedit import rank_one
 from onnx_dynedit.rank_one import (DEFAULT_LAMBDA, RankOneEdit, closed_form_u, edit_direction, key_statistics,
-                                   pair_keys)
+                                   pair_key_groups, pair_keys)
 from onnx_dynedit.keys import layer_keys
 from onnx_dynedit.twin import Twin
 from onnx_dynedit.writeback import LayerUpdate, write_back
@@ -390,6 +392,48 @@ def test_pair_keys_read_block_by_block_give_the_same_edit(conv_case, monkeypatch
     np.testing.assert_allclose(streamed.u_local.numpy(), whole.u_local.numpy(), rtol=1e-9, atol=1e-12)
 
 
+def test_layers_over_the_capture_budget_are_recaptured_pair_by_pair(monkeypatch):
+    """A layer whose captures of every pair exceed ACTIVATION_BUDGET holds none: each
+    read runs the pair up to the layer again (the pass stopped there). Directions,
+    specificities and closed-form u are those of the captured keys, on every layer of
+    a sample model, with an earlier edit applied."""
+    d = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
+    twin = Twin(load_model(d / "model.onnx"), "cpu")
+    layers = list(twin.layer_map.editable())
+    pairs = np.load(d / "pairs.npz")
+    rng = np.random.default_rng(0)
+    corrupt = np.concatenate([pairs["corrupt"], pairs["corrupt"][:1] + 0.1 * rng.standard_normal(pairs["corrupt"][:1].shape)]).astype(np.float32)
+    clean = np.concatenate([pairs["clean"], pairs["clean"][:1]]).astype(np.float32)
+    stats = key_statistics(twin, layers, np.load(d / "stats.npz")["x"][:64])
+    first = layers[0]
+    keys0 = pair_keys(twin, [first], corrupt, clean)[first.node]
+    direction = edit_direction(stats[first.node], keys0)
+    prev = [RankOneEdit(first, direction.u_local.numpy(), direction.d.numpy()).to_torch(twin.device)]
+
+    def run():
+        return {layer.node: (keys, edit_direction(stats[layer.node], keys))
+                for layer, keys in pair_key_groups(twin, layers, corrupt, clean, edits=prev)}
+
+    held = run()
+    monkeypatch.setattr(rank_one, "ACTIVATION_BUDGET", 1)
+    again = run()
+    for layer in layers:
+        (k1, a), (k2, b) = held[layer.node], again[layer.node]
+        assert k1.recapture is None and k2.recapture is not None and k2.x_corrupt is None
+        # one pair per pass instead of all at once: float32 rounding of the captures moves
+        np.testing.assert_allclose(b.d.numpy(), a.d.numpy(), rtol=1e-4, atol=1e-6 * np.abs(a.d.numpy()).max())
+        assert b.specificity == pytest.approx(a.specificity, rel=1e-5)
+        np.testing.assert_allclose(b.u_local.numpy(), a.u_local.numpy(), rtol=1e-4, atol=1e-6 * np.abs(a.u_local.numpy()).max())
+    # the pass stops at the layer: nothing after it runs
+    calls = []
+    last = twin.module_of(layers[-1]).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        twin.capture_upto(layers[0], corrupt[:1])
+    finally:
+        last.remove()
+    assert calls == []
+
+
 # ---------------------------------------------------------------------------- errors
 
 
@@ -442,3 +486,26 @@ def test_hooks_removed_when_body_raises(tmp_path):
             raise RuntimeError("boom")
     assert len(module._forward_hooks) == 0
     np.testing.assert_allclose(twin.run(x), ort_run(path, x), atol=1e-5)
+
+
+def test_wide_factors_are_stored_in_float32_and_solved_in_float64(tmp_path, monkeypatch):
+    """Layers wider than FACTOR_F32_FEATURES keep R in float32 (half the memory); the
+    direction solved with it is the float64 one to float32 rounding, on a C with a
+    condition number of 1e4."""
+    import onnx_dynedit.rank_one as rank_one
+
+    path = dense_model(tmp_path, "Gemm", W_SQ, BIAS, trans_b=0, alpha=2.0)
+    twin = Twin(load_model(path), "cpu")
+    layer = only_layer(twin)
+    stats_x = (np.diag([100.0, 1.0, 0.5, 20.0]) @ np.random.default_rng(3).standard_normal((4, 64))).T.astype(np.float32)
+    corrupt = K_STAR[None].astype(np.float32)
+    keys = pair_keys(twin, [layer], corrupt, np.zeros_like(corrupt))[layer.node]
+    exact = key_statistics(twin, [layer], stats_x)[layer.node]
+    assert exact.chol.dtype == torch.float64
+    monkeypatch.setattr(rank_one, "FACTOR_F32_FEATURES", 3)  # this 4-wide layer counts as wide
+    stored = key_statistics(twin, [layer], stats_x)[layer.node]
+    assert stored.chol.dtype == torch.float32 and stored.factor.dtype == torch.float64
+    d_exact, d_stored = edit_direction(exact, keys).d.numpy(), edit_direction(stored, keys).d.numpy()
+    np.testing.assert_allclose(d_stored, d_exact, rtol=1e-5, atol=1e-6 * np.abs(d_exact).max())
+    np.testing.assert_allclose(stored.whiten(torch.eye(4)).numpy(), exact.whiten(torch.eye(4)).numpy(),
+                               rtol=1e-5, atol=1e-8)
