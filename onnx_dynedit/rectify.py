@@ -54,6 +54,7 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -63,6 +64,7 @@ from . import fit as fitting
 from . import memory, progress
 from .attribution import DEFAULT_STEPS, Localisation, input_attribution, locate, region_shares
 from .errors import EditError, InputError, LayerError, option
+from .factors import FactorStore
 from .layers import Layer
 from .options import check_config
 from .rank_one import (ACTIVATION_BUDGET, DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, activation_sizes,
@@ -587,9 +589,11 @@ class Criterion:
     def per_pair_gap(self, p: torch.Tensor, edits) -> torch.Tensor:
         raise NotImplementedError
 
-    def fit(self, layer: Layer, direction: Direction, chol: torch.Tensor, prev: list[TorchEdit],
+    def fit(self, layer: Layer, direction: Direction, factor: Callable[[], torch.Tensor], prev: list[TorchEdit],
             steps: int | None = None) -> Fitted:
-        """``steps``: Adam steps of the output fit when not ``fit_steps`` (a screening fit)."""
+        """``factor()``: the layer's Cholesky factor R of C (read on demand: it may be on
+        disk, factors.py); ``steps``: Adam steps of the output fit when not ``fit_steps``
+        (a screening fit)."""
         raise NotImplementedError
 
     def improves(self, before: Score, after: Score) -> str | None:
@@ -620,7 +624,7 @@ class OutputGap(Criterion):
     def per_pair_gap(self, p, edits):
         return 0.5 * (p - self.target_p).abs().sum(1)
 
-    def fit(self, layer, direction, chol, prev, steps=None):
+    def fit(self, layer, direction, factor, prev, steps=None):
         d = direction.d.float()
         if self.cfg.objective == "local":
             return Fitted(direction.u_local.float(), d, None)
@@ -763,13 +767,13 @@ class AttributionShare(Criterion):
                                steps=self.cfg.ig_steps)
         return torch.as_tensor(np.clip(shares - self.floor, 0.0, None))
 
-    def fit(self, layer, direction, chol, prev, steps=None):
+    def fit(self, layer, direction, factor, prev, steps=None):
         """u and the whitened key a (d = R^-T a = C^-1 R a, starting at the paper's
         direction) so that the input attribution of x~ on the region falls while the outputs
         on x~ and on the stats inputs keep their shipped values. Full forward passes: the
         attribution needs gradients down to the input."""
         cfg, twin = self.cfg, self.twin
-        r = chol.float()
+        r = factor().float()
         a0 = r.T @ direction.d.float()
         a_scale = float(a0.norm()) or 1.0
         a = (a0 / a_scale).clone().requires_grad_(cfg.fit_key)
@@ -827,7 +831,7 @@ class Option:
     layer: Layer
     score: float | None
     direction: Direction
-    chol: torch.Tensor
+    factor: Callable[[], torch.Tensor]  # R of the layer's key statistics, read on demand
 
 
 @dataclass(frozen=True)
@@ -865,7 +869,7 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
     layer, device = option.layer, crit.twin.device
     progress.step(f"fit {layer.node}" + (f" ({steps} steps, screening)" if steps else ""))
     with timings("fit"):
-        fitted = crit.fit(layer, option.direction, option.chol, prev, steps)
+        fitted = crit.fit(layer, option.direction, option.factor, prev, steps)
     memory.trim()  # the fit's cached upstream values and activations are freed
     edit = RankOneEdit(layer=layer, u=fitted.u.detach().double().cpu().numpy(),
                        d=fitted.d.detach().double().cpu().numpy())
@@ -917,13 +921,14 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
 class KeyCache:
     """Key statistics of the candidates on the current (edited) model. An edit of layer L
     changes the keys of layers after L only (graph order is topological), so after an
-    accepted edit only those are recomputed; the others are reused as they are."""
+    accepted edit only those are recomputed; the others are reused as they are. Large
+    sets of factors are kept on disk between uses (``factors.FactorStore``)."""
 
     def __init__(self, twin: Twin, plan: Plan, cfg: RectifyConfig):
         self.twin, self.plan, self.cfg = twin, plan, cfg
-        self.stats: dict = {}
+        self.stats = FactorStore()
 
-    def current(self, prev: list[TorchEdit]) -> dict:
+    def current(self, prev: list[TorchEdit]) -> FactorStore:
         missing = [layer for layer in self.plan.candidates if layer.node not in self.stats]
         if missing:
             self.stats.update(key_statistics(self.twin, missing, self.plan.key_x, edits=prev, lam=self.cfg.lam,
@@ -933,7 +938,10 @@ class KeyCache:
     def edited(self, layer: Layer) -> None:
         for other in self.plan.candidates:
             if other.node_index > layer.node_index:
-                self.stats.pop(other.node, None)
+                self.stats.discard(other.node)
+
+    def close(self) -> None:
+        self.stats.close()
 
 
 def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: RectifyConfig, timings: Timings,
@@ -953,7 +961,7 @@ def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: Rect
                 except EditError as err:
                     log.info("layer %s skipped: %s", layer.node, err.message)
                     continue
-                options.append(Option(layer, None, direction, stats[layer.node].chol))
+                options.append(Option(layer, None, direction, _factor_of(stats, layer)))
             return options
         # localisation attributes the given pairs only (the paper's method)
         progress.step(f"round {done + 1}: localisation")
@@ -965,7 +973,11 @@ def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: Rect
     n = cfg.candidates_per_step
     if plan.criterion == "output" and plan.check_corrupt is not None and len(plan.check_corrupt):
         n = cfg.check_candidates or None  # the check pairs judge every candidate: each one fitted
-    return [Option(a.layer, a.score, a.direction, stats[a.layer.node].chol) for a in loc.ranked[:n]]
+    return [Option(a.layer, a.score, a.direction, _factor_of(stats, a.layer)) for a in loc.ranked[:n]]
+
+
+def _factor_of(stats, layer: Layer) -> Callable[[], torch.Tensor]:
+    return lambda: stats[layer.node].chol
 
 
 def _choose(crit: Criterion, degradation: Degradation, options: list[Option], prev, state: Score, first: int,
@@ -1011,29 +1023,38 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     crit = make_criterion(twin, plan, cfg)
     degradation = Degradation(twin, plan.reference)
     timings = Timings(key_statistics=0.0, localisation=0.0, fit=0.0, check=0.0)
-    cache = KeyCache(twin, plan, cfg)
     accepted: list[RankOneEdit] = []
     steps: list[EditStep] = []
     localisations: list[Localisation] = []
     start = state = crit.score([])
+    cache = KeyCache(twin, plan, cfg)
+    try:
+        state, stopped = _loop(crit, degradation, twin, plan, cfg, cache, timings, accepted, steps, localisations, state)
+    finally:
+        cache.close()
+    if crit.reached(state):
+        stopped = "target reached"
+    return _result(plan, crit, degradation, cfg, accepted, steps, localisations, start, state, stopped, timings)
+
+
+def _loop(crit: Criterion, degradation: Degradation, twin: Twin, plan: Plan, cfg: RectifyConfig, cache: KeyCache,
+          timings: Timings, accepted: list, steps: list, localisations: list, state: Score) -> tuple[Score, str]:
+    """The dynamic loop: localise, fit, check, accept, until the criterion is reached
+    (``accepted``, ``steps`` and ``localisations`` filled in). Returns (state, why it stopped)."""
     stopped = "max edits reached"
     while not crit.reached(state) and len(accepted) < cfg.max_edits:
         prev = [e.to_torch(twin.device) for e in accepted]
         options = _options(twin, plan, prev, len(accepted), cfg, timings, localisations, cache)
         if not options:
-            stopped = "no layer separates corrupted from clean keys"
-            break
+            return state, "no layer separates corrupted from clean keys"
         tried, chosen = _choose(crit, degradation, options, prev, state, len(steps), timings)
         steps += tried
         if chosen is None:
-            stopped = "no candidate edit lowered the gap within the degradation budget"
-            break
+            return state, "no candidate edit lowered the gap within the degradation budget"
         accepted.append(chosen.edit)
         cache.edited(chosen.edit.layer)
         state = chosen.after
-    if crit.reached(state):
-        stopped = "target reached"
-    return _result(plan, crit, degradation, cfg, accepted, steps, localisations, start, state, stopped, timings)
+    return state, stopped
 
 
 def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted, steps, localisations,

@@ -37,3 +37,43 @@ def test_freed_blocks_leave_the_process():
     grown = float(subprocess.run([sys.executable, "-c", BURST], check=True, capture_output=True,
                                  text=True).stdout.strip())
     assert grown < 64  # MB: about 100 blocks of >= 4 MB were alive at the end before ``del``
+
+
+DEVICES = ["cpu"] + (["cuda"] if __import__("torch").cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_key_factors_spilled_to_disk_give_the_same_repair(monkeypatch, device):
+    """With every round's key factors written to disk (FactorStore's budget at 0) the
+    repair of a sample is the repair with them in memory, and the temporary folder is
+    gone afterwards."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from onnx_dynedit import factors
+    from onnx_dynedit.io import load_model
+    from onnx_dynedit.rectify import RectifyConfig, rectify
+    from onnx_dynedit.twin import Twin
+
+    d = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
+    twin = Twin(load_model(d / "model.onnx"), device)
+    pairs, val = np.load(d / "pairs.npz"), np.load(d / "val.npz")
+    args = dict(stats_x=np.load(d / "stats.npz")["x"], val_x=val["x"], val_y=val["y"],
+                config=RectifyConfig(fit_steps=40, max_edits=2))
+    held = rectify(twin, pairs["corrupt"], pairs["clean"], **args)
+    folders = []
+    real_init = factors.FactorStore.__init__
+
+    def spilling(self, budget=0):
+        real_init(self, 0)
+        folders.append(self)
+
+    monkeypatch.setattr(factors.FactorStore, "__init__", spilling)
+    spilled = rectify(twin, pairs["corrupt"], pairs["clean"], **args)
+    assert folders and folders[0]._written > 0  # the factors did go to disk
+    assert folders[0]._folder is None  # and the folder was removed
+    assert [s.node for s in spilled.steps] == [s.node for s in held.steps]
+    for a, b in zip(spilled.edits, held.edits):
+        np.testing.assert_allclose(a.u, b.u, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(a.d, b.d, rtol=1e-9, atol=1e-12)

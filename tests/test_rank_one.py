@@ -392,13 +392,14 @@ def test_pair_keys_read_block_by_block_give_the_same_edit(conv_case, monkeypatch
     np.testing.assert_allclose(streamed.u_local.numpy(), whole.u_local.numpy(), rtol=1e-9, atol=1e-12)
 
 
-def test_layers_over_the_capture_budget_are_recaptured_pair_by_pair(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_layers_over_the_capture_budget_are_recaptured_pair_by_pair(monkeypatch, device):
     """A layer whose captures of every pair exceed ACTIVATION_BUDGET holds none: each
     read runs the pair up to the layer again (the pass stopped there). Directions,
     specificities and closed-form u are those of the captured keys, on every layer of
     a sample model, with an earlier edit applied."""
     d = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
-    twin = Twin(load_model(d / "model.onnx"), "cpu")
+    twin = Twin(load_model(d / "model.onnx"), device)
     layers = list(twin.layer_map.editable())
     pairs = np.load(d / "pairs.npz")
     rng = np.random.default_rng(0)
@@ -408,7 +409,7 @@ def test_layers_over_the_capture_budget_are_recaptured_pair_by_pair(monkeypatch)
     first = layers[0]
     keys0 = pair_keys(twin, [first], corrupt, clean)[first.node]
     direction = edit_direction(stats[first.node], keys0)
-    prev = [RankOneEdit(first, direction.u_local.numpy(), direction.d.numpy()).to_torch(twin.device)]
+    prev = [RankOneEdit(first, direction.u_local.cpu().numpy(), direction.d.cpu().numpy()).to_torch(twin.device)]
 
     def run():
         return {layer.node: (keys, edit_direction(stats[layer.node], keys))
@@ -421,9 +422,10 @@ def test_layers_over_the_capture_budget_are_recaptured_pair_by_pair(monkeypatch)
         (k1, a), (k2, b) = held[layer.node], again[layer.node]
         assert k1.recapture is None and k2.recapture is not None and k2.x_corrupt is None
         # one pair per pass instead of all at once: float32 rounding of the captures moves
-        np.testing.assert_allclose(b.d.numpy(), a.d.numpy(), rtol=1e-4, atol=1e-6 * np.abs(a.d.numpy()).max())
+        da, db, ua, ub = (t.cpu().numpy() for t in (a.d, b.d, a.u_local, b.u_local))
+        np.testing.assert_allclose(db, da, rtol=1e-4, atol=1e-6 * np.abs(da).max())
         assert b.specificity == pytest.approx(a.specificity, rel=1e-5)
-        np.testing.assert_allclose(b.u_local.numpy(), a.u_local.numpy(), rtol=1e-4, atol=1e-6 * np.abs(a.u_local.numpy()).max())
+        np.testing.assert_allclose(ub, ua, rtol=1e-4, atol=1e-6 * np.abs(ua).max())
     # the pass stops at the layer: nothing after it runs
     calls = []
     last = twin.module_of(layers[-1]).register_forward_hook(lambda *a: calls.append(1))
