@@ -234,6 +234,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     import torch
 
     from .attribution import locate
+    from .factors import FactorStore
     from .rank_one import key_statistics, too_wide
     from .rectify import RectifyConfig
 
@@ -263,11 +264,15 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
             key_x = inputs.stats.x if inputs.stats is not None else inputs.pairs.clean
             source = f"stats ({len(key_x)} inputs)" if inputs.stats is not None else "clean twins of the pairs (no stats given)"
         torch.manual_seed(0)
+        stats_ = FactorStore()  # large factors wait on disk, read one layer at a time
         with progress.phase(f"key statistics ({len(layers)} layers)"):
-            stats_ = key_statistics(twin, layers, key_x, source=source)
-    with progress.phase(f"localisation (IG, {steps} steps)"):
-        loc = locate(twin, layers, inputs.pairs.corrupt, inputs.pairs.clean, stats_, steps=steps, target=target,
-                     key=key)
+            stats_.update(key_statistics(twin, layers, key_x, source=source))
+    try:
+        with progress.phase(f"localisation (IG, {steps} steps)"):
+            loc = locate(twin, layers, inputs.pairs.corrupt, inputs.pairs.clean, stats_, steps=steps, target=target,
+                         key=key)
+    finally:
+        stats_.close()
     if plot is not None:
         from .plot import write_locate_plot
 
