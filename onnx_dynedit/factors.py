@@ -74,10 +74,6 @@ class FactorStore(Mapping):
     def __contains__(self, node) -> bool:
         return node in self._memory or node in self._disk
 
-    @property
-    def on_disk(self) -> bool:
-        return bool(self._disk)
-
     def close(self) -> None:
         self._memory.clear()
         self._disk.clear()

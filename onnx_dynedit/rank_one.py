@@ -97,8 +97,8 @@ class KeyStats:
     has more than FACTOR_F32_FEATURES key features (every use solves in float64 with the
     factor made float64 for that call: the stored rounding, 6e-8 relative per entry, is
     amplified at most by cond(R) = sqrt(cond(C + lam I)) <= sqrt(100 x features), about
-    7e2 at 4608 features, so solves stay within 5e-5 relative; the twelve such factors of
-    a VGG-16 keep 0.6 GB instead of 1.3)."""
+    7e2 at 4608 features, so solves stay within about 4e-5 relative; the ten such factors
+    of a VGG-16 keep 0.6 GB instead of 1.3)."""
 
     layer: Layer
     chol: torch.Tensor
@@ -275,9 +275,11 @@ class PairKeys:
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Every pair's keys, float64 [n, P, in], when they fit PAIR_KEYS_BUDGET; else None."""
+        if self.recapture is not None:  # over the capture budget: never small enough to hold
+            return None
         if "keys" not in self._whole:
             kc, kk = self._unfold(0)
-            small = self.recapture is None and 2 * 8 * self.n * kc.numel() <= PAIR_KEYS_BUDGET
+            small = 2 * 8 * self.n * kc.numel() <= PAIR_KEYS_BUDGET
             self._whole["keys"] = (torch.stack([self._unfold(i)[0] for i in range(self.n)]).double(),
                                    torch.stack([self._unfold(i)[1] for i in range(self.n)]).double()) if small else None
         return self._whole["keys"]

@@ -330,15 +330,9 @@ class Twin:
                 self.forward(self.to_tensor(x[lo:lo + rows]))
                 for layer in layers:
                     rec = store[layer.node]
-                    pieces = (rec["in"].pop(), rec["out"].pop())
-                    if rows >= n:
-                        got[layer.node] = pieces
-                        continue
-                    if layer.node not in got:
-                        got[layer.node] = tuple(p.new_empty((n, *p.shape[1:])) for p in pieces)
-                    for dst, p in zip(got[layer.node], pieces):
-                        dst[lo:lo + p.shape[0]] = p
-        return got
+                    _gather(got, (layer.node, "in"), rec["in"].pop(), lo, n)
+                    _gather(got, (layer.node, "out"), rec["out"].pop(), lo, n)
+        return {layer.node: (got[layer.node, "in"], got[layer.node, "out"]) for layer in layers}
 
     def capture_upto(self, layer: Layer, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer``'s key input and output on ``x`` (no grad, current hooks applied); the
@@ -356,6 +350,17 @@ class Twin:
                 handle.remove()
         rec = store[layer.node]
         return rec["in"][0], rec["out"][0]
+
+
+def _gather(into: dict, key, rows: torch.Tensor, lo: int, n: int) -> None:
+    """Put ``rows`` (a batch's rows lo.. of n) into ``into[key]``, allocated [n, ...] on
+    first use; a whole batch is kept as it is (no copy)."""
+    if rows.shape[0] == n:
+        into[key] = rows
+        return
+    if key not in into:
+        into[key] = rows.new_empty((n, *rows.shape[1:]))
+    into[key][lo:lo + rows.shape[0]] = rows
 
 
 def _take(x, index):
@@ -528,12 +533,7 @@ def _record(gm, inputs: tuple, downstream: set, rows: int | None) -> tuple[dict,
             cache.setdefault(n, value)  # the same in every pass
             return
         sliced.add(n)
-        if hi - lo == n_rows:
-            cache[n] = value
-            return
-        if n not in cache:
-            cache[n] = value.new_empty((n_rows, *value.shape[1:]))
-        cache[n][lo:hi] = value
+        _gather(cache, n, value, lo, n_rows)
 
     class _Record(fx.Interpreter):
         def run_node(self, n):
