@@ -36,6 +36,10 @@ from onnx_dynedit.options import CHOICES
                     "of the clean twin's, is below this (default {default}).")
 @config_option("--objective", field="objective", type=click.Choice(CHOICES["objective"]),
                help="Fit u on the network output (output) or closed form at the layer (local) (default {default}).")
+@config_option("--conv-keys", field="conv_keys", type=click.Choice(CHOICES["conv_keys"]),
+               help="Conv edits: rank one over unfolded patches (patch), one channel direction at every kernel tap "
+                    "(pixel: carries a colour-like confound; rank up to the taps in the patch view), or both views "
+                    "as candidates (default {default}).")
 @config_option("--augment", field="augment", type=int,
                help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default {default}; 0 = off).")
 @config_option("--check-pairs", field="check_pairs", type=int,
@@ -57,7 +61,7 @@ from onnx_dynedit.options import CHOICES
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
 @run_options()
 def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, criterion, target_gap, target_attribution,
-         objective, augment, check_pairs, check_candidates, seed, device, input_shapes, engine, ray_address, in_place,
+         objective, conv_keys, augment, check_pairs, check_candidates, seed, device, input_shapes, engine, ray_address, in_place,
          report, plot, as_json):
     """Repair MODEL so that each corrupted input behaves like its clean twin; write OUT.
 
@@ -67,7 +71,7 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, crit
     """
     outcome = edit_model(model, pairs, out, stats=stats, val=val, layers=layers or None, max_edits=max_edits,
                          max_degradation=max_degradation, target_gap=target_gap, objective=objective,
-                         augment=augment, check_pairs=check_pairs, check_candidates=check_candidates,
+                         conv_keys=conv_keys, augment=augment, check_pairs=check_pairs, check_candidates=check_candidates,
                          criterion=criterion, target_attribution=target_attribution, seed=seed,
                          device=device, in_place=in_place, report=report, plot=plot, engine=engine,
                          ray_address=ray_address, input_shapes=input_shapes)

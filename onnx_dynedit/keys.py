@@ -5,32 +5,82 @@ Conv's padding resolved as ONNX defines it."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .layers import Layer, same_pads
 
 
-def delta_hook(layer: Layer, u, d, device):
+VIEWS = ("patch", "pixel")
+
+
+def delta_hook(layer: Layer, u, d, device, view: str = "patch"):
     """A forward hook that adds the rank-one term u (d . k) to ``layer``'s output."""
     u = torch.as_tensor(u, dtype=torch.float32, device=device) if not torch.is_tensor(u) else u
     d = torch.as_tensor(d, dtype=torch.float32, device=device) if not torch.is_tensor(d) else d
 
     def hook(module, args, output):
-        return output + layer_delta(layer, args[0], u, d)
+        return output + layer_delta(layer, args[0], u, d, view)
 
     return hook
 
 
-def layer_delta(layer: Layer, x: torch.Tensor, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def layer_delta(layer: Layer, x: torch.Tensor, u: torch.Tensor, d: torch.Tensor, view: str = "patch") -> torch.Tensor:
     """The output change of ``layer`` for input ``x`` under W' = W + u d^T. ``u`` [C_out],
-    or [B, C_out]: one u per input row (how the fit gets per-row Jacobians)."""
+    or [B, C_out]: one u per input row (how the fit gets per-row Jacobians). A Conv edit
+    in the ``pixel`` view (module ``pixel_view``) has u [C_out x taps] and d [C_in]."""
     rows = u.shape[0] if u.dim() == 2 else 1
+    if view == "pixel":
+        return pixel_delta(layer, x, u, d)
     if layer.op == "Conv":
         s = key_projection_conv(layer, x, d)  # [B, 1, *spatial]
         return s * u.to(s.dtype).view((rows, -1) + (1,) * (s.dim() - 2))
     s = x @ d.to(x.dtype)  # [B, ...]
     return s.unsqueeze(-1) * u.to(x.dtype).view((rows,) + (1,) * (s.dim() - 1) + (-1,))
+
+
+def pixel_view(layer: Layer) -> tuple[int, int]:
+    """(out, in) of a Conv's *pixel view*: keys are the input's channel vectors at one
+    pixel (C_in wide) and W_pixel [C_out x taps, C_in] is the weight with each kernel tap
+    a block of rows (weight [O, I, *kernel] -> [O, *kernel, I]). A rank-one edit there,
+    dW[o, c, tap] = u[o, tap] d[c], applies one channel direction at every tap (the
+    prior work's per-pixel formulation); in the patch view it has rank up to the number
+    of taps (``patch_factors``)."""
+    if layer.op != "Conv":
+        raise ValueError(f"layer {layer.node!r} ({layer.op}) has no pixel view")
+    return layer.shape[0] * int(np.prod(layer.shape[2:])), layer.shape[1]
+
+
+def patch_factors(layer: Layer, u: np.ndarray, d: np.ndarray, view: str = "patch") -> list[tuple[np.ndarray, np.ndarray]]:
+    """An edit as rank-one factors of the canonical (patch) space [out, in x taps]: itself,
+    or for a pixel-view edit one factor per kernel tap (u[:, tap], d placed at that tap)."""
+    if view == "patch":
+        return [(u, d)]
+    taps = int(np.prod(layer.shape[2:]))
+    u = np.asarray(u, np.float64).reshape(layer.shape[0], taps)
+    out = []
+    for t in range(taps):
+        dt = np.zeros((layer.shape[1], taps))
+        dt[:, t] = d
+        out.append((u[:, t].copy(), dt.reshape(-1)))
+    return out
+
+
+def pixel_keys(x: torch.Tensor) -> torch.Tensor:
+    """Pixel-view keys of a Conv input [B, C, *spatial]: [B, pixels, C] (padding adds none)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def pixel_delta(layer: Layer, x: torch.Tensor, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Output change of a pixel-view edit: s = d . x at every pixel, then a conv of s with
+    the kernel u [C_out, 1, *kernel] (the layer's padding, stride and dilation)."""
+    if u.dim() == 2:
+        raise RuntimeError("pixel-view edits take one u for every row")
+    s = torch.einsum("bc...,c->b...", x, d.to(x.dtype)).unsqueeze(1)
+    kernel = u.to(x.dtype).view((layer.shape[0], 1) + tuple(layer.shape[2:]))
+    conv = F.conv1d if x.dim() == 3 else F.conv2d
+    return conv(pad_input(layer, s), kernel, stride=layer.strides, dilation=layer.dilations)
 
 
 def conv_pads(layer: Layer, spatial: tuple[int, ...]) -> list[int]:
@@ -45,7 +95,7 @@ def conv_pads(layer: Layer, spatial: tuple[int, ...]) -> list[int]:
     return list(layer.pads) if layer.pads else [0] * 2 * n
 
 
-def _pad_input(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+def pad_input(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     pads = conv_pads(layer, tuple(x.shape[2:]))
     n = x.dim() - 2
     torch_pads = []
@@ -56,7 +106,7 @@ def _pad_input(layer: Layer, x: torch.Tensor) -> torch.Tensor:
 
 def key_projection_conv(layer: Layer, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """d . k for every output position's unfolded key k: a conv with kernel d."""
-    xp = _pad_input(layer, x)
+    xp = pad_input(layer, x)
     kernel = d.to(x.dtype).view((1,) + tuple(layer.shape[1:]))
     if x.dim() == 3:
         return F.conv1d(xp, kernel, stride=layer.strides, dilation=layer.dilations)
@@ -66,7 +116,7 @@ def key_projection_conv(layer: Layer, x: torch.Tensor, d: torch.Tensor) -> torch
 def layer_keys(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     """Keys of ``layer`` for its input ``x``: [B, P, in] (P positions; 1 for dense)."""
     if layer.op == "Conv":
-        xp = _pad_input(layer, x)
+        xp = pad_input(layer, x)
         if x.dim() == 3:  # 1-D conv as 2-D with height 1
             cols = F.unfold(xp.unsqueeze(2), (1, layer.kernel[0]), dilation=(1, layer.dilations[0]),
                             stride=(1, layer.strides[0]))

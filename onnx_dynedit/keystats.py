@@ -18,6 +18,7 @@ import logging
 import numpy as np
 
 from .datasets import Dataset
+from .keys import patch_factors
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class ShardedKeys:
                     for i in range(len(self.dataset.shards))]
         if self._ray is None:
             raise RuntimeError("ShardedKeys with the ray engine must be used inside a `with` block")
-        plain = [(e.layer.node, _numpy(e.u), _numpy(e.d)) for e in edits]
+        plain = [(e.layer.node, u, d) for e in edits  # pixel-view edits as their patch factors
+                 for u, d in patch_factors(e.layer, _numpy(e.u), _numpy(e.d), getattr(e, "view", "patch"))]
         return self._ray.moments([l.node for l in layers], plain, batch_size=batch_size, max_keys=max_keys)
 
 

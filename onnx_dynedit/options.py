@@ -16,6 +16,7 @@ CHOICES = {
     "criterion": ("auto", "output", "attribution"),
     "objective": ("output", "local"),
     "key": ("diff", "corrupt"),
+    "conv_keys": ("patch", "pixel", "both"),
     "ig_target": ("corrupt_logit", "gap"),
     "target": ("corrupt_logit", "gap"),
     "ig_reduction": ("sum", "abs"),

@@ -43,7 +43,7 @@ import torch
 from . import memory
 from .errors import EditError
 from .layers import Layer
-from .keys import layer_keys, layer_values
+from .keys import layer_keys, layer_values, patch_factors
 from .twin import Twin
 
 DEFAULT_LAMBDA = 1e-2      # ridge, relative to the mean diagonal of C (keeps C invertible with few keys)
@@ -67,26 +67,33 @@ class TorchEdit:
     layer: Layer
     u: torch.Tensor
     d: torch.Tensor
+    view: str = "patch"
 
 
 @dataclass(frozen=True)
 class RankOneEdit:
-    """W' = W + u d^T on one layer (canonical space). u, d: float64 numpy."""
+    """W' = W + u d^T on one layer (canonical space; for ``view="pixel"`` a Conv's pixel
+    view, keys.pixel_view). u, d: float64 numpy."""
 
     layer: Layer
     u: np.ndarray
     d: np.ndarray
+    view: str = "patch"
 
     def to_torch(self, device) -> TorchEdit:
         return TorchEdit(self.layer, torch.as_tensor(self.u, dtype=torch.float32, device=device),
-                         torch.as_tensor(self.d, dtype=torch.float32, device=device))
+                         torch.as_tensor(self.d, dtype=torch.float32, device=device), self.view)
+
+    def factors(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Rank-one factors (u, d) of the canonical space that sum to this edit."""
+        return patch_factors(self.layer, self.u, self.d, self.view)
 
     @property
     def finite(self) -> bool:
         return bool(np.isfinite(self.u).all() and np.isfinite(self.d).all())
 
     def to_dict(self) -> dict:
-        return {"node": self.layer.node, "initializer": self.layer.initializer,
+        return {"node": self.layer.node, "initializer": self.layer.initializer, "view": self.view,
                 "u_norm": float(np.linalg.norm(self.u)), "d_norm": float(np.linalg.norm(self.d))}
 
 
@@ -365,6 +372,7 @@ class Direction:
     specificity: float       # Mahalanobis norm of the per-pair summed key change, RMS over the scored pairs
     affected: float          # share of positions whose keys differ
     u_local: torch.Tensor | None = None  # closed-form u for this d (None: d misses every corrupted key)
+    view: str = "patch"                  # "pixel": a Conv's pixel view (pixel.py)
 
 
 def edit_direction(stats: KeyStats, keys: PairKeys, *, key: str = "diff", score_pairs: int | None = None) -> Direction:

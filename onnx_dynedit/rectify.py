@@ -67,6 +67,7 @@ from .errors import EditError, InputError, LayerError, option
 from .factors import FactorStore
 from .layers import Layer
 from .options import check_config
+from .pixel import pixel_direction, pixel_factor
 from .rank_one import (ACTIVATION_BUDGET, DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, activation_sizes,
                        edit_direction, key_statistics, pair_key_groups,
                        too_wide)
@@ -95,6 +96,8 @@ class RectifyConfig:
     target_attribution: float = 0.05  # attribution share on the changed region, in excess of the clean twin's
     objective: str = "output"         # "output" (fit u on the network output) or "local" (closed form)
     key: str = "diff"                 # rows for the direction: "diff" (k~ - k) or "corrupt" (k~ weighted)
+    conv_keys: str = "patch"          # Conv keys: unfolded "patch" (rank one in [out, in x taps]), "pixel" (one
+                                      # channel direction at every tap, pixel.py; output criterion) or "both"
     ig_steps: int = DEFAULT_STEPS
     ig_target: str = "corrupt_logit"
     ig_reduction: str = "sum"         # positions: "sum" (signed, before the norm) or "abs"
@@ -166,6 +169,7 @@ class EditStep:
     fit_loss: float | None
     check_fixed_after: int | None = None   # check pairs (held out from the fit) fixed; None: no check pairs
     check_gap_after: float | None = None
+    view: str = "patch"                    # "pixel": a Conv's pixel-view edit (pixel.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -219,7 +223,7 @@ class RectifyResult:
             if e.layer.node not in groups:
                 order.append(e.layer)
                 groups[e.layer.node] = []
-            groups[e.layer.node].append((e.u, e.d))
+            groups[e.layer.node].extend(e.factors())
         return [LayerUpdate(layer=l, factors=tuple(groups[l.node])) for l in order]
 
     def to_dict(self) -> dict:
@@ -536,6 +540,7 @@ class Fitted:
     u: torch.Tensor              # float32
     d: torch.Tensor              # float32
     loss: float | None
+    view: str = "patch"
 
 
 class Criterion:
@@ -625,13 +630,13 @@ class OutputGap(Criterion):
         return 0.5 * (p - self.target_p).abs().sum(1)
 
     def fit(self, layer, direction, factor, prev, steps=None):
-        d = direction.d.float()
+        d, view = direction.d.float(), direction.view
         if self.cfg.objective == "local":
-            return Fitted(direction.u_local.float(), d, None)
+            return Fitted(direction.u_local.float(), d, None, view)
         if self.cfg.objective != "output":
             raise ValueError(f"unknown objective {self.cfg.objective!r}")
-        u, loss = self._fit_output(layer, d, direction.u_local, prev, steps or self.cfg.fit_steps)
-        return Fitted(u, d, loss)
+        u, loss = self._fit_output(layer, d, direction.u_local, prev, steps or self.cfg.fit_steps, view)
+        return Fitted(u, d, loss, view)
 
     def screens(self, n_options: int) -> bool:
         """Short Adam fits first pick which candidates get the full fit (``screen_steps``):
@@ -641,7 +646,7 @@ class OutputGap(Criterion):
         return (self.try_all and cfg.objective == "output" and cfg.fit_method == "adam" and cfg.screen_steps > 0
                 and cfg.screen_steps < cfg.fit_steps and n_options > max(cfg.screen_keep, cfg.screen_above))
 
-    def _fit_output(self, layer, d, u0, prev, steps: int) -> tuple[torch.Tensor, float]:
+    def _fit_output(self, layer, d, u0, prev, steps: int, view: str = "patch") -> tuple[torch.Tensor, float]:
         """u (d fixed) so the network output on x~ matches the shipped output on x while
         outputs on unlabeled clean inputs stay put."""
         xs = cat_inputs(self.corrupt_t, self.loc_x)  # tensors, or tuples of them for several inputs
@@ -651,7 +656,7 @@ class OutputGap(Criterion):
             runner = DownstreamRunner(self.twin, layer, xs, rows=self.twin.pass_rows(self.x1))
 
         def out(u, rows=None):
-            with self.twin.applied(prev + [TorchEdit(layer, u, d)]):
+            with self.twin.applied(prev + [TorchEdit(layer, u, d, view)]):
                 return runner(rows)
 
         method = self.cfg.fit_method
@@ -854,7 +859,7 @@ class Timings(dict):
 def _step(layer: Layer, score, before: Score, after: Score, degradation: float, reason: str,
           edit: RankOneEdit, loss) -> EditStep:
     # step 0: numbered by _choose, in the order the round reports
-    return EditStep(step=0, node=layer.node, initializer=layer.initializer, score=score,
+    return EditStep(step=0, node=layer.node, initializer=layer.initializer, score=score, view=edit.view,
                     gap_before=before.gap, gap_after=after.gap, fixed_before=before.fixed, fixed_after=after.fixed,
                     degradation=degradation, accepted=reason == "accepted", reason=reason,
                     u_norm=float(np.linalg.norm(edit.u)), d_norm=float(np.linalg.norm(edit.d)), fit_loss=loss,
@@ -872,7 +877,7 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
         fitted = crit.fit(layer, option.direction, option.factor, prev, steps)
     memory.trim()  # the fit's cached upstream values and activations are freed
     edit = RankOneEdit(layer=layer, u=fitted.u.detach().double().cpu().numpy(),
-                       d=fitted.d.detach().double().cpu().numpy())
+                       d=fitted.d.detach().double().cpu().numpy(), view=fitted.view)
     if not edit.finite:
         return Trial(_step(layer, option.score, state, state, float("nan"), "non-finite factors", edit,
                            fitted.loss), edit, state)
@@ -907,12 +912,12 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
         short.append((opt, t))
     ranked = sorted(short, key=lambda ot: (not ot[1].step.accepted, -ot[1].after.check_fixed, ot[1].after.check_gap,
                                           -ot[1].after.fixed, ot[1].after.gap))
-    keep = {opt.layer.node for opt, _ in ranked[: cfg.screen_keep]}
+    keep = {id(opt) for opt, _ in ranked[: cfg.screen_keep]}  # an option, not a node: a Conv may be in two views
     out = [replace(t.step, accepted=False, reason=f"screened out after {cfg.screen_steps} Adam steps "
                    f"({t.after.check_fixed} check pairs fixed"
                    + ("" if t.step.accepted else f"; {t.step.reason}") + ")")
-           for opt, t in short if opt.layer.node not in keep]
-    return out, [opt for opt in options if opt.layer.node in keep], None
+           for opt, t in short if id(opt) not in keep]
+    return out, [opt for opt in options if id(opt) in keep], None
 
 
 # ------------------------------------------------------------------------------- loop
@@ -962,7 +967,7 @@ def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: Rect
                     log.info("layer %s skipped: %s", layer.node, err.message)
                     continue
                 options.append(Option(layer, None, direction, _factor_of(stats, layer)))
-            return options
+            return _with_pixel_views(twin, plan, prev, options, cfg)
         # localisation attributes the given pairs only (the paper's method)
         progress.step(f"round {done + 1}: localisation")
         r = plan.n_real
@@ -973,7 +978,34 @@ def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: Rect
     n = cfg.candidates_per_step
     if plan.criterion == "output" and plan.check_corrupt is not None and len(plan.check_corrupt):
         n = cfg.check_candidates or None  # the check pairs judge every candidate: each one fitted
-    return [Option(a.layer, a.score, a.direction, _factor_of(stats, a.layer)) for a in loc.ranked[:n]]
+    options = [Option(a.layer, a.score, a.direction, _factor_of(stats, a.layer)) for a in loc.ranked[:n]]
+    with timings("localisation"):
+        return _with_pixel_views(twin, plan, prev, options, cfg)
+
+
+def _with_pixel_views(twin: Twin, plan: Plan, prev: list[TorchEdit], options: list[Option],
+                      cfg: RectifyConfig) -> list[Option]:
+    """``conv_keys`` "pixel" / "both": every Conv option in its pixel view (pixel.py) in
+    place of / right after its patch view, with the same localisation score. Output
+    criterion only (the attribution fit moves a whitened patch key). Directions of the
+    layer's earlier pixel edits are projected out of the new one's."""
+    if cfg.conv_keys == "patch" or plan.criterion != "output":
+        return options
+    out = []
+    for opt in options:
+        if cfg.conv_keys == "both" or opt.layer.op != "Conv":
+            out.append(opt)
+        if opt.layer.op != "Conv":
+            continue
+        used = [e.d for e in prev if e.view == "pixel" and e.layer.node == opt.layer.node]
+        try:
+            chol = pixel_factor(twin, opt.layer, plan.fit_x, edits=prev, lam=cfg.lam)
+            direction = pixel_direction(twin, opt.layer, chol, plan.corrupt, plan.clean, edits=prev, used=used)
+        except EditError as err:
+            log.info("layer %s (pixel view) skipped: %s", opt.layer.node, err.message)
+            continue
+        out.append(Option(opt.layer, opt.score, direction, lambda c=chol: c))
+    return out
 
 
 def _factor_of(stats, layer: Layer) -> Callable[[], torch.Tensor]:

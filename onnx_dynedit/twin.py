@@ -281,7 +281,8 @@ class Twin:
         handles = []
         try:
             for edit in edits:
-                handles.append(self.module_of(edit.layer).register_forward_hook(delta_hook(edit.layer, edit.u, edit.d, self.device)))
+                hook = delta_hook(edit.layer, edit.u, edit.d, self.device, getattr(edit, "view", "patch"))
+                handles.append(self.module_of(edit.layer).register_forward_hook(hook))
             yield self
         finally:
             for h in handles:
