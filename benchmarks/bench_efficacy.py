@@ -80,8 +80,6 @@ VARIANTS: list[tuple[str, int, str, dict]] = [
                                                                           "augment": 0}),
     ("resnet_colour", 5, "pixel keys, local objective, target gap 0.05", {"conv_keys": "pixel", "objective": "local",
                                                                           "target_gap": 0.05}),
-    ("resnet_colour", 5, "pixel keys, local objective, target gap 0.02, 8 edits",
-     {"conv_keys": "pixel", "objective": "local", "target_gap": 0.02, "max_edits": 8}),
     ("resnet_colour", 5, "pixel keys, local objective, first conv (/0/Conv)",
      {"conv_keys": "pixel", "objective": "local", "layers": ["/0/Conv"]}),
     ("resnet_colour", 5, "pixel keys, local objective, first conv (/0/Conv), no augmentation",
