@@ -287,3 +287,32 @@ def test_reshape_of_a_non_batch_dim_is_left_alone(tmp_path):
     twin = Twin(load_model(path), "cpu")
     assert not any("hard-coded batch" in note for note in twin.notes)
     assert check_parity(twin).max_rel_diff < 1e-5
+
+
+# ------------------------------------------------- shape inference on a light copy
+
+
+def test_shape_inference_copy_leaves_large_weights_out():
+    """normalise's batch-free Reshape check infers shapes on a copy without the large
+    initializers (typed graph inputs instead): the inferred shapes are the full model's,
+    the small Reshape target stays a constant, and the copy holds none of the weight bytes."""
+    from onnx_dynedit.normalise import LIGHT_BYTES, _without_large_weights
+
+    w = np.ones((256, 3, 8, 8), np.float32)
+    assert w.nbytes > LIGHT_BYTES
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[8, 8]),
+             helper.make_node("Reshape", ["c", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(w, "W"),
+                                           numpy_helper.from_array(np.array([1, -1], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    light = _without_large_weights(model)
+    assert [i.name for i in light.graph.initializer] == ["shape"]
+    assert light.ByteSize() < 2048 and model.ByteSize() > w.nbytes
+    full = onnx.shape_inference.infer_shapes(model).graph
+    lean = onnx.shape_inference.infer_shapes(light).graph
+    shapes = lambda g: {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+                        for v in list(g.value_info) + list(g.output)}
+    assert shapes(lean) == shapes(full) and shapes(full)["y"] == [1, 256]
+    assert len(model.graph.initializer) == 2  # the model itself is untouched
