@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import onnx
@@ -29,10 +30,17 @@ PROVIDERS = {
 }
 
 
+# A ModelProto larger than this reaches ONNX Runtime through a temporary file: a session
+# made from bytes holds them for its lifetime (onnxruntime's InferenceSession keeps
+# ``_model_bytes``), a second copy of every weight (VGG-19's parity after the edit: 548 MB).
+SESSION_VIA_FILE = 64 * 2**20
+
+
 def ort_session(source: str | os.PathLike | onnx.ModelProto, provider: str | None = DEFAULT_PROVIDER, *,
                 what: str = "model", threads: int | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session on ``source``: a file, or a ``ModelProto`` (serialised as
-    it is; external data must already be loaded into it).
+    it is, through a temporary file above SESSION_VIA_FILE; external data must already be
+    loaded into it).
 
     ``provider`` is ``"cpu"`` or ``"cuda"`` (``None`` = ``"cpu"``). ``"cuda"`` needs the
     CUDAExecutionProvider in this onnxruntime build and fails loudly (``InputError``)
@@ -42,6 +50,11 @@ def ort_session(source: str | os.PathLike | onnx.ModelProto, provider: str | Non
     the process setting, ``onnx_dynedit.threads``).
     """
     providers = provider_list(DEFAULT_PROVIDER if provider is None else provider)
+    if isinstance(source, onnx.ModelProto) and source.ByteSize() > SESSION_VIA_FILE:
+        with tempfile.TemporaryDirectory(prefix="dynedit-ort-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save_model(source, str(path))
+            return _session(str(path), what, providers, threads)
     if isinstance(source, onnx.ModelProto):
         model, label = source.SerializeToString(), what
     else:
@@ -51,6 +64,10 @@ def ort_session(source: str | os.PathLike | onnx.ModelProto, provider: str | Non
         if not path.is_file():
             raise ModelLoadError(f"{what} path {path} is not a file", hint="give the path of an .onnx file")
         model, label = str(path), f"{what} {path}"
+    return _session(model, label, providers, threads)
+
+
+def _session(model: str | bytes, label: str, providers, threads: int | None) -> ort.InferenceSession:
     options = _threads.session_options(ort.SessionOptions())
     options.log_severity_level = 4  # fatal only: keep stderr to our own one-liners
     if threads is not None:

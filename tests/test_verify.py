@@ -532,3 +532,31 @@ def test_verify_input_shape_checks_every_set(two_inputs):
                           "axis 1", "fixed at 4")
     with pytest.raises(InputError, match="input_shapes"):
         verify(c["orig"], c["edit"], c["clean"], input_shapes={"c": (1, 4)})
+
+
+def test_large_model_proto_session_goes_through_a_file(monkeypatch):
+    """A ModelProto above SESSION_VIA_FILE reaches ONNX Runtime through a temporary file
+    (a session made from bytes keeps them for its lifetime): same outputs as from bytes,
+    the temporary folder is gone afterwards."""
+    import glob
+    import tempfile as _tempfile
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_dynedit import sessions
+
+    w = np.arange(64 * 8, dtype=np.float32).reshape(64, 8) / 100
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                              initializer=[numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = np.ones((2, 64), np.float32)
+    via_bytes = sessions.ort_session(model).run(None, {"x": x})[0]
+    monkeypatch.setattr(sessions, "SESSION_VIA_FILE", 1024)  # this 2 KB model counts as large
+    before = set(glob.glob(f"{_tempfile.gettempdir()}/dynedit-ort-*"))
+    via_file = sessions.ort_session(model).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(via_file, via_bytes)
+    np.testing.assert_allclose(via_file, x @ w, rtol=1e-6)
+    assert set(glob.glob(f"{_tempfile.gettempdir()}/dynedit-ort-*")) == before
+    assert len(model.graph.initializer) == 1  # the proto itself is untouched
