@@ -39,18 +39,17 @@ def pixel_factor(twin: Twin, layer: Layer, x: np.ndarray, *, edits=(), lam: floa
     (edits applied), float64 [C_in, C_in]."""
     width = pixel_view(layer)[1]
     acc = torch.zeros(width, width, dtype=torch.float64, device=twin.device)
-    count, batch = 0, None
+    count = 0
     with torch.no_grad(), twin.applied(edits), twin.capture([layer]) as store:
-        for i in range(0, len(x), batch or 1):
+        twin.forward(twin.to_tensor(x[:1]))  # the layer's input size per row sets the batch
+        batch = max(1, min(KEY_BATCH, ACTIVATION_BUDGET // max(4 * store[layer.node]["in"][0].numel(), 1)))
+        for i in range(0, len(x), batch):
             store[layer.node]["in"].clear()
-            twin.forward(twin.to_tensor(x[i:i + (batch or 1)]))
-            seen = store[layer.node]["in"][0]
-            if batch is None:  # from the first input's activation size
-                batch = max(1, min(KEY_BATCH, ACTIVATION_BUDGET // max(4 * seen.numel(), 1)))
-            keys = pixel_keys(seen).reshape(-1, width)
+            twin.forward(twin.to_tensor(x[i:i + batch]))
+            keys = pixel_keys(store[layer.node]["in"][0]).reshape(-1, width)
             if keys.shape[0] > MAX_PIXELS:
                 keys = keys[:: -(-keys.shape[0] // MAX_PIXELS)]
-            acc += (keys.T @ keys).double()
+            acc += keys.T.double() @ keys.double()
             count += keys.shape[0]
         store[layer.node]["in"].clear()
     c = acc / max(count, 1)

@@ -103,6 +103,7 @@ def test_colour_sample_pixel_edits_written_revert_and_correct(tmp_path):
     out = tmp_path / "fixed.onnx"
     outcome = edit_model(case / "model.onnx", case / "pairs20.npz", out, stats=case / "stats.npz",
                          val=case / "val.npz", conv_keys="pixel", objective="local", layers=["/0/Conv"], max_edits=2,
+                         max_degradation=0.05,
                          device="cpu")
     res = outcome.result
     assert [e.view for e in res.edits] == ["pixel", "pixel"] and all(e.layer.node == "/0/Conv" for e in res.edits)
