@@ -12,9 +12,6 @@ import torch.nn.functional as F
 from .layers import Layer, same_pads
 
 
-VIEWS = ("patch", "pixel")
-
-
 def delta_hook(layer: Layer, u, d, device, view: str = "patch"):
     """A forward hook that adds the rank-one term u (d . k) to ``layer``'s output."""
     u = torch.as_tensor(u, dtype=torch.float32, device=device) if not torch.is_tensor(u) else u

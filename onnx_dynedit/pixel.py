@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import EditError
-from .keys import pad_input, pixel_keys, pixel_view
+from .keys import layer_keys, pixel_keys, pixel_view
 from .layers import Layer
-from .rank_one import ACTIVATION_BUDGET, AFFECTED_SHARE, DEFAULT_LAMBDA, KEY_BATCH, RIDGE_FLOOR, Direction
+from .rank_one import (ACTIVATION_BUDGET, AFFECTED_SHARE, DEFAULT_LAMBDA, KEY_BATCH, RIDGE_FLOOR, Direction,
+                       scaled_by_projections)
 from .twin import Twin
 
 MAX_PIXELS = 65536  # pixel keys per batch used for C (an even subsample)
@@ -68,7 +68,8 @@ def pixel_direction(twin: Twin, layer: Layer, chol: torch.Tensor, corrupt: np.nd
     with twin.applied(edits):
         xc, vc = _captured(twin, layer, corrupt)
         xk, vk = _captured(twin, layer, clean)
-    diff = (pixel_keys(xc) - pixel_keys(xk)).reshape(-1, xc.shape[1]).double()
+    per_pair = (pixel_keys(xc) - pixel_keys(xk)).double()  # [pairs, pixels, C_in]
+    diff = per_pair.reshape(-1, xc.shape[1])
     norms = diff.norm(dim=1)
     if float(norms.max()) == 0.0:
         raise EditError(f"layer {layer.node!r}: corrupted and clean inputs give identical keys",
@@ -85,11 +86,8 @@ def pixel_direction(twin: Twin, layer: Layer, chol: torch.Tensor, corrupt: np.nd
                         "the key changes span")
     a = torch.linalg.eigh(z.T @ z)[1][:, -1]
     d = torch.linalg.solve_triangular(chol.T, a.unsqueeze(1), upper=True).squeeze(1)
-    proj = diff[affected] @ d
-    if float(proj.abs().mean()) == 0.0:
-        raise EditError(f"layer {layer.node!r}: the pixel direction does not separate corrupted from clean keys")
-    d = d / (float(proj.mean()) if abs(float(proj.mean())) > 1e-6 * float(proj.abs().mean()) else float(proj.abs().mean()))
-    kstar = (pixel_keys(xc) - pixel_keys(xk)).sum(1).double()  # per pair: the summed key change
+    d = scaled_by_projections(d, diff[affected] @ d, layer)
+    kstar = per_pair.sum(1)  # per pair: the summed key change
     maha = float(torch.linalg.solve_triangular(chol, kstar.T, upper=False).pow(2).sum(0).mean().sqrt())
     try:
         u_local = closed_form_u(layer, xc, vc, vk, d)
@@ -101,14 +99,8 @@ def pixel_direction(twin: Twin, layer: Layer, chol: torch.Tensor, corrupt: np.nd
 def closed_form_u(layer: Layer, xc: torch.Tensor, vc: torch.Tensor, vk: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Least-squares u [C_out x taps] so that the layer's outputs on x~ (edited) match those
     on x: the output change at a position is sum_tap u[:, tap] (d . x~ at that tap's pixel)."""
-    s = torch.einsum("bc...,c->b...", xc.double(), d).unsqueeze(1)
-    s = pad_input(layer, s)
-    if s.dim() == 3:
-        s = s.unsqueeze(2)
-        kernel, dil, stride = (1, layer.kernel[0]), (1, layer.dilations[0]), (1, layer.strides[0])
-    else:
-        kernel, dil, stride = tuple(layer.kernel), tuple(layer.dilations), tuple(layer.strides)
-    feats = F.unfold(s, kernel, dilation=dil, stride=stride).transpose(1, 2).reshape(-1, int(np.prod(kernel)))
+    s = torch.einsum("bc...,c->b...", xc.double(), d).unsqueeze(1)  # one channel: its patches are the taps
+    feats = layer_keys(layer, s).reshape(-1, int(np.prod(layer.kernel)))
     target = (vk - vc).double().flatten(2).transpose(1, 2).reshape(-1, vk.shape[1])
     if float(feats.abs().max()) == 0.0:
         raise EditError("the edit direction is orthogonal to every corrupted key")

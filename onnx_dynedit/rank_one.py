@@ -454,10 +454,16 @@ def _scaled(stats: KeyStats, d: torch.Tensor, keys: PairKeys, norms: list, thres
     sign fixed by the largest projection."""
     proj = torch.cat([(kc - kk).reshape(-1, kc.shape[-1])[nb > threshold] @ d
                       for (_, kc, kk), nb in zip(keys.blocks(), norms)])
+    return scaled_by_projections(d, proj, stats.layer)
+
+
+def scaled_by_projections(d: torch.Tensor, proj: torch.Tensor, layer: Layer) -> torch.Tensor:
+    """``d`` scaled by its projections ``proj`` on the affected key changes: mean 1, or
+    when they cancel in the mean, mean |proj| = 1 with the largest one positive."""
     mean = float(proj.mean())
     spread = float(proj.abs().mean())
     if spread == 0.0:
-        raise EditError(f"layer {stats.layer.node!r}: the edit direction does not separate corrupted from clean keys")
+        raise EditError(f"layer {layer.node!r}: the edit direction does not separate corrupted from clean keys")
     if abs(mean) > CANCEL_SHARE * spread:
         return d / mean
     return d / (spread if float(proj[proj.abs().argmax()]) > 0 else -spread)
