@@ -1,7 +1,7 @@
 """Speed and memory of locate + edit + write-back (one pair), per phase, and fine-tuning beside it.
 
     python benchmarks/bench_speed.py [--models resnet18 resnet50 vgg16] [--device auto|cpu|cuda]
-                                     [--stats N] [--augment N] [--fit-methods adam lm lbfgs]
+                                     [--stats N] [--augment N] [--fit-methods auto adam lm lbfgs]
                                      [--fit-steps N] [--finetune-steps N]
 
 Models (random weights, seeded, exported to ONNX at run time; nothing is downloaded):
@@ -179,7 +179,7 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_metho
     if check_candidates is not None:
         cfg = cfg.replace(check_candidates=check_candidates)
     if fit_steps is not None:
-        cfg = cfg.replace(fit_steps=fit_steps)
+        cfg = cfg.replace(fit_steps=fit_steps, lbfgs_evals=fit_steps)
     if augment is not None:
         cfg = cfg.replace(augment=augment)
     result = phase("rectify (total)", lambda: rectify(twin, corrupt, clean, stats_x=stats, val_x=val, config=cfg))
@@ -233,13 +233,14 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--augment", type=int, default=None, help="synthetic pairs (default: the library's)")
     ap.add_argument("--stats", type=int, default=None, help="stats inputs (default: per model)")
-    ap.add_argument("--fit-methods", nargs="*", default=["adam"], choices=["adam", "lm", "lbfgs"],
+    ap.add_argument("--fit-methods", nargs="*", default=["auto"], choices=["auto", "adam", "lm", "lbfgs"],
                     help="fit of u, one table per method (RectifyConfig.fit_method)")
-    ap.add_argument("--fit-method", default="adam", help=argparse.SUPPRESS)  # the child's
+    ap.add_argument("--fit-method", default="auto", help=argparse.SUPPRESS)  # the child's
     ap.add_argument("--finetune-steps", type=int, default=FT_STEPS, help="Adam steps of the fine-tuning rows")
     ap.add_argument("--fit-steps", type=int, default=None,
-                    help="cap Adam's steps (default: the library's, 200 with early stop); for a timed look at "
-                         "models where a full fit takes hours on a CPU")
+                    help="cap Adam's steps and L-BFGS's evaluations (default: the library's, 200 Adam steps "
+                         "with early stop, 25 evaluations); for a timed look at models where a full fit takes "
+                         "hours on a CPU")
     ap.add_argument("--check-candidates", type=int, default=None,
                     help="layers fitted per round (default: the library's, every editable layer)")
     ap.add_argument("--child", nargs=3, metavar=("PATH", "SIDE", "STATS"), help=argparse.SUPPRESS)

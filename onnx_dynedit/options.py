@@ -20,7 +20,8 @@ CHOICES = {
     "ig_target": ("corrupt_logit", "gap"),
     "target": ("corrupt_logit", "gap"),
     "ig_reduction": ("sum", "abs"),
-    "fit_method": ("adam", "lbfgs", "lm"),
+    "fit_method": ("auto", "adam", "lbfgs", "lm"),
+    "screen": ("adam", "closed", "none"),
     "transplant": ("auto", "add", "affine", "gain", "paste"),
 }
 
@@ -46,6 +47,7 @@ RANGES = {
     "screen_steps": (int, 0, None, False),
     "screen_keep": (int, 1, None, False),
     "screen_above": (int, 0, None, False),
+    "screen_check": (int, 1, None, False),
     "augment": (int, 0, None, False),
     "holdout": (float, 0.0, 1.0, True),
     "seed": (int, 0, 2 ** 32 - 1, False),

@@ -103,9 +103,11 @@ class RectifyConfig:
     ig_reduction: str = "sum"         # positions: "sum" (signed, before the norm) or "abs"
     fit_steps: int = 200              # Adam steps (attribution fit, and the output fit with fit_method "adam")
     fit_lr: float = 0.05
-    fit_method: str = "adam"          # output fit of u: "adam", "lm" (Levenberg-Marquardt; heads with more than
-                                      # fit.LM_MAX_OUTPUTS classes use adam) or "lbfgs"; lm and lbfgs converge in
-                                      # fewer passes but move the n = 20 sample rows (README, speed section)
+    fit_method: str = "auto"          # output fit of u: "adam", "lm" (Levenberg-Marquardt; heads with more than
+                                      # fit.LM_MAX_OUTPUTS classes use adam), "lbfgs" or "auto": adam, and lbfgs for
+                                      # the screen_keep candidates of a screened round (models with more than
+                                      # screen_above editable layers); lm and lbfgs converge in fewer passes but
+                                      # move the n = 20 sample rows (README, speed section)
     lbfgs_evals: int = 25             # loss evaluations (downstream passes) of the L-BFGS fit
     attr_weight: float = 3.0          # weight of the region's attribution in the attribution fit
     attr_steps: int = 8               # IG steps inside the attribution fit
@@ -118,10 +120,13 @@ class RectifyConfig:
                                       # and the one that does best on them is kept (0: the first that improves)
     check_candidates: int = 0         # layers fitted per round when check pairs decide, best localised first
                                       # (0: every editable layer; the localisation's top 3 miss the best on badnets)
-    screen_steps: int = 25            # a round with more than screen_above candidates (check pairs deciding, Adam
-    screen_above: int = 10            # fit) first fits each with screen_steps Adam steps; only the screen_keep best
-    screen_keep: int = 3              # on the check pairs get the full fit. Models with at most screen_above
-                                      # editable layers (every sample model: 6-10) fit each fully; 0 steps: never
+    screen: str = "closed"            # a round with more than screen_above candidates (check pairs deciding) first
+    screen_steps: int = 25            # judges each with a cheap u: "adam" (screen_steps Adam steps of the output
+    screen_above: int = 10            # fit; 0 steps: no screen), "closed" (the layer-local closed form, no fit) or
+    screen_keep: int = 3              # "none"; only the screen_keep best on the check pairs get the full fit.
+                                      # Models with at most screen_above editable layers (every sample model: 6-10)
+                                      # fit each fully
+    screen_check: int = 64            # check pairs a screening trial is scored on (the first this many)
     layers: tuple[str, ...] | None = None  # static mode: edit these, skip localisation
     augment: int = 16                 # synthetic pairs: the corruption transplanted onto stats inputs (0 = off)
     transplant: str = "auto"          # how: "add", "affine", "gain" or "auto" (transplant_pairs)
@@ -149,6 +154,7 @@ class Score:
     real_fixed: int
     check_gap: float = float("nan")   # over the check pairs (synthetic, held out from the fit)
     check_fixed: int = 0
+    check_count: int = 0              # check pairs scored (a screening trial scores the first screen_check)
 
 
 @dataclass(frozen=True)
@@ -579,15 +585,20 @@ class Criterion:
     def reached(self, s: Score) -> bool:
         return s.fixed == self.n and s.gap <= self.target
 
-    def score(self, edits) -> Score:
+    def score(self, edits, n_check: int | None = None) -> Score:
+        """``n_check``: score only the first this many check pairs (a screening trial)."""
+        check, check_p = self.check, getattr(self, "check_p", None)
+        if check is not None and n_check is not None:
+            check, check_p = check[:n_check], check_p[:n_check]
         with self.twin.applied(edits):
             p = torch.softmax(torch.as_tensor(self.twin.run(self.corrupt)), 1)
-            q = None if self.check is None else torch.softmax(torch.as_tensor(self.twin.run(self.check)), 1)
+            q = None if check is None else torch.softmax(torch.as_tensor(self.twin.run(check)), 1)
         ok = p.argmax(1) == self.target_cls
         per_pair = self.per_pair_gap(p, edits)
         r = self.n_real
-        check = {} if q is None else {"check_gap": float((0.5 * (q - self.check_p).abs().sum(1)).mean()),
-                                      "check_fixed": int((q.argmax(1) == self.check_p.argmax(1)).sum())}
+        check = {} if q is None else {"check_gap": float((0.5 * (q - check_p).abs().sum(1)).mean()),
+                                      "check_fixed": int((q.argmax(1) == check_p.argmax(1)).sum()),
+                                      "check_count": len(q)}
         return Score(gap=float(per_pair.mean()), fixed=int(ok.sum()), real_gap=float(per_pair[:r].mean()),
                      real_fixed=int(ok[:r].sum()), **check)
 
@@ -595,10 +606,11 @@ class Criterion:
         raise NotImplementedError
 
     def fit(self, layer: Layer, direction: Direction, factor: Callable[[], torch.Tensor], prev: list[TorchEdit],
-            steps: int | None = None) -> Fitted:
+            steps: int | None = None, method: str | None = None) -> Fitted:
         """``factor()``: the layer's Cholesky factor R of C (read on demand: it may be on
         disk, factors.py); ``steps``: Adam steps of the output fit when not ``fit_steps``
-        (a screening fit)."""
+        (a screening fit; 0: the closed form); ``method``: the output fit's method when not
+        ``fit_method``."""
         raise NotImplementedError
 
     def improves(self, before: Score, after: Score) -> str | None:
@@ -620,7 +632,8 @@ class OutputGap(Criterion):
 
     def good_enough(self, trial: "Trial") -> bool:
         """No other candidate can do better on the check pairs (the rest need not be fitted)."""
-        return self.reached(trial.after) and trial.after.check_fixed == len(self.check)
+        return (self.reached(trial.after) and trial.after.check_count == len(self.check)
+                and trial.after.check_fixed == len(self.check))
 
     @property
     def target(self) -> float:
@@ -629,13 +642,13 @@ class OutputGap(Criterion):
     def per_pair_gap(self, p, edits):
         return 0.5 * (p - self.target_p).abs().sum(1)
 
-    def fit(self, layer, direction, factor, prev, steps=None):
+    def fit(self, layer, direction, factor, prev, steps=None, method=None):
         d, view = direction.d.float(), direction.view
-        if self.cfg.objective == "local":
+        if self.cfg.objective == "local" or steps == 0:  # 0 steps: a closed-form screen
             return Fitted(direction.u_local.float(), d, None, view)
         if self.cfg.objective != "output":
             raise ValueError(f"unknown objective {self.cfg.objective!r}")
-        u, loss = self._fit_output(layer, d, direction.u_local, prev, steps or self.cfg.fit_steps, view)
+        u, loss = self._fit_output(layer, d, direction.u_local, prev, steps or self.cfg.fit_steps, view, method)
         return Fitted(u, d, loss, view)
 
     def screens(self, n_options: int) -> bool:
@@ -643,10 +656,21 @@ class OutputGap(Criterion):
         with check pairs deciding among more than ``screen_above`` (and ``screen_keep``)
         candidates."""
         cfg = self.cfg
-        return (self.try_all and cfg.objective == "output" and cfg.fit_method == "adam" and cfg.screen_steps > 0
-                and cfg.screen_steps < cfg.fit_steps and n_options > max(cfg.screen_keep, cfg.screen_above))
+        if cfg.screen == "closed":
+            cheap = True
+        else:
+            cheap = (cfg.screen == "adam" and cfg.fit_method in ("adam", "auto")
+                     and 0 < cfg.screen_steps < cfg.fit_steps)
+        return (self.try_all and cfg.objective == "output" and cheap
+                and n_options > max(cfg.screen_keep, cfg.screen_above))
 
-    def _fit_output(self, layer, d, u0, prev, steps: int, view: str = "patch") -> tuple[torch.Tensor, float]:
+    @property
+    def screen_steps(self) -> int:
+        """Adam steps of a screening fit (0: the closed form)."""
+        return 0 if self.cfg.screen == "closed" else self.cfg.screen_steps
+
+    def _fit_output(self, layer, d, u0, prev, steps: int, view: str = "patch",
+                    method: str | None = None) -> tuple[torch.Tensor, float]:
         """u (d fixed) so the network output on x~ matches the shipped output on x while
         outputs on unlabeled clean inputs stay put."""
         xs = cat_inputs(self.corrupt_t, self.loc_x)  # tensors, or tuples of them for several inputs
@@ -659,7 +683,9 @@ class OutputGap(Criterion):
             with self.twin.applied(prev + [TorchEdit(layer, u, d, view)]):
                 return runner(rows)
 
-        method = self.cfg.fit_method
+        method = method or self.cfg.fit_method
+        if method == "auto":
+            method = "adam"
         if method == "lm" and self.target_logits.shape[-1] > fitting.LM_MAX_OUTPUTS:
             method = "adam"  # one backward pass per class would cost more than Adam's steps
         if method == "lm":
@@ -772,7 +798,7 @@ class AttributionShare(Criterion):
                                steps=self.cfg.ig_steps)
         return torch.as_tensor(np.clip(shares - self.floor, 0.0, None))
 
-    def fit(self, layer, direction, factor, prev, steps=None):
+    def fit(self, layer, direction, factor, prev, steps=None, method=None):
         """u and the whitened key a (d = R^-T a = C^-1 R a, starting at the paper's
         direction) so that the input attribution of x~ on the region falls while the outputs
         on x~ and on the stats inputs keep their shipped values. Full forward passes: the
@@ -868,13 +894,15 @@ def _step(layer: Layer, score, before: Score, after: Score, degradation: float, 
 
 
 def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[TorchEdit], state: Score,
-          timings: Timings, steps: int | None = None) -> Trial:
-    """Fit an edit of one layer on top of ``prev`` and judge it (nothing is applied);
-    ``steps``: a screening fit's Adam steps."""
+          timings: Timings, steps: int | None = None, method: str | None = None) -> Trial:
+    """Fit an edit of one layer on top of ``prev`` and judge it (nothing is applied).
+    ``steps``: a screening trial (Adam steps of its fit, 0: the closed form), scored on the
+    first ``screen_check`` check pairs, its degradation left unmeasured (NaN; ``_budgeted``);
+    ``method``: the fit method when not the config's."""
     layer, device = option.layer, crit.twin.device
-    progress.step(f"fit {layer.node}" + (f" ({steps} steps, screening)" if steps else ""))
+    progress.step(f"fit {layer.node}" + ("" if steps is None else f" ({steps or 'closed form,'} steps, screening)"))
     with timings("fit"):
-        fitted = crit.fit(layer, option.direction, option.factor, prev, steps)
+        fitted = crit.fit(layer, option.direction, option.factor, prev, steps, method)
     memory.trim()  # the fit's cached upstream values and activations are freed
     edit = RankOneEdit(layer=layer, u=fitted.u.detach().double().cpu().numpy(),
                        d=fitted.d.detach().double().cpu().numpy(), view=fitted.view)
@@ -884,40 +912,92 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
     progress.step(f"check {layer.node}")
     with timings("check"):
         edits = prev + [edit.to_torch(device)]
-        after, degr = crit.score(edits), degradation(edits)
-    budget = crit.cfg.max_degradation
+        after = crit.score(edits, None if steps is None else crit.cfg.screen_check)
+        degr = degradation(edits) if steps is None else float("nan")
     why = crit.improves(state, after)
+    t = Trial(_step(layer, option.score, state, after, degr, "accepted" if why is None else f"rolled back: {why}",
+                    edit, fitted.loss), edit, after)
+    return _budgeted(crit, degradation, t, prev, timings) if steps is None else t
+
+
+def _budgeted(crit: Criterion, degradation: Degradation, t: Trial, prev, timings: Timings) -> Trial:
+    """An accepted trial with its degradation measured (when it was not) and rolled back
+    when that exceeds the budget."""
+    if not t.step.accepted:
+        return t
+    degr = t.step.degradation
+    if not np.isfinite(degr):
+        with timings("check"):
+            degr = degradation(prev + [t.edit.to_torch(crit.twin.device)])
+    budget = crit.cfg.max_degradation
     if degr > budget + BUDGET_SLACK:
-        reason = f"rolled back: degradation {degr:.4f} > budget {budget:.4f}"
-    else:
-        reason = "accepted" if why is None else f"rolled back: {why}"
-    return Trial(_step(layer, option.score, state, after, degr, reason, edit, fitted.loss), edit, after)
+        return Trial(replace(t.step, degradation=degr, accepted=False,
+                             reason=f"rolled back: degradation {degr:.4f} > budget {budget:.4f}"), t.edit, t.after)
+    return Trial(replace(t.step, degradation=degr), t.edit, t.after)
+
+
+def _confirmed(crit: Criterion, degradation: Degradation, t: Trial, prev, timings: Timings) -> Trial | None:
+    """A screening trial that reaches the target and fixes every check pair it was scored
+    on: within budget and re-scored on every check pair, the trial that ends the round when
+    it is ``good_enough``; else None."""
+    a = t.after
+    if not (t.step.accepted and crit.reached(a) and a.check_fixed == a.check_count < len(crit.check)):
+        return None
+    t = _budgeted(crit, degradation, t, prev, timings)
+    if not t.step.accepted:
+        return None
+    with timings("check"):
+        after = crit.score(prev + [t.edit.to_torch(crit.twin.device)])
+    done = Trial(replace(t.step, check_fixed_after=after.check_fixed, check_gap_after=after.check_gap), t.edit, after)
+    return done if crit.good_enough(done) else None
 
 
 def _screen(crit: Criterion, degradation: Degradation, options: list[Option], prev, state: Score,
             timings: Timings) -> tuple[list[EditStep], list[Option], Trial | None]:
-    """Every option fitted with ``screen_steps`` Adam steps and judged; returns (the steps
-    of those screened out, the ``screen_keep`` best options in their order, a screening
-    trial good enough to end the round or None). Best: passing, then most check pairs
-    fixed, then the smallest gap on them (what ``OutputGap.pick`` prefers). Step numbers
-    are given by ``_choose``."""
+    """Every option judged with a cheap u (``OutputGap.screen_steps``) on the first
+    ``screen_check`` check pairs; returns (the steps of those screened out, the
+    ``screen_keep`` best options in their order, a screening trial good enough to end the
+    round or None). Best: passing, then most check pairs fixed, then the smallest gap on
+    them (what ``OutputGap.pick`` prefers). The degradation is measured in that order, on
+    the trials that improve, until ``screen_keep`` pass the budget: the same choice as
+    measuring all. Step numbers are given by ``_choose``."""
     cfg = crit.cfg
     short = []
     for opt in options:
-        t = trial(crit, degradation, opt, prev, state, timings, steps=cfg.screen_steps)
-        if t.step.accepted and crit.good_enough(t):
-            out = [replace(u.step, accepted=False, reason=f"not kept: {t.step.node} did better")
+        t = trial(crit, degradation, opt, prev, state, timings, steps=crit.screen_steps)
+        done = _confirmed(crit, degradation, t, prev, timings)
+        if done is not None:
+            out = [replace(u.step, accepted=False, reason=f"not kept: {done.step.node} did better")
                    if u.step.accepted else u.step for _, u in short]
-            return out, [], t
+            return out, [], done
         short.append((opt, t))
-    ranked = sorted(short, key=lambda ot: (not ot[1].step.accepted, -ot[1].after.check_fixed, ot[1].after.check_gap,
-                                          -ot[1].after.fixed, ot[1].after.gap))
-    keep = {id(opt) for opt, _ in ranked[: cfg.screen_keep]}  # an option, not a node: a Conv may be in two views
-    out = [replace(t.step, accepted=False, reason=f"screened out after {cfg.screen_steps} Adam steps "
-                   f"({t.after.check_fixed} check pairs fixed"
+    keep = _best(crit, degradation, short, prev, timings)
+    how = f"{crit.screen_steps} Adam steps" if crit.screen_steps else "the closed form"
+    out = [replace(t.step, accepted=False, reason=f"screened out after {how} "
+                   f"({t.after.check_fixed} of {t.after.check_count} check pairs fixed"
                    + ("" if t.step.accepted else f"; {t.step.reason}") + ")")
            for opt, t in short if id(opt) not in keep]
     return out, [opt for opt in options if id(opt) in keep], None
+
+
+def _best(crit: Criterion, degradation: Degradation, short: list, prev, timings: Timings) -> set[int]:
+    """The ids of the ``screen_keep`` best screened options (``short``: (option, trial)
+    pairs, their trials replaced by budgeted ones where measured); options, not nodes: a
+    Conv may be in two views."""
+    def by_check(i):
+        a = short[i][1].after
+        return -a.check_fixed, a.check_gap, -a.fixed, a.gap
+
+    n_keep, passing = crit.cfg.screen_keep, []
+    for i in sorted(range(len(short)), key=lambda i: (not short[i][1].step.accepted, *by_check(i))):
+        if len(passing) == n_keep or not short[i][1].step.accepted:
+            break
+        opt, t = short[i]
+        short[i] = opt, _budgeted(crit, degradation, t, prev, timings)
+        if short[i][1].step.accepted:
+            passing.append(i)
+    rest = [i for i in sorted(range(len(short)), key=by_check) if i not in passing]
+    return {id(short[i][0]) for i in passing + rest[: n_keep - len(passing)]}
 
 
 # ------------------------------------------------------------------------------- loop
@@ -1020,14 +1100,15 @@ def _choose(crit: Criterion, degradation: Degradation, options: list[Option], pr
         if opt.direction.u_local is None:
             log.info("layer %s skipped: the edit direction misses every corrupted key", opt.layer.node)
     options = [opt for opt in options if opt.direction.u_local is not None]
-    screened, trials = [], []
+    screened, trials, method = [], [], None
     if crit.screens(len(options)):
         screened, options, done = _screen(crit, degradation, options, prev, state, timings)
+        method = "lbfgs" if crit.cfg.fit_method == "auto" else None
         if done is not None:
             trials.append(done)
             options = []
     for opt in options:
-        t = trial(crit, degradation, opt, prev, state, timings)
+        t = trial(crit, degradation, opt, prev, state, timings, method=method)
         trials.append(t)
         if t.step.accepted and (not crit.try_all or crit.good_enough(t)):
             break

@@ -118,20 +118,26 @@ def test_each_round_keeps_the_trial_best_on_the_check_pairs(default_repair):
         assert all(t.check_fixed_after <= s.check_fixed_after for t in rivals)
 
 
-def test_screen_fits_only_the_best_few_fully(badnets, default_repair):
-    """A round with more candidates than ``screen_above`` fits each briefly and only the
-    ``screen_keep`` best on the check pairs fully; on badnets it keeps the same layer as
-    fitting all six fully (/15/Gemm; README, decision table)."""
+@pytest.mark.parametrize("screen, how", [("closed", "the closed form"), ("adam", "25 Adam steps")])
+def test_screen_fits_only_the_best_few_fully(badnets, default_repair, screen, how):
+    """A round with more candidates than ``screen_above`` judges each with a cheap u (the
+    layer-local closed form by default, or a few Adam steps) on the first ``screen_check``
+    check pairs and fits only the ``screen_keep`` best fully; on badnets it keeps the same
+    layer as fitting all six fully (/15/Gemm; README, decision table)."""
     twin, corrupt, clean, stats = badnets
     full = default_repair  # 6 layers <= screen_above: no screen
     assert not any(s.reason.startswith("screened out") for s in full.steps)
-    res = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(screen_above=0, screen_keep=2))
+    cfg = RectifyConfig(screen=screen, screen_above=0, screen_keep=2, screen_check=40)
+    res = rectify(twin, corrupt, clean, stats_x=stats, config=cfg)
     assert res.success
     assert [e.layer.node for e in res.edits] == [e.layer.node for e in full.edits]
     first_round = [s for s in res.steps if s.gap_before == res.gap_before]
-    out = [s for s in first_round if s.reason.startswith("screened out after 25 Adam steps")]
+    out = [s for s in first_round if s.reason.startswith(f"screened out after {how}")]
     assert len(out) == len(first_round) - 2 == 4  # 6 candidates, 2 fitted fully
     assert not any(s.accepted for s in out)
+    assert all(s.check_fixed_after <= 40 for s in out)  # scored on the first 40 check pairs only
+    kept = [s for s in res.steps if s.accepted]
+    assert max(s.check_fixed_after for s in kept) > 40  # the full trials: every check pair
     assert [s.step for s in res.steps] == list(range(1, len(res.steps) + 1))  # numbered in order, none twice
 
 
@@ -140,3 +146,24 @@ def test_screen_options_are_validated():
         RectifyConfig(screen_keep=0)
     with pytest.raises(InputError, match="screen_steps"):
         RectifyConfig(screen_steps=-1)
+    with pytest.raises(InputError, match="screen"):
+        RectifyConfig(screen="some")
+    with pytest.raises(InputError, match="screen_check"):
+        RectifyConfig(screen_check=0)
+
+
+def test_screened_rounds_fit_the_kept_candidates_with_lbfgs(badnets, monkeypatch):
+    """``fit_method`` "auto" (the default): Adam where every candidate is fitted fully (the
+    sample models), L-BFGS for the ``screen_keep`` candidates of a screened round."""
+    from onnx_dynedit import fit
+
+    twin, corrupt, clean, stats = badnets
+    calls = []
+    for name in ("adam", "lbfgs"):
+        real = getattr(fit, name)
+        monkeypatch.setattr(fit, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    res = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(screen_above=0, screen_keep=2, max_edits=1))
+    assert calls == ["lbfgs", "lbfgs"] and res.edits
+    calls.clear()
+    rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1))
+    assert calls and set(calls) == {"adam"}
