@@ -652,9 +652,9 @@ class OutputGap(Criterion):
         return Fitted(u, d, loss, view)
 
     def screens(self, n_options: int) -> bool:
-        """Short Adam fits first pick which candidates get the full fit (``screen_steps``):
-        with check pairs deciding among more than ``screen_above`` (and ``screen_keep``)
-        candidates."""
+        """A cheap u per candidate (``screen``: the closed form, or ``screen_steps`` Adam
+        steps) first picks which candidates get the full fit: with check pairs deciding
+        among more than ``screen_above`` (and ``screen_keep``) candidates."""
         cfg = self.cfg
         if cfg.screen == "closed":
             cheap = True
