@@ -106,8 +106,9 @@ class RectifyConfig:
     fit_method: str = "auto"          # output fit of u: "adam", "lm" (Levenberg-Marquardt; heads with more than
                                       # fit.LM_MAX_OUTPUTS classes use adam), "lbfgs" or "auto": adam, and lbfgs for
                                       # the screen_keep candidates of a screened round (models with more than
-                                      # screen_above editable layers); lm and lbfgs converge in fewer passes but
-                                      # move the n = 20 sample rows (README, speed section)
+                                      # screen_above editable layers) and for fits whose inputs' activations exceed
+                                      # FIT_BUDGET (real-size inputs, fitted in chunks); lm and lbfgs converge in
+                                      # fewer passes but move the n = 20 sample rows (README, speed section)
     lbfgs_evals: int = 25             # loss evaluations (downstream passes) of the L-BFGS fit
     attr_weight: float = 3.0          # weight of the region's attribution in the attribution fit
     attr_steps: int = 8               # IG steps inside the attribution fit
@@ -684,8 +685,8 @@ class OutputGap(Criterion):
                 return runner(rows)
 
         method = method or self.cfg.fit_method
-        if method == "auto":
-            method = "adam"
+        if method == "auto":  # real-size inputs (the fit runs in chunks): L-BFGS's 25 passes, not Adam's 200
+            method = "lbfgs" if self._fit_chunk() < n + m else "adam"
         if method == "lm" and self.target_logits.shape[-1] > fitting.LM_MAX_OUTPUTS:
             method = "adam"  # one backward pass per class would cost more than Adam's steps
         if method == "lm":

@@ -153,8 +153,11 @@ def test_screen_options_are_validated():
 
 
 def test_screened_rounds_fit_the_kept_candidates_with_lbfgs(badnets, monkeypatch):
-    """``fit_method`` "auto" (the default): Adam where every candidate is fitted fully (the
-    sample models), L-BFGS for the ``screen_keep`` candidates of a screened round."""
+    """``fit_method`` "auto" (the default): Adam where every candidate is fitted fully on
+    inputs whose activations fit one pass (the sample models), L-BFGS for the
+    ``screen_keep`` candidates of a screened round and for fits made in chunks (real-size
+    inputs)."""
+    import onnx_dynedit.rectify as rectify_module
     from onnx_dynedit import fit
 
     twin, corrupt, clean, stats = badnets
@@ -167,3 +170,7 @@ def test_screened_rounds_fit_the_kept_candidates_with_lbfgs(badnets, monkeypatch
     calls.clear()
     rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1))
     assert calls and set(calls) == {"adam"}
+    calls.clear()
+    monkeypatch.setattr(rectify_module, "FIT_BUDGET", 1)  # one input per pass: the fit runs in chunks
+    rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1, check_pairs=0))
+    assert calls and set(calls) == {"lbfgs"}
