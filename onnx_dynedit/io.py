@@ -516,11 +516,11 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external_names
         backup = backup_file(out)
         log.info("kept a backup of %s at %s", out, backup)
 
-    model = _copy(model)
     old_data = _previous_data_files(out)
     data_name = None
     new_data = None
-    if external_names:
+    if external_names:  # moving tensors out changes the proto: a copy's (one file: serialised as it is)
+        model = _copy(model)
         blob, data_name = _externalize(model, set(external_names), out.name)
         if data_name is not None:
             if not (out.parent / data_name).exists():
