@@ -54,6 +54,8 @@ MAX_KEY_FEATURES = 8192    # C is in_features^2 float64 (8192: 512 MB); wider la
 RIDGE_FLOOR = 1e-12        # the ridge's scale when every key is zero (C = 0 stays factorable)
 CANCEL_SHARE = 1e-6        # a mean projection below this share of the mean |projection|: the changes cancel
 FACTOR_F32_FEATURES = 2048  # wider factors are stored in float32 (VGG-16's 4608-wide convs: 85 MB each, not 170)
+MOMENTS_BUDGET = 512 * 2**20  # bytes of float64 sums of k k^T accumulated in one pass over the stats; more layers
+                              # than that (VGG-19: 1.6 GB) go in groups, one pass each (the same sums)
 PAIR_KEYS_BUDGET = 64 * 2**20  # bytes of float64 pair keys kept whole (small layers: unfolded once)
 KEY_BLOCK = 32 * 2**20       # bytes of float64 keys per block when they are read pair by pair
 ROWS_BUDGET = 64 * 2**20     # bytes of affected key rows kept as rows; beyond, their Gram matrix
@@ -161,9 +163,15 @@ def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), 
     on Ray): its per-shard ``key_moments`` are added in shard order."""
     if hasattr(x, "shard_moments"):
         parts = x.shard_moments(twin, layers, edits=edits, batch_size=batch_size, max_keys=max_keys)
-    else:
-        parts = [key_moments(twin, layers, x, edits=edits, batch_size=batch_size, max_keys=max_keys)]
-    return stats_from_moments(layers, parts, lam=lam, source=source, device=twin.device)
+        return stats_from_moments(layers, parts, lam=lam, source=source, device=twin.device)
+    # group by group, each group's sums factored before the next group's are made (VGG-19: the
+    # sums of every layer at once are 1.6 GB); the same batches for every group: the same sums
+    batch, cap = _key_batches(twin, layers, x, edits, batch_size, max_keys)
+    out = {}
+    for group in _moment_groups(layers):
+        part = _group_moments(twin, group, x, edits, batch, cap)
+        out.update(stats_from_moments(group, [part], lam=lam, source=source, device=twin.device))
+    return {l.node: out[l.node] for l in layers}
 
 
 @dataclass(frozen=True)
@@ -181,10 +189,36 @@ def key_moments(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), bat
     (at most ``max_keys`` keys per layer and batch of ``batch_size``: every k-th position).
     Large inputs go in smaller batches (captured activations stay within ACTIVATION_BUDGET)
     with the key cap scaled down with the batch."""
+    batch, cap = _key_batches(twin, layers, x, edits, batch_size, max_keys)
+    out = {}
+    for group in _moment_groups(layers):  # the same batches for every group: the same sums as one pass
+        out.update(_group_moments(twin, group, x, edits, batch, cap))
+    return {l.node: out[l.node] for l in layers}
+
+
+def _key_batches(twin: Twin, layers: list[Layer], x, edits, batch_size: int, max_keys: int) -> tuple[int, int]:
+    """(inputs per pass, keys per layer and pass): captured activations within
+    ACTIVATION_BUDGET, the key cap scaled down with the batch."""
     sizes = activation_sizes(twin, layers, x, edits=edits)
     per_input = 4 * (sum(s[0] for s in sizes.values()) + max(s[2] for s in sizes.values()))
     batch = _batch_for(ACTIVATION_BUDGET, per_input, batch_size)
-    cap = max(1, max_keys * batch // batch_size)
+    return batch, max(1, max_keys * batch // batch_size)
+
+
+def _moment_groups(layers: list[Layer]) -> list[list[Layer]]:
+    """``layers`` in graph order, cut into groups whose float64 sums fit MOMENTS_BUDGET."""
+    groups, size = [[]], 0
+    for layer in layers:
+        need = 8 * layer.in_features ** 2
+        if groups[-1] and size + need > MOMENTS_BUDGET:
+            groups.append([])
+            size = 0
+        groups[-1].append(layer)
+        size += need
+    return groups
+
+
+def _group_moments(twin: Twin, layers: list[Layer], x, edits, batch: int, cap: int) -> dict[str, KeyMoments]:
     dim = {l.node: l.in_features for l in layers}
     acc = {l.node: torch.zeros(dim[l.node], dim[l.node], dtype=torch.float64, device=twin.device) for l in layers}
     count = {l.node: 0 for l in layers}

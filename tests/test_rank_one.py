@@ -436,6 +436,29 @@ def test_layers_over_the_capture_budget_are_recaptured_pair_by_pair(monkeypatch,
     assert calls == []
 
 
+def test_key_statistics_in_groups_are_the_same_sums(monkeypatch):
+    """Layers whose float64 sums exceed MOMENTS_BUDGET together are accumulated and
+    factored group by group, one pass over the stats each, in the same batches: the
+    factors are bit for bit those of one pass (badnets, every layer its own group)."""
+    d = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
+    twin = Twin(load_model(d / "model.onnx"), "cpu")
+    layers = list(twin.layer_map.editable())
+    x = np.load(d / "stats.npz")["x"][:40]
+    assert len(rank_one._moment_groups(layers)) == 1
+    whole = key_statistics(twin, layers, x, batch_size=16)
+    passes = []
+    hook = twin.module.register_forward_pre_hook(lambda *a: passes.append(1))
+    monkeypatch.setattr(rank_one, "MOMENTS_BUDGET", 1)
+    try:
+        grouped = key_statistics(twin, layers, x, batch_size=16)
+    finally:
+        hook.remove()
+    assert len(passes) == 1 + 3 * len(layers)  # sizes from one input; 40 inputs in batches of 16, once per layer
+    for layer in layers:
+        assert grouped[layer.node].n_keys == whole[layer.node].n_keys
+        assert torch.equal(grouped[layer.node].chol, whole[layer.node].chol)
+
+
 # ---------------------------------------------------------------------------- errors
 
 
