@@ -942,14 +942,15 @@ def _confirmed(crit: Criterion, degradation: Degradation, t: Trial, prev, timing
     on: within budget and re-scored on every check pair, the trial that ends the round when
     it is ``good_enough``; else None."""
     a = t.after
-    if not (t.step.accepted and crit.reached(a) and a.check_fixed == a.check_count < len(crit.check)):
+    if not (t.step.accepted and crit.reached(a) and a.check_fixed == a.check_count):
         return None
     t = _budgeted(crit, degradation, t, prev, timings)
     if not t.step.accepted:
         return None
-    with timings("check"):
-        after = crit.score(prev + [t.edit.to_torch(crit.twin.device)])
-    done = Trial(replace(t.step, check_fixed_after=after.check_fixed, check_gap_after=after.check_gap), t.edit, after)
+    if a.check_count < len(crit.check):
+        with timings("check"):
+            a = crit.score(prev + [t.edit.to_torch(crit.twin.device)])
+    done = Trial(replace(t.step, check_fixed_after=a.check_fixed, check_gap_after=a.check_gap), t.edit, a)
     return done if crit.good_enough(done) else None
 
 
@@ -962,7 +963,6 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
     them (what ``OutputGap.pick`` prefers). The degradation is measured in that order, on
     the trials that improve, until ``screen_keep`` pass the budget: the same choice as
     measuring all. Step numbers are given by ``_choose``."""
-    cfg = crit.cfg
     short = []
     for opt in options:
         t = trial(crit, degradation, opt, prev, state, timings, steps=crit.screen_steps)

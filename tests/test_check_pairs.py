@@ -17,8 +17,9 @@ import pytest
 
 from onnx_dynedit.errors import InputError
 from onnx_dynedit.io import load_model
-from onnx_dynedit.rectify import (RectifyConfig, Reference, corruption_model, make_check_pairs, make_plan, rectify,
-                                  split_check, transplant_pairs)
+from onnx_dynedit.rectify import (EditStep, OutputGap, RectifyConfig, Reference, Score, Timings, Trial, _confirmed,
+                                  corruption_model, make_check_pairs, make_plan, rectify, split_check,
+                                  transplant_pairs)
 from onnx_dynedit.twin import Twin
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
@@ -174,3 +175,54 @@ def test_screened_rounds_fit_the_kept_candidates_with_lbfgs(badnets, monkeypatch
     monkeypatch.setattr(rectify_module, "FIT_BUDGET", 1)  # one input per pass: the fit runs in chunks
     rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1, check_pairs=0))
     assert calls and set(calls) == {"lbfgs"}
+
+
+class _Edit:
+    def to_torch(self, device):
+        return None
+
+
+class _Crit:
+    """What ``_confirmed`` reads of a criterion: 10 check pairs, the target always reached,
+    a full re-score that fixes ``full`` of them, and ``OutputGap.good_enough``."""
+
+    check = np.zeros((10, 1), np.float32)
+    cfg = RectifyConfig(max_degradation=0.01)
+    twin = type("T", (), {"device": "cpu"})()
+    good_enough = OutputGap.good_enough
+
+    def __init__(self, full: int):
+        self.full, self.rescored = full, 0
+
+    def reached(self, score):
+        return True
+
+    def score(self, edits):
+        self.rescored += 1
+        return Score(gap=0.0, fixed=1, real_gap=0.0, real_fixed=1, check_gap=0.0, check_fixed=self.full,
+                     check_count=10)
+
+
+def _screening_trial(fixed: int, count: int) -> Trial:
+    step = EditStep(step=0, node="n", initializer="w", score=None, gap_before=1.0, gap_after=0.0, fixed_before=0,
+                    fixed_after=1, degradation=float("nan"), accepted=True, reason="accepted", u_norm=1.0,
+                    d_norm=1.0, fit_loss=None, check_fixed_after=fixed, check_gap_after=0.0)
+    after = Score(gap=0.0, fixed=1, real_gap=0.0, real_fixed=1, check_gap=0.0, check_fixed=fixed, check_count=count)
+    return Trial(step, _Edit(), after)
+
+
+@pytest.mark.parametrize("fixed, count, full, degradation, ends, rescored", [
+    (4, 4, 10, 0.0, True, 1),     # every screened check pair fixed: re-scored on all 10, all fixed: ends the round
+    (4, 4, 9, 0.0, False, 1),     # ... but one of the other 6 is not fixed: the round goes on
+    (3, 4, 10, 0.0, False, 0),    # a screened check pair not fixed: not re-scored
+    (4, 4, 10, 0.5, False, 0),    # over the degradation budget (measured now): not re-scored
+    (10, 10, 10, 0.0, True, 0),   # the screen scored every check pair already
+])
+def test_a_screening_trial_ends_the_round_only_on_every_check_pair(fixed, count, full, degradation, ends, rescored):
+    crit = _Crit(full)
+    done = _confirmed(crit, lambda edits: degradation, _screening_trial(fixed, count), [], Timings())
+    assert (done is not None) == ends
+    assert crit.rescored == rescored
+    if ends:
+        assert done.after.check_count == 10 and done.step.check_fixed_after == 10
+        assert done.step.degradation == degradation and done.step.accepted
