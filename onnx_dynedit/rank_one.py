@@ -190,10 +190,7 @@ def key_moments(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), bat
     Large inputs go in smaller batches (captured activations stay within ACTIVATION_BUDGET)
     with the key cap scaled down with the batch."""
     batch, cap = _key_batches(twin, layers, x, edits, batch_size, max_keys)
-    out = {}
-    for group in _moment_groups(layers):  # the same batches for every group: the same sums as one pass
-        out.update(_group_moments(twin, group, x, edits, batch, cap))
-    return {l.node: out[l.node] for l in layers}
+    return _group_moments(twin, layers, x, edits, batch, cap)  # every layer's sums are returned: one pass
 
 
 def _key_batches(twin: Twin, layers: list[Layer], x, edits, batch_size: int, max_keys: int) -> tuple[int, int]:
