@@ -26,8 +26,8 @@ import torch
 from .errors import EditError
 from .keys import layer_keys, pixel_keys, pixel_view
 from .layers import Layer
-from .rank_one import (ACTIVATION_BUDGET, AFFECTED_SHARE, DEFAULT_LAMBDA, KEY_BATCH, RIDGE_FLOOR, Direction,
-                       scaled_by_projections)
+from .rank_one import (ACTIVATION_BUDGET, AFFECTED_SHARE, DEFAULT_LAMBDA, KEY_BATCH, Direction,
+                       regularised_cholesky, scaled_by_projections)
 from .twin import Twin
 
 MAX_PIXELS = 65536  # pixel keys per batch used for C (an even subsample)
@@ -52,13 +52,7 @@ def pixel_factor(twin: Twin, layer: Layer, x: np.ndarray, *, edits=(), lam: floa
             acc += keys.T.double() @ keys.double()
             count += keys.shape[0]
         store[layer.node]["in"].clear()
-    c = acc / max(count, 1)
-    c.diagonal().add_(lam * float(torch.diagonal(c).mean().clamp_min(RIDGE_FLOOR)))
-    chol, info = torch.linalg.cholesky_ex(c)
-    if int(info) != 0:
-        raise EditError(f"pixel key statistics of layer {layer.node!r} are not positive definite",
-                        hint="give more stats inputs or a larger ridge")
-    return chol
+    return regularised_cholesky(acc, count, lam, f"pixel key statistics of layer {layer.node!r}")[0]
 
 
 def pixel_direction(twin: Twin, layer: Layer, chol: torch.Tensor, corrupt: np.ndarray, clean: np.ndarray, *,

@@ -257,14 +257,21 @@ def stats_from_moments(layers: list[Layer], parts, *, lam: float = DEFAULT_LAMBD
     return out
 
 
-def _factor(layer: Layer, acc: torch.Tensor, count: int, lam: float, source: str) -> KeyStats:
+def regularised_cholesky(acc: torch.Tensor, count: int, lam: float, what: str) -> tuple[torch.Tensor, float]:
+    """(lower Cholesky factor of C = acc / count + ridge I, the ridge = lam x mean diag C),
+    ``acc`` divided in place; ``what`` names the statistics in the error when C is not
+    positive definite."""
     c = acc.div_(max(count, 1))
     ridge = lam * float(torch.diagonal(c).mean().clamp_min(RIDGE_FLOOR))
     c.diagonal().add_(ridge)
     chol, info = torch.linalg.cholesky_ex(c)
     if int(info) != 0:
-        raise EditError(f"key statistics of layer {layer.node!r} are not positive definite",
-                        hint="give more stats inputs or a larger ridge")
+        raise EditError(f"{what} are not positive definite", hint="give more stats inputs or a larger ridge")
+    return chol, ridge
+
+
+def _factor(layer: Layer, acc: torch.Tensor, count: int, lam: float, source: str) -> KeyStats:
+    chol, ridge = regularised_cholesky(acc, count, lam, f"key statistics of layer {layer.node!r}")
     if layer.in_features > FACTOR_F32_FEATURES:
         chol = chol.float()
     return KeyStats(layer=layer, chol=chol, n_keys=count, lam=ridge, source=source)

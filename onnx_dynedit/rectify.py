@@ -569,6 +569,7 @@ class Criterion:
             self.loc_ref = twin.forward(self.loc_x).float()
         self.check = plan.check_corrupt if plan.check_corrupt is not None and len(plan.check_corrupt) else None
         self.static = plan.static
+        self.check_p = None
         if self.check is not None:  # the shipped model on the check pairs' clean sides
             self.check_p = torch.softmax(torch.as_tensor(twin.run(plan.check_clean)), 1)
 
@@ -588,7 +589,7 @@ class Criterion:
 
     def score(self, edits, n_check: int | None = None) -> Score:
         """``n_check``: score only the first this many check pairs (a screening trial)."""
-        check, check_p = self.check, getattr(self, "check_p", None)
+        check, check_p = self.check, self.check_p
         if check is not None and n_check is not None:
             check, check_p = check[:n_check], check_p[:n_check]
         with self.twin.applied(edits):
@@ -901,7 +902,8 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
     first ``screen_check`` check pairs, its degradation left unmeasured (NaN; ``_budgeted``);
     ``method``: the fit method when not the config's."""
     layer, device = option.layer, crit.twin.device
-    progress.step(f"fit {layer.node}" + ("" if steps is None else f" ({steps or 'closed form,'} steps, screening)"))
+    how = "" if steps is None else f" ({f'{steps} steps' if steps else 'closed form'}, screening)"
+    progress.step(f"fit {layer.node}{how}")
     with timings("fit"):
         fitted = crit.fit(layer, option.direction, option.factor, prev, steps, method)
     memory.trim()  # the fit's cached upstream values and activations are freed
@@ -937,21 +939,23 @@ def _budgeted(crit: Criterion, degradation: Degradation, t: Trial, prev, timings
     return Trial(replace(t.step, degradation=degr), t.edit, t.after)
 
 
-def _confirmed(crit: Criterion, degradation: Degradation, t: Trial, prev, timings: Timings) -> Trial | None:
-    """A screening trial that reaches the target and fixes every check pair it was scored
-    on: within budget and re-scored on every check pair, the trial that ends the round when
-    it is ``good_enough``; else None."""
+def _confirmed(crit: Criterion, degradation: Degradation, t: Trial, prev,
+               timings: Timings) -> tuple[Trial, Trial | None]:
+    """(the screening trial, its degradation measured when it was; the trial that ends the
+    round or None). A screening trial may end the round when it reaches the target and
+    fixes every check pair it was scored on, is within budget, and, re-scored on every
+    check pair, is ``good_enough``."""
     a = t.after
     if not (t.step.accepted and crit.reached(a) and a.check_fixed == a.check_count):
-        return None
+        return t, None
     t = _budgeted(crit, degradation, t, prev, timings)
     if not t.step.accepted:
-        return None
+        return t, None
     if a.check_count < len(crit.check):
         with timings("check"):
             a = crit.score(prev + [t.edit.to_torch(crit.twin.device)])
     done = Trial(replace(t.step, check_fixed_after=a.check_fixed, check_gap_after=a.check_gap), t.edit, a)
-    return done if crit.good_enough(done) else None
+    return t, (done if crit.good_enough(done) else None)
 
 
 def _screen(crit: Criterion, degradation: Degradation, options: list[Option], prev, state: Score,
@@ -965,8 +969,8 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
     measuring all. Step numbers are given by ``_choose``."""
     short = []
     for opt in options:
-        t = trial(crit, degradation, opt, prev, state, timings, steps=crit.screen_steps)
-        done = _confirmed(crit, degradation, t, prev, timings)
+        t, done = _confirmed(crit, degradation, trial(crit, degradation, opt, prev, state, timings,
+                                                      steps=crit.screen_steps), prev, timings)
         if done is not None:
             out = [replace(u.step, accepted=False, reason=f"not kept: {done.step.node} did better")
                    if u.step.accepted else u.step for _, u in short]

@@ -220,9 +220,12 @@ def _screening_trial(fixed: int, count: int) -> Trial:
 ])
 def test_a_screening_trial_ends_the_round_only_on_every_check_pair(fixed, count, full, degradation, ends, rescored):
     crit = _Crit(full)
-    done = _confirmed(crit, lambda edits: degradation, _screening_trial(fixed, count), [], Timings())
+    t, done = _confirmed(crit, lambda edits: degradation, _screening_trial(fixed, count), [], Timings())
     assert (done is not None) == ends
     assert crit.rescored == rescored
+    # the degradation, once measured, stays on the trial the screen ranks (not measured twice)
+    assert np.isnan(t.step.degradation) == (fixed < count)
+    assert t.step.accepted == (fixed < count or degradation <= 0.01)
     if ends:
         assert done.after.check_count == 10 and done.step.check_fixed_after == 10
         assert done.step.degradation == degradation and done.step.accepted
