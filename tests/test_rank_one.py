@@ -439,7 +439,7 @@ def test_layers_over_the_capture_budget_are_recaptured_pair_by_pair(monkeypatch,
 def test_key_statistics_in_groups_are_the_same_sums(monkeypatch):
     """Layers whose float64 sums exceed MOMENTS_BUDGET together are accumulated and
     factored group by group, one pass over the stats each, in the same batches: the
-    factors are bit for bit those of one pass (badnets, every layer its own group)."""
+    factors are those of one pass (badnets, every layer its own group)."""
     d = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
     twin = Twin(load_model(d / "model.onnx"), "cpu")
     layers = list(twin.layer_map.editable())
@@ -456,7 +456,9 @@ def test_key_statistics_in_groups_are_the_same_sums(monkeypatch):
     assert len(passes) == 1 + 3 * len(layers)  # sizes from one input; 40 inputs in batches of 16, once per layer
     for layer in layers:
         assert grouped[layer.node].n_keys == whole[layer.node].n_keys
-        assert torch.equal(grouped[layer.node].chol, whole[layer.node].chol)
+        # the same sums in the same batches (bit-identical on this machine; BLAS may round
+        # differently with another buffer alignment, so not asserted bit for bit)
+        torch.testing.assert_close(grouped[layer.node].chol, whole[layer.node].chol, rtol=1e-6, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------- errors
