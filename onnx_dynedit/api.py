@@ -11,6 +11,7 @@ nothing unless asked to (``out``); every user error is a DynEditError.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import progress, threads
+from . import memory, progress, threads
 from .data import Pairs, Samples, check_against_input, check_labels, load_pairs, load_samples
 from .errors import CheckFailed, DataError, EditError, InputError, OutputError, option
 from .options import check_choice, check_config, check_known, check_range
 from .report import to_json
-from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, save_model
+from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, save_model, stage_model
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,11 @@ def _refuse_data_overwrite(outputs, data_inputs) -> None:
                               hint="write the output to another path")
 
 
-def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
-    """ORT on the written model vs the twin with the same edits, on ``feeds_x``; a model
-    with a fixed batch size is fed that many rows at a time (the worst chunk counts)."""
+def _parity_after(twin, feeds_x: np.ndarray, session, edits):
+    """ORT (``session``, on the written model) vs the twin with the same edits, on
+    ``feeds_x``; a model with a fixed batch size is fed that many rows at a time (the
+    worst chunk counts)."""
     from .parity import check_parity
-    from .sessions import ort_session
 
     spec = twin.inputs[0]
 
@@ -82,15 +83,13 @@ def _parity_after(twin, feeds_x: np.ndarray, new_model, edits):
 
     batch = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
     if batch is None:
-        return check_parity(twin, feeds(feeds_x), model=new_model, edits=edits)
+        return check_parity(twin, feeds(feeds_x), session=session, edits=edits)
     if len(feeds_x) < batch:
         reps = -(-batch // len(feeds_x))
         feeds_x = np.concatenate([feeds_x] * reps)
     worst = None
-    session = ort_session(new_model)  # one session for every chunk
     for start in range(0, min(len(feeds_x), max(batch, 64)) - batch + 1, batch):
-        parity = check_parity(twin, feeds(feeds_x[start:start + batch]), model=new_model, edits=edits,
-                              session=session)
+        parity = check_parity(twin, feeds(feeds_x[start:start + batch]), session=session, edits=edits)
         if worst is None or not (parity.max_rel_diff <= worst.max_rel_diff):
             worst = parity
     return worst
@@ -475,46 +474,64 @@ class _Written:
 
 def _write_edits(twin, loaded: LoadedModel, inputs: Inputs, result, edits, out, protected, in_place,
                  clock: _Clock) -> _Written:
-    """Write the accepted edits back into the ONNX initializers, check the written model
-    against the edited twin with ONNX Runtime, and save it when ``out`` is given."""
+    """Write the accepted edits back into the ONNX initializers, check the written file
+    against the edited twin with ONNX Runtime, and put it at ``out`` (when given) only
+    once it passes. The edited proto is dropped once written, before ORT loads the file:
+    the loaded model, the twin and ORT's session are then the only copies of the weights."""
     from .parity import require_parity
-    from .metadata import edit_record
-    from .writeback import write_back, written_edits
+    from .sessions import ort_session
 
+    gc.collect()  # what the loop left behind goes before a copy of the weights is made
+    memory.trim()
     t0 = time.perf_counter()
     with progress.phase("write back into the ONNX initializers"):
         updates = result.updates()
-        new_model = write_back(loaded, updates, extra_provenance={
-            "edits": len(result.edits), "layers": [u.layer.node for u in updates]})
+        staged, rounding, checked = _stage_edits(loaded, updates, result, edits, out, protected, in_place)
     clock.phase("write_back", t0)
     feeds_x = np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean])
-    quantised = any(u.layer.quant is not None for u in updates)
-    t0 = time.perf_counter()
-    with progress.phase("parity of the written model (ONNX Runtime vs edited twin)"):
-        # parity of what was written: a requantised layer's change is not the float edit
-        parity = _parity_after(twin, feeds_x, new_model,
-                               written_edits(loaded.model, new_model, updates) if quantised else edits)
-    clock.phase("parity_after", t0)
-    require_parity(parity, f"{loaded.label} (edited)")
+    with staged:
+        t0 = time.perf_counter()
+        with progress.phase("parity of the written model (ONNX Runtime vs edited twin)"):
+            session = ort_session(staged.path, what="edited model")
+            # parity of what was written: a requantised layer's change is not the float edit
+            parity = _parity_after(twin, feeds_x, session, checked)
+        clock.phase("parity_after", t0)
+        require_parity(parity, f"{loaded.label} (edited)")
+        rounding_effect: dict = {}
+        if checked is not edits or any(r["dtype"] not in ("float32", "float64") for r in rounding):
+            effect = _parity_after(twin, feeds_x, session, edits)
+            rounding_effect = {"max_abs_logit_change": effect.max_abs_diff, "max_rel_logit_change": effect.max_rel_diff,
+                               "n_inputs": effect.n_inputs,
+                               "what": "ONNX Runtime on the written model vs the twin with the float edit"}
+        del session
+        written = None
+        if out is not None:
+            t0 = time.perf_counter()
+            with progress.phase(f"save {out}"):
+                written = str(staged.commit())
+            clock.phase("save", t0)
+    return _Written(path=written, changed=tuple(u.layer.initializer for u in updates),
+                    parity_after=parity.to_dict(), rounding=rounding, rounding_effect=rounding_effect)
+
+
+def _stage_edits(loaded: LoadedModel, updates, result, edits, out, protected, in_place):
+    """The edited model written in full to a staged file (``io.stage_model``); returns
+    it with the rounding records and the edits its parity is checked against (what was
+    written: a requantised layer's change is not the float edit)."""
+    from .metadata import edit_record
+    from .writeback import write_back, written_edits
+
+    new_model = write_back(loaded, updates, extra_provenance={
+        "edits": len(result.edits), "layers": [u.layer.node for u in updates]})
     rounding = tuple({"initializer": r["initializer"], "node": r["node"], "dtype": r["dtype"],
                       **({"quant": r["quant"]} if "quant" in r else {}),
                       "aux_changed": [a["initializer"] for a in r.get("aux", [])], **r["rounding"]}
                      for r in edit_record(new_model)["tensors"])
-    rounding_effect: dict = {}
-    if quantised or any(r["dtype"] not in ("float32", "float64") for r in rounding):
-        effect = _parity_after(twin, feeds_x, new_model, edits)
-        rounding_effect = {"max_abs_logit_change": effect.max_abs_diff, "max_rel_logit_change": effect.max_rel_diff,
-                           "n_inputs": effect.n_inputs,
-                           "what": "ONNX Runtime on the written model vs the twin with the float edit"}
-    written = None
-    if out is not None:
-        t0 = time.perf_counter()
-        with progress.phase(f"save {out}"):
-            written = str(save_model(new_model, out, external_names=_external_names(loaded, new_model),
-                                     protected=protected, in_place=in_place))
-        clock.phase("save", t0)
-    return _Written(path=written, changed=tuple(u.layer.initializer for u in updates),
-                    parity_after=parity.to_dict(), rounding=rounding, rounding_effect=rounding_effect)
+    quantised = any(u.layer.quant is not None for u in updates)
+    checked = written_edits(loaded.model, new_model, updates) if quantised else edits
+    staged = stage_model(new_model, out, external_names=_external_names(loaded, new_model),
+                         protected=protected, in_place=in_place)
+    return staged, rounding, checked
 
 
 def _save_unchanged(loaded: LoadedModel, out, protected, in_place, clock: _Clock) -> _Written:

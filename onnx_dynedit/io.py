@@ -452,10 +452,10 @@ def file_mode_for(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
-def _atomic_replace(path: Path, fill, *, what: str, mode: int | None = None) -> None:
-    """Create a temp file next to ``path``, let ``fill(fd, tmp_path)`` write it (and close
-    ``fd``), fsync, give it ``mode`` (default ``file_mode_for(path)``), rename over
-    ``path``; on any failure the temp file is removed and ``path`` is untouched."""
+def _write_temp(path: Path, fill, *, what: str, mode: int | None = None) -> Path:
+    """A temp file next to ``path``, written by ``fill(fd, tmp_path)`` (which closes
+    ``fd``), given ``mode`` (default ``file_mode_for(path)``) and fsynced; on any failure
+    it is removed (an ``OSError`` becomes an ``OutputError`` naming ``path``)."""
     mode = file_mode_for(path) if mode is None else mode
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -467,15 +467,33 @@ def _atomic_replace(path: Path, fill, *, what: str, mode: int | None = None) -> 
         os.chmod(tmp, mode)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # disk full, permissions, target is a directory...
+    except OSError as exc:  # disk full, permissions...
         _unlink_quietly(tmp)
         raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}",
                           hint="nothing was changed; check free space and permissions") from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    return Path(tmp)
+
+
+def _replace(tmp: Path, path: Path, *, what: str) -> None:
+    """Rename the written ``tmp`` over ``path`` and fsync the folder; on failure ``tmp``
+    is removed and ``path`` untouched."""
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:  # target is a directory, another filesystem...
+        _unlink_quietly(tmp)
+        raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}",
+                          hint="nothing was changed; check free space and permissions") from None
     _fsync_dir(path.parent)
+
+
+def _atomic_replace(path: Path, fill, *, what: str, mode: int | None = None) -> None:
+    """Create a temp file next to ``path``, let ``fill(fd, tmp_path)`` write it (and close
+    ``fd``), fsync, give it ``mode`` (default ``file_mode_for(path)``), rename over
+    ``path``; on any failure the temp file is removed and ``path`` is untouched."""
+    _replace(_write_temp(path, fill, what=what, mode=mode), path, what=what)
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> None:
@@ -510,37 +528,105 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external_names
     file). With ``in_place`` and ``out`` among ``protected``, a ``.bak`` copy of the
     old file is kept first.
     """
-    protected = protected or []
-    out = check_output_path(out, protected, in_place=in_place)
-    if in_place and out.resolve() in protected and out.exists():
-        backup = backup_file(out)
-        log.info("kept a backup of %s at %s", out, backup)
+    staged = stage_model(model, out, external_names=external_names, protected=protected, in_place=in_place)
+    return staged.commit()
 
-    old_data = _previous_data_files(out)
-    data_name = None
-    new_data = None
-    if external_names:  # moving tensors out changes the proto: a copy's (one file: serialised as it is)
-        model = _copy(model)
-        blob, data_name = _externalize(model, set(external_names), out.name)
-        if data_name is not None:
-            if not (out.parent / data_name).exists():
-                new_data = out.parent / data_name
-            # the data file goes with the model: same mode as the model file gets
-            atomic_write_bytes(out.parent / data_name, blob, mode=file_mode_for(out))
-    payload = model.SerializeToString(deterministic=True)
+
+@dataclass
+class StagedModel:
+    """A model written in full to a temporary file (``path``, which ONNX Runtime can load:
+    its external data, if any, sits beside it) that ``commit`` renames over ``out`` (with
+    ``in_place``, the replaced input's ``.bak`` copy was made before staging), or
+    ``discard`` removes, together with any data file the staging created. ``out`` None:
+    the file lives in a temporary folder of its own and there is nothing to commit."""
+
+    path: Path | None                  # None until the file is written in full
+    out: Path | None
+    protected: list[Path] = field(default_factory=list)
+    data_name: str | None = None
+    new_data: Path | None = None       # a data file this staging created (removed on discard)
+    old_data: list[Path] = field(default_factory=list)
+    folder: Path | None = None         # the temporary folder (out None)
+    done: bool = False
+
+    def commit(self) -> Path | None:
+        """Put the staged file at ``out``; data files of an earlier version of ``out``
+        are removed."""
+        if self.out is None:
+            self.discard()
+            return None
+        out = self.out
+        try:
+            _replace(self.path, out, what="file")
+        except BaseException:
+            self.discard()
+            raise
+        self.done = True
+        for stale in self.old_data:
+            if stale.name != self.data_name and stale.resolve() not in self.protected:
+                _unlink_quietly(stale)
+        return out
+
+    def discard(self) -> None:
+        """Remove what the staging wrote (nothing once committed)."""
+        if self.done:
+            return
+        self.done = True
+        if self.path is not None:
+            _unlink_quietly(self.path)
+        if self.new_data is not None:  # the old model (if any) does not use it: do not leave it behind
+            _unlink_quietly(self.new_data)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> "StagedModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
+def stage_model(model: onnx.ModelProto, out: str | os.PathLike | None, *, external_names=None,
+                protected: list[Path] | None = None, in_place: bool = False) -> StagedModel:
+    """Write ``model`` in full to a temporary file next to ``out`` (``out`` None: in a
+    temporary folder), its external data (``external_names``) to a content-named file
+    beside it; ``commit`` then puts it at ``out``. The caller may drop ``model`` once
+    staged: checking the file (an ONNX Runtime session on ``path``) needs no second
+    copy of the weights in memory."""
+    protected = protected or []
+    folder = None
+    if out is None:
+        folder = Path(tempfile.mkdtemp(prefix="dynedit-stage-"))
+        target = folder / "model.onnx"
+    else:
+        target = check_output_path(out, protected, in_place=in_place)
+        if in_place and target.resolve() in protected and target.exists():
+            log.info("kept a backup of %s at %s", target, backup_file(target))
+    staged = StagedModel(path=None, out=None if out is None else target, protected=protected,
+                         old_data=_previous_data_files(target), folder=folder)
     try:
-        atomic_write_bytes(out, payload)
+        if external_names:  # moving tensors out changes the proto: a copy's (one file: serialised as it is)
+            model = _copy(model)
+            blob, staged.data_name = _externalize(model, set(external_names), target.name)
+            if staged.data_name is not None:
+                data = target.parent / staged.data_name
+                if not data.exists():
+                    staged.new_data = data
+                # the data file goes with the model: same mode as the model file gets
+                atomic_write_bytes(data, blob, mode=file_mode_for(target))
+                del blob
+        payload = model.SerializeToString(deterministic=True)
+        del model
+
+        def fill(fd, tmp):
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(payload)
+
+        staged.path = _write_temp(target, fill, what="file")
     except BaseException:
-        if new_data is not None:  # the old model (if any) does not use it: do not leave it behind
-            _unlink_quietly(new_data)
+        staged.discard()
         raise
-    for stale in old_data:
-        if stale.name != data_name and stale.resolve() not in protected:
-            try:
-                stale.unlink()
-            except OSError:
-                pass
-    return out
+    return staged
 
 
 def backup_file(path: Path) -> Path:

@@ -141,6 +141,38 @@ def test_error_while_saving_external_data(setup, capfd, monkeypatch, fail_on_cal
     assert load_model(target).sha256 == load_model(setup["ext"]).sha256  # the old target still loads whole
 
 
+@pytest.mark.parametrize("model_key", ["model", "ext"])
+def test_written_model_failing_parity_leaves_nothing(setup, capfd, monkeypatch, model_key):
+    """The written file is checked with ONNX Runtime before it is put at the target: when
+    its weights are not the twin's edit (here: the changed initializer doubled as it is
+    written), edit exits 1 naming the edited model, the old target is intact, and no
+    staged file or orphan data file is left."""
+    from onnx import numpy_helper
+
+    import onnx_dynedit.writeback as writeback
+
+    real = writeback.write_back
+
+    def doubled(loaded, updates, **kwargs):
+        model = real(loaded, updates, **kwargs)
+        for init in model.graph.initializer:
+            if init.name == updates[0].layer.initializer:
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2, init.name))
+        return model
+
+    target = setup["out"] / "fixed.onnx"
+    target.write_bytes(setup["edited"].read_bytes())  # a previous version of the target
+    before = listing(setup["out"])
+    monkeypatch.setattr(writeback, "write_back", doubled)
+    code, _o, err = run(["edit", setup[model_key], "--pairs", setup["pairs"], "--stats", setup["stats"],
+                         "-o", target, *FAST], capfd)
+    monkeypatch.undo()
+    assert code == 1, err
+    line = one_error_line(err)
+    assert "(edited)" in line and "differs from ONNX Runtime" in line
+    assert listing(setup["out"]) == before
+
+
 def test_error_while_writing_the_in_place_backup(setup, capfd, monkeypatch):
     model = setup["edited"]
     before = listing(model.parent)
