@@ -80,6 +80,7 @@ GAP_EPS = 1e-6          # a gap must fall by more than this to count as smaller 
 BUDGET_SLACK = 1e-12    # a degradation equal to the budget passes (float rounding of exact fractions)
 MIN_HOLDOUT_POOL = 4    # fewer stats inputs than this: nothing is held out (the check is in-sample)
 FIT_BUDGET = 4 * ACTIVATION_BUDGET  # bytes of activations one forward/backward pass of the output fit keeps
+SCREEN_CACHE_BUDGET = ACTIVATION_BUDGET  # bytes of upstream values a screen's recording may keep
 NORM_FLOOR = 1e-8       # mean squares the fit losses are divided by never fall below this (all-zero logits)
 SHARE_FLOOR = 1e-12     # denominators of shares and gains (an all-zero attribution or channel)
 SAME_VALUE = 1e-6       # a stats input 'equals' the clean twin where the pairs differ within this
@@ -570,6 +571,7 @@ class Criterion:
         self.check = plan.check_corrupt if plan.check_corrupt is not None and len(plan.check_corrupt) else None
         self.static = plan.static
         self.check_p = None
+        self._screening = None  # (runner, prev, layer nodes) while a screen is open
         if self.check is not None:  # the shipped model on the check pairs' clean sides
             self.check_p = torch.softmax(torch.as_tensor(twin.run(plan.check_clean)), 1)
 
@@ -587,14 +589,55 @@ class Criterion:
     def reached(self, s: Score) -> bool:
         return s.fixed == self.n and s.gap <= self.target
 
+    def record_screen(self, prev: list[TorchEdit], layers: list[Layer], n_check: int) -> None:
+        """Until ``end_screen``, a screening trial of one of ``layers`` on top of ``prev``
+        (scored on the corrupted inputs and the first ``n_check`` check pairs) recomputes
+        only what follows its layer, from one recording of the values upstream of each
+        layer (``DownstreamRunner``); when those would exceed SCREEN_CACHE_BUDGET
+        (real-size inputs) or the model has several inputs, trials run whole as before."""
+        check = self.check[:n_check] if self.check is not None else None
+        x = self.corrupt if check is None else np.concatenate([self.corrupt, check])
+        runner = None
+        if len(self.twin.inputs) == 1 and layers:
+            with torch.no_grad(), self.twin.applied(prev):
+                per_row = DownstreamRunner.row_bytes(self.twin, layers, self.corrupt_t)
+                if per_row * len(x) <= SCREEN_CACHE_BUDGET:
+                    runner = DownstreamRunner(self.twin, layers, self.twin.to_tensor(x),
+                                              rows=self.twin.pass_rows(self.x1))
+        self._screening = None if runner is None else (runner, list(prev), {l.node for l in layers})
+
+    def end_screen(self) -> None:
+        self._screening = None
+        memory.trim()
+
+    def _screened(self, edits) -> np.ndarray | None:
+        """The logits of a screening trial's inputs from the open recording, or None."""
+        if self._screening is None:
+            return None
+        runner, prev, nodes = self._screening
+        last = edits[-1] if edits else None
+        if (last is None or last.layer.node not in nodes or len(edits) != len(prev) + 1
+                or any(a is not b for a, b in zip(edits, prev))):
+            return None
+        rows = self.twin.pass_rows(self.x1)
+        with torch.no_grad(), self.twin.applied(edits):
+            out = [runner(slice(i, i + rows), layer=last.layer).double().cpu().numpy()
+                   for i in range(0, runner.n_rows, rows)]
+        return np.concatenate(out)
+
     def score(self, edits, n_check: int | None = None) -> Score:
         """``n_check``: score only the first this many check pairs (a screening trial)."""
         check, check_p = self.check, self.check_p
         if check is not None and n_check is not None:
             check, check_p = check[:n_check], check_p[:n_check]
-        with self.twin.applied(edits):
-            p = torch.softmax(torch.as_tensor(self.twin.run(self.corrupt)), 1)
-            q = None if check is None else torch.softmax(torch.as_tensor(self.twin.run(check)), 1)
+        logits = None if n_check is None else self._screened(edits)
+        if logits is not None:
+            p = torch.softmax(torch.as_tensor(logits[:self.n]), 1)
+            q = None if check is None else torch.softmax(torch.as_tensor(logits[self.n:]), 1)
+        else:
+            with self.twin.applied(edits):
+                p = torch.softmax(torch.as_tensor(self.twin.run(self.corrupt)), 1)
+                q = None if check is None else torch.softmax(torch.as_tensor(self.twin.run(check)), 1)
         ok = p.argmax(1) == self.target_cls
         per_pair = self.per_pair_gap(p, edits)
         r = self.n_real
@@ -968,14 +1011,19 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
     the trials that improve, until ``screen_keep`` pass the budget: the same choice as
     measuring all. Step numbers are given by ``_choose``."""
     short = []
-    for opt in options:
-        t, done = _confirmed(crit, degradation, trial(crit, degradation, opt, prev, state, timings,
-                                                      steps=crit.screen_steps), prev, timings)
-        if done is not None:
-            out = [replace(u.step, accepted=False, reason=f"not kept: {done.step.node} did better")
-                   if u.step.accepted else u.step for _, u in short]
-            return out, [], done
-        short.append((opt, t))
+    with timings("check"):
+        crit.record_screen(prev, list({o.layer.node: o.layer for o in options}.values()), crit.cfg.screen_check)
+    try:
+        for opt in options:
+            t, done = _confirmed(crit, degradation, trial(crit, degradation, opt, prev, state, timings,
+                                                          steps=crit.screen_steps), prev, timings)
+            if done is not None:
+                out = [replace(u.step, accepted=False, reason=f"not kept: {done.step.node} did better")
+                       if u.step.accepted else u.step for _, u in short]
+                return out, [], done
+            short.append((opt, t))
+    finally:
+        crit.end_screen()
     keep = _best(crit, degradation, short, prev, timings)
     how = f"{crit.screen_steps} Adam steps" if crit.screen_steps else "the closed form"
     out = [replace(t.step, accepted=False, reason=f"screened out after {how} "

@@ -461,36 +461,50 @@ class DownstreamRunner:
     calls recompute the layer and what follows it. Used while fitting an edit, where
     the input and everything upstream of the edited layer stay fixed. ``rows``: inputs
     per recording pass (default all; the peak is one pass plus the cached values).
+    ``layer`` may be a list of layers: one recording keeps what each of them needs, and
+    a call names the layer whose downstream part it recomputes (``layer=``; default
+    the first), the screen's use: every candidate's trial scored from one recording.
     """
 
-    def __init__(self, twin: "Twin", layer: Layer, *inputs: torch.Tensor, rows: int | None = None):
+    def __init__(self, twin: "Twin", layer, *inputs: torch.Tensor, rows: int | None = None):
         from torch import fx
 
         if len(inputs) == 1 and isinstance(inputs[0], tuple):
             inputs = inputs[0]
         gm = twin.module
-        downstream = _downstream(gm, layer)
-        cache, sliced = _record(gm, inputs, downstream, rows)
+        layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+        parts = {l.node: _downstream(gm, l) for l in layers}
+        cache, sliced = _record(gm, inputs, list(parts.values()), rows)
 
         class _Replay(fx.Interpreter):
             rows: slice | None = None
+            downstream: set = parts[layers[0].node]
 
             def run_node(self, n):
+                if n in self.downstream or n.op == "output":
+                    return super().run_node(n)
                 if n in cache:
                     return cache[n][self.rows] if self.rows is not None and n in sliced else cache[n]
-                if n not in downstream and n.op != "output":
-                    return None  # upstream and not read downstream: skipped
-                return super().run_node(n)
+                return None  # upstream and not read downstream: skipped
 
         self._replay = _Replay(gm)
+        self._parts = parts
+        self._first = layers[0].node
         self._inputs = inputs
         self._select = twin.select
         self.n_rows = batch_size_of(inputs[0] if len(inputs) == 1 else tuple(inputs))  # the batch it caches
 
-    def __call__(self, rows: slice | None = None) -> torch.Tensor:
+    @staticmethod
+    def row_bytes(twin: "Twin", layers, x1: torch.Tensor) -> int:
+        """Bytes a recording of ``layers`` keeps per input row (one row recorded)."""
+        cache, sliced = _record(twin.module, (x1[:1],), [_downstream(twin.module, l) for l in layers], None)
+        return sum(cache[n].numel() * cache[n].element_size() for n in sliced)
+
+    def __call__(self, rows: slice | None = None, layer: Layer | None = None) -> torch.Tensor:
         """The output on every input, or on the inputs ``rows`` (a slice of the batch:
-        memory for one chunk of the fit at a time)."""
+        memory for one chunk of the fit at a time), recomputed from ``layer`` on."""
         self._replay.rows = rows
+        self._replay.downstream = self._parts[self._first if layer is None else layer.node]
         try:
             return self._select(self._replay.run(*self._inputs))
         finally:
@@ -512,10 +526,11 @@ def _downstream(gm, layer: Layer) -> set:
     return downstream
 
 
-def _record(gm, inputs: tuple, downstream: set, rows: int | None) -> tuple[dict, set]:
-    """Run the graph on ``inputs`` (``rows`` at a time) and keep the values the
-    downstream part reads (the frontier): (node -> value, the nodes whose values have a
-    batch axis, gathered pass by pass into one tensor)."""
+def _record(gm, inputs: tuple, parts: list[set], rows: int | None) -> tuple[dict, set]:
+    """Run the graph on ``inputs`` (``rows`` at a time) and keep the values each
+    downstream part in ``parts`` reads from outside itself (its frontier): (node ->
+    value, the nodes whose values have a batch axis, gathered pass by pass into one
+    tensor)."""
     from torch import fx
 
     n_rows = batch_size_of(inputs[0] if len(inputs) == 1 else tuple(inputs))
@@ -539,7 +554,7 @@ def _record(gm, inputs: tuple, downstream: set, rows: int | None) -> tuple[dict,
     class _Record(fx.Interpreter):
         def run_node(self, n):
             value = super().run_node(n)
-            if n not in downstream and n.op != "output" and any(u in downstream for u in n.users):
+            if n.op != "output" and any(n not in part and any(u in part for u in n.users) for part in parts):
                 keep(n, value)
             return value
 

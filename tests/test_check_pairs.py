@@ -229,3 +229,52 @@ def test_a_screening_trial_ends_the_round_only_on_every_check_pair(fixed, count,
     if ends:
         assert done.after.check_count == 10 and done.step.check_fixed_after == 10
         assert done.step.degradation == degradation and done.step.accepted
+
+
+@pytest.mark.parametrize("with_prev", [False, True])
+def test_screening_trials_scored_from_one_recording_match_whole_runs(badnets, monkeypatch, with_prev):
+    """A screen records, once per round, the values upstream of every candidate layer on
+    the corrupted inputs and the first ``screen_check`` check pairs; each screening trial
+    then recomputes only what follows its layer. Its scores equal those of running the
+    whole model, for every layer, also on top of an earlier edit; a trial on another base,
+    a full trial, or a recording over SCREEN_CACHE_BUDGET runs whole."""
+    import onnx_dynedit.rectify as rectify_mod
+    from onnx_dynedit.rank_one import RankOneEdit
+    from onnx_dynedit.rectify import make_criterion
+    from onnx_dynedit.twin import DownstreamRunner
+
+    twin, corrupt, clean, stats = badnets
+    cfg = RectifyConfig(screen_check=24)
+    plan = make_plan(twin, corrupt, clean, stats, None, None, cfg)
+    crit = make_criterion(twin, plan, cfg)
+    rng = np.random.default_rng(0)
+    layers = list(plan.candidates)
+
+    def edit(layer, scale=0.3):
+        return RankOneEdit(layer, rng.standard_normal(layer.out_features) * scale,
+                           rng.standard_normal(layer.in_features) * scale).to_torch(twin.device)
+
+    prev = [edit(layers[0])] if with_prev else []
+    screened = layers[1:] if with_prev else layers
+    trials = [prev + [edit(layer)] for layer in screened]
+    whole = [crit.score(e, 24) for e in trials]
+    replays = []
+    real_call = DownstreamRunner.__call__
+    monkeypatch.setattr(DownstreamRunner, "__call__", lambda self, *a, **k: replays.append(1) or real_call(self, *a, **k))
+    crit.record_screen(prev, screened, 24)
+    try:
+        recorded = [crit.score(e, 24) for e in trials]
+        assert len(replays) >= len(trials)
+        n = len(replays)
+        crit.score(trials[0])  # a full trial: every check pair, run whole
+        crit.score([edit(layers[0]), edit(layers[1])], 24)  # on another base
+        assert len(replays) == n
+    finally:
+        crit.end_screen()
+    for a, b in zip(whole, recorded):
+        assert a.fixed == b.fixed and a.check_fixed == b.check_fixed and a.check_count == b.check_count == 24
+        assert np.isclose(a.gap, b.gap, rtol=1e-5, atol=1e-7) and np.isclose(a.check_gap, b.check_gap, rtol=1e-5, atol=1e-7)
+    monkeypatch.setattr(rectify_mod, "SCREEN_CACHE_BUDGET", 0)
+    crit.record_screen(prev, screened, 24)
+    assert crit._screening is None
+    crit.end_screen()
