@@ -571,7 +571,6 @@ class Criterion:
         self.check = plan.check_corrupt if plan.check_corrupt is not None and len(plan.check_corrupt) else None
         self.static = plan.static
         self.check_p = None
-        self._screening = None  # (runner, prev, layer nodes) while a screen is open
         if self.check is not None:  # the shipped model on the check pairs' clean sides
             self.check_p = torch.softmax(torch.as_tensor(twin.run(plan.check_clean)), 1)
 
@@ -589,55 +588,52 @@ class Criterion:
     def reached(self, s: Score) -> bool:
         return s.fixed == self.n and s.gap <= self.target
 
-    def record_screen(self, prev: list[TorchEdit], layers: list[Layer], n_check: int) -> None:
-        """Until ``end_screen``, a screening trial of one of ``layers`` on top of ``prev``
-        (scored on the corrupted inputs and the first ``n_check`` check pairs) recomputes
-        only what follows its layer, from one recording of the values upstream of each
-        layer (``DownstreamRunner``); when those would exceed SCREEN_CACHE_BUDGET
-        (real-size inputs) or the model has several inputs, trials run whole as before."""
-        check = self.check[:n_check] if self.check is not None else None
-        x = self.corrupt if check is None else np.concatenate([self.corrupt, check])
-        runner = None
-        if len(self.twin.inputs) == 1 and layers:
-            with torch.no_grad(), self.twin.applied(prev):
-                per_row = DownstreamRunner.row_bytes(self.twin, layers, self.corrupt_t)
-                if per_row * len(x) <= SCREEN_CACHE_BUDGET:
-                    runner = DownstreamRunner(self.twin, layers, self.twin.to_tensor(x),
-                                              rows=self.twin.pass_rows(self.x1))
-        self._screening = None if runner is None else (runner, list(prev), {l.node for l in layers})
-
-    def end_screen(self) -> None:
-        self._screening = None
-        memory.trim()
-
-    def _screened(self, edits) -> np.ndarray | None:
-        """The logits of a screening trial's inputs from the open recording, or None."""
-        if self._screening is None:
-            return None
-        runner, prev, nodes = self._screening
-        last = edits[-1] if edits else None
-        if (last is None or last.layer.node not in nodes or len(edits) != len(prev) + 1
-                or any(a is not b for a, b in zip(edits, prev))):
-            return None
-        rows = self.twin.pass_rows(self.x1)
-        with torch.no_grad(), self.twin.applied(edits):
-            out = [runner(slice(i, i + rows), layer=last.layer).double().cpu().numpy()
-                   for i in range(0, runner.n_rows, rows)]
-        return np.concatenate(out)
+    def _check_set(self, n_check: int | None):
+        """(the check pairs' corrupted sides, the shipped model's outputs on their clean
+        sides): the first ``n_check`` (a screening trial) or all; (None, None) without."""
+        if self.check is None or n_check is None:
+            return self.check, self.check_p
+        return self.check[:n_check], self.check_p[:n_check]
 
     def score(self, edits, n_check: int | None = None) -> Score:
         """``n_check``: score only the first this many check pairs (a screening trial)."""
-        check, check_p = self.check, self.check_p
-        if check is not None and n_check is not None:
-            check, check_p = check[:n_check], check_p[:n_check]
-        logits = None if n_check is None else self._screened(edits)
-        if logits is not None:
-            p = torch.softmax(torch.as_tensor(logits[:self.n]), 1)
-            q = None if check is None else torch.softmax(torch.as_tensor(logits[self.n:]), 1)
-        else:
-            with self.twin.applied(edits):
-                p = torch.softmax(torch.as_tensor(self.twin.run(self.corrupt)), 1)
-                q = None if check is None else torch.softmax(torch.as_tensor(self.twin.run(check)), 1)
+        check, check_p = self._check_set(n_check)
+        with self.twin.applied(edits):
+            logits = self.twin.run(self.corrupt)
+            check_logits = None if check is None else self.twin.run(check)
+        return self._score(logits, check_logits, check_p, edits)
+
+    def screen_scores(self, prev: list[TorchEdit], trials: list[TorchEdit], n_check: int) -> list[Score]:
+        """``score(prev + [t], n_check)`` of every screening trial ``t``, with less work: the
+        inputs go in chunks, each chunk's values upstream of every trial's layer recorded
+        once (``DownstreamRunner``) and each trial recomputing only what follows its layer.
+        A chunk's recording stays within SCREEN_CACHE_BUDGET (one input when a single one
+        exceeds it). A model with several inputs runs each trial whole."""
+        check, check_p = self._check_set(n_check)
+        if len(self.twin.inputs) != 1 or not trials:
+            return [self.score(prev + [t], n_check) for t in trials]
+        x = self.corrupt if check is None else np.concatenate([self.corrupt, check])
+        layers = list({t.layer.node: t.layer for t in trials}.values())
+        with torch.no_grad(), self.twin.applied(prev):
+            per_row = DownstreamRunner.row_bytes(self.twin, layers, self.corrupt_t)
+        chunk, rows = int(max(1, min(len(x), SCREEN_CACHE_BUDGET // max(per_row, 1)))), self.twin.pass_rows(self.x1)
+        logits: list[list[np.ndarray]] = [[] for _ in trials]
+        for lo in range(0, len(x), chunk):
+            with torch.no_grad(), self.twin.applied(prev):
+                runner = DownstreamRunner(self.twin, layers, self.twin.to_tensor(x[lo:lo + chunk]), rows=rows)
+            for out, t in zip(logits, trials):
+                with torch.no_grad(), self.twin.applied(prev + [t]):
+                    out.extend(runner(slice(i, i + rows), layer=t.layer).double().cpu().numpy()
+                               for i in range(0, runner.n_rows, rows))
+            del runner
+            memory.trim()
+        n = self.n
+        return [self._score(a[:n], None if check is None else a[n:], check_p, prev + [t])
+                for a, t in zip(map(np.concatenate, logits), trials)]
+
+    def _score(self, logits: np.ndarray, check_logits: np.ndarray | None, check_p, edits) -> Score:
+        p = torch.softmax(torch.as_tensor(logits), 1)
+        q = None if check_logits is None else torch.softmax(torch.as_tensor(check_logits), 1)
         ok = p.argmax(1) == self.target_cls
         per_pair = self.per_pair_gap(p, edits)
         r = self.n_real
@@ -944,26 +940,43 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
     ``steps``: a screening trial (Adam steps of its fit, 0: the closed form), scored on the
     first ``screen_check`` check pairs, its degradation left unmeasured (NaN; ``_budgeted``);
     ``method``: the fit method when not the config's."""
-    layer, device = option.layer, crit.twin.device
+    edit, loss = _fitted(crit, option, prev, timings, steps, method)
+    after, degr = None, float("nan")
+    if edit.finite:
+        progress.step(f"check {option.layer.node}")
+        with timings("check"):
+            edits = prev + [edit.to_torch(crit.twin.device)]
+            after = crit.score(edits, None if steps is None else crit.cfg.screen_check)
+            degr = degradation(edits) if steps is None else float("nan")
+    return _judged(crit, degradation, option, prev, state, (edit, loss), after, degr, timings,
+                   screening=steps is not None)
+
+
+def _fitted(crit: Criterion, option: Option, prev: list[TorchEdit], timings: Timings, steps: int | None = None,
+            method: str | None = None) -> tuple[RankOneEdit, float | None]:
+    """(the edit of ``option``'s layer fitted on top of ``prev``, the fit's loss)."""
+    layer = option.layer
     how = "" if steps is None else f" ({f'{steps} steps' if steps else 'closed form'}, screening)"
     progress.step(f"fit {layer.node}{how}")
     with timings("fit"):
         fitted = crit.fit(layer, option.direction, option.factor, prev, steps, method)
     memory.trim()  # the fit's cached upstream values and activations are freed
-    edit = RankOneEdit(layer=layer, u=fitted.u.detach().double().cpu().numpy(),
-                       d=fitted.d.detach().double().cpu().numpy(), view=fitted.view)
-    if not edit.finite:
-        return Trial(_step(layer, option.score, state, state, float("nan"), "non-finite factors", edit,
-                           fitted.loss), edit, state)
-    progress.step(f"check {layer.node}")
-    with timings("check"):
-        edits = prev + [edit.to_torch(device)]
-        after = crit.score(edits, None if steps is None else crit.cfg.screen_check)
-        degr = degradation(edits) if steps is None else float("nan")
+    return RankOneEdit(layer=layer, u=fitted.u.detach().double().cpu().numpy(),
+                       d=fitted.d.detach().double().cpu().numpy(), view=fitted.view), fitted.loss
+
+
+def _judged(crit: Criterion, degradation: Degradation, option: Option, prev, state: Score, fitted: tuple,
+            after: Score | None, degr: float, timings: Timings, *, screening: bool) -> Trial:
+    """The trial of a fitted edit scored ``after`` (None: its factors are not finite);
+    a full trial is checked against the degradation budget."""
+    (edit, loss), layer = fitted, option.layer
+    if after is None:
+        return Trial(_step(layer, option.score, state, state, float("nan"), "non-finite factors", edit, loss),
+                     edit, state)
     why = crit.improves(state, after)
     t = Trial(_step(layer, option.score, state, after, degr, "accepted" if why is None else f"rolled back: {why}",
-                    edit, fitted.loss), edit, after)
-    return _budgeted(crit, degradation, t, prev, timings) if steps is None else t
+                    edit, loss), edit, after)
+    return t if screening else _budgeted(crit, degradation, t, prev, timings)
 
 
 def _budgeted(crit: Criterion, degradation: Degradation, t: Trial, prev, timings: Timings) -> Trial:
@@ -1004,26 +1017,28 @@ def _confirmed(crit: Criterion, degradation: Degradation, t: Trial, prev,
 def _screen(crit: Criterion, degradation: Degradation, options: list[Option], prev, state: Score,
             timings: Timings) -> tuple[list[EditStep], list[Option], Trial | None]:
     """Every option judged with a cheap u (``OutputGap.screen_steps``) on the first
-    ``screen_check`` check pairs; returns (the steps of those screened out, the
+    ``screen_check`` check pairs (every cheap u first, then all scored together:
+    ``Criterion.screen_scores``); returns (the steps of those screened out, the
     ``screen_keep`` best options in their order, a screening trial good enough to end the
     round or None). Best: passing, then most check pairs fixed, then the smallest gap on
     them (what ``OutputGap.pick`` prefers). The degradation is measured in that order, on
     the trials that improve, until ``screen_keep`` pass the budget: the same choice as
     measuring all. Step numbers are given by ``_choose``."""
-    short = []
+    fits = [_fitted(crit, opt, prev, timings, crit.screen_steps) for opt in options]
+    finite = [i for i, (edit, _) in enumerate(fits) if edit.finite]
+    progress.step(f"check {len(finite)} screening trials")
     with timings("check"):
-        crit.record_screen(prev, list({o.layer.node: o.layer for o in options}.values()), crit.cfg.screen_check)
-    try:
-        for opt in options:
-            t, done = _confirmed(crit, degradation, trial(crit, degradation, opt, prev, state, timings,
-                                                          steps=crit.screen_steps), prev, timings)
-            if done is not None:
-                out = [replace(u.step, accepted=False, reason=f"not kept: {done.step.node} did better")
-                       if u.step.accepted else u.step for _, u in short]
-                return out, [], done
-            short.append((opt, t))
-    finally:
-        crit.end_screen()
+        scores = dict(zip(finite, crit.screen_scores(prev, [fits[i][0].to_torch(crit.twin.device) for i in finite],
+                                                     crit.cfg.screen_check)))
+    short = []
+    for i, opt in enumerate(options):
+        t = _judged(crit, degradation, opt, prev, state, fits[i], scores.get(i), float("nan"), timings, screening=True)
+        t, done = _confirmed(crit, degradation, t, prev, timings)
+        if done is not None:
+            out = [replace(u.step, accepted=False, reason=f"not kept: {done.step.node} did better")
+                   if u.step.accepted else u.step for _, u in short]
+            return out, [], done
+        short.append((opt, t))
     keep = _best(crit, degradation, short, prev, timings)
     how = f"{crit.screen_steps} Adam steps" if crit.screen_steps else "the closed form"
     out = [replace(t.step, accepted=False, reason=f"screened out after {how} "

@@ -231,13 +231,15 @@ def test_a_screening_trial_ends_the_round_only_on_every_check_pair(fixed, count,
         assert done.step.degradation == degradation and done.step.accepted
 
 
+@pytest.mark.parametrize("budget", [None, 1])
 @pytest.mark.parametrize("with_prev", [False, True])
-def test_screening_trials_scored_from_one_recording_match_whole_runs(badnets, monkeypatch, with_prev):
-    """A screen records, once per round, the values upstream of every candidate layer on
-    the corrupted inputs and the first ``screen_check`` check pairs; each screening trial
-    then recomputes only what follows its layer. Its scores equal those of running the
-    whole model, for every layer, also on top of an earlier edit; a trial on another base,
-    a full trial, or a recording over SCREEN_CACHE_BUDGET runs whole."""
+def test_screening_scores_from_recordings_match_whole_runs(badnets, monkeypatch, with_prev, budget):
+    """A screen scores its trials together: the inputs (the pairs and the first
+    ``screen_check`` check pairs) go in chunks, each chunk's values upstream of every
+    candidate layer are recorded once, and each trial recomputes only what follows its
+    layer. The scores equal those of running the whole model for each trial, for every
+    layer, also on top of an earlier edit and with chunks of one input (a recording
+    budget of 1 byte)."""
     import onnx_dynedit.rectify as rectify_mod
     from onnx_dynedit.rank_one import RankOneEdit
     from onnx_dynedit.rectify import make_criterion
@@ -255,26 +257,17 @@ def test_screening_trials_scored_from_one_recording_match_whole_runs(badnets, mo
                            rng.standard_normal(layer.in_features) * scale).to_torch(twin.device)
 
     prev = [edit(layers[0])] if with_prev else []
-    screened = layers[1:] if with_prev else layers
-    trials = [prev + [edit(layer)] for layer in screened]
-    whole = [crit.score(e, 24) for e in trials]
-    replays = []
-    real_call = DownstreamRunner.__call__
-    monkeypatch.setattr(DownstreamRunner, "__call__", lambda self, *a, **k: replays.append(1) or real_call(self, *a, **k))
-    crit.record_screen(prev, screened, 24)
-    try:
-        recorded = [crit.score(e, 24) for e in trials]
-        assert len(replays) >= len(trials)
-        n = len(replays)
-        crit.score(trials[0])  # a full trial: every check pair, run whole
-        crit.score([edit(layers[0]), edit(layers[1])], 24)  # on another base
-        assert len(replays) == n
-    finally:
-        crit.end_screen()
-    for a, b in zip(whole, recorded):
+    trials = [edit(layer) for layer in (layers[1:] if with_prev else layers)]
+    whole = [crit.score(prev + [t], 24) for t in trials]
+    if budget is not None:
+        monkeypatch.setattr(rectify_mod, "SCREEN_CACHE_BUDGET", budget)
+    recordings = []
+    real_init = DownstreamRunner.__init__
+    monkeypatch.setattr(DownstreamRunner, "__init__",
+                        lambda self, *a, **k: recordings.append(1) or real_init(self, *a, **k))
+    together = crit.screen_scores(prev, trials, 24)
+    rows = len(crit.corrupt) + 24
+    assert len(recordings) == (rows if budget == 1 else 1)  # one recording per chunk, not per trial
+    for a, b in zip(whole, together, strict=True):
         assert a.fixed == b.fixed and a.check_fixed == b.check_fixed and a.check_count == b.check_count == 24
         assert np.isclose(a.gap, b.gap, rtol=1e-5, atol=1e-7) and np.isclose(a.check_gap, b.check_gap, rtol=1e-5, atol=1e-7)
-    monkeypatch.setattr(rectify_mod, "SCREEN_CACHE_BUDGET", 0)
-    crit.record_screen(prev, screened, 24)
-    assert crit._screening is None
-    crit.end_screen()
