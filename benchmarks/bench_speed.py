@@ -9,15 +9,17 @@ Models (random weights, seeded, exported to ONNX at run time; nothing is downloa
             statistics folded by the legacy exporter at opset 13), 64 stats inputs
   resnet50  torchvision ResNet-50 at 3x224x224 (ImageNet size), 200 stats inputs
   vgg16     torchvision VGG-16 at 3x240x240, 200 stats inputs
-A pair (a random image and the same image with a patch), stats and 64 val inputs. Every
-model runs in its own child process, so its peak RSS (``ru_maxrss``) is the edit's own.
-Each phase is reported in seconds, as a ratio to one forward+backward pass of the twin on
-one input (timed in the same process with the same thread settings, after warm-up), and
-with the peak RSS reached by the end of that phase. Fine-tuning rows: every weight of the
-twin, Adam (lr 1e-4), 20 steps on the n pairs (n = 1 and 20: corrupted and clean inputs,
-labels = the clean twins' classes), timed in the same process; the total row's peak RSS is
-the edit's, taken before them (they copy the model and keep Adam's state: a line below
-gives the peak after them).
+A pair (a random image and the same image with a patch), stats and 64 val inputs, as .npz
+files. Every model runs in its own child process, so its peak RSS (``ru_maxrss``) is the
+edit's own. The edit is ``edit_model``, the path `dynedit edit` runs (load, twin, parity,
+rectify, write-back to a staged file, ORT parity on it, rename); each phase of its clock is
+reported in seconds, as a ratio to one forward+backward pass of the twin on one input
+(timed in the same process with the same thread settings, after warm-up, on a twin built
+after the edit), and with the peak RSS sampled every 20 ms up to the end of that phase.
+Fine-tuning rows: every weight of the twin, Adam (lr 1e-4), 20 steps on the n pairs (n = 1
+and 20: corrupted and clean inputs, labels = the clean twins' classes), timed in the same
+process; the total row's peak RSS is the edit's, taken before them (they copy the model and
+keep Adam's state: a line below gives the peak after them).
 
 A random network predicts one class for everything, so no pair "misbehaves";
 ``target_gap=0`` and ``max_edits=1`` make the loop do its full work once: localise, fit,
@@ -142,16 +144,41 @@ def finetune_seconds(twin, corrupt, clean, steps: int = FT_STEPS) -> float:
     return time.perf_counter() - t
 
 
+PHASES = {"load": "load + check (model and data)", "twin_and_parity": "twin (onnx2torch) + parity before (ORT vs twin)",
+          "rectify": "rectify (total)", "write_back": "write-back (edited model staged to a file)",
+          "parity_after": "parity after (ORT on the staged file)", "save": "save (rename over the output)"}
+
+
+class RssSampler:
+    """Resident size every 20 ms in a thread: (seconds since start, MB) samples."""
+
+    def __init__(self):
+        import threading
+
+        self.samples, self.t0, self.stop = [], time.perf_counter(), False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop:
+            with open("/proc/self/statm") as fh:
+                self.samples.append((time.perf_counter() - self.t0, int(fh.read().split()[1]) * 4096 / 2**20))
+            time.sleep(0.02)
+
+    def peak_until(self, t: float) -> float:
+        return max((mb for s, mb in self.samples if s <= t), default=0.0)
+
+
 def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_method: str,
             fit_steps: int | None = None, ft_steps: int = FT_STEPS, check_candidates: int | None = None) -> dict:
-    """The measured run (child process): every phase of `dynedit edit`, timed, with
-    freed memory returned to the system as the CLI does (onnx_dynedit.memory)."""
+    """The measured run (child process): ``edit_model``, what `dynedit edit` runs, with
+    freed memory returned to the system as the CLI does (onnx_dynedit.memory), its
+    phases from the edit's own clock; then the baseline and the fine-tuning rows on a
+    twin built after the edit's peak RSS is taken."""
+    from onnx_dynedit.api import edit_model
+    from onnx_dynedit.io import load_model
     from onnx_dynedit.memory import return_freed_memory
-    from onnx_dynedit.io import load_model, save_model
-    from onnx_dynedit.rectify import RectifyConfig, rectify
-    from onnx_dynedit.parity import check_parity
     from onnx_dynedit.twin import Twin
-    from onnx_dynedit.writeback import write_back
 
     return_freed_memory()
     rng = np.random.default_rng(0)
@@ -162,64 +189,64 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_metho
     corrupt = clean.copy()
     p = max(2, side * 6 // 32)
     corrupt[:, :, -p:, -p:] = 6.0  # a patch covering the same share of the image as 6x6 at 32x32
-    phases = []
-    clock = time.perf_counter
-
-    def phase(name, fn):
-        t = clock()
-        out = fn()
-        phases.append([name, clock() - t, rss_mb()])
-        return out
-
-    loaded = phase("load + check", lambda: load_model(path))
-    twin = phase("twin (onnx2torch)", lambda: Twin(loaded, device))
-    parity = phase("parity before (ORT vs twin)", lambda: check_parity(twin))
-    fb = forward_backward(twin, clean)
-    cfg = RectifyConfig(target_gap=0.0, max_edits=1, fit_method=fit_method)
+    config = {"target_gap": 0.0, "max_edits": 1, "fit_method": fit_method}
     if check_candidates is not None:
-        cfg = cfg.replace(check_candidates=check_candidates)
+        config["check_candidates"] = check_candidates
     if fit_steps is not None:
-        cfg = cfg.replace(fit_steps=fit_steps, lbfgs_evals=fit_steps)
+        config.update(fit_steps=fit_steps, lbfgs_evals=fit_steps)
     if augment is not None:
-        cfg = cfg.replace(augment=augment)
-    result = phase("rectify (total)", lambda: rectify(twin, corrupt, clean, stats_x=stats, val_x=val, config=cfg))
-    inner = [[f"  rectify: {k}", v, None] for k, v in result.timings.items()]
-    phases.extend(inner)
-    new = phase("write-back", lambda: write_back(loaded, result.updates()) if result.edits else loaded.model)
-    edits = [e.to_torch(twin.device) for e in result.edits]
-    feeds = {twin.inputs[0].name: np.concatenate([corrupt, clean])}
-    after = phase("parity after (ORT)", lambda: check_parity(twin, feeds, model=new, edits=edits))
+        config["augment"] = augment
     with tempfile.TemporaryDirectory() as tmp:
-        phase("save (atomic)", lambda: save_model(new, Path(tmp) / "fixed.onnx"))
-    edit_peak = rss_mb()  # the edit's own peak, before the fine-tuning rows copy the model
+        data = {name: Path(tmp) / f"{name}.npz" for name in ("pairs", "stats", "val")}
+        np.savez(data["pairs"], corrupt=corrupt, clean=clean)
+        np.savez(data["stats"], x=stats)
+        np.savez(data["val"], x=val)
+        sampler = RssSampler()
+        outcome = edit_model(path, data["pairs"], Path(tmp) / "fixed.onnx", stats=data["stats"], val=data["val"],
+                             device=device, **config)
+        sampler.stop = True
+    edit_peak = rss_mb()  # the edit's own peak, before the baseline and fine-tuning rows
+    phases, t = [], 0.0
+    for key, seconds in outcome.timings.items():
+        if key == "total":
+            continue
+        t += seconds
+        phases.append([PHASES.get(key, key), seconds, sampler.peak_until(t)])
+        if key == "rectify":
+            phases.extend([f"  rectify: {k}", v, None] for k, v in outcome.result.timings.items())
+    result = outcome.result
+    twin = Twin(load_model(path), device)
+    fb = forward_backward(twin, clean)
     clean20 = rng.standard_normal((20, *shape)).astype(np.float32)
     corrupt20 = clean20.copy()
     corrupt20[:, :, -p:, -p:] = 6.0
     ft = {"1": finetune_seconds(twin, corrupt, clean, ft_steps),
           "20": finetune_seconds(twin, corrupt20, clean20, ft_steps)}
     return {"fb": fb, "phases": phases, "finetune": ft, "peak_rss_mb": edit_peak, "finetune_rss_mb": rss_mb(),
-            "device": str(twin.device),
+            "total": outcome.timings["total"], "device": outcome.device,
             "threads": torch.get_num_threads(), "edits": [e.layer.node for e in result.edits],
-            "parity_before": parity.max_rel_diff, "parity_after": after.max_rel_diff,
+            "parity_before": outcome.parity_before["max_rel_diff"],
+            "parity_after": outcome.parity_after.get("max_rel_diff", float("nan")),
             "synthetic": result.n_pairs - result.n_real_pairs, "stopped": result.stopped_because,
             "fit_method": fit_method if fit_steps is None else f"{fit_method}, at most {fit_steps} steps",
             "fit_loss": [s.fit_loss for s in result.steps], "ft_steps": ft_steps,
-            "fitted": len(result.steps), "check_candidates": cfg.check_candidates}
+            "fitted": len(result.steps), "check_candidates": check_candidates}
 
 
 def table(name: str, n_params: int, side: int, n_stats: int, r: dict) -> str:
     fb = r["fb"]
-    total = sum(v for k, v, _ in r["phases"] if not k.startswith("  "))
+    total = r["total"]
     lines = [f"### {name}: {n_params / 1e6:.1f} M parameters, 3x{side}x{side}, {n_stats} stats inputs, "
              f"device {r['device']}, {r['threads']} threads, fit of u: {r['fit_method']}, "
              f"{r['fitted']} trials reported (screened-out ones included; check_candidates {r['check_candidates']})",
              "", f"one forward+backward of the twin (1 input): {fb * 1000:.1f} ms; edits {r['edits']}; "
              f"{r['synthetic']} synthetic pairs; fit loss {r['fit_loss']}; parity before {r['parity_before']:.2g}, after {r['parity_after']:.2g}",
-             "", "| phase | seconds | x forward+backward | peak RSS MB |", "|---|---|---|---|"]
+             "", "| phase | seconds | x forward+backward | peak RSS MB by the end of the phase |",
+             "|---|---|---|---|"]
     for k, v, rss in r["phases"]:
         lines.append(f"| {k} | {v:.2f} | {v / fb:.0f} | {'' if rss is None else f'{rss:.0f}'} |")
-    lines.append(f"| **total locate + edit + write-back** | **{total:.2f}** | **{total / fb:.0f}** | "
-                 f"**{r['peak_rss_mb']:.0f}** |")
+    lines.append(f"| **total: `edit_model` (locate + edit + write-back)** | **{total:.2f}** | **{total / fb:.0f}** | "
+                 f"**{r['peak_rss_mb']:.0f}** (ru_maxrss) |")
     for n, v in r["finetune"].items():
         lines.append(f"| fine-tune all weights, {r['ft_steps']} Adam steps, n = {n} | {v:.2f} | {v / fb:.0f} | |")
     lines.append(f"| (peak RSS after the fine-tuning rows, which copy the model and keep Adam's state) | | | "
