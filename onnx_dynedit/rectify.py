@@ -612,13 +612,10 @@ class Criterion:
         chunks of inputs within the budget was measured at 224x224: the check 267 -> 189 s,
         but the edit's peak 2532 -> 3770 MiB, README.)"""
         check, check_p = self._check_set(n_check)
-        if len(self.twin.inputs) != 1 or not trials:
-            return [self.score(prev + [t], n_check) for t in trials]
         x = self.corrupt if check is None else np.concatenate([self.corrupt, check])
         layers = list({t.layer.node: t.layer for t in trials}.values())
-        with torch.no_grad(), self.twin.applied(prev):
-            per_row = DownstreamRunner.row_bytes(self.twin, layers, self.corrupt_t)
-        if per_row * len(x) > SCREEN_CACHE_BUDGET:
+        if (len(self.twin.inputs) != 1 or not trials
+                or self._recording_bytes(prev, layers) * len(x) > SCREEN_CACHE_BUDGET):
             return [self.score(prev + [t], n_check) for t in trials]
         rows = self.twin.pass_rows(self.x1)
         with torch.no_grad(), self.twin.applied(prev):
@@ -633,6 +630,11 @@ class Criterion:
         n = self.n
         return [self._score(a[:n], None if check is None else a[n:], check_p, prev + [t])
                 for a, t in zip(logits, trials)]
+
+    def _recording_bytes(self, prev: list[TorchEdit], layers: list[Layer]) -> int:
+        """Bytes per input of a recording of the values upstream of ``layers``."""
+        with torch.no_grad(), self.twin.applied(prev):
+            return DownstreamRunner.row_bytes(self.twin, layers, self.corrupt_t)
 
     def _score(self, logits: np.ndarray, check_logits: np.ndarray | None, check_p, edits) -> Score:
         p = torch.softmax(torch.as_tensor(logits), 1)

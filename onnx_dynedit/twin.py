@@ -551,10 +551,13 @@ def _record(gm, inputs: tuple, parts: list[set], rows: int | None) -> tuple[dict
         sliced.add(n)
         _gather(cache, n, value, lo, n_rows)
 
+    frontier = {n for n in gm.graph.nodes
+                if n.op != "output" and any(n not in part and any(u in part for u in n.users) for part in parts)}
+
     class _Record(fx.Interpreter):
         def run_node(self, n):
             value = super().run_node(n)
-            if n.op != "output" and any(n not in part and any(u in part for u in n.users) for part in parts):
+            if n in frontier:
                 keep(n, value)
             return value
 
