@@ -35,7 +35,8 @@ from onnx_dynedit.options import CHOICES
                help="Attribution criterion: stop when the share of attribution on the differing region, in excess "
                     "of the clean twin's, is below this (default {default}).")
 @config_option("--objective", field="objective", type=click.Choice(CHOICES["objective"]),
-               help="Fit u on the network output (output) or closed form at the layer (local) (default {default}).")
+               help="Fit u on the network output (output), closed form at the layer (local), or erase the edit direction "
+                    "from the layer's keys, a Conv in its pixel view (erase: u = -W d/|d|^2) (default {default}).")
 @config_option("--conv-keys", field="conv_keys", type=click.Choice(CHOICES["conv_keys"]),
                help="Conv edits: rank one over unfolded patches (patch), one channel direction at every kernel tap "
                     "(pixel: carries a colour-like confound; rank up to the taps in the patch view), or both views "

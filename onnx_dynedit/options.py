@@ -14,7 +14,7 @@ from .errors import InputError, option
 # option -> the values it takes
 CHOICES = {
     "criterion": ("auto", "output", "attribution"),
-    "objective": ("output", "local"),
+    "objective": ("output", "local", "erase"),
     "key": ("diff", "corrupt"),
     "conv_keys": ("patch", "pixel", "both"),
     "ig_target": ("corrupt_logit", "gap"),

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from . import fit as fitting
 from . import memory, progress
 from .attribution import DEFAULT_STEPS, Localisation, input_attribution, locate, region_shares
+from .erase import erase_edit
 from .errors import EditError, InputError, LayerError, option
 from .factors import FactorStore
 from .layers import Layer
@@ -95,7 +96,8 @@ class RectifyConfig:
     criterion: str = "auto"           # "output", "attribution" or "auto" (see module doc)
     target_gap: float = 0.1           # mean TV distance on the pairs that counts as "behaves like clean"
     target_attribution: float = 0.05  # attribution share on the changed region, in excess of the clean twin's
-    objective: str = "output"         # "output" (fit u on the network output) or "local" (closed form)
+    objective: str = "output"         # "output" (fit u on the network output), "local" (closed form) or "erase"
+                                      # (u = -W d/|d|^2: the layer no longer sees d; Conv in its pixel view, erase.py)
     key: str = "diff"                 # rows for the direction: "diff" (k~ - k) or "corrupt" (k~ weighted)
     conv_keys: str = "patch"          # Conv keys: unfolded "patch" (rank one in [out, in x taps]), "pixel" (one
                                       # channel direction at every tap, pixel.py; output criterion) or "both"
@@ -338,10 +340,10 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
     if key_source is not None:  # a sharded stats set: C from every shard (held-out inputs included)
         key_x, stats_source = key_source, key_source.source
     criterion = _criterion_name(twin, corrupt, clean, cfg)
-    if criterion == "attribution" and cfg.objective == "local":
-        raise InputError(f"{option('objective', 'local')} (the closed form) only applies to the output criterion; "
+    if criterion == "attribution" and cfg.objective != "output":
+        raise InputError(f"{option('objective', cfg.objective)} only applies to the output criterion; "
                          "the pairs call for the attribution criterion",
-                         hint=f"drop {option('objective', 'local')}, or pass {option('criterion', 'output')}")
+                         hint=f"drop {option('objective', cfg.objective)}, or pass {option('criterion', 'output')}")
     n_real = len(corrupt)
     reference = _reference(clean, fit_stats, held, val_x, val_y)
     check = (None, None)
@@ -690,7 +692,7 @@ class OutputGap(Criterion):
 
     def fit(self, layer, direction, factor, prev, steps=None, method=None):
         d, view = direction.d.float(), direction.view
-        if self.cfg.objective == "local" or steps == 0:  # 0 steps: a closed-form screen
+        if self.cfg.objective in ("local", "erase") or steps == 0:  # 0 steps: a closed-form screen
             return Fitted(direction.u_local.float(), d, None, view)
         if self.cfg.objective != "output":
             raise ValueError(f"unknown objective {self.cfg.objective!r}")
@@ -1120,7 +1122,7 @@ def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: Rect
                     log.info("layer %s skipped: %s", layer.node, err.message)
                     continue
                 options.append(Option(layer, None, direction, _factor_of(stats, layer)))
-            return _with_pixel_views(twin, plan, prev, options, cfg)
+            return _edit_views(twin, plan, prev, options, cfg)
         # localisation attributes the given pairs only (the paper's method)
         progress.step(f"round {done + 1}: localisation")
         r = plan.n_real
@@ -1133,7 +1135,29 @@ def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: Rect
         n = cfg.check_candidates or None  # the check pairs judge every candidate: each one fitted
     options = [Option(a.layer, a.score, a.direction, _factor_of(stats, a.layer)) for a in loc.ranked[:n]]
     with timings("localisation"):
-        return _with_pixel_views(twin, plan, prev, options, cfg)
+        return _edit_views(twin, plan, prev, options, cfg)
+
+
+def _edit_views(twin: Twin, plan: Plan, prev: list[TorchEdit], options: list[Option],
+                cfg: RectifyConfig) -> list[Option]:
+    """The options in the views ``conv_keys`` asks for, and with ``objective="erase"`` each
+    one's erasing u."""
+    options = _with_pixel_views(twin, plan, prev, options, cfg)
+    return _erasing(twin, plan, prev, options) if cfg.objective == "erase" else options
+
+
+def _erasing(twin: Twin, plan: Plan, prev: list[TorchEdit], options: list[Option]) -> list[Option]:
+    """``objective="erase"``: each option's u (in ``u_local``) erases its direction from the
+    layer's keys (erase.py); an option whose direction cannot be erased is skipped."""
+    out = []
+    for opt in options:
+        try:
+            u, d = erase_edit(twin, opt.layer, opt.direction.d, opt.direction.view, prev, plan.corrupt)
+        except EditError as err:
+            log.info("layer %s (%s view) skipped: %s", opt.layer.node, opt.direction.view, err.message)
+            continue
+        out.append(replace(opt, direction=replace(opt.direction, d=d, u_local=u)))
+    return out
 
 
 def _with_pixel_views(twin: Twin, plan: Plan, prev: list[TorchEdit], options: list[Option],
@@ -1142,11 +1166,12 @@ def _with_pixel_views(twin: Twin, plan: Plan, prev: list[TorchEdit], options: li
     place of / right after its patch view, with the same localisation score. Output
     criterion only (the attribution fit moves a whitened patch key). Directions of the
     layer's earlier pixel edits are projected out of the new one's."""
-    if cfg.conv_keys == "patch" or plan.criterion != "output":
+    views = "pixel" if cfg.objective == "erase" else cfg.conv_keys  # erase: a Conv's pixel view only
+    if views == "patch" or plan.criterion != "output":
         return options
     out = []
     for opt in options:
-        if cfg.conv_keys == "both" or opt.layer.op != "Conv":
+        if views == "both" or opt.layer.op != "Conv":
             out.append(opt)
         if opt.layer.op != "Conv":
             continue
