@@ -128,3 +128,6 @@ def _print_report(outcome) -> None:
     if outcome.plot:
         click.echo(f"plot written to {outcome.plot}")
     click.echo("PASSED" if outcome.success else "FAILED: target not reached within the edit and degradation budgets")
+    if res.suggests_erase:
+        click.echo("hint: the pairs look like a re-colouring (each channel of the clean input scaled): a feature to "
+                   "remove rather than an output to match; try --objective erase")

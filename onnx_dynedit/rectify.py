@@ -210,6 +210,14 @@ class RectifyResult:
     degradation_source: str = "val"        # "val", "held-out stats", "stats" (in-sample) or "clean twins"
     degradation_count: int = 0             # inputs the degradation was measured on
     n_check_pairs: int = 0                 # synthetic pairs held out from the fit that chose among candidates
+    corruption: str = ""                   # what the given pairs look like (corruption_model): "gain" = a re-colouring
+
+    @property
+    def suggests_erase(self) -> bool:
+        """A failed output-fit repair of pairs that are re-colourings: a feature to remove,
+        which ``objective="erase"`` does (README, "Colour: erasing the direction")."""
+        return (not self.success and self.corruption == "gain" and self.criterion == "output"
+                and self.config.objective in ("output", "local"))
 
     @property
     def target(self) -> float:
@@ -244,7 +252,7 @@ class RectifyResult:
             "real_gap_before": self.real_gap_before, "real_gap_after": self.real_gap_after, "real_fixed_after": self.real_fixed_after,
             "degradation": self.degradation, "degradation_kind": self.degradation_kind,
             "degradation_source": self.degradation_source, "degradation_count": self.degradation_count,
-            "n_check_pairs": self.n_check_pairs,
+            "n_check_pairs": self.n_check_pairs, "corruption": self.corruption,
             "stats_source": self.stats_source, "stopped_because": self.stopped_because, "success": self.success,
             "edits": [e.to_dict() for e in self.edits], "steps": [s.to_dict() for s in self.steps],
             "localisations": [loc.to_dict() for loc in self.localisations], "config": asdict(self.config),
@@ -1280,4 +1288,6 @@ def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted
         stats_source=plan.stats_source, stopped_because=stopped, config=cfg, timings=dict(timings),
         real_gap_before=start.real_gap, real_gap_after=state.real_gap, real_fixed_after=state.real_fixed,
         criterion=crit.name, degradation_source=ref.source, degradation_count=ref.count,
-        n_check_pairs=0 if crit.check is None else len(crit.check))
+        n_check_pairs=0 if crit.check is None else len(crit.check),
+        corruption="" if plan.corrupt.dtype.names else corruption_model(plan.corrupt[:plan.n_real],
+                                                                         plan.clean[:plan.n_real]))

@@ -105,3 +105,18 @@ def test_colour_sample_erase_meets_the_target(tmp_path):
     corrected = float((ort_run(str(out), test["x"]).argmax(1) == test["y"]).mean())
     clean_acc = float((ort_run(str(out), clean["x"]).argmax(1) == clean["y"]).mean())
     assert corrected >= 0.85 and meta["clean_acc"] - clean_acc <= 0.01
+
+
+def test_a_failed_recolouring_repair_hints_at_erase(tmp_path):
+    """`dynedit edit` with the output fit (one edit) fails on the colour pairs, which are
+    re-colourings (each channel of the grey twin scaled): it says to try ``--objective
+    erase``, and the report names the pairs' corruption."""
+    from test_edit_cli import dynedit
+
+    case = ROOT / "sample_models" / "resnet_colour"
+    report = tmp_path / "r.json"
+    proc = dynedit("edit", case / "model.onnx", "--pairs", case / "pairs5.npz", "--stats", case / "stats.npz",
+                   "--val", case / "val.npz", "--max-edits", "1", "-o", tmp_path / "o.onnx", "--report", report)
+    assert proc.returncode == 1, proc.stderr
+    assert "hint: the pairs look like a re-colouring" in proc.stdout and "--objective erase" in proc.stdout
+    assert json.loads(report.read_text())["corruption"] == "gain"
