@@ -217,7 +217,7 @@ class RectifyResult:
         """A failed output-fit repair of pairs that are re-colourings: a feature to remove,
         which ``objective="erase"`` does (README, "Colour: erasing the direction")."""
         return (not self.success and self.corruption == "gain" and self.criterion == "output"
-                and self.config.objective in ("output", "local"))
+                and self.config.objective != "erase")
 
     @property
     def target(self) -> float:
@@ -1148,10 +1148,11 @@ def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: Rect
 
 def _edit_views(twin: Twin, plan: Plan, prev: list[TorchEdit], options: list[Option],
                 cfg: RectifyConfig) -> list[Option]:
-    """The options in the views ``conv_keys`` asks for, and with ``objective="erase"`` each
-    one's erasing u."""
-    options = _with_pixel_views(twin, plan, prev, options, cfg)
-    return _erasing(twin, plan, prev, options) if cfg.objective == "erase" else options
+    """The options in the views ``conv_keys`` asks for; with ``objective="erase"`` a Conv in
+    its pixel view only, each option with its erasing u."""
+    if cfg.objective != "erase":
+        return _with_pixel_views(twin, plan, prev, options, cfg.conv_keys, cfg.lam)
+    return _erasing(twin, plan, prev, _with_pixel_views(twin, plan, prev, options, "pixel", cfg.lam))
 
 
 def _erasing(twin: Twin, plan: Plan, prev: list[TorchEdit], options: list[Option]) -> list[Option]:
@@ -1168,13 +1169,12 @@ def _erasing(twin: Twin, plan: Plan, prev: list[TorchEdit], options: list[Option
     return out
 
 
-def _with_pixel_views(twin: Twin, plan: Plan, prev: list[TorchEdit], options: list[Option],
-                      cfg: RectifyConfig) -> list[Option]:
-    """``conv_keys`` "pixel" / "both": every Conv option in its pixel view (pixel.py) in
+def _with_pixel_views(twin: Twin, plan: Plan, prev: list[TorchEdit], options: list[Option], views: str,
+                      lam: float) -> list[Option]:
+    """``views`` "pixel" / "both": every Conv option in its pixel view (pixel.py) in
     place of / right after its patch view, with the same localisation score. Output
     criterion only (the attribution fit moves a whitened patch key). Directions of the
     layer's earlier pixel edits are projected out of the new one's."""
-    views = "pixel" if cfg.objective == "erase" else cfg.conv_keys  # erase: a Conv's pixel view only
     if views == "patch" or plan.criterion != "output":
         return options
     out = []
@@ -1185,7 +1185,7 @@ def _with_pixel_views(twin: Twin, plan: Plan, prev: list[TorchEdit], options: li
             continue
         used = [e.d for e in prev if e.view == "pixel" and e.layer.node == opt.layer.node]
         try:
-            chol = pixel_factor(twin, opt.layer, plan.fit_x, edits=prev, lam=cfg.lam)
+            chol = pixel_factor(twin, opt.layer, plan.fit_x, edits=prev, lam=lam)
             direction = pixel_direction(twin, opt.layer, chol, plan.corrupt, plan.clean, edits=prev, used=used)
         except EditError as err:
             log.info("layer %s (pixel view) skipped: %s", opt.layer.node, err.message)
