@@ -251,6 +251,8 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     engine = _engine(engine, ray_address)
     raw = read_inputs(pairs, stats, engine=engine)
     twin, _ = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
+    if not isinstance(model, LoadedModel):  # nothing below reads the weights of the ONNX graph
+        loaded.release_weights()
     inputs = fit_inputs(twin, raw)
     layers = [layer for layer in twin.layer_map.editable() if not too_wide(layer)]
     if not layers:
@@ -372,10 +374,13 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     keys = _sharded_keys(twin, raw, model, engine, ray_address)
     for name in cfg.layers or ():
         twin.layer_map.get(name)  # unknown names fail early with close matches
+    if not isinstance(model, LoadedModel):  # ours: the twin's copy of the weights is the one the loop needs
+        loaded.release_weights()
     t0 = time.perf_counter()
     result = _rectify(twin, inputs, cfg, keys)
     clock.phase("rectify", t0)
     edits = [e.to_torch(twin.device) for e in result.edits]
+    _reload_to_write(loaded, result, out, clock)
     written = _Written()
     if result.edits:
         written = _write_edits(twin, loaded, inputs, result, edits, out, protected, in_place, clock)
@@ -512,6 +517,16 @@ def _write_edits(twin, loaded: LoadedModel, inputs: Inputs, result, edits, out, 
             clock.phase("save", t0)
     return _Written(path=written, changed=tuple(u.layer.initializer for u in updates),
                     parity_after=parity.to_dict(), rounding=rounding, rounding_effect=rounding_effect)
+
+
+def _reload_to_write(loaded: LoadedModel, result, out, clock: _Clock) -> None:
+    """The weights released while the loop ran (``LoadedModel.release_weights``), read
+    again from the file when a model is about to be written."""
+    if loaded.released and (result.edits or (out is not None and result.success)):
+        t0 = time.perf_counter()
+        with progress.phase(f"read the weights of {loaded.label} again"):
+            loaded.restore_weights()
+        clock.phase("reload", t0)
 
 
 def _stage_edits(loaded: LoadedModel, updates, result, edits, out, protected, in_place):

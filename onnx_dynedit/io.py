@@ -36,6 +36,12 @@ MAX_TENSOR_ELEMENTS = 1 << 33
 # elements than this (256 M): dynedit allocates such tensors itself (parity inputs,
 # weight placeholders), and a few bytes of a hostile file must not ask for terabytes.
 MAX_SYNTH_ELEMENTS = 1 << 28
+# A model read from a file with more tensor data than this drops it from memory while an
+# edit runs (``LoadedModel.release_weights``) and reads the file again before writing.
+RELEASE_ABOVE = 64 << 20
+# Tensors at most this large keep their data when released (shapes and Constant scalars).
+_KEEP_BELOW = 4096
+_DATA_FIELDS = ("raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data")
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,41 @@ class LoadedModel:
     sha256: str
     external_names: frozenset[str] = frozenset()  # tensors that lived in external data
     external_files: frozenset[Path] = frozenset()  # the (resolved) files they were read from
+
+    released: bool = False  # the large tensors' data is not in memory (release_weights)
+
+    def release_weights(self) -> bool:
+        """Drop the data of the large tensors from memory; the graph, every name and shape
+        and the small tensors stay. Only for a model read from a file with more than
+        RELEASE_ABOVE bytes of tensor data: the twin holds its own copy of the weights, so
+        the edit then runs with one copy instead of two (VGG-16: 528 MB).
+        ``restore_weights`` reads them from the file again. Returns whether it released."""
+        if self.path is None or self.released:
+            return False
+        tensors = list(_all_tensors(self.model))
+        if sum(t.ByteSize() for t in tensors) <= RELEASE_ABOVE:
+            return False
+        for tensor in tensors:
+            if tensor.ByteSize() > _KEEP_BELOW:
+                for name in _DATA_FIELDS:
+                    tensor.ClearField(name)
+        lite = onnx.ModelProto()
+        lite.CopyFrom(self.model)  # a small copy; the parsed original's memory goes with it
+        object.__setattr__(self, "model", lite)
+        object.__setattr__(self, "released", True)
+        return True
+
+    def restore_weights(self) -> None:
+        """Read the weights dropped by ``release_weights`` from the file again; a file
+        that changed since it was loaded is a ModelLoadError (nothing is written)."""
+        if not self.released:
+            return
+        again = load_model(self.path, check=False)
+        if again.sha256 != self.sha256:
+            raise ModelLoadError(f"{self.path} changed on disk while it was being edited",
+                                 hint="edit a copy that no other program writes to")
+        object.__setattr__(self, "model", again.model)
+        object.__setattr__(self, "released", False)
 
     @property
     def has_external_data(self) -> bool:

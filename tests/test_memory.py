@@ -77,3 +77,70 @@ def test_key_factors_spilled_to_disk_give_the_same_repair(monkeypatch, device):
     for a, b in zip(spilled.edits, held.edits):
         np.testing.assert_allclose(a.u, b.u, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(a.d, b.d, rtol=1e-9, atol=1e-12)
+
+
+def _badnets():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
+
+
+def test_weights_released_while_the_edit_runs_give_the_same_file(tmp_path, monkeypatch):
+    """A model over RELEASE_ABOVE runs the loop with its ONNX weights dropped from memory
+    (the twin holds its own) and read again before the write: the written weights are
+    those of the same edit made with them in memory."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from onnx_dynedit import api, io
+
+    d = _badnets()
+    seen = []
+    inner = api._rectify
+
+    def spy(twin, *args):
+        big = max(twin.loaded.model.graph.initializer, key=lambda t: np.prod(t.dims))
+        seen.append((twin.loaded.released, len(big.raw_data) + len(big.float_data)))
+        return inner(twin, *args)
+
+    monkeypatch.setattr(api, "_rectify", spy)
+    outs = {}
+    for above in (1 << 40, 0):
+        monkeypatch.setattr(io, "RELEASE_ABOVE", above)
+        out = tmp_path / f"fixed{above}.onnx"
+        outcome = api.edit_model(str(d / "model.onnx"), str(d / "pairs.npz"), str(out), stats=str(d / "stats.npz"))
+        assert outcome.result.edits
+        outs[above] = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+        assert ("reload" in outcome.timings) == (above == 0)
+    assert seen[0][0] is False and seen[0][1] > 0
+    assert seen[1] == (True, 0)  # released: the largest weight had no data while the loop ran
+    assert outs[0].keys() == outs[1 << 40].keys()
+    for name, arr in outs[0].items():
+        np.testing.assert_array_equal(arr, outs[1 << 40][name], err_msg=name)
+
+
+def test_restoring_weights_refuses_a_file_changed_meanwhile(tmp_path, monkeypatch):
+    import shutil
+
+    import onnx
+
+    from onnx_dynedit import io
+    from onnx_dynedit.errors import ModelLoadError
+
+    path = tmp_path / "m.onnx"
+    shutil.copy(_badnets() / "model.onnx", path)
+    monkeypatch.setattr(io, "RELEASE_ABOVE", 0)
+    loaded = io.load_model(path)
+    assert loaded.release_weights() and loaded.released
+    assert not loaded.release_weights()  # once
+    loaded.restore_weights()  # unchanged file: the weights come back, bit for bit
+    assert not loaded.released and io.model_sha256(loaded.model) == loaded.sha256
+    loaded.release_weights()
+    changed = onnx.load(str(path))
+    changed.doc_string = "changed by another program"
+    onnx.save(changed, str(path))
+    with pytest.raises(ModelLoadError, match="changed on disk while it was being edited"):
+        loaded.restore_weights()
+    in_memory = io.load_model(onnx.load(str(_badnets() / "model.onnx")))
+    assert not in_memory.release_weights()  # a proto given in memory cannot be read again
