@@ -536,3 +536,36 @@ def test_wide_factors_are_stored_in_float32_and_solved_in_float64(tmp_path, monk
     np.testing.assert_allclose(d_stored, d_exact, rtol=1e-5, atol=1e-6 * np.abs(d_exact).max())
     np.testing.assert_allclose(stored.whiten(torch.eye(4)).numpy(), exact.whiten(torch.eye(4)).numpy(),
                                rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("gap", [1.5, 1.02])
+def test_top_eigenvector_known_on_paper(gap):
+    """A 600-wide PSD matrix Q diag(l) Q^T with l_1 = gap * l_2: the top eigenvector is Q's
+    first column (up to sign). A wide gap converges by subspace iteration, a narrow one
+    (too slow to converge) falls back to eigh; both give that column to 1e-7."""
+    n = 600
+    g = torch.Generator().manual_seed(3)
+    q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    lam = torch.linspace(1.0, 0.01, n, dtype=torch.float64)
+    lam[0] = gap * lam[1]
+    a = (q * lam) @ q.T
+    x = rank_one.top_eigenvector(a)
+    assert abs(float(x.norm()) - 1) < 1e-12
+    assert float(torch.minimum((x - q[:, 0]).norm(), (x + q[:, 0]).norm())) < 1e-7
+
+
+def test_top_eigenvector_subspace_iteration_used_when_it_converges(monkeypatch):
+    """With eigh of the full matrix made unavailable, a matrix with a clear top still gets
+    its eigenvector (the small Rayleigh-Ritz problems only use eigh at block width)."""
+    n = 400
+    a = torch.diag(torch.linspace(1.0, 0.1, n, dtype=torch.float64))
+    a[0, 0] = 3.0
+    real = torch.linalg.eigh
+
+    def small_only(m):
+        assert m.shape[0] <= rank_one.EIG_BLOCK, "a full eigh was called"
+        return real(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", small_only)
+    x = rank_one.top_eigenvector(a)
+    assert abs(abs(float(x[0])) - 1) < 1e-9
