@@ -14,7 +14,7 @@ import contextlib
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -374,11 +374,10 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     keys = _sharded_keys(twin, raw, model, engine, ray_address)
     for name in cfg.layers or ():
         twin.layer_map.get(name)  # unknown names fail early with close matches
-    if not isinstance(model, LoadedModel):  # ours: the twin's copy of the weights is the one the loop needs
-        loaded.release_weights()
     t0 = time.perf_counter()
-    result = _rectify(twin, inputs, cfg, keys)
+    result = _rectify(twin, inputs, cfg, keys, release=not isinstance(model, LoadedModel))
     clock.phase("rectify", t0)
+    info, raw, inputs = _inputs_info(raw, inputs), None, replace(inputs, stats=None, val=None)  # arrays go before the write
     edits = [e.to_torch(twin.device) for e in result.edits]
     _reload_to_write(loaded, result, out, clock)
     written = _Written()
@@ -390,7 +389,7 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
         _write_edit_plot(Path(plot), twin, loaded, inputs, result, edits, clock)
     outcome = EditOutcome(model=loaded.label, output=written.path, result=result, parity_before=parity0.to_dict(),
                           parity_after=written.parity_after, changed=written.changed, device=str(twin.device),
-                          inputs=_inputs_info(raw, inputs), output_unchanged=written.unchanged, timings=clock.total(),
+                          inputs=info, output_unchanged=written.unchanged, timings=clock.total(),
                           plot=None if plot is None else str(plot), rounding=written.rounding,
                           rounding_effect=written.rounding_effect,
                           attributed_output=twin.attributed_output, **_engine_info(keys))
@@ -411,12 +410,16 @@ def edit_config(**options):
     return cfg
 
 
-def _rectify(twin, inputs: Inputs, cfg, keys):
-    """The loop on the fitted inputs (key statistics from ``keys`` when sharded)."""
+def _rectify(twin, inputs: Inputs, cfg, keys, *, release: bool = False):
+    """The loop on the fitted inputs (key statistics from ``keys`` when sharded).
+    ``release``: the model was loaded here, so the ONNX graph's copy of the weights may be
+    dropped while the loop runs (the twin holds its own; ``_reload_to_write``)."""
     import torch
 
     from .rectify import rectify
 
+    if release:
+        twin.loaded.release_weights()
     torch.use_deterministic_algorithms(True, warn_only=True)
     with keys if keys is not None else contextlib.nullcontext():
         try:
@@ -455,14 +458,12 @@ def _output_criterion_only(cfg, label: str, *, augment_given: bool, check_given:
     """A model with integer or several inputs: the output criterion, and no synthetic
     pairs (nor check pairs) unless asked for (transplanting x~ - x onto stats inputs means
     nothing for token ids)."""
-    import dataclasses
-
     if cfg.criterion == "attribution":
         raise InputError(f"{label}: {option('criterion', 'attribution')} needs one float input "
                          "(input-level attribution); this model has integer or several inputs",
                          hint=f"use {option('criterion', 'output')}")
-    return dataclasses.replace(cfg, criterion="output", augment=cfg.augment if augment_given else 0,
-                               check_pairs=cfg.check_pairs if check_given else 0)
+    return replace(cfg, criterion="output", augment=cfg.augment if augment_given else 0,
+                   check_pairs=cfg.check_pairs if check_given else 0)
 
 
 @dataclass(frozen=True)
@@ -524,6 +525,8 @@ def _reload_to_write(loaded: LoadedModel, result, out, clock: _Clock) -> None:
     again from the file when a model is about to be written."""
     if loaded.released and (result.edits or (out is not None and result.success)):
         t0 = time.perf_counter()
+        gc.collect()  # what the loop left behind goes before the file is parsed again
+        memory.trim()
         with progress.phase(f"read the weights of {loaded.label} again"):
             loaded.restore_weights()
         clock.phase("reload", t0)

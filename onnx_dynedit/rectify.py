@@ -80,7 +80,8 @@ log = logging.getLogger(__name__)
 GAP_EPS = 1e-6          # a gap must fall by more than this to count as smaller (float noise)
 BUDGET_SLACK = 1e-12    # a degradation equal to the budget passes (float rounding of exact fractions)
 MIN_HOLDOUT_POOL = 4    # fewer stats inputs than this: nothing is held out (the check is in-sample)
-FIT_BUDGET = 4 * ACTIVATION_BUDGET  # bytes of activations one forward/backward pass of the output fit keeps
+FIT_BUDGET = 2 * ACTIVATION_BUDGET  # bytes of activations one forward/backward pass of the output fit keeps
+LBFGS_ABOVE = 4 * ACTIVATION_BUDGET  # fit_method "auto": L-BFGS when the fit's inputs' activations exceed this
 SCREEN_CACHE_BUDGET = ACTIVATION_BUDGET  # bytes of upstream values a screen's recording may keep
 NORM_FLOOR = 1e-8       # mean squares the fit losses are divided by never fall below this (all-zero logits)
 SHARE_FLOOR = 1e-12     # denominators of shares and gains (an all-zero attribution or channel)
@@ -110,7 +111,7 @@ class RectifyConfig:
                                       # fit.LM_MAX_OUTPUTS classes use adam), "lbfgs" or "auto": adam, and lbfgs for
                                       # the screen_keep candidates of a screened round (models with more than
                                       # screen_above editable layers) and for fits whose inputs' activations exceed
-                                      # FIT_BUDGET (real-size inputs, fitted in chunks); lm and lbfgs converge in
+                                      # LBFGS_ABOVE (real-size inputs, fitted in chunks); lm and lbfgs converge in
                                       # fewer passes but move the n = 20 sample rows (README, speed section)
     lbfgs_evals: int = 25             # loss evaluations (downstream passes) of the L-BFGS fit
     attr_weight: float = 3.0          # weight of the region's attribution in the attribution fit
@@ -569,7 +570,7 @@ class Criterion:
 
     def __init__(self, twin: Twin, plan: Plan, cfg: RectifyConfig):
         self.twin, self.cfg, self.n_real = twin, cfg, plan.n_real
-        self.candidates, self.x1, self._chunk = plan.candidates, plan.corrupt[:1], None
+        self.candidates, self.x1, self._input_bytes = plan.candidates, plan.corrupt[:1], None
         self.corrupt, self.n = plan.corrupt, len(plan.corrupt)
         self.target_p = torch.softmax(torch.as_tensor(twin.run(plan.clean)), 1)  # shipped model on clean twins
         self.target_cls = self.target_p.argmax(1)
@@ -740,8 +741,8 @@ class OutputGap(Criterion):
                 return runner(rows)
 
         method = method or self.cfg.fit_method
-        if method == "auto":  # real-size inputs (the fit runs in chunks): L-BFGS's 25 passes, not Adam's 200
-            method = "lbfgs" if self._fit_chunk() < n + m else "adam"
+        if method == "auto":  # real-size inputs (fitted in chunks): L-BFGS's 25 passes, not Adam's 200
+            method = "lbfgs" if self._fit_chunk(LBFGS_ABOVE) < n + m else "adam"
         if method == "lm" and self.target_logits.shape[-1] > fitting.LM_MAX_OUTPUTS:
             method = "adam"  # one backward pass per class would cost more than Adam's steps
         if method == "lm":
@@ -805,14 +806,13 @@ class OutputGap(Criterion):
                             torch.full((m,), self.cfg.locality_weight / (l_norm * max(m, 1) * k))])
         return torch.cat([self.target_logits, self.loc_ref]), weight.to(self.target_logits.device)
 
-    def _fit_chunk(self) -> int:
-        """Inputs per forward/backward pass of the output fit: activations within FIT_BUDGET
+    def _fit_chunk(self, budget: int = FIT_BUDGET) -> int:
+        """Inputs per forward/backward pass of the output fit: activations within ``budget``
         (estimated from one input through every candidate layer, as the localisation does)."""
-        if self._chunk is None:
+        if self._input_bytes is None:
             sizes = activation_sizes(self.twin, list(self.candidates), self.x1)
-            per_input = 4 * sum(i + 3 * o for i, o, _ in sizes.values())
-            self._chunk = max(1, FIT_BUDGET // max(per_input, 1))
-        return self._chunk
+            self._input_bytes = 4 * sum(i + 3 * o for i, o, _ in sizes.values())
+        return max(1, budget // max(self._input_bytes, 1))
 
     def _fit_lm(self, out, u0, n: int, m: int) -> tuple[torch.Tensor, float]:
         """The same loss as Adam's, as weighted least squares, by Levenberg-Marquardt."""

@@ -174,6 +174,10 @@ def test_screened_rounds_fit_the_kept_candidates_with_lbfgs(badnets, monkeypatch
     calls.clear()
     monkeypatch.setattr(rectify_module, "FIT_BUDGET", 1)  # one input per pass: the fit runs in chunks
     rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1, check_pairs=0))
+    assert calls and set(calls) == {"adam"}  # chunked, but not over LBFGS_ABOVE: still Adam
+    calls.clear()
+    monkeypatch.setattr(rectify_module, "LBFGS_ABOVE", 1)  # inputs of real size
+    rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1, check_pairs=0))
     assert calls and set(calls) == {"lbfgs"}
 
 
