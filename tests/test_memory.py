@@ -154,3 +154,16 @@ def test_restoring_weights_refuses_a_file_changed_meanwhile(tmp_path, monkeypatc
         loaded.restore_weights()
     in_memory = io.load_model(onnx.load(str(_badnets() / "model.onnx")))
     assert not in_memory.release_weights()  # a proto given in memory cannot be read again
+
+
+def test_locate_with_the_weights_released_ranks_the_same(monkeypatch):
+    from onnx_dynedit import api, io
+
+    d = _badnets()
+    args = (str(d / "model.onnx"), str(d / "pairs.npz"))
+    held = api.locate_model(*args, stats=str(d / "stats.npz")).to_dict()
+    monkeypatch.setattr(io, "RELEASE_ABOVE", 0)
+    calls, real = [], io.LoadedModel.release_weights
+    monkeypatch.setattr(io.LoadedModel, "release_weights", lambda self: calls.append(real(self)) or calls[-1])
+    released = api.locate_model(*args, stats=str(d / "stats.npz")).to_dict()
+    assert calls == [True] and released == held
