@@ -55,6 +55,7 @@ class LoadedModel:
     external_files: frozenset[Path] = frozenset()  # the (resolved) files they were read from
 
     released: bool = False  # the large tensors' data is not in memory (release_weights)
+    file_digest: str = field(default="", repr=False)  # sha256 of the bytes read (file, then external data)
 
     def release_weights(self) -> bool:
         """Drop the data of the large tensors from memory; the graph, every name and shape
@@ -82,11 +83,13 @@ class LoadedModel:
         that changed since it was loaded is a ModelLoadError (nothing is written)."""
         if not self.released:
             return
-        again = load_model(self.path, check=False)
-        if again.sha256 != self.sha256:
+        digest = hashlib.sha256()  # the same bytes as at load: the same checked model, the same sha256
+        model = _parse(self.path, digest=digest)
+        _load_external(model, self.path, digest)
+        if digest.hexdigest() != self.file_digest:
             raise ModelLoadError(f"{self.path} changed on disk while it was being edited",
                                  hint="edit a copy that no other program writes to")
-        object.__setattr__(self, "model", again.model)
+        object.__setattr__(self, "model", model)
         object.__setattr__(self, "released", False)
 
     @property
@@ -134,15 +137,16 @@ def load_model(src: str | os.PathLike | onnx.ModelProto | LoadedModel, *, check:
         return LoadedModel(model=model, path=None, sha256=model_sha256(model))
 
     path = Path(src)
-    model = _parse(path)
+    digest = hashlib.sha256()
+    model = _parse(path, digest=digest)
     _check_sizes(model, str(path))
-    external = _load_external(model, path)
+    external = _load_external(model, path, digest)
     _check_tensor_data(model, str(path))
     _check_io(model, str(path))
     _check_constant_of_shape(model, str(path))
     if check:
         _run_checker(model, str(path))
-    return LoadedModel(model=model, path=path, sha256=model_sha256(model),
+    return LoadedModel(model=model, path=path, sha256=model_sha256(model), file_digest=digest.hexdigest(),
                        external_names=frozenset(name for name, _ in external),
                        external_files=frozenset(file for _, file in external))
 
@@ -164,7 +168,8 @@ def check_model_file(src: str | os.PathLike, *, what: str = "model") -> None:
     _check_constant_of_shape(model, label)
 
 
-def _parse(path: Path, *, what: str = "model") -> onnx.ModelProto:
+def _parse(path: Path, *, what: str = "model", digest=None) -> onnx.ModelProto:
+    """The model in ``path``; ``digest`` (a hashlib object), when given, is fed the file's bytes."""
     try:
         if not path.exists():
             raise ModelLoadError(f"{what} file {path} does not exist", hint="check the path")
@@ -176,6 +181,8 @@ def _parse(path: Path, *, what: str = "model") -> onnx.ModelProto:
             data = fh.read()
     except OSError as exc:
         raise ModelLoadError(f"{what} file {path} cannot be read ({exc.strerror or exc})") from None
+    if digest is not None:
+        digest.update(data)
     try:
         model = onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
@@ -415,8 +422,9 @@ def _external_entries(model: onnx.ModelProto, path: Path, label: str | None = No
         yield tensor, target, offset, length
 
 
-def _load_external(model: onnx.ModelProto, path: Path) -> list[tuple[str, Path]]:
-    """Read every external tensor into raw_data; returns (tensor name, file) pairs."""
+def _load_external(model: onnx.ModelProto, path: Path, digest=None) -> list[tuple[str, Path]]:
+    """Read every external tensor into raw_data; returns (tensor name, file) pairs.
+    ``digest`` (a hashlib object), when given, is fed each tensor's name and bytes."""
     names = []
     for tensor, target, offset, length in list(_external_entries(model, path)):
         try:
@@ -428,6 +436,9 @@ def _load_external(model: onnx.ModelProto, path: Path) -> list[tuple[str, Path]]
                                  f"({exc.strerror or exc})") from None
         if len(data) != length:
             raise ModelLoadError(f"{path}: external data {target.name} of tensor {tensor.name!r} is truncated")
+        if digest is not None:
+            digest.update(tensor.name.encode() + b"\0")
+            digest.update(data)
         tensor.raw_data = data
         del tensor.external_data[:]
         tensor.ClearField("data_location")  # as if it had always been stored inline
