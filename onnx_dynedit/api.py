@@ -29,9 +29,12 @@ from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, 
 log = logging.getLogger(__name__)
 
 
-def _twin(loaded: LoadedModel, device, input_shapes=None, data=None):
+def _twin(loaded: LoadedModel, device, input_shapes=None, data=None, *, release: bool = False):
     """The twin, parity required. Parity inputs take their sizes from ``input_shapes``
-    (given by the caller), else the graph, else (symbolic non-batch dims) the rows of ``data``."""
+    (given by the caller), else the graph, else (symbolic non-batch dims) the rows of ``data``.
+    ``release``: the model was loaded by the caller itself, so once the twin passes, the ONNX
+    graph's copy of the weights is dropped (``LoadedModel.release_weights``; the twin holds
+    its own) until a write reads it again (``_reload``)."""
     from .layers import check_finite_weights
     from .parity import check_parity, require_parity
     from .twin import Twin
@@ -41,6 +44,8 @@ def _twin(loaded: LoadedModel, device, input_shapes=None, data=None):
     with progress.phase("parity (ONNX Runtime vs twin)"):
         parity = check_parity(twin)
     require_parity(parity, loaded.label)
+    if release:
+        loaded.release_weights()
     return twin, parity
 
 
@@ -250,9 +255,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
         check_output_path(plot, loaded.protected_paths())
     engine = _engine(engine, ray_address)
     raw = read_inputs(pairs, stats, engine=engine)
-    twin, _ = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
-    if not isinstance(model, LoadedModel):  # nothing below reads the weights of the ONNX graph
-        loaded.release_weights()
+    twin, _ = _twin(loaded, device, input_shapes, raw.pairs.corrupt, release=not isinstance(model, LoadedModel))
     inputs = fit_inputs(twin, raw)
     layers = [layer for layer in twin.layer_map.editable() if not too_wide(layer)]
     if not layers:
@@ -365,7 +368,7 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     raw = read_inputs(pairs, stats, val, engine=engine)
     clock.phase("load", t0)
     t0 = time.perf_counter()
-    twin, parity0 = _twin(loaded, device, input_shapes, raw.pairs.corrupt)
+    twin, parity0 = _twin(loaded, device, input_shapes, raw.pairs.corrupt, release=not isinstance(model, LoadedModel))
     inputs = fit_inputs(twin, raw)
     if twin.token_inputs or len(twin.inputs) > 1:
         cfg = _output_criterion_only(cfg, loaded.label, augment_given=augment is not None,
@@ -375,11 +378,10 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     for name in cfg.layers or ():
         twin.layer_map.get(name)  # unknown names fail early with close matches
     t0 = time.perf_counter()
-    result = _rectify(twin, inputs, cfg, keys, release=not isinstance(model, LoadedModel))
+    result = _rectify(twin, inputs, cfg, keys)
     clock.phase("rectify", t0)
     info, raw, inputs = _inputs_info(raw, inputs), None, replace(inputs, stats=None, val=None)  # arrays go before the write
     edits = [e.to_torch(twin.device) for e in result.edits]
-    _reload_to_write(loaded, result, out, clock)
     written = _Written()
     if result.edits:
         written = _write_edits(twin, loaded, inputs, result, edits, out, protected, in_place, clock)
@@ -410,16 +412,12 @@ def edit_config(**options):
     return cfg
 
 
-def _rectify(twin, inputs: Inputs, cfg, keys, *, release: bool = False):
-    """The loop on the fitted inputs (key statistics from ``keys`` when sharded).
-    ``release``: the model was loaded here, so the ONNX graph's copy of the weights may be
-    dropped while the loop runs (the twin holds its own; ``_reload_to_write``)."""
+def _rectify(twin, inputs: Inputs, cfg, keys):
+    """The loop on the fitted inputs (key statistics from ``keys`` when sharded)."""
     import torch
 
     from .rectify import rectify
 
-    if release:
-        twin.loaded.release_weights()
     torch.use_deterministic_algorithms(True, warn_only=True)
     with keys if keys is not None else contextlib.nullcontext():
         try:
@@ -487,8 +485,9 @@ def _write_edits(twin, loaded: LoadedModel, inputs: Inputs, result, edits, out, 
     from .parity import require_parity
     from .sessions import ort_session
 
-    gc.collect()  # what the loop left behind goes before a copy of the weights is made
+    gc.collect()  # what the loop left behind goes before the weights are read again and copied
     memory.trim()
+    _reload(loaded, clock)
     t0 = time.perf_counter()
     with progress.phase("write back into the ONNX initializers"):
         updates = result.updates()
@@ -520,13 +519,11 @@ def _write_edits(twin, loaded: LoadedModel, inputs: Inputs, result, edits, out, 
                     parity_after=parity.to_dict(), rounding=rounding, rounding_effect=rounding_effect)
 
 
-def _reload_to_write(loaded: LoadedModel, result, out, clock: _Clock) -> None:
-    """The weights released while the loop ran (``LoadedModel.release_weights``), read
-    again from the file when a model is about to be written."""
-    if loaded.released and (result.edits or (out is not None and result.success)):
+def _reload(loaded: LoadedModel, clock: _Clock) -> None:
+    """The weights released while the loop ran (``_twin``), read from the file again
+    before a model is written."""
+    if loaded.released:
         t0 = time.perf_counter()
-        gc.collect()  # what the loop left behind goes before the file is parsed again
-        memory.trim()
         with progress.phase(f"read the weights of {loaded.label} again"):
             loaded.restore_weights()
         clock.phase("reload", t0)
@@ -558,6 +555,8 @@ def _save_unchanged(loaded: LoadedModel, out, protected, in_place, clock: _Clock
     if in_place and Path(out).resolve() == (protected[0] if protected else None):
         written = str(Path(out))  # the input is already the unchanged model: leave it alone
     else:
+        _reload(loaded, clock)
+        t0 = time.perf_counter()
         with progress.phase(f"save {out} (unchanged)"):
             written = str(save_model(loaded.model, out, external_names=_external_names(loaded, loaded.model),
                                      protected=protected, in_place=in_place))

@@ -167,3 +167,21 @@ def test_locate_with_the_weights_released_ranks_the_same(monkeypatch):
     monkeypatch.setattr(io.LoadedModel, "release_weights", lambda self: calls.append(real(self)) or calls[-1])
     released = api.locate_model(*args, stats=str(d / "stats.npz")).to_dict()
     assert calls == [True] and released == held
+
+
+def test_unchanged_model_written_after_the_weights_were_released(tmp_path, monkeypatch):
+    """Pairs that already behave: with the weights released during the loop, the output is
+    still the input model, read from the file again (the ``reload`` phase)."""
+    import numpy as np
+    import onnx
+
+    from onnx_dynedit import api, io
+
+    d = _badnets()
+    clean = np.load(d / "pairs.npz")["clean"][:1]
+    np.savez(tmp_path / "same.npz", corrupt=clean, clean=clean)
+    monkeypatch.setattr(io, "RELEASE_ABOVE", 0)
+    out = tmp_path / "out.onnx"
+    outcome = api.edit_model(str(d / "model.onnx"), str(tmp_path / "same.npz"), str(out), criterion="output")
+    assert outcome.output_unchanged and "reload" in outcome.timings
+    assert onnx.load(str(out)) == onnx.load(str(d / "model.onnx"))
