@@ -93,26 +93,16 @@ def test_weights_released_while_the_edit_runs_give_the_same_file(tmp_path, monke
     import onnx
     from onnx import numpy_helper
 
-    import onnx_dynedit.rectify as rectify_module
     from onnx_dynedit import api, io
 
     d = _badnets()
     seen = []
     inner = api._rectify
 
-    def spy(twin, *args, **kwargs):
-        real = rectify_module.rectify
-
-        def looking(*a, **k):  # what the loop sees of the ONNX graph's largest weight
-            big = max(twin.loaded.model.graph.initializer, key=lambda t: np.prod(t.dims))
-            seen.append((twin.loaded.released, len(big.raw_data) + len(big.float_data)))
-            return real(*a, **k)
-
-        monkeypatch.setattr(rectify_module, "rectify", looking)
-        try:
-            return inner(twin, *args, **kwargs)
-        finally:
-            monkeypatch.setattr(rectify_module, "rectify", real)
+    def spy(twin, *args, **kwargs):  # what the loop sees of the ONNX graph's largest weight
+        big = max(twin.loaded.model.graph.initializer, key=lambda t: np.prod(t.dims))
+        seen.append((twin.loaded.released, len(big.raw_data) + len(big.float_data)))
+        return inner(twin, *args, **kwargs)
 
     monkeypatch.setattr(api, "_rectify", spy)
     outs = {}
