@@ -1276,15 +1276,26 @@ def _loop(crit: Criterion, degradation: Degradation, twin: Twin, plan: Plan, cfg
     return state, stopped
 
 
+def _final_degradation(degradation: Degradation, crit: Criterion, accepted: list, steps: list) -> float:
+    """The degradation of every accepted edit together: the one measured on the last
+    accepted step (its trial applied exactly these edits), measured again only when that
+    step has none."""
+    if not accepted:
+        return 0.0
+    last = next(s for s in reversed(steps) if s.accepted)
+    if np.isfinite(last.degradation):
+        return last.degradation
+    return degradation([e.to_torch(crit.twin.device) for e in accepted])
+
+
 def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted, steps, localisations,
             start: Score, state: Score, stopped: str, timings) -> RectifyResult:
     progress.step("final checks")
-    final = [e.to_torch(crit.twin.device) for e in accepted]
     ref = plan.reference
     return RectifyResult(
         edits=tuple(accepted), steps=tuple(steps), localisations=tuple(localisations), n_pairs=len(plan.corrupt),
         n_real_pairs=plan.n_real, gap_before=start.gap, gap_after=state.gap, fixed_before=start.fixed,
-        fixed_after=state.fixed, degradation=degradation(final) if accepted else 0.0, degradation_kind=ref.kind,
+        fixed_after=state.fixed, degradation=_final_degradation(degradation, crit, accepted, steps), degradation_kind=ref.kind,
         stats_source=plan.stats_source, stopped_because=stopped, config=cfg, timings=dict(timings),
         real_gap_before=start.real_gap, real_gap_after=state.real_gap, real_fixed_after=state.real_fixed,
         criterion=crit.name, degradation_source=ref.source, degradation_count=ref.count,

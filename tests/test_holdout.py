@@ -107,3 +107,17 @@ def test_edit_reports_the_held_out_source_and_fails(memorised, tmp_path):
     assert out.output is None  # nothing accepted, nothing written
     sess = ort.InferenceSession(str(f / "model.onnx"), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"x": m["clean"]})[0].shape == (1, K)
+
+
+def test_reported_degradation_is_that_of_the_edits_kept(memorised):
+    """The result's degradation is the last accepted trial's measurement (not measured a
+    second time): it equals the share of val inputs whose class the kept edits change."""
+    m = memorised
+    twin = Twin(load_model(m["folder"] / "model.onnx"), "cpu")
+    val = m["fresh"][:200]
+    result = rectify(twin, m["corrupt"], m["clean"], stats_x=m["stats"], val_x=val,
+                     config=RectifyConfig(max_degradation=0.5))
+    assert result.edits and result.degradation_kind == "changed predictions on val"
+    assert result.degradation > 0.05
+    assert result.degradation == _changed(twin, result, val)
+    assert result.degradation == [s for s in result.steps if s.accepted][-1].degradation
