@@ -617,17 +617,29 @@ class Criterion:
     def screen_scores(self, prev: list[TorchEdit], trials: list[TorchEdit], n_check: int) -> list[Score]:
         """``score(prev + [t], n_check)`` of every screening trial ``t``, with less work: the
         values upstream of every trial's layer are recorded once (``DownstreamRunner``) and
-        each trial recomputes only what follows its layer. Only when that recording fits
-        SCREEN_CACHE_BUDGET; else (real-size inputs: ResNet-50 at 224x224 keeps 46 MiB per
-        input) and for a model with several inputs, each trial runs whole. (Recording in
-        chunks of inputs within the budget was measured at 224x224: the check 267 -> 189 s,
-        but the edit's peak 2532 -> 3770 MiB, README.)"""
+        each trial recomputes only what follows its layer. The recording keeps at most
+        SCREEN_CACHE_BUDGET: when the inputs' recording is larger (real-size inputs:
+        ResNet-50 at 224x224 keeps 46 MiB per input), they are recorded and scored a
+        chunk of inputs at a time. A model with several inputs: each trial runs whole."""
         check, check_p = self._check_set(n_check)
         x = self.corrupt if check is None else np.concatenate([self.corrupt, check])
         layers = list({t.layer.node: t.layer for t in trials}.values())
-        if (len(self.twin.inputs) != 1 or not trials
-                or self._recording_bytes(prev, layers) * len(x) > SCREEN_CACHE_BUDGET):
+        per_input = self._recording_bytes(prev, layers) if len(self.twin.inputs) == 1 and trials else 0
+        if not per_input:
             return [self.score(prev + [t], n_check) for t in trials]
+        chunk = max(1, SCREEN_CACHE_BUDGET // per_input)
+        logits = [[] for _ in trials]
+        for lo in range(0, len(x), chunk):
+            for out, part in zip(logits, self._screen_chunk(prev, trials, layers, x[lo:lo + chunk])):
+                out.append(part)
+        n = self.n
+        logits = [np.concatenate(parts) for parts in logits]
+        return [self._score(a[:n], None if check is None else a[n:], check_p, prev + [t])
+                for a, t in zip(logits, trials)]
+
+    def _screen_chunk(self, prev: list[TorchEdit], trials: list[TorchEdit], layers: list[Layer],
+                      x: np.ndarray) -> list[np.ndarray]:
+        """Every trial's logits on ``x``, from one recording of the values upstream of ``layers``."""
         rows = self.twin.pass_rows(self.x1)
         with torch.no_grad(), self.twin.applied(prev):
             runner = DownstreamRunner(self.twin, layers, self.twin.to_tensor(x), rows=rows)
@@ -638,9 +650,7 @@ class Criterion:
                                               for i in range(0, runner.n_rows, rows)]))
         del runner
         memory.trim()
-        n = self.n
-        return [self._score(a[:n], None if check is None else a[n:], check_p, prev + [t])
-                for a, t in zip(logits, trials)]
+        return logits
 
     def _recording_bytes(self, prev: list[TorchEdit], layers: list[Layer]) -> int:
         """Bytes per input of a recording of the values upstream of ``layers``."""

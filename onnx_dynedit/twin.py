@@ -477,17 +477,18 @@ class DownstreamRunner:
         cache, sliced = _record(gm, inputs, list(parts.values()), rows)
 
         class _Replay(fx.Interpreter):
-            rows: slice | None = None
-            downstream: set = parts[layers[0].node]
-
+            # what it reads is on the instance: a class is freed only by the cyclic
+            # collector, and whatever its methods' closures held (the recording) with it
             def run_node(self, n):
                 if n in self.downstream or n.op == "output":
                     return super().run_node(n)
-                if n in cache:
-                    return cache[n][self.rows] if self.rows is not None and n in sliced else cache[n]
+                if n in self.cache:
+                    return self.cache[n][self.rows] if self.rows is not None and n in self.sliced else self.cache[n]
                 return None  # upstream and not read downstream: skipped
 
         self._replay = _Replay(gm)
+        self._replay.cache, self._replay.sliced = cache, sliced
+        self._replay.rows, self._replay.downstream = None, parts[layers[0].node]
         self._parts = parts
         self._first = layers[0].node
         self._inputs = inputs
@@ -554,15 +555,18 @@ def _record(gm, inputs: tuple, parts: list[set], rows: int | None) -> tuple[dict
     frontier = {n for n in gm.graph.nodes
                 if n.op != "output" and any(n not in part and any(u in part for u in n.users) for part in parts)}
 
-    class _Record(fx.Interpreter):
+    class _Record(fx.Interpreter):  # no closure over the recording (see DownstreamRunner's _Replay)
         def run_node(self, n):
             value = super().run_node(n)
-            if n in frontier:
-                keep(n, value)
+            if n in self.frontier:
+                self.keep(n, value)
             return value
 
     with torch.no_grad():
         for lo in range(0, n_rows, rows):
             span[:] = [lo, min(lo + rows, n_rows)]
-            _Record(gm).run(*(t[lo:lo + rows] for t in inputs))
+            recorder = _Record(gm)
+            recorder.frontier, recorder.keep = frontier, keep
+            recorder.run(*(t[lo:lo + rows] for t in inputs))
+            del recorder
     return cache, sliced

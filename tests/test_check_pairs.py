@@ -235,14 +235,16 @@ def test_a_screening_trial_ends_the_round_only_on_every_check_pair(fixed, count,
         assert done.step.degradation == degradation and done.step.accepted
 
 
-@pytest.mark.parametrize("budget", [None, 1])
+@pytest.mark.parametrize("budget", [None, 10, 0])
 @pytest.mark.parametrize("with_prev", [False, True])
 def test_screening_scores_from_recordings_match_whole_runs(badnets, monkeypatch, with_prev, budget):
     """A screen scores its trials together: the values upstream of every candidate layer
     on the pairs and the first ``screen_check`` check pairs are recorded once, and each
     trial recomputes only what follows its layer. The scores equal those of running the
-    whole model for each trial, for every layer, also on top of an earlier edit; over the
-    recording budget (here 1 byte) every trial runs whole."""
+    whole model for each trial, for every layer, also on top of an earlier edit. When the
+    recording of every input is over its budget (here: room for 10 inputs, or for none),
+    the inputs are recorded and scored a chunk at a time (at least one input per chunk),
+    with the same scores."""
     import onnx_dynedit.rectify as rectify_mod
     from onnx_dynedit.rank_one import RankOneEdit
     from onnx_dynedit.rectify import make_criterion
@@ -262,14 +264,18 @@ def test_screening_scores_from_recordings_match_whole_runs(badnets, monkeypatch,
     prev = [edit(layers[0])] if with_prev else []
     trials = [edit(layer) for layer in (layers[1:] if with_prev else layers)]
     whole = [crit.score(prev + [t], 24) for t in trials]
+    n_inputs = len(plan.corrupt) + 24
     if budget is not None:
-        monkeypatch.setattr(rectify_mod, "SCREEN_CACHE_BUDGET", budget)
+        per_input = crit._recording_bytes(prev, [t.layer for t in trials])
+        monkeypatch.setattr(rectify_mod, "SCREEN_CACHE_BUDGET", budget * per_input)
     recordings = []
     real_init = DownstreamRunner.__init__
     monkeypatch.setattr(DownstreamRunner, "__init__",
                         lambda self, *a, **k: recordings.append(1) or real_init(self, *a, **k))
     together = crit.screen_scores(prev, trials, 24)
-    assert len(recordings) == (0 if budget == 1 else 1)  # one recording, not one per trial
+    chunk = n_inputs if budget is None else max(1, budget)
+    assert len(recordings) == -(-n_inputs // chunk)  # one recording per chunk of inputs, not one per trial
+    assert budget is None or len(recordings) > 1
     for a, b in zip(whole, together, strict=True):
         assert a.fixed == b.fixed and a.check_fixed == b.check_fixed and a.check_count == b.check_count == 24
         assert np.isclose(a.gap, b.gap, rtol=1e-5, atol=1e-7) and np.isclose(a.check_gap, b.check_gap, rtol=1e-5, atol=1e-7)
