@@ -125,6 +125,37 @@ def layer_keys(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def sampled_keys(layer: Layer, x: torch.Tensor, cap: int) -> torch.Tensor:
+    """``layer_keys(layer, x)`` as rows [n, in], at most ``cap`` of them: with more (many
+    conv positions), every k-th in (input, position) order, an even deterministic
+    subsample. A 2-D Conv's kept keys are read from its padded input directly, so no
+    position that is not kept is unfolded (VGG-16 at 240x240 keeps 1 in 225)."""
+    if layer.op == "Conv" and x.dim() == 4:
+        xp = pad_input(layer, x)
+        (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.strides, layer.dilations
+        oh, ow = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1, (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        if x.shape[0] * oh * ow > cap:
+            idx = _every_kth(x.shape[0] * oh * ow, cap, x.device)
+            p = idx % (oh * ow)
+            rows = (p // ow * sh)[:, None] + torch.arange(kh, device=x.device) * dh   # [n, kh]
+            cols = (p % ow * sw)[:, None] + torch.arange(kw, device=x.device) * dw    # [n, kw]
+            chans = torch.arange(xp.shape[1], device=x.device)
+            patches = xp[(idx // (oh * ow))[:, None, None, None], chans[None, :, None, None],
+                         rows[:, None, :, None], cols[:, None, None, :]]             # [n, C, kh, kw]
+            return patches.reshape(len(idx), -1)  # unfold's order: channel, then kernel rows, columns
+    keys = layer_keys(layer, x)
+    b, p, dim = keys.shape
+    if b * p <= cap:
+        return keys.reshape(-1, dim)
+    idx = _every_kth(b * p, cap, keys.device)
+    return keys[idx // p, idx % p]
+
+
+def _every_kth(n: int, cap: int, device) -> torch.Tensor:
+    """Indices 0, k, 2k, ... below ``n`` with k = ceil(n / cap): at most ``cap`` of them."""
+    return torch.arange(0, n, -(-n // cap), device=device)
+
+
 def layer_values(layer: Layer, out: torch.Tensor) -> torch.Tensor:
     """Layer outputs arranged like ``layer_keys``: [B, P, out]."""
     if layer.op == "Conv":

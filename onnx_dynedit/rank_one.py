@@ -45,7 +45,7 @@ import torch
 from . import memory
 from .errors import EditError
 from .layers import Layer
-from .keys import layer_keys, layer_values, patch_factors
+from .keys import layer_keys, layer_values, patch_factors, sampled_keys
 from .twin import Twin
 
 log = logging.getLogger(__name__)
@@ -233,24 +233,12 @@ def _group_moments(twin: Twin, layers: list[Layer], x, edits, batch: int, cap: i
                 rec["in"].clear()
             twin.forward(twin.to_tensor(x[i:i + batch]))
             for layer in layers:
-                keys = _sampled_keys(layer, store[layer.node]["in"][0], cap)
+                keys = sampled_keys(layer, store[layer.node]["in"][0], cap)
                 acc[layer.node] += keys.T @ keys  # added in float64 in place: no float64 copy of the product
                 count[layer.node] += keys.shape[0]
             for rec in store.values():
                 rec["in"].clear()
     return {l.node: KeyMoments(sum_kk=acc.pop(l.node).cpu().numpy(), count=count[l.node]) for l in layers}
-
-
-def _sampled_keys(layer: Layer, x: torch.Tensor, cap: int) -> torch.Tensor:
-    """The keys of ``layer`` for ``x`` as rows [n, in], at most ``cap`` of them: with more
-    (many conv positions), every k-th in (input, position) order, an even deterministic
-    subsample, gathered from the unfolded columns so that only the kept keys are copied."""
-    keys = layer_keys(layer, x)
-    b, p, dim = keys.shape
-    if b * p <= cap:
-        return keys.reshape(-1, dim)
-    idx = torch.arange(0, b * p, -(-(b * p) // cap), device=keys.device)
-    return keys[idx // p, idx % p]
 
 
 def stats_from_moments(layers: list[Layer], parts, *, lam: float = DEFAULT_LAMBDA, source: str = "stats",

@@ -314,6 +314,30 @@ def test_conv_keys_are_unfolded_patches(conv_case):
     np.testing.assert_allclose(out, numpy_conv(x, conv_case[3], np.zeros(3)), atol=1e-5)
 
 
+
+@pytest.mark.parametrize("geometry", [
+    dict(kernel=(3, 3), strides=(1, 1), dilations=(1, 1), pads=(1, 1, 1, 1)),
+    dict(kernel=(3, 2), strides=(2, 3), dilations=(1, 2), pads=(0, 1, 2, 0)),
+    dict(kernel=(3, 3), strides=(2, 2), dilations=(1, 1), pads=(), auto_pad="SAME_UPPER"),
+    dict(kernel=(1, 1), strides=(1, 1), dilations=(1, 1), pads=()),
+])
+@pytest.mark.parametrize("cap", [1, 7, 40, 10_000])
+def test_sampled_conv_keys_are_every_kth_unfolded_key(conv_case, geometry, cap):
+    """The key statistics' subsample (at most ``cap`` keys: every k-th in (input, position)
+    order) read from the padded input directly is the unfolded keys' subsample, bit for
+    bit, whatever the stride, dilation and padding."""
+    from dataclasses import replace
+
+    from onnx_dynedit.keys import sampled_keys
+
+    layer = replace(only_layer(conv_case[2]), **geometry)
+    x = torch.as_tensor(np.random.default_rng(2).standard_normal((3, 2, 9, 11)).astype(np.float32))
+    every = layer_keys(layer, x).reshape(-1, layer_keys(layer, x).shape[-1])
+    got = sampled_keys(layer, x, cap)
+    step = -(-every.shape[0] // cap)
+    assert len(got) <= cap
+    torch.testing.assert_close(got, every[::step], rtol=0, atol=0)
+
 def test_conv_key_statistics_match_numpy(conv_case):
     _, _, twin, _, _ = conv_case
     layer = only_layer(twin)
