@@ -60,6 +60,7 @@ CANCEL_SHARE = 1e-6        # a mean projection below this share of the mean |pro
 FACTOR_F32_FEATURES = 2048  # wider factors are stored in float32 (VGG-16's 4608-wide convs: 85 MB each, not 170)
 MOMENTS_BUDGET = 512 * 2**20  # bytes of float64 sums of k k^T accumulated in one pass over the stats; more layers
                               # than that (VGG-19: 1.6 GB) go in groups, one pass each (the same sums)
+ADD_BLOCK = 4 * 2**20       # bytes of the float64 copy made per block when a product is added to its sum
 PAIR_KEYS_BUDGET = 64 * 2**20  # bytes of float64 pair keys kept whole (small layers: unfolded once)
 KEY_BLOCK = 32 * 2**20       # bytes of float64 keys per block when they are read pair by pair
 ROWS_BUDGET = 64 * 2**20     # bytes of affected key rows kept as rows; beyond, their Gram matrix
@@ -128,13 +129,16 @@ class KeyStats:
         """R in float64 (a copy when it is stored in float32)."""
         return self.chol.double()
 
-    def whiten(self, rows: torch.Tensor) -> torch.Tensor:
-        """z = R^-1 r for rows [m, in] -> [m, in]."""
-        return torch.linalg.solve_triangular(self.factor, rows.T.double(), upper=False).T
+    def whiten(self, rows: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+        """z = R^-1 r for rows [m, in] -> [m, in]; ``factor``: ``self.factor`` when the
+        caller already holds it (a float32-stored factor is copied on every read)."""
+        factor = self.factor if factor is None else factor
+        return torch.linalg.solve_triangular(factor, rows.T.double(), upper=False).T
 
-    def unwhiten_solve(self, a: torch.Tensor) -> torch.Tensor:
-        """d = R^-T a (so that d . k = a . R^-1 k)."""
-        return torch.linalg.solve_triangular(self.factor.T, a.double().unsqueeze(1), upper=True).squeeze(1)
+    def unwhiten_solve(self, a: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+        """d = R^-T a (so that d . k = a . R^-1 k); ``factor`` as for ``whiten``."""
+        factor = self.factor if factor is None else factor
+        return torch.linalg.solve_triangular(factor.T, a.double().unsqueeze(1), upper=True).squeeze(1)
 
 
 def too_wide(layer: Layer) -> str | None:
@@ -227,6 +231,10 @@ def _group_moments(twin: Twin, layers: list[Layer], x, edits, batch: int, cap: i
     dim = {l.node: l.in_features for l in layers}
     acc = {l.node: torch.zeros(dim[l.node], dim[l.node], dtype=torch.float64, device=twin.device) for l in layers}
     count = {l.node: 0 for l in layers}
+    # every product k^T k goes through one float32 buffer and into its float64 sum a block of
+    # rows at a time (``_add_rows``): a fresh 85 MB product per layer and pass, and its 170 MB
+    # float64 copy, were mapped and zeroed by the kernel each time (ResNet-50: 2.3 M page faults)
+    product = torch.empty(max(dim.values()) ** 2, device=twin.device)
     with torch.no_grad(), twin.applied(edits), twin.capture(layers) as store:
         for i in range(0, len(x), batch):
             for rec in store.values():
@@ -234,11 +242,20 @@ def _group_moments(twin: Twin, layers: list[Layer], x, edits, batch: int, cap: i
             twin.forward(twin.to_tensor(x[i:i + batch]))
             for layer in layers:
                 keys = sampled_keys(layer, store[layer.node]["in"][0], cap)
-                acc[layer.node] += keys.T @ keys  # added in float64 in place: no float64 copy of the product
+                k = dim[layer.node]
+                _add_rows(acc[layer.node], torch.mm(keys.T, keys, out=product[:k * k].view(k, k)))
                 count[layer.node] += keys.shape[0]
             for rec in store.values():
                 rec["in"].clear()
     return {l.node: KeyMoments(sum_kk=acc.pop(l.node).cpu().numpy(), count=count[l.node]) for l in layers}
+
+
+def _add_rows(acc: torch.Tensor, part: torch.Tensor) -> None:
+    """``acc += part`` (float64 += float32, the same sums bit for bit) a block of rows at a
+    time, so that the float64 copy the addition makes of ``part`` is small (ADD_BLOCK)."""
+    step = max(1, ADD_BLOCK // (8 * part.shape[1]))
+    for r in range(0, part.shape[0], step):
+        acc[r:r + step] += part[r:r + step]
 
 
 def stats_from_moments(layers: list[Layer], parts, *, lam: float = DEFAULT_LAMBDA, source: str = "stats",
@@ -445,9 +462,12 @@ def edit_direction(stats: KeyStats, keys: PairKeys, *, key: str = "diff", score_
             pool.add(diff.reshape(-1, diff.shape[-1])[mask])
         else:
             pool.add(kc.reshape(-1, kc.shape[-1])[mask] * (nb[mask] / scale).unsqueeze(1))
-    d = _scaled(stats, stats.unwhiten_solve(pool.top()), keys, norms, threshold)
+    factor = stats.factor  # float64, read once for the three solves (VGG-16's 4608-wide: 170 MB)
+    top = stats.unwhiten_solve(pool.top(factor), factor)
     # the Mahalanobis norm of k*_i under C (scale-free: the same whatever the scale of the keys)
-    maha = float(stats.whiten(kstar).pow(2).sum(1).mean().sqrt())
+    maha = float(stats.whiten(kstar, factor).pow(2).sum(1).mean().sqrt())
+    del factor
+    d = _scaled(stats, top, keys, norms, threshold)
     try:
         u_local = closed_form_u(keys, d)
     except EditError:
@@ -477,15 +497,15 @@ class _RowPool:
             self.rows = []
         self.gram += rows.T @ rows
 
-    def top(self) -> torch.Tensor:
+    def top(self, factor: torch.Tensor) -> torch.Tensor:
+        """``factor``: the stats' R in float64 (``KeyStats.factor``)."""
         if self.gram is not None:  # each n x n intermediate freed once used (4608 wide: 170 MB each)
-            chol = self.stats.factor
-            half = torch.linalg.solve_triangular(chol, self.gram, upper=False)        # R^-1 G
+            half = torch.linalg.solve_triangular(factor, self.gram, upper=False)        # R^-1 G
             self.gram = None
-            whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)     # R^-1 G R^-T
-            del half, chol
+            whitened = torch.linalg.solve_triangular(factor, half.T, upper=False)     # R^-1 G R^-T
+            del half
             return top_eigenvector(whitened)
-        z = self.stats.whiten(torch.cat(self.rows))  # [m, in]
+        z = self.stats.whiten(torch.cat(self.rows), factor)  # [m, in]
         if z.shape[0] < z.shape[1]:  # from the smaller Gram matrix
             a = z.T @ top_eigenvector(z @ z.T)
             return a / a.norm().clamp_min(1e-300)
