@@ -1305,7 +1305,8 @@ def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted
     return RectifyResult(
         edits=tuple(accepted), steps=tuple(steps), localisations=tuple(localisations), n_pairs=len(plan.corrupt),
         n_real_pairs=plan.n_real, gap_before=start.gap, gap_after=state.gap, fixed_before=start.fixed,
-        fixed_after=state.fixed, degradation=_final_degradation(degradation, crit, accepted, steps), degradation_kind=ref.kind,
+        fixed_after=state.fixed, degradation=_final_degradation(degradation, crit, accepted, steps),
+        degradation_kind=ref.kind,
         stats_source=plan.stats_source, stopped_because=stopped, config=cfg, timings=dict(timings),
         real_gap_before=start.real_gap, real_gap_after=state.real_gap, real_fixed_after=state.real_fixed,
         criterion=crit.name, degradation_source=ref.source, degradation_count=ref.count,

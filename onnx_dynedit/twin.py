@@ -40,8 +40,9 @@ FP16_TOL = 1e-2
 # per-channel / per-tensor copies of a random-weight ResNet-18 (16 inputs), the same with
 # every ORT graph optimisation off. A wrong conversion is off by far more.
 QUANT_TOL = 5e-2
-RUN_BUDGET = 256 * 2**20  # bytes of activations one no-grad pass of ``Twin.run`` may hold (VGG-16 at 240x240: 5 rows)
+RUN_BUDGET = 256 * 2**20  # bytes of activations one no-grad pass of ``Twin.run`` may hold (the bound when PASS_BLOCK is raised)
 PASS_BLOCK = MMAP_THRESHOLD - 2**16  # bytes: a pass's largest module output stays below the mmap threshold
+                                    # (ResNet-50 at 224x224: 5 rows a pass; VGG-16 at 240x240: 1)
 RUN_MAX_BATCH = 256
 TWIN_VIA_FILE = 256 * 2**20  # bytes: a larger normalised model reaches onnx2torch through a file
 

@@ -172,3 +172,19 @@ def test_twin_run_batches_within_its_activation_budget(monkeypatch):
     monkeypatch.setattr(twin_module, "RUN_BUDGET", twin._row_bytes * 3)  # three rows a pass
     assert twin.pass_rows(x) == 3
     np.testing.assert_allclose(twin.run(x), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_twin_run_passes_keep_each_output_under_the_mmap_threshold(monkeypatch):
+    """A pass's largest module output stays under PASS_BLOCK (glibc's mmap threshold, less
+    a margin), so its blocks come from malloc's heap; the logits do not depend on it."""
+    import onnx_dynedit.twin as twin_module
+
+    d = SAMPLES / "badnets"
+    twin = Twin(load_model(d / "model.onnx"), "cpu")
+    x = np.load(d / "stats.npz")["x"][:20]
+    whole = twin.run(x)
+    largest = twin._row_bytes // 3  # the largest module output of one row
+    assert twin_module.PASS_BLOCK < twin_module.MMAP_THRESHOLD
+    monkeypatch.setattr(twin_module, "PASS_BLOCK", 4 * largest + 1)  # four rows' outputs fit under it
+    assert twin.pass_rows(x) == 4
+    np.testing.assert_allclose(twin.run(x), whole, rtol=1e-5, atol=1e-5)
