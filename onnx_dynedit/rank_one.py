@@ -234,7 +234,7 @@ def _group_moments(twin: Twin, layers: list[Layer], x, edits, batch: int, cap: i
     # every product k^T k goes through one float32 buffer and into its float64 sum a block of
     # rows at a time (``_add_rows``): a fresh 85 MB product per layer and pass, and its 170 MB
     # float64 copy, were mapped and zeroed by the kernel each time (ResNet-50: 2.3 M page faults)
-    product = torch.empty(max(dim.values()) ** 2, device=twin.device)
+    product = None
     with torch.no_grad(), twin.applied(edits), twin.capture(layers) as store:
         for i in range(0, len(x), batch):
             for rec in store.values():
@@ -243,6 +243,8 @@ def _group_moments(twin: Twin, layers: list[Layer], x, edits, batch: int, cap: i
             for layer in layers:
                 keys = sampled_keys(layer, store[layer.node]["in"][0], cap)
                 k = dim[layer.node]
+                if product is None or product.dtype != keys.dtype:
+                    product = torch.empty(max(dim.values()) ** 2, dtype=keys.dtype, device=keys.device)
                 _add_rows(acc[layer.node], torch.mm(keys.T, keys, out=product[:k * k].view(k, k)))
                 count[layer.node] += keys.shape[0]
             for rec in store.values():
