@@ -131,10 +131,12 @@ def sampled_keys(layer: Layer, x: torch.Tensor, cap: int) -> torch.Tensor:
     subsample. A 2-D Conv's kept keys are read from its padded input directly, so no
     position that is not kept is unfolded (VGG-16 at 240x240 keeps 1 in 225)."""
     if layer.op == "Conv" and x.dim() == 4:
-        xp = pad_input(layer, x)
         (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.strides, layer.dilations
-        oh, ow = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1, (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-        if x.shape[0] * oh * ow > cap:
+        pads = conv_pads(layer, tuple(x.shape[2:]))
+        oh = (x.shape[2] + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
+        ow = (x.shape[3] + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+        if x.shape[0] * oh * ow > cap:  # padded only then: the unsampled keys below pad it themselves
+            xp = pad_input(layer, x)
             idx = _every_kth(x.shape[0] * oh * ow, cap, x.device)
             p = idx % (oh * ow)
             rows = (p // ow * sh)[:, None] + torch.arange(kh, device=x.device) * dh   # [n, kh]
