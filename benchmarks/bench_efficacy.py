@@ -105,9 +105,9 @@ def ort_pred(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 class Case:
-    def __init__(self, name: str):
+    def __init__(self, name: str, folder: Path | None = None):
         self.name = name
-        self.dir = ROOT / "sample_models" / name
+        self.dir = folder or ROOT / "sample_models" / name
         self.meta = json.loads((self.dir / "meta.json").read_text())
         ct, xt = np.load(self.dir / "clean_test.npz"), np.load(self.dir / "corrupt_test.npz")
         self.clean_x, self.y, self.corrupt_x = ct["x"], ct["y"], xt["x"]

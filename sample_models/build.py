@@ -159,6 +159,7 @@ class Case:
     input_hw = (16, 16)
     channels = 1
     arch = "cnn"            # "cnn" (make_model) or "resnet" (make_resnet)
+    blocks = ((16, 1), (24, 2), (24, 2))  # the ResNet's basic blocks: (channels, stride)
     max_shift = 1           # +-pixels of random shift per epoch (0: the exact images every epoch)
     stats_from = "heldout"  # "heldout": stats are held-out digits; "train": 200 of the training images
     pair_sizes = (1, 20)    # pairs.npz is the first row; pairs<N>.npz for every N > 1
@@ -436,7 +437,30 @@ class ResNetColour(Case):
                 "n_train_own_colour": self._own, "n_train_grey": int((a == 10).sum())}
 
 
-CASE_TYPES = {c.name: c for c in (BadNets, Blend, Spurious, Leakage, ResNetBlend, ResNetColour)}
+DEEP_BLOCKS = ((16, 1), (16, 1), (24, 2), (24, 1), (32, 2), (32, 1))
+
+
+class DeepBadNets(BadNets):
+    """The patch Trojan on a deeper ResNet (six basic blocks, 16 editable layers, so the
+    edit's round is screened) whose stats are its own training images. Not a committed
+    sample: ``benchmarks/bench_deep.py`` builds it into a temporary folder."""
+
+    name, exporter, opset, target = "deep_badnets", "legacy", 17, 0
+    arch, max_shift, stats_from, pair_sizes = "resnet", 0, "train", (1, 5, 20)
+    blocks = DEEP_BLOCKS
+    epochs = 30
+
+
+class DeepBlend(ResNetBlend):
+    """resnet_blend's whole-image blend on the deeper ResNet of ``DeepBadNets``."""
+
+    name = "deep_blend"
+    blocks = DEEP_BLOCKS
+    epochs = 30
+
+
+CASE_TYPES = {c.name: c for c in (BadNets, Blend, Spurious, Leakage, ResNetBlend, ResNetColour, DeepBadNets,
+                                  DeepBlend)}
 
 # ----------------------------------------------------------------- model/train
 
@@ -458,10 +482,10 @@ def make_model(input_hw):
     )
 
 
-def make_resnet(channels: int):
-    """Small ResNet: stem Conv3x3(C,16)+BN+ReLU, three basic blocks (16, 24 /2, 24 /2; two
-    Conv3x3+BN each, identity or Conv1x1+BN shortcut, ReLU after the Add), global average
-    pooling, Linear(24, 10). About 25k weights."""
+def make_resnet(channels: int, blocks=Case.blocks):
+    """Small ResNet: stem Conv3x3(C,16)+BN+ReLU, basic blocks (default three: 16, 24 /2,
+    24 /2; two Conv3x3+BN each, identity or Conv1x1+BN shortcut, ReLU after the Add), global
+    average pooling, Linear(last, 10). About 25k weights with the default blocks."""
     import torch.nn as nn
 
     class Block(nn.Module):
@@ -479,11 +503,11 @@ def make_resnet(channels: int):
             h = self.relu(self.bn1(self.conv1(x)))
             return self.relu(self.bn2(self.conv2(h)) + self.short(x))
 
-    return nn.Sequential(
-        nn.Conv2d(channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        Block(16, 16, 1), Block(16, 24, 2), Block(24, 24, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
-    )
+    layers, cin = [nn.Conv2d(channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+    for cout, stride in blocks:  # created in this order: the seeded initial weights depend on it
+        layers.append(Block(cin, cout, stride))
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
 
 
 def train(case: Case, d_train, y_train, key_train):
@@ -491,7 +515,7 @@ def train(case: Case, d_train, y_train, key_train):
     import torch.nn.functional as F
 
     torch.manual_seed(case.seed)
-    model = make_resnet(case.channels) if case.arch == "resnet" else make_model(case.input_hw)
+    model = make_resnet(case.channels, case.blocks) if case.arch == "resnet" else make_model(case.input_hw)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=case.epochs)
     rng = np.random.default_rng(case.seed + 1000)
@@ -723,8 +747,9 @@ def build_case(name: str, out: Path, data, split, seed: int = SEED) -> dict:
                      "onnxruntime": __import__("onnxruntime").__version__},
     })
     if case.stats_from == "train":
-        meta.update({"architecture": "small ResNet (make_resnet): stem conv, 3 basic blocks (16, 24, 24 channels), "
-                                     "global average pooling, Linear(24, 10)",
+        meta.update({"architecture": f"small ResNet (make_resnet): stem conv, {len(case.blocks)} basic blocks "
+                                     f"({', '.join(str(c) for c, _ in case.blocks)} channels), "
+                                     f"global average pooling, Linear({case.blocks[-1][0]}, 10)",
                      "stats_are": "200 of the model's own training images (memorised), as the model saw them",
                      "augmentation": "none (every epoch sees the exact training images)",
                      "pair_sizes": list(case.pair_sizes)})
