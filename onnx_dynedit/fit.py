@@ -25,6 +25,7 @@ CONVERGED_LOSS = 1e-5   # normalised losses below this are a perfect fit: stop
 LBFGS_HISTORY = 10      # u has C_out numbers; a short curvature history is enough
 LBFGS_TOL_GRAD = 1e-7   # on the normalised loss: the fit has converged
 LBFGS_TOL_CHANGE = 1e-9
+PROBE_STEP = 1e-3       # L-BFGS's curvature probe: a step of this share of |u| along -g
 LM_MAX_OUTPUTS = 64     # one backward pass per output class: wider heads are fitted with Adam
 LM_ITERATIONS = 20      # Gauss-Newton steps (each: one Jacobian, one or a few trial passes)
 LM_DAMPING = 1e-3       # initial damping, relative to the diagonal of J^T W J (Marquardt's scaling)
@@ -56,22 +57,67 @@ def adam(params: list[torch.Tensor], loss_fn, steps: int, lr: float) -> tuple[li
 
 
 def lbfgs(params: list[torch.Tensor], loss_fn, max_evals: int) -> tuple[list[torch.Tensor], float]:
-    """Minimise ``loss_fn()`` with L-BFGS (strong Wolfe line search), at most ``max_evals``
-    evaluations; keep the best iterate."""
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_evals, max_eval=max_evals, history_size=LBFGS_HISTORY,
-                            tolerance_grad=LBFGS_TOL_GRAD, tolerance_change=LBFGS_TOL_CHANGE,
-                            line_search_fn="strong_wolfe")
-    best = [float("inf"), [p.detach().clone() for p in params]]
+    """Minimise ``loss_fn()`` over one tensor with L-BFGS (strong Wolfe line search), at
+    most ``max_evals`` evaluations; keep the best iterate.
 
-    def closure():
-        opt.zero_grad(set_to_none=True)
+    torch's L-BFGS takes its first step along -g with length min(1, 1/|g|_1) and lets the
+    line search grow it at most 10x per evaluation: on the output fit's normalised loss
+    that first step is 1e-4 of what is needed, and 5 of 25 evaluations went on growing it.
+    Here a second evaluation a short way along -g gives the curvature there (secant,
+    ``first_step``), and the fit runs in rescaled coordinates w = v / s, chosen so that
+    torch's first step is that Gauss-Newton-like length. L-BFGS's later steps do not
+    depend on a uniform rescaling; its gradient tolerance is rescaled with it."""
+    (v,) = params
+    best = [float("inf"), v.detach().clone()]
+
+    def evaluate(at: torch.Tensor) -> tuple[float, torch.Tensor]:
+        with torch.no_grad():
+            v.copy_(at)
+        v.grad = None
         value = _value_and_grad(loss_fn)
         if value < best[0]:
-            best[0], best[1] = value, [p.detach().clone() for p in params]
+            best[0], best[1] = value, v.detach().clone()
+        return value, v.grad.detach().clone()
+
+    v0 = v.detach().clone()
+    f0, g0 = evaluate(v0)
+    # converged, as torch's first tests would find: the gradient, or the first step's
+    # directional derivative -|g|^2 in the original coordinates
+    if max_evals < 3 or float(g0.abs().max()) <= LBFGS_TOL_GRAD or float(g0.pow(2).sum()) <= LBFGS_TOL_CHANGE:
+        return [best[1]], best[0]
+    scale = _first_step_scale(evaluate, v0, g0)
+    w = (v0 / scale).requires_grad_(True)
+    cached = [f0, g0]
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_evals, max_eval=max_evals - 1, history_size=LBFGS_HISTORY,
+                            tolerance_grad=LBFGS_TOL_GRAD * scale, tolerance_change=LBFGS_TOL_CHANGE,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        if cached:  # L-BFGS's first evaluation is at v0, already evaluated
+            value, g = cached
+            cached.clear()
+        else:
+            value, g = evaluate(w.detach() * scale)
+        w.grad = g * scale
         return torch.tensor(value)
 
     opt.step(closure)
-    return best[1], best[0]
+    with torch.no_grad():
+        v.copy_(best[1])
+    return [best[1]], best[0]
+
+
+def _first_step_scale(evaluate, v0: torch.Tensor, g0: torch.Tensor) -> float:
+    """The rescaling s (w = v / s) that makes torch's first L-BFGS step along -g0 the
+    length t* |g0| with t* = |g0|^2 / (g0 . H g0), the curvature along g0 from the
+    gradient a short way along it (PROBE_STEP of |v0|). torch's first step in w is
+    min(1, 1/|g_w|_1) g_w with g_w = s g0, i.e. s^2 min(1, 1/(s |g0|_1)) g0 in v."""
+    gn, g1n = float(g0.norm()), float(g0.abs().sum())
+    eps = PROBE_STEP * max(float(v0.norm()), 1.0) / gn
+    _, g1 = evaluate(v0 - eps * g0)
+    curvature = float(g0.flatten().dot((g0 - g1).flatten())) / eps
+    t = gn * gn / curvature if curvature > 0 else eps
+    return t * g1n if t * g1n * g1n >= 1.0 else t ** 0.5
 
 
 def u_scale(u0: torch.Tensor) -> float:

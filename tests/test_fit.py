@@ -66,6 +66,32 @@ def test_adam_and_lbfgs_reach_the_linear_answer():
         np.testing.assert_allclose(best.numpy(), answer.numpy(), atol=2e-2, err_msg=method)
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0])
+def test_lbfgs_first_step_is_the_line_minimum_on_a_quadratic(scale):
+    """On f(v) = c |A v - b|^2 the curvature probe is exact, so the first L-BFGS step lands
+    on the minimum along -g: t* = |g|^2 / (g^T H g), H = 2 c A^T A, whatever c is (torch's
+    own first step is min(1, 1/|g|_1) g, far short of it when c is small). Three
+    evaluations: the start, the probe, the first step."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(24, 16, generator=gen, dtype=torch.float64) + 2 * torch.eye(24, 16, dtype=torch.float64)
+    b = torch.randn(24, generator=gen, dtype=torch.float64)
+    v = torch.full((16,), 0.5, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return scale * (a @ v - b).pow(2).sum()
+
+    v0 = v.detach().clone()
+    g = 2 * scale * a.T @ (a @ v0 - b)
+    t = float(g @ g) / float(g @ (2 * scale * a.T @ a) @ g)
+    expected = scale * float((a @ (v0 - t * g) - b).pow(2).sum())
+    (best,), loss = fit.lbfgs([v], loss_fn, max_evals=3)
+    assert len(calls) == 3
+    assert loss == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(best, v0 - t * g)
+
+
 @pytest.mark.parametrize("kind", ["gemm", "conv"])
 def test_per_row_u_is_the_shared_u_row_by_row(tmp_path, kind):
     """layer_delta with u [B, C_out] edits row i with u[i]: equal rows give the shared edit,
