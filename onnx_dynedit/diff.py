@@ -68,7 +68,9 @@ class ModelDiff:
 
 def numerical_rank(delta: np.ndarray, reference: np.ndarray, step: np.ndarray | None = None) -> int:
     """Rank of ``delta`` reshaped [shape[0], -1], ignoring singular values at the level of
-    float rounding of ``reference`` (its dtype's eps x max |value| x (sqrt(m) + sqrt(n))),
+    float rounding of ``reference`` and of ``reference + delta`` (the dtype's eps x the
+    larger max |value| x (sqrt(m) + sqrt(n)): an edit larger than the weight is rounded at
+    its own scale),
     or, given the quantisation ``step`` of each value (broadcastable), at the level of
     rounding to that step (module doc)."""
     if delta.size == 0:
@@ -85,7 +87,7 @@ def numerical_rank(delta: np.ndarray, reference: np.ndarray, step: np.ndarray | 
     mat = mat.astype(np.float64)
     m, n = mat.shape
     eps = float(np.finfo(reference.dtype).eps) if np.issubdtype(reference.dtype, np.floating) else 0.0
-    scale = float(np.abs(reference).max()) if reference.size else 0.0
+    scale = max(float(np.abs(reference).max()), float(np.abs(reference + delta).max())) if reference.size else 0.0
     sv = np.linalg.svd(mat, compute_uv=False)
     if sv.size == 0 or sv[0] == 0:
         return 0

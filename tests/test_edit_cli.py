@@ -349,3 +349,16 @@ def test_device_cuda_without_gpu_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert "cuda" in one_line_error(proc).lower()
     assert not out.exists()
+
+
+def test_rank_of_an_edit_larger_than_the_weight_is_one():
+    """b = float32(a + u d^T) with the edit 100x the weight's size: b's rounding is at b's
+    scale, not a's, so the numerical rank of b - a is the edit's (1), not the rounding's."""
+    from onnx_dynedit.diff import numerical_rank
+
+    rng = np.random.default_rng(0)
+    a = (0.01 * rng.standard_normal((64, 96))).astype(np.float32)
+    edit = np.outer(rng.standard_normal(64), rng.standard_normal(96))
+    b = (a.astype(np.float64) + edit).astype(np.float32)
+    assert numerical_rank(b.astype(np.float64) - a.astype(np.float64), a) == 1
+    assert numerical_rank(b.astype(np.float64) - a.astype(np.float64) + 1e-3 * rng.standard_normal((64, 96)), a) > 1
