@@ -81,6 +81,7 @@ GAP_EPS = 1e-6          # a gap must fall by more than this to count as smaller 
 BUDGET_SLACK = 1e-12    # a degradation equal to the budget passes (float rounding of exact fractions)
 MIN_HOLDOUT_POOL = 4    # fewer stats inputs than this: nothing is held out (the check is in-sample)
 FIT_BUDGET = 2 * ACTIVATION_BUDGET  # bytes of activations one forward/backward pass of the output fit keeps
+LBFGS_ABOVE = 4 * ACTIVATION_BUDGET  # fit_method "auto": L-BFGS when the fit's inputs' activations exceed this
 SCREEN_CACHE_BUDGET = ACTIVATION_BUDGET  # bytes of upstream values a screen's recording may keep
 NORM_FLOOR = 1e-8       # mean squares the fit losses are divided by never fall below this (all-zero logits)
 SHARE_FLOOR = 1e-12     # denominators of shares and gains (an all-zero attribution or channel)
@@ -107,8 +108,11 @@ class RectifyConfig:
     fit_steps: int = 200              # Adam steps (attribution fit, and the output fit with fit_method "adam")
     fit_lr: float = 0.05
     fit_method: str = "auto"          # output fit of u: "adam", "lm" (Levenberg-Marquardt; heads with more than
-                                      # fit.LM_MAX_OUTPUTS classes use adam), "lbfgs" or "auto" (= lbfgs: at most
-                                      # lbfgs_evals passes where Adam takes up to fit_steps; README, speed section)
+                                      # fit.LM_MAX_OUTPUTS classes use adam), "lbfgs" or "auto": adam, and lbfgs for
+                                      # the screen_keep candidates of a screened round (models with more than
+                                      # screen_above editable layers) and for fits whose inputs' activations exceed
+                                      # LBFGS_ABOVE (real-size inputs, fitted in chunks); lm and lbfgs converge in
+                                      # fewer passes but move the n = 20 sample rows (README, speed section)
     lbfgs_evals: int = 25             # loss evaluations (downstream passes) of the L-BFGS fit
     attr_weight: float = 3.0          # weight of the region's attribution in the attribution fit
     attr_steps: int = 8               # IG steps inside the attribution fit
@@ -747,8 +751,8 @@ class OutputGap(Criterion):
                 return runner(rows)
 
         method = method or self.cfg.fit_method
-        if method == "auto":  # L-BFGS's 25 passes, not Adam's up to 200
-            method = "lbfgs"
+        if method == "auto":  # real-size inputs (fitted in chunks): L-BFGS's 25 passes, not Adam's 200
+            method = "lbfgs" if self._fit_chunk(LBFGS_ABOVE) < n + m else "adam"
         if method == "lm" and self.target_logits.shape[-1] > fitting.LM_MAX_OUTPUTS:
             method = "adam"  # one backward pass per class would cost more than Adam's steps
         if method == "lm":
@@ -956,11 +960,12 @@ def _step(layer: Layer, score, before: Score, after: Score, degradation: float, 
 
 
 def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[TorchEdit], state: Score,
-          timings: Timings, steps: int | None = None) -> Trial:
+          timings: Timings, steps: int | None = None, method: str | None = None) -> Trial:
     """Fit an edit of one layer on top of ``prev`` and judge it (nothing is applied).
     ``steps``: a screening trial (Adam steps of its fit, 0: the closed form), scored on the
-    first ``screen_check`` check pairs, its degradation left unmeasured (NaN; ``_budgeted``)."""
-    edit, loss = _fitted(crit, option, prev, timings, steps, "adam" if steps else None)
+    first ``screen_check`` check pairs, its degradation left unmeasured (NaN; ``_budgeted``);
+    ``method``: the fit method when not the config's."""
+    edit, loss = _fitted(crit, option, prev, timings, steps, method)
     after, degr = None, float("nan")
     if edit.finite:
         progress.step(f"check {option.layer.node}")
@@ -1044,8 +1049,7 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
     them (what ``OutputGap.pick`` prefers). The degradation is measured in that order, on
     the trials that improve, until ``screen_keep`` pass the budget: the same choice as
     measuring all. Step numbers are given by ``_choose``."""
-    method = "adam" if crit.screen_steps else None  # screen="adam": screen_steps Adam steps each
-    fits = [_fitted(crit, opt, prev, timings, crit.screen_steps, method) for opt in options]
+    fits = [_fitted(crit, opt, prev, timings, crit.screen_steps) for opt in options]
     finite = [i for i, (edit, _) in enumerate(fits) if edit.finite]
     progress.step(f"check {len(finite)} screening trials")
     with timings("check"):
@@ -1212,14 +1216,15 @@ def _choose(crit: Criterion, degradation: Degradation, options: list[Option], pr
         if opt.direction.u_local is None:
             log.info("layer %s skipped: the edit direction misses every corrupted key", opt.layer.node)
     options = [opt for opt in options if opt.direction.u_local is not None]
-    screened, trials = [], []
+    screened, trials, method = [], [], None
     if crit.screens(len(options)):
         screened, options, done = _screen(crit, degradation, options, prev, state, timings)
+        method = "lbfgs" if crit.cfg.fit_method == "auto" else None
         if done is not None:
             trials.append(done)
             options = []
     for opt in options:
-        t = trial(crit, degradation, opt, prev, state, timings)
+        t = trial(crit, degradation, opt, prev, state, timings, method=method)
         trials.append(t)
         if t.step.accepted and (not crit.try_all or crit.good_enough(t)):
             break

@@ -153,11 +153,11 @@ def test_screen_options_are_validated():
         RectifyConfig(screen_check=0)
 
 
-def test_auto_fits_with_lbfgs_and_the_adam_screen_with_adam(badnets, monkeypatch):
-    """``fit_method`` "auto" (the default) is L-BFGS: for every fully fitted candidate (the
-    sample models), for the ``screen_keep`` candidates of a screened round and for fits made
-    in chunks. ``screen="adam"`` screens with Adam steps, then fits the kept ones with
-    ``fit_method``; ``fit_method="adam"`` is Adam throughout."""
+def test_screened_rounds_fit_the_kept_candidates_with_lbfgs(badnets, monkeypatch):
+    """``fit_method`` "auto" (the default): Adam where every candidate is fitted fully on
+    inputs whose activations fit one pass (the sample models), L-BFGS for the
+    ``screen_keep`` candidates of a screened round and for fits made in chunks (real-size
+    inputs)."""
     import onnx_dynedit.rectify as rectify_module
     from onnx_dynedit import fit
 
@@ -166,19 +166,19 @@ def test_auto_fits_with_lbfgs_and_the_adam_screen_with_adam(badnets, monkeypatch
     for name in ("adam", "lbfgs"):
         real = getattr(fit, name)
         monkeypatch.setattr(fit, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-
-    def methods(**config) -> list[str]:
-        calls.clear()
-        rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1, **config))
-        return list(calls)
-
-    assert methods(screen_above=0, screen_keep=2) == ["lbfgs", "lbfgs"]
-    assert set(methods()) == {"lbfgs"}
-    screen = methods(screen="adam", screen_above=0, screen_keep=2)
-    assert screen[-2:] == ["lbfgs", "lbfgs"] and set(screen[:-2]) == {"adam"} and len(screen) > 2
-    assert set(methods(fit_method="adam")) == {"adam"}
+    res = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(screen_above=0, screen_keep=2, max_edits=1))
+    assert calls == ["lbfgs", "lbfgs"] and res.edits
+    calls.clear()
+    rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1))
+    assert calls and set(calls) == {"adam"}
+    calls.clear()
     monkeypatch.setattr(rectify_module, "FIT_BUDGET", 1)  # one input per pass: the fit runs in chunks
-    assert set(methods(check_pairs=0)) == {"lbfgs"}
+    rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1, check_pairs=0))
+    assert calls and set(calls) == {"adam"}  # chunked, but not over LBFGS_ABOVE: still Adam
+    calls.clear()
+    monkeypatch.setattr(rectify_module, "LBFGS_ABOVE", 1)  # inputs of real size
+    rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1, check_pairs=0))
+    assert calls and set(calls) == {"lbfgs"}
 
 
 class _Edit:
