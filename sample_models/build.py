@@ -77,6 +77,10 @@ pairs20.npz); meta.json adds stats_acc and val_acc. Legacy exporter, opset 17.
             their class colour). meta.json: own_colour_acc (test digits in their own
             class colour), corrupt_acc (in another class's colour), pull_to_colour_class
             (share predicted as the colour's class), colour_gap (points).
+  deep_badnets, deep_blend  badnets' patch and resnet_blend's blend on a deeper ResNet (six
+            basic blocks: 16, 16, 24 /2, 24, 32 /2, 32; 16 editable layers, so an edit's
+            round is screened), stats = own training images, 30 epochs. Not committed
+            samples: benchmarks/bench_deep.py builds them into a temporary folder.
 
 Files per case: model.onnx (+ model.onnx.data for blend), clean_test.npz (x, y),
 corrupt_test.npz (x, y = true label), pairs.npz / pairs20.npz (corrupt, clean;
