@@ -12,6 +12,7 @@ hundreds of steps (see the README's speed section); Adam stays for the attributi
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,10 +64,12 @@ def lbfgs(params: list[torch.Tensor], loss_fn, max_evals: int) -> tuple[list[tor
     torch's L-BFGS takes its first step along -g with length min(1, 1/|g|_1) and lets the
     line search grow it at most 10x per evaluation: on the output fit's normalised loss
     that first step is 1e-4 of what is needed, and 5 of 25 evaluations went on growing it.
-    Here a second evaluation a short way along -g gives the curvature there (secant,
-    ``first_step``), and the fit runs in rescaled coordinates w = v / s, chosen so that
-    torch's first step is that Gauss-Newton-like length. L-BFGS's later steps do not
-    depend on a uniform rescaling; its gradient tolerance is rescaled with it."""
+    Here a second evaluation a short way along -g gives the curvature there (from the two
+    gradients, ``_first_step_scale``), and the fit runs in rescaled coordinates w = v / s,
+    chosen so that torch's first step is the line minimum of that quadratic model.
+    L-BFGS's later steps do not depend on a uniform rescaling; its gradient tolerance is
+    rescaled with it. Where torch's first step was already about right, the probe costs
+    one evaluation."""
     (v,) = params
     best = [float("inf"), v.detach().clone()]
 
@@ -77,13 +80,14 @@ def lbfgs(params: list[torch.Tensor], loss_fn, max_evals: int) -> tuple[list[tor
         value = _value_and_grad(loss_fn)
         if value < best[0]:
             best[0], best[1] = value, v.detach().clone()
-        return value, v.grad.detach().clone()
+        return value, torch.zeros_like(v) if v.grad is None else v.grad.detach().clone()
 
     v0 = v.detach().clone()
     f0, g0 = evaluate(v0)
-    # converged, as torch's first tests would find: the gradient, or the first step's
-    # directional derivative -|g|^2 in the original coordinates
-    if max_evals < 3 or float(g0.abs().max()) <= LBFGS_TOL_GRAD or float(g0.pow(2).sum()) <= LBFGS_TOL_CHANGE:
+    # nothing to search from: a non-finite start, or converged as torch's first tests would
+    # find in the original coordinates (the gradient, the first step's slope -|g|^2)
+    if (max_evals < 3 or not (math.isfinite(f0) and bool(torch.isfinite(g0).all()))
+            or float(g0.abs().max()) <= LBFGS_TOL_GRAD or float(g0.pow(2).sum()) <= LBFGS_TOL_CHANGE):
         return [best[1]], best[0]
     scale = _first_step_scale(evaluate, v0, g0)
     w = (v0 / scale).requires_grad_(True)

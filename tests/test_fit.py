@@ -214,3 +214,16 @@ def test_twin_run_passes_keep_each_output_under_the_mmap_threshold(monkeypatch):
     monkeypatch.setattr(twin_module, "PASS_BLOCK", 4 * largest + 1)  # four rows' outputs fit under it
     assert twin.pass_rows(x) == 4
     np.testing.assert_allclose(twin.run(x), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_lbfgs_returns_the_start_when_the_loss_is_not_finite():
+    v = torch.ones(3, requires_grad=True)
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return (v * float("nan")).sum()
+
+    (best,), loss = fit.lbfgs([v], loss_fn, max_evals=10)
+    assert len(calls) == 1 and loss == float("inf")
+    torch.testing.assert_close(best, torch.ones(3))
