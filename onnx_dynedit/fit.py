@@ -61,15 +61,15 @@ def lbfgs(params: list[torch.Tensor], loss_fn, max_evals: int) -> tuple[list[tor
     """Minimise ``loss_fn()`` over one tensor with L-BFGS (strong Wolfe line search), at
     most ``max_evals`` evaluations; keep the best iterate.
 
-    torch's L-BFGS takes its first step along -g with length min(1, 1/|g|_1) and lets the
-    line search grow it at most 10x per evaluation: on the output fit's normalised loss
+    torch's L-BFGS takes its first step along -g as min(1, 1/|g|_1) g and lets the line
+    search grow it at most 10x per evaluation: on the output fit's normalised loss
     that first step is 1e-4 of what is needed, and 5 of 25 evaluations went on growing it.
     Here a second evaluation a short way along -g gives the curvature there (from the two
     gradients, ``_first_step_scale``), and the fit runs in rescaled coordinates w = v / s,
     chosen so that torch's first step is the line minimum of that quadratic model.
     L-BFGS's later steps do not depend on a uniform rescaling; its gradient tolerance is
     rescaled with it. Where torch's first step was already about right, the probe costs
-    one evaluation."""
+    one evaluation; with fewer than 3 evaluations there is no probe (torch's own steps)."""
     (v,) = params
     best = [float("inf"), v.detach().clone()]
 
@@ -86,10 +86,10 @@ def lbfgs(params: list[torch.Tensor], loss_fn, max_evals: int) -> tuple[list[tor
     f0, g0 = evaluate(v0)
     # nothing to search from: a non-finite start, or converged as torch's first tests would
     # find in the original coordinates (the gradient, the first step's slope -|g|^2)
-    if (max_evals < 3 or not (math.isfinite(f0) and bool(torch.isfinite(g0).all()))
+    if (max_evals < 2 or not (math.isfinite(f0) and bool(torch.isfinite(g0).all()))
             or float(g0.abs().max()) <= LBFGS_TOL_GRAD or float(g0.pow(2).sum()) <= LBFGS_TOL_CHANGE):
         return [best[1]], best[0]
-    scale = _first_step_scale(evaluate, v0, g0)
+    scale = _first_step_scale(evaluate, v0, g0) if max_evals >= 3 else 1.0
     w = (v0 / scale).requires_grad_(True)
     cached = [f0, g0]
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_evals, max_eval=max_evals - 1, history_size=LBFGS_HISTORY,

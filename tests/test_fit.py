@@ -227,3 +227,18 @@ def test_lbfgs_returns_the_start_when_the_loss_is_not_finite():
     (best,), loss = fit.lbfgs([v], loss_fn, max_evals=10)
     assert len(calls) == 1 and loss == float("inf")
     torch.testing.assert_close(best, torch.ones(3))
+
+
+def test_lbfgs_with_two_evaluations_still_steps():
+    """A cap of 2 evaluations (benchmarks' --fit-steps 2) has no room for the probe: torch's
+    own first step is taken, and it lowers the loss."""
+    v = torch.zeros(4, requires_grad=True)
+    target = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return (v - target).pow(2).sum()
+
+    (best,), loss = fit.lbfgs([v], loss_fn, max_evals=2)
+    assert len(calls) == 2 and loss < float(target.pow(2).sum())
