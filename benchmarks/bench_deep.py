@@ -32,7 +32,7 @@ from bench_efficacy import Case, run_edit  # noqa: E402
 CASES = ("deep_badnets", "deep_blend")
 
 
-def built(folder: Path) -> None:
+def ensure_built(folder: Path) -> None:
     missing = [c for c in CASES if not (folder / c / "meta.json").exists()]
     if missing:
         subprocess.run([sys.executable, str(ROOT / "sample_models" / "build.py"), "--cases", ",".join(missing),
@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or Path(tmp) / "models"
-        built(folder)
+        ensure_built(folder)
         print("| case | pairs | config | corrected % | clean drop (pt) | edit s | exit | edits |")
         print("|---|---|---|---|---|---|---|---|")
         for name in CASES:

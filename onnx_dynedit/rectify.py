@@ -1286,7 +1286,7 @@ def _loop(crit: Criterion, degradation: Degradation, twin: Twin, plan: Plan, cfg
     return state, stopped
 
 
-def _final_degradation(degradation: Degradation, crit: Criterion, accepted: list, steps: list) -> float:
+def _final_degradation(degradation: Degradation, accepted: list, steps: list) -> float:
     """The degradation of every accepted edit together: the one measured on the last
     accepted step (its trial applied exactly these edits), measured again only when that
     step has none."""
@@ -1295,7 +1295,7 @@ def _final_degradation(degradation: Degradation, crit: Criterion, accepted: list
     last = next(s for s in reversed(steps) if s.accepted)
     if np.isfinite(last.degradation):
         return last.degradation
-    return degradation([e.to_torch(crit.twin.device) for e in accepted])
+    return degradation([e.to_torch(degradation.twin.device) for e in accepted])
 
 
 def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted, steps, localisations,
@@ -1305,7 +1305,7 @@ def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted
     return RectifyResult(
         edits=tuple(accepted), steps=tuple(steps), localisations=tuple(localisations), n_pairs=len(plan.corrupt),
         n_real_pairs=plan.n_real, gap_before=start.gap, gap_after=state.gap, fixed_before=start.fixed,
-        fixed_after=state.fixed, degradation=_final_degradation(degradation, crit, accepted, steps),
+        fixed_after=state.fixed, degradation=_final_degradation(degradation, accepted, steps),
         degradation_kind=ref.kind,
         stats_source=plan.stats_source, stopped_because=stopped, config=cfg, timings=dict(timings),
         real_gap_before=start.real_gap, real_gap_after=state.real_gap, real_fixed_after=state.real_fixed,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from torch import fx
 
 from . import progress, threads
 from .errors import ConversionError, InputError, InternalError, option
@@ -474,8 +475,6 @@ class DownstreamRunner:
     """
 
     def __init__(self, twin: "Twin", layer, *inputs: torch.Tensor, rows: int | None = None):
-        from torch import fx
-
         if len(inputs) == 1 and isinstance(inputs[0], tuple):
             inputs = inputs[0]
         gm = twin.module
@@ -483,19 +482,7 @@ class DownstreamRunner:
         parts = {l.node: _downstream(gm, l) for l in layers}
         cache, sliced = _record(gm, inputs, list(parts.values()), rows)
 
-        class _Replay(fx.Interpreter):
-            # what it reads is on the instance: a class is freed only by the cyclic
-            # collector, and whatever its methods' closures held (the recording) with it
-            def run_node(self, n):
-                if n in self.downstream or n.op == "output":
-                    return super().run_node(n)
-                if n in self.cache:
-                    return self.cache[n][self.rows] if self.rows is not None and n in self.sliced else self.cache[n]
-                return None  # upstream and not read downstream: skipped
-
-        self._replay = _Replay(gm)
-        self._replay.cache, self._replay.sliced = cache, sliced
-        self._replay.rows, self._replay.downstream = None, parts[layers[0].node]
+        self._replay = _Replay(gm, cache, sliced, parts[layers[0].node])
         self._parts = parts
         self._first = layers[0].node
         self._inputs = inputs
@@ -534,13 +521,43 @@ def _downstream(gm, layer: Layer) -> set:
     return downstream
 
 
+class _Replay(fx.Interpreter):
+    """Runs the nodes in ``downstream`` (and the output); every other node reads its value
+    from the recording (``rows`` of it when set) or is skipped. A module-level class: one
+    defined per recording is freed only by the cyclic collector, and the recording with it."""
+
+    def __init__(self, gm, cache: dict, sliced: set, downstream: set):
+        super().__init__(gm)
+        self.cache, self.sliced, self.downstream = cache, sliced, downstream
+        self.rows: slice | None = None
+
+    def run_node(self, n):
+        if n in self.downstream or n.op == "output":
+            return super().run_node(n)
+        if n in self.cache:
+            return self.cache[n][self.rows] if self.rows is not None and n in self.sliced else self.cache[n]
+        return None  # upstream and not read downstream: skipped
+
+
+class _Record(fx.Interpreter):
+    """Runs the graph and hands the value of every node in ``frontier`` to ``keep``."""
+
+    def __init__(self, gm, frontier: set, keep):
+        super().__init__(gm)
+        self.frontier, self.keep = frontier, keep
+
+    def run_node(self, n):
+        value = super().run_node(n)
+        if n in self.frontier:
+            self.keep(n, value)
+        return value
+
+
 def _record(gm, inputs: tuple, parts: list[set], rows: int | None) -> tuple[dict, set]:
     """Run the graph on ``inputs`` (``rows`` at a time) and keep the values each
     downstream part in ``parts`` reads from outside itself (its frontier): (node ->
     value, the nodes whose values have a batch axis, gathered pass by pass into one
     tensor)."""
-    from torch import fx
-
     n_rows = batch_size_of(inputs[0] if len(inputs) == 1 else tuple(inputs))
     rows = n_rows if rows is None else max(1, rows)
     dependent: set = set()  # nodes computed from the inputs: their values have a batch axis
@@ -562,18 +579,8 @@ def _record(gm, inputs: tuple, parts: list[set], rows: int | None) -> tuple[dict
     frontier = {n for n in gm.graph.nodes
                 if n.op != "output" and any(n not in part and any(u in part for u in n.users) for part in parts)}
 
-    class _Record(fx.Interpreter):  # no closure over the recording (see DownstreamRunner's _Replay)
-        def run_node(self, n):
-            value = super().run_node(n)
-            if n in self.frontier:
-                self.keep(n, value)
-            return value
-
     with torch.no_grad():
         for lo in range(0, n_rows, rows):
             span[:] = [lo, min(lo + rows, n_rows)]
-            recorder = _Record(gm)
-            recorder.frontier, recorder.keep = frontier, keep
-            recorder.run(*(t[lo:lo + rows] for t in inputs))
-            del recorder
+            _Record(gm, frontier, keep).run(*(t[lo:lo + rows] for t in inputs))
     return cache, sliced
