@@ -49,6 +49,9 @@ from onnx_dynedit.options import CHOICES
 @config_option("--check-candidates", field="check_candidates", type=int,
                help="Layers fitted per round when check pairs decide, best localised first "
                     "(default {default} = every editable layer; smaller is faster on deep models).")
+@config_option("--check-target", field="check_target", type=FiniteFloat(),
+               help="Past the target, go on editing while the check pairs' mean TV distance exceeds this, keeping "
+                    "an edit only when it cuts that distance by 30 % (default {default}; 1 = stop at the target).")
 @config_option("--seed", field="seed", type=SEED, help="Seed (default {default}).")
 @DEVICE_OPTION
 @INPUT_SHAPE_OPTION
@@ -62,7 +65,7 @@ from onnx_dynedit.options import CHOICES
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
 @run_options()
 def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, criterion, target_gap, target_attribution,
-         objective, conv_keys, augment, check_pairs, check_candidates, seed, device, input_shapes, engine, ray_address, in_place,
+         objective, conv_keys, augment, check_pairs, check_candidates, check_target, seed, device, input_shapes, engine, ray_address, in_place,
          report, plot, as_json):
     """Repair MODEL so that each corrupted input behaves like its clean twin; write OUT.
 
@@ -73,7 +76,7 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, crit
     outcome = edit_model(model, pairs, out, stats=stats, val=val, layers=layers or None, max_edits=max_edits,
                          max_degradation=max_degradation, target_gap=target_gap, objective=objective,
                          conv_keys=conv_keys, augment=augment, check_pairs=check_pairs, check_candidates=check_candidates,
-                         criterion=criterion, target_attribution=target_attribution, seed=seed,
+                         check_target=check_target, criterion=criterion, target_attribution=target_attribution, seed=seed,
                          device=device, in_place=in_place, report=report, plot=plot, engine=engine,
                          ray_address=ray_address, input_shapes=input_shapes)
     if outcome.output_unchanged:

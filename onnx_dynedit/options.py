@@ -48,6 +48,7 @@ RANGES = {
     "screen_keep": (int, 1, None, False),
     "screen_above": (int, 0, None, False),
     "screen_check": (int, 1, None, False),
+    "check_target": (float, 0.0, 1.0, False),
     "augment": (int, 0, None, False),
     "holdout": (float, 0.0, 1.0, True),
     "seed": (int, 0, 2 ** 32 - 1, False),

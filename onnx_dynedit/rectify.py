@@ -4,7 +4,9 @@
           degradation budget is checked on (held out from everything the fit uses), and the
           pairs after augmentation
   repeat (at most ``max_edits`` accepted edits):
-    stop when the criterion is reached (every pair fixed and gap <= target)
+    stop when the criterion is reached (every pair fixed and gap <= target; with check
+      pairs deciding, also their gap <= ``check_target``: past the target an edit is kept
+      only when it cuts the check pairs' gap by POLISH_GAIN)
     key statistics and localisation on the current (edited) model; the localisation
       carries each layer's edit direction
     a trial per layer, best first: fit a rank-one edit, measure gap and degradation;
@@ -25,10 +27,13 @@ Criteria (``Criterion``; each has gap / fit / improves / pick):
     hold on inputs the fit never saw. Every editable layer is then a candidate, best
     localised first (``check_candidates`` bounds it; on a model with more than
     ``screen_above`` candidates each is first fitted briefly and only the ``screen_keep``
-    best on the check pairs are fitted fully); a trial that reaches the target and
-    fixes every check pair ends the round early. No check pairs (no stats, ``check_pairs=0``,
-    or one widely changed pair whose transplant is the additive guess): the first of the
-    ``candidates_per_step`` best localised layers that passes.
+    best on the check pairs are fitted fully). Past the target, while the check pairs'
+    gap exceeds ``check_target``, the loop goes on ("polishing"): an edit is kept only
+    when it cuts that gap by POLISH_GAIN with no fewer check pairs fixed (on rebuilds of
+    the Trojan samples with other seeds it fixed what one edit left: bench_seeds.py).
+    No check pairs (no stats, ``check_pairs=0``, or one widely changed pair whose
+    transplant is the additive guess): the first of the ``candidates_per_step`` best
+    localised layers that passes.
   "attribution" (feature leakage: x~ and x already get the same prediction, but the
     attribution leans on a region that should not matter): gap = mean share of input
     attribution on the region where x~ differs from x, in excess of the clean twin's share.
@@ -86,6 +91,7 @@ SCREEN_CACHE_BUDGET = ACTIVATION_BUDGET  # bytes of upstream values a screen's r
 NORM_FLOOR = 1e-8       # mean squares the fit losses are divided by never fall below this (all-zero logits)
 SHARE_FLOOR = 1e-12     # denominators of shares and gains (an all-zero attribution or channel)
 SAME_VALUE = 1e-6       # a stats input 'equals' the clean twin where the pairs differ within this
+POLISH_GAIN = 0.3       # past the target, an edit must cut the check pairs' gap by this share (bench_seeds.py)
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,9 @@ class RectifyConfig:
                                       # Models with at most screen_above editable layers (every sample model: 6-10)
                                       # fit each fully
     screen_check: int = 64            # check pairs a screening trial is scored on (the first this many)
+    check_target: float = 0.02        # with check pairs deciding, the loop goes on past the target while their
+                                      # mean TV distance exceeds this, keeping an edit only when it cuts that
+                                      # distance by POLISH_GAIN (none fewer fixed); 1.0: stop at the target
     layers: tuple[str, ...] | None = None  # static mode: edit these, skip localisation
     augment: int = 16                 # synthetic pairs: the corruption transplanted onto stats inputs (0 = off)
     transplant: str = "auto"          # how: "add", "affine", "gain" or "auto" (transplant_pairs)
@@ -589,15 +598,18 @@ class Criterion:
     def target(self) -> float:
         raise NotImplementedError
 
-    def good_enough(self, trial: "Trial") -> bool:
-        """With ``try_all``: this passing trial ends the round (the others are not fitted)."""
-        return False
-
     def screens(self, n_options: int) -> bool:
         return False
 
     def reached(self, s: Score) -> bool:
         return s.fixed == self.n and s.gap <= self.target
+
+    def done(self, s: Score) -> bool:
+        """The loop stops here: the target reached (and, past it, ``polishing`` over)."""
+        return self.reached(s) and not self.polishing(s)
+
+    def polishing(self, s: Score) -> bool:
+        return False
 
     def _check_set(self, n_check: int | None):
         """(the check pairs' corrupted sides, the shipped model's outputs on their clean
@@ -697,10 +709,10 @@ class OutputGap(Criterion):
         # (static mode edits the given layers in turn, as before)
         return self.check is not None and not self.static
 
-    def good_enough(self, trial: "Trial") -> bool:
-        """No other candidate can do better on the check pairs (the rest need not be fitted)."""
-        return (self.reached(trial.after) and trial.after.check_count == len(self.check)
-                and trial.after.check_fixed == len(self.check))
+    def polishing(self, s: Score) -> bool:
+        """Past the target, the check pairs (never fitted) still differ from their clean
+        sides by more than ``check_target``: the loop goes on while an edit improves them."""
+        return self.try_all and s.check_count > 0 and s.check_gap > self.cfg.check_target
 
     @property
     def target(self) -> float:
@@ -832,10 +844,21 @@ class OutputGap(Criterion):
         return u, loss
 
     def improves(self, before, after):
+        if self.reached(before) and self.polishing(before):
+            return self._polishes(before, after) if self.reached(after) else "the pairs leave the target"
         # lexicographic: more pairs fixed, or as many fixed and a smaller gap
         if after.fixed > before.fixed or (after.fixed == before.fixed and after.gap < before.gap - GAP_EPS):
             return None
         return "neither more pairs fixed nor a smaller gap"
+
+    @staticmethod
+    def _polishes(before: Score, after: Score) -> str | None:
+        """Past the target: the check pairs' gap falls by POLISH_GAIN with no smaller share
+        of them fixed (shares: a screening trial scores fewer)."""
+        fewer = after.check_fixed * before.check_count < before.check_fixed * after.check_count
+        if not fewer and after.check_gap < (1 - POLISH_GAIN) * before.check_gap:
+            return None
+        return f"the check pairs did not improve (gap {after.check_gap:.4f} against {before.check_gap:.4f})"
 
     def pick(self, passing):
         if self.check is not None:  # generalisation first: the check pairs were never fitted
@@ -1020,33 +1043,13 @@ def _budgeted(crit: Criterion, degradation: Degradation, t: Trial, prev, timings
     return Trial(replace(t.step, degradation=degr), t.edit, t.after)
 
 
-def _confirmed(crit: Criterion, degradation: Degradation, t: Trial, prev,
-               timings: Timings) -> tuple[Trial, Trial | None]:
-    """(the screening trial, its degradation measured when it was; the trial that ends the
-    round or None). A screening trial may end the round when it reaches the target and
-    fixes every check pair it was scored on, is within budget, and, re-scored on every
-    check pair, is ``good_enough``."""
-    a = t.after
-    if not (t.step.accepted and crit.reached(a) and a.check_fixed == a.check_count):
-        return t, None
-    t = _budgeted(crit, degradation, t, prev, timings)
-    if not t.step.accepted:
-        return t, None
-    if a.check_count < len(crit.check):
-        with timings("check"):
-            a = crit.score(prev + [t.edit.to_torch(crit.twin.device)])
-    done = Trial(replace(t.step, check_fixed_after=a.check_fixed, check_gap_after=a.check_gap), t.edit, a)
-    return t, (done if crit.good_enough(done) else None)
-
-
 def _screen(crit: Criterion, degradation: Degradation, options: list[Option], prev, state: Score,
-            timings: Timings) -> tuple[list[EditStep], list[Option], Trial | None]:
+            timings: Timings) -> tuple[list[EditStep], list[Option]]:
     """Every option judged with a cheap u (``OutputGap.screen_steps``) on the first
     ``screen_check`` check pairs (every cheap u first, then all scored together:
     ``Criterion.screen_scores``); returns (the steps of those screened out, the
-    ``screen_keep`` best options in their order, a screening trial good enough to end the
-    round or None). Best: passing, then most check pairs fixed, then the smallest gap on
-    them (what ``OutputGap.pick`` prefers). The degradation is measured in that order, on
+    ``screen_keep`` best options in their order). Best: passing, then most check pairs
+    fixed, then the smallest gap on them (what ``OutputGap.pick`` prefers). The degradation is measured in that order, on
     the trials that improve, until ``screen_keep`` pass the budget: the same choice as
     measuring all. Step numbers are given by ``_choose``."""
     fits = [_fitted(crit, opt, prev, timings, crit.screen_steps) for opt in options]
@@ -1055,22 +1058,16 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
     with timings("check"):
         scores = dict(zip(finite, crit.screen_scores(prev, [fits[i][0].to_torch(crit.twin.device) for i in finite],
                                                      crit.cfg.screen_check)))
-    short = []
-    for i, opt in enumerate(options):
-        t = _judged(crit, degradation, opt, prev, state, fits[i], scores.get(i), float("nan"), timings, screening=True)
-        t, done = _confirmed(crit, degradation, t, prev, timings)
-        if done is not None:
-            out = [replace(u.step, accepted=False, reason=f"not kept: {done.step.node} did better")
-                   if u.step.accepted else u.step for _, u in short]
-            return out, [], done
-        short.append((opt, t))
+    short = [(opt, _judged(crit, degradation, opt, prev, state, fits[i], scores.get(i), float("nan"), timings,
+                           screening=True))
+             for i, opt in enumerate(options)]
     keep = _best(crit, degradation, short, prev, timings)
     how = f"{crit.screen_steps} Adam steps" if crit.screen_steps else "the closed form"
     out = [replace(t.step, accepted=False, reason=f"screened out after {how} "
                    f"({t.after.check_fixed} of {t.after.check_count} check pairs fixed"
                    + ("" if t.step.accepted else f"; {t.step.reason}") + ")")
            for opt, t in short if id(opt) not in keep]
-    return out, [opt for opt in options if id(opt) in keep], None
+    return out, [opt for opt in options if id(opt) in keep]
 
 
 def _best(crit: Criterion, degradation: Degradation, short: list, prev, timings: Timings) -> set[int]:
@@ -1218,15 +1215,12 @@ def _choose(crit: Criterion, degradation: Degradation, options: list[Option], pr
     options = [opt for opt in options if opt.direction.u_local is not None]
     screened, trials, method = [], [], None
     if crit.screens(len(options)):
-        screened, options, done = _screen(crit, degradation, options, prev, state, timings)
+        screened, options = _screen(crit, degradation, options, prev, state, timings)
         method = "lbfgs" if crit.cfg.fit_method == "auto" else None
-        if done is not None:
-            trials.append(done)
-            options = []
     for opt in options:
         t = trial(crit, degradation, opt, prev, state, timings, method=method)
         trials.append(t)
-        if t.step.accepted and (not crit.try_all or crit.good_enough(t)):
+        if t.step.accepted and not crit.try_all:
             break
     chosen = crit.pick([t for t in trials if t.step.accepted])
     steps = screened + [t.step if t is chosen or not t.step.accepted
@@ -1271,7 +1265,7 @@ def _loop(crit: Criterion, degradation: Degradation, twin: Twin, plan: Plan, cfg
     """The dynamic loop: localise, fit, check, accept, until the criterion is reached
     (``accepted``, ``steps`` and ``localisations`` filled in). Returns (state, why it stopped)."""
     stopped = "max edits reached"
-    while not crit.reached(state) and len(accepted) < cfg.max_edits:
+    while not crit.done(state) and len(accepted) < cfg.max_edits:
         prev = [e.to_torch(twin.device) for e in accepted]
         options = _options(twin, plan, prev, len(accepted), cfg, timings, localisations, cache)
         if not options:

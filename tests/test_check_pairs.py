@@ -17,9 +17,8 @@ import pytest
 
 from onnx_dynedit.errors import InputError
 from onnx_dynedit.io import load_model
-from onnx_dynedit.rectify import (EditStep, OutputGap, RectifyConfig, Reference, Score, Timings, Trial, _confirmed,
-                                  corruption_model, make_check_pairs, make_plan, rectify, split_check,
-                                  transplant_pairs)
+from onnx_dynedit.rectify import (OutputGap, RectifyConfig, Reference, Score, corruption_model, make_check_pairs,
+                                  make_plan, rectify, split_check, transplant_pairs)
 from onnx_dynedit.twin import Twin
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
@@ -181,58 +180,66 @@ def test_screened_rounds_fit_the_kept_candidates_with_lbfgs(badnets, monkeypatch
     assert calls and set(calls) == {"lbfgs"}
 
 
-class _Edit:
-    def to_torch(self, device):
-        return None
+def _score(gap: float, check_fixed: int, check_gap: float, check_count: int = 256) -> Score:
+    return Score(gap=gap, fixed=1, real_gap=gap, real_fixed=1, check_gap=check_gap, check_fixed=check_fixed,
+                 check_count=check_count)
 
 
-class _Crit:
-    """What ``_confirmed`` reads of a criterion: 10 check pairs, the target always reached,
-    a full re-score that fixes ``full`` of them, and ``OutputGap.good_enough``."""
-
-    check = np.zeros((10, 1), np.float32)
-    cfg = RectifyConfig(max_degradation=0.01)
-    twin = type("T", (), {"device": "cpu"})()
-    good_enough = OutputGap.good_enough
-
-    def __init__(self, full: int):
-        self.full, self.rescored = full, 0
-
-    def reached(self, score):
-        return True
-
-    def score(self, edits):
-        self.rescored += 1
-        return Score(gap=0.0, fixed=1, real_gap=0.0, real_fixed=1, check_gap=0.0, check_fixed=self.full,
-                     check_count=10)
-
-
-def _screening_trial(fixed: int, count: int) -> Trial:
-    step = EditStep(step=0, node="n", initializer="w", score=None, gap_before=1.0, gap_after=0.0, fixed_before=0,
-                    fixed_after=1, degradation=float("nan"), accepted=True, reason="accepted", u_norm=1.0,
-                    d_norm=1.0, fit_loss=None, check_fixed_after=fixed, check_gap_after=0.0)
-    after = Score(gap=0.0, fixed=1, real_gap=0.0, real_fixed=1, check_gap=0.0, check_fixed=fixed, check_count=count)
-    return Trial(step, _Edit(), after)
-
-
-@pytest.mark.parametrize("fixed, count, full, degradation, ends, rescored", [
-    (4, 4, 10, 0.0, True, 1),     # every screened check pair fixed: re-scored on all 10, all fixed: ends the round
-    (4, 4, 9, 0.0, False, 1),     # ... but one of the other 6 is not fixed: the round goes on
-    (3, 4, 10, 0.0, False, 0),    # a screened check pair not fixed: not re-scored
-    (4, 4, 10, 0.5, False, 0),    # over the degradation budget (measured now): not re-scored
-    (10, 10, 10, 0.0, True, 0),   # the screen scored every check pair already
+@pytest.mark.parametrize("after, why", [
+    (_score(0.01, 250, 0.069), None),             # the check gap falls by 31 % (POLISH_GAIN: 30 %)
+    (_score(0.01, 252, 0.069), None),             # ... with more of them fixed
+    (_score(0.01, 250, 0.071), "did not improve"),  # by 29 %
+    (_score(0.01, 249, 0.050), "did not improve"),  # by half, but one check pair fewer fixed
+    (_score(0.01, 63, 0.050, 64), None),          # a screening trial: 63 of 64 is no smaller share than 250 of 256
+    (_score(0.01, 62, 0.050, 64), "did not improve"),  # 62 of 64 is
+    (_score(0.20, 256, 0.010), "leave the target"),  # the given pairs' gap over target_gap (0.1)
 ])
-def test_a_screening_trial_ends_the_round_only_on_every_check_pair(fixed, count, full, degradation, ends, rescored):
-    crit = _Crit(full)
-    t, done = _confirmed(crit, lambda edits: degradation, _screening_trial(fixed, count), [], Timings())
-    assert (done is not None) == ends
-    assert crit.rescored == rescored
-    # the degradation, once measured, stays on the trial the screen ranks (not measured twice)
-    assert np.isnan(t.step.degradation) == (fixed < count)
-    assert t.step.accepted == (fixed < count or degradation <= 0.01)
-    if ends:
-        assert done.after.check_count == 10 and done.step.check_fixed_after == 10
-        assert done.step.degradation == degradation and done.step.accepted
+def test_past_the_target_an_edit_must_cut_the_check_pairs_gap(badnets, after, why):
+    """Past the target, while the check pairs' gap exceeds ``check_target`` (0.02), an
+    edit is kept only when it cuts that gap by POLISH_GAIN with no smaller share of the
+    check pairs fixed, the given pairs staying at the target. Figures set by hand."""
+    twin, corrupt, clean, stats = badnets
+    cfg = RectifyConfig()
+    crit = OutputGap(twin, make_plan(twin, corrupt, clean, stats, None, None, cfg), cfg)
+    crit.n = 1  # one pair: Score.fixed = 1 reaches it
+    before = _score(0.01, 250, 0.100)
+    assert crit.reached(before) and crit.polishing(before) and not crit.done(before)
+    got = crit.improves(before, after)
+    assert (got is None) if why is None else (why in got)
+    assert crit.done(_score(0.01, 256, 0.02))  # at check_target: the loop stops
+    assert not crit.done(_score(0.2, 256, 0.0))  # the target first
+
+
+def test_the_loop_goes_on_past_the_target_while_the_check_pairs_improve(badnets):
+    """On badnets one pair: with ``check_target=1.0`` (the loop before polishing) the first
+    accepted edit reaches the target and the loop stops; with 0 it goes on, and every edit
+    it keeps past the target cuts the check pairs' gap by at least POLISH_GAIN; the
+    report's exit condition (the given pairs) holds either way."""
+    from onnx_dynedit.rectify import POLISH_GAIN
+
+    twin, corrupt, clean, stats = badnets
+    once = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(check_target=1.0))
+    more = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(check_target=0.0, max_edits=3))
+    assert once.success and more.success and len(once.edits) == 1
+    assert more.edits[0].layer.node == once.edits[0].layer.node
+    kept = [s for s in more.steps if s.accepted]
+    past = [s for s in more.steps if s.gap_before <= 0.1 and s.fixed_before == more.n_pairs]
+    assert past, "no round past the target"
+    assert all(s.accepted or s.reason.startswith(("rolled back", "not kept")) for s in past)
+    for a, b in zip(kept, kept[1:]):
+        assert b.check_gap_after < (1 - POLISH_GAIN) * a.check_gap_after
+    assert more.stopped_because == "target reached"
+
+
+def test_every_candidate_is_fitted_when_the_first_fixes_every_check_pair(default_repair):
+    """A round compares every candidate on the check pairs, also when one already fixes all
+    of them: a smaller gap on them generalises better (bench_seeds.py, badnets seed 2:
+    /3/Conv 256 of 256 fixed, gap 0.0097, 98.15 % of the test set; /7/Conv 256, 0.0059,
+    99.38 %)."""
+    res = default_repair
+    first_round = [s for s in res.steps if s.gap_before == res.gap_before]
+    assert len(first_round) == 6  # badnets' six editable layers, none skipped
+    assert all(s.check_fixed_after is not None for s in first_round)
 
 
 @pytest.mark.parametrize("budget", [None, 10, 0])
