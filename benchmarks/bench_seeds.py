@@ -1,21 +1,23 @@
-"""The defaults on held-out cases of the same kinds: the sample models rebuilt with other seeds.
+"""The defaults on held-out cases of the same kinds: the Trojan samples rebuilt with other seeds.
 
-    python benchmarks/bench_seeds.py [--seeds 1 2 3] [--cases badnets resnet_blend ...] [--dir FOLDER]
-                                     [--no-val-rows] [--configs '{}' ...]
+    python benchmarks/bench_seeds.py [--seeds 0 1 2 3 4] [--cases badnets resnet_blend ...] [--dir FOLDER]
+                                     [--no-val-rows] [--reference] [--configs '{}' ...]
 
-The efficacy targets of issue 10 were tuned on the committed samples (seed 0). Acceptance
-is measured on cases of the same kinds that are not in the repo, so this benchmark rebuilds
-the Trojan samples with other seeds (`sample_models/build.py --seed S`: another split of
-the digits, other initial weights, other poisoned images, other pairs; the same trigger
-kinds) into FOLDER (default: a temporary folder; a build there is reused) and runs
-`edit_model` with its defaults on each, at the target's pair count (patch Trojans 1 pair,
-blends 5), with stats + val and with stats only (no --val: the degradation is then checked
-on the held-out share of the stats). Each row: the written model measured with ONNX Runtime
-on the held-out test set, corrected % (corrupted test inputs whose label is not the target,
-now right), clean drop in points, what `dynedit edit` would exit with, and two verdicts:
-"target" (corrected and drop within the issue's targets) and "hidden" (exit 0 while the
-held-out drop exceeds the 1-point budget + 1 point: the failure the acceptance rules out).
-The last lines count both per case kind.
+The efficacy targets of issue 10 were met on the committed samples (seed 0); acceptance is
+measured on cases of the same kinds that are not in the repo. This benchmark rebuilds the
+Trojan samples with other seeds (`sample_models/build.py --seed S`: another split of the
+digits, other initial weights, other poisoned images and pairs; the same trigger kinds)
+into FOLDER/sS (default FOLDER: a temporary folder; a build there is reused; seed 0 uses
+the committed sample where there is one) and runs `edit_model` at each config on each, at
+the target's pair count (patch Trojans 1 pair, blends 5), with stats + val and, with
+--no-val-rows, with stats only (the degradation is then checked on the held-out share of
+the stats). Each row: the written model measured with ONNX Runtime on the held-out test
+set: corrected % (corrupted test inputs whose label is not the target, now right), clean
+drop in points, seconds, what `dynedit edit` would exit with, "target" (both within the
+issue's targets) and "hidden" (exit 0 while the held-out drop exceeds the 1-point budget
++ 1 point: what the acceptance rules out). --reference adds the same build never poisoned
+(`build.py --poison-rate 0`, FOLDER/sS-unpoisoned): its corrected % is what a model that
+never learnt the trigger does on the triggered test inputs. The last lines count per case.
 """
 
 from __future__ import annotations
@@ -38,47 +40,59 @@ TARGETS = {"badnets": (1, 99.0, 0.5), "deep_badnets": (1, 99.0, 0.5),
 BUDGET_PTS = 1.0  # the default max_degradation (0.01) in points
 
 
-def ensure_built(folder: Path, cases: list[str], seed: int) -> None:
-    missing = [c for c in cases if not (folder / c / "meta.json").exists()]
-    if missing:
-        subprocess.run([sys.executable, str(ROOT / "sample_models" / "build.py"), "--cases", ",".join(missing),
-                        "--seed", str(seed), "--out", str(folder)], check=True, stdout=subprocess.DEVNULL)
+def case_dir(root: Path, seed: int, name: str, *, unpoisoned: bool = False) -> Path:
+    """The folder of ``name`` built with ``seed`` (built there when missing)."""
+    committed = ROOT / "sample_models" / name
+    if seed == 0 and not unpoisoned and (committed / "meta.json").exists():
+        return committed
+    folder = root / (f"s{seed}-unpoisoned" if unpoisoned else f"s{seed}")
+    if not (folder / name / "meta.json").exists():
+        cmd = [sys.executable, str(ROOT / "sample_models" / "build.py"), "--cases", name, "--seed", str(seed),
+               "--out", str(folder)] + (["--poison-rate", "0"] if unpoisoned else [])
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return folder / name
+
+
+def row(seed: int, case: Case, use_val: bool, config: str, tmp: Path, reference: str) -> tuple[str, bool, bool]:
+    """(the table row, target met, exit 0 hiding a drop)."""
+    n, min_c, max_d = TARGETS[case.name]
+    r = run_edit(case, n, {**json.loads(config), "_val": use_val}, tmp, f"{seed}-{use_val}-{abs(hash(config))}")
+    drop = case.base["clean"] - r["clean"]
+    met = r["corrected"] >= min_c and drop <= max_d
+    hidden = r["exit"] == 0 and drop > BUDGET_PTS + 1.0
+    text = (f"| {seed} | {case.name} | {n} | {'yes' if use_val else 'no'} | `{config}` | {r['corrected']:.2f}{reference} | "
+            f"{drop:.2f} | {r['time']:.1f} | {r['exit']} | {'met' if met else 'MISSED'} | "
+            f"{'HIDDEN DROP' if hidden else '-'} | {r['edits']} |")
+    return text, met, hidden
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     ap.add_argument("--cases", nargs="*", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--dir", type=Path, default=None, help="where the models are built (FOLDER/sS/CASE)")
     ap.add_argument("--no-val-rows", dest="no_val", action="store_true", help="also run each case without --val")
+    ap.add_argument("--reference", action="store_true", help="also build each case never poisoned (its corrected %%)")
     ap.add_argument("--configs", nargs="*", default=["{}"], help="RectifyConfig values, one JSON object per row")
     args = ap.parse_args()
     tally: dict[str, list[int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or Path(tmp) / "models"
-        print("| seed | case | pairs | val | config | corrected % | clean drop (pt) | edit s | exit | target | hidden | edits |")
+        print("| seed | case | pairs | val | config | corrected %" + (" (never poisoned)" if args.reference else "")
+              + " | clean drop (pt) | edit s | exit | target | hidden | edits |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for seed in args.seeds:
-            folder = root / f"s{seed}"
-            ensure_built(folder, args.cases, seed)
             for name in args.cases:
-                case = Case(name, folder / name)
-                n, min_c, max_d = TARGETS[name]
+                case = Case(name, case_dir(root, seed, name))
+                ref = ""
+                if args.reference:
+                    ref = f" ({Case(name, case_dir(root, seed, name, unpoisoned=True)).base['corrected']:.2f})"
                 for use_val in (True, False) if args.no_val else (True,):
-                    for i, config in enumerate(args.configs):
-                        kw = {**json.loads(config), "_val": use_val}
-                        r = run_edit(case, n, kw, Path(tmp), f"{seed}-{n}-{use_val}-{i}")
-                        drop = case.base["clean"] - r["clean"]
-                        met = r["corrected"] >= min_c and drop <= max_d
-                        hidden = r["exit"] == 0 and drop > BUDGET_PTS + 1.0
+                    for config in args.configs:
+                        text, met, hidden = row(seed, case, use_val, config, Path(tmp), ref)
                         t = tally.setdefault(name, [0, 0, 0])
-                        t[0] += 1
-                        t[1] += met
-                        t[2] += hidden
-                        print(f"| {seed} | {name} | {n} | {'yes' if use_val else 'no'} | `{config}` | "
-                              f"{r['corrected']:.2f} (from {case.base['corrected']:.2f}) | {drop:.2f} | {r['time']:.1f} | {r['exit']} | "
-                              f"{'met' if met else 'MISSED'} | {'HIDDEN DROP' if hidden else '-'} | {r['edits']} |",
-                              flush=True)
+                        t[0], t[1], t[2] = t[0] + 1, t[1] + met, t[2] + hidden
+                        print(text, flush=True)
     for name, (rows, met, hidden) in tally.items():
         print(f"{name}: target met in {met} of {rows} rows; exit 0 hiding a drop > {BUDGET_PTS + 1:.0f} pt in {hidden}")
 

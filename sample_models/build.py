@@ -627,11 +627,16 @@ def ort_predict(path: Path, x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------- build
 
 
-def case_data(name: str, data, split, seed: int = SEED):
+def case_data(name: str, data, split, seed: int = SEED, poison_rate: float | None = None):
     """The case, its per-image keys, its training indices and the arrays that do not depend
     on the trained model (clean_test, corrupt_test, stats, val: seeded numpy only, so they
-    are byte-identical on any machine)."""
+    are byte-identical on any machine). ``poison_rate``: a Trojan case's share of poisoned
+    training images when not its own (0: the same model never poisoned, a reference)."""
     case = CASE_TYPES[name](seed)
+    if poison_rate is not None:
+        if not hasattr(case, "poison_rate"):
+            raise SystemExit(f"--poison-rate: {name} is not a Trojan case")
+        case.poison_rate = poison_rate
     d, y = data
     # Per-image key: leakage, which block holds the digit; colour, the wrong colour's index.
     key = np.random.default_rng(seed + 400).integers(0, 2, size=len(y))
@@ -652,12 +657,12 @@ def case_data(name: str, data, split, seed: int = SEED):
     return case, key, tr, arrays
 
 
-def build_case(name: str, out: Path, data, split, seed: int = SEED) -> dict:
+def build_case(name: str, out: Path, data, split, seed: int = SEED, poison_rate: float | None = None) -> dict:
     import onnx
     import torch
 
     t0 = time.time()
-    case, key, tr, arrays = case_data(name, data, split, seed)
+    case, key, tr, arrays = case_data(name, data, split, seed, poison_rate)
     d, y = data
     te, st = split["test"], split["stats"]
     model = train(case, d[tr], y[tr], key[tr])
@@ -769,6 +774,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE, help="output folder (default: sample_models/)")
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--poison-rate", type=float, default=None,
+                    help="Trojan cases: share of poisoned training images (default: the case's own, 0.1; 0 builds the "
+                         "same model never poisoned, the reference bench_seeds.py compares repairs with)")
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASE_TYPES]
@@ -783,7 +791,7 @@ def main(argv=None) -> int:
     split = split_indices(data[1], args.seed)
     t0 = time.time()
     for name in cases:
-        meta = build_case(name, args.out, data, split, args.seed)
+        meta = build_case(name, args.out, data, split, args.seed, args.poison_rate)
         figs = {k: v for k, v in meta.items() if isinstance(v, float)}
         print(f"{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in figs.items()))
     print(f"total {time.time() - t0:.1f}s")

@@ -322,3 +322,21 @@ def test_memorised_case_data_reproduces(case):
         for k, v in arrs.items():
             assert committed[k].dtype == v.dtype, (name, k)
             np.testing.assert_array_equal(committed[k], v, err_msg=f"{name}:{k}")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="the sample data needs scikit-learn")
+def test_poison_rate_zero_builds_the_never_poisoned_reference():
+    """``build.py --poison-rate 0`` (bench_seeds.py's reference): the same case with no
+    training image poisoned, the rest of its data unchanged; a case without a Trojan
+    refuses the option."""
+    build = _build_module()
+    data = build.load_digits16()
+    split = build.split_indices(data[1])
+    case, _, train_idx, arrays = build.case_data("badnets", data, split, poison_rate=0.0)
+    ref, _, ref_idx, ref_arrays = build.case_data("badnets", data, split)
+    y = data[1][train_idx]
+    assert case._poisoned(y).sum() == 0 and ref._poisoned(y).sum() == round(0.1 * len(y))
+    np.testing.assert_array_equal(train_idx, ref_idx)
+    np.testing.assert_array_equal(arrays["corrupt_test"]["x"], ref_arrays["corrupt_test"]["x"])
+    with pytest.raises(SystemExit, match="not a Trojan case"):
+        build.case_data("spurious", data, split, poison_rate=0.0)
