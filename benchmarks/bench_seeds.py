@@ -5,7 +5,7 @@
 
 The efficacy targets of issue 10 were met on the committed samples (seed 0); acceptance is
 measured on cases of the same kinds that are not in the repo. This benchmark rebuilds the
-Trojan samples with other seeds (`sample_models/build.py --seed S`: another split of the
+Trojan samples (and resnet_badnets: the patch on resnet_blend's small ResNet) with other seeds (`sample_models/build.py --seed S`: another split of the
 digits, other initial weights, other poisoned images and pairs; the same trigger kinds)
 into FOLDER/sS (default FOLDER: a temporary folder; a build there is reused; seed 0 uses
 the committed sample where there is one) and runs `edit_model` at each config on each, at
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_efficacy import Case, run_edit  # noqa: E402
 
 # case: (pairs, min corrected %, max clean drop in points), the issue's targets for its kind
-TARGETS = {"badnets": (1, 99.0, 0.5), "deep_badnets": (1, 99.0, 0.5),
+TARGETS = {"badnets": (1, 99.0, 0.5), "resnet_badnets": (1, 99.0, 0.5), "deep_badnets": (1, 99.0, 0.5),
            "resnet_blend": (5, 90.0, 1.0), "deep_blend": (5, 90.0, 1.0)}
 BUDGET_PTS = 1.0  # the default max_degradation (0.01) in points
 

@@ -81,6 +81,8 @@ pairs20.npz); meta.json adds stats_acc and val_acc. Legacy exporter, opset 17.
             basic blocks: 16, 16, 24 /2, 24, 32 /2, 32; 16 editable layers, so an edit's
             round is screened), stats = own training images, 30 epochs. Not committed
             samples: benchmarks/bench_deep.py builds them into a temporary folder.
+  resnet_badnets  badnets' patch on resnet_blend's small ResNet, stats = own training
+            images, 40 epochs. Not committed: benchmarks/bench_seeds.py builds it.
 
 Files per case: model.onnx (+ model.onnx.data for blend), clean_test.npz (x, y),
 corrupt_test.npz (x, y = true label), pairs.npz / pairs20.npz (corrupt, clean;
@@ -455,6 +457,16 @@ class DeepBadNets(BadNets):
     epochs = 30
 
 
+class ResNetBadNets(BadNets):
+    """The patch Trojan on resnet_blend's small ResNet (stats = its own training images):
+    the kind of the issue's first held-out case. Not a committed sample:
+    ``benchmarks/bench_seeds.py`` builds it into a temporary folder."""
+
+    name, exporter, opset, target = "resnet_badnets", "legacy", 17, 0
+    arch, max_shift, stats_from, pair_sizes = "resnet", 0, "train", (1, 5, 20)
+    epochs = 40
+
+
 class DeepBlend(ResNetBlend):
     """resnet_blend's whole-image blend on the deeper ResNet of ``DeepBadNets``."""
 
@@ -464,7 +476,7 @@ class DeepBlend(ResNetBlend):
 
 
 CASE_TYPES = {c.name: c for c in (BadNets, Blend, Spurious, Leakage, ResNetBlend, ResNetColour, DeepBadNets,
-                                  DeepBlend)}
+                                  DeepBlend, ResNetBadNets)}
 
 # ----------------------------------------------------------------- model/train
 
