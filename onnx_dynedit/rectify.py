@@ -1049,9 +1049,10 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
     ``screen_check`` check pairs (every cheap u first, then all scored together:
     ``Criterion.screen_scores``); returns (the steps of those screened out, the
     ``screen_keep`` best options in their order). Best: passing, then most check pairs
-    fixed, then the smallest gap on them (what ``OutputGap.pick`` prefers). The degradation is measured in that order, on
-    the trials that improve, until ``screen_keep`` pass the budget: the same choice as
-    measuring all. Step numbers are given by ``_choose``."""
+    fixed, then the smallest gap on them (what ``OutputGap.pick`` prefers). The
+    degradation is measured in that order, on the trials that improve, until
+    ``screen_keep`` pass the budget: the same choice as measuring all. Step numbers are
+    given by ``_choose``."""
     fits = [_fitted(crit, opt, prev, timings, crit.screen_steps) for opt in options]
     finite = [i for i, (edit, _) in enumerate(fits) if edit.finite]
     progress.step(f"check {len(finite)} screening trials")
@@ -1262,8 +1263,9 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
 
 def _loop(crit: Criterion, degradation: Degradation, twin: Twin, plan: Plan, cfg: RectifyConfig, cache: KeyCache,
           timings: Timings, accepted: list, steps: list, localisations: list, state: Score) -> tuple[Score, str]:
-    """The dynamic loop: localise, fit, check, accept, until the criterion is reached
-    (``accepted``, ``steps`` and ``localisations`` filled in). Returns (state, why it stopped)."""
+    """The dynamic loop: localise, fit, check, accept, until the criterion is done (the
+    target reached and, with check pairs, ``polishing`` over; ``accepted``, ``steps`` and
+    ``localisations`` filled in). Returns (state, why it stopped)."""
     stopped = "max edits reached"
     while not crit.done(state) and len(accepted) < cfg.max_edits:
         prev = [e.to_torch(twin.device) for e in accepted]
