@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,16 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_efficacy import Case, run_edit  # noqa: E402
+from bench_efficacy import Case, ensure_built, run_edit  # noqa: E402
 
 CASES = ("deep_badnets", "deep_blend")
-
-
-def ensure_built(folder: Path) -> None:
-    missing = [c for c in CASES if not (folder / c / "meta.json").exists()]
-    if missing:
-        subprocess.run([sys.executable, str(ROOT / "sample_models" / "build.py"), "--cases", ",".join(missing),
-                        "--out", str(folder)], check=True)
 
 
 def main() -> None:
@@ -47,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or Path(tmp) / "models"
-        ensure_built(folder)
+        ensure_built(folder, CASES)
         print("| case | pairs | config | corrected % | clean drop (pt) | edit s | exit | edits |")
         print("|---|---|---|---|---|---|---|---|")
         for name in CASES:

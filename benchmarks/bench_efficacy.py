@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,6 +103,15 @@ def ort_pred(path: Path, x: np.ndarray) -> np.ndarray:
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1)
+
+
+def ensure_built(folder: Path, cases, *args: str) -> None:
+    """Build the ``cases`` missing from ``folder`` with ``sample_models/build.py`` (one
+    process; ``args``: more of its options, e.g. ``--seed 3``)."""
+    missing = [c for c in cases if not (folder / c / "meta.json").exists()]
+    if missing:
+        subprocess.run([sys.executable, str(ROOT / "sample_models" / "build.py"), "--cases", ",".join(missing),
+                        "--out", str(folder), *args], check=True, stdout=subprocess.DEVNULL)
 
 
 class Case:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,11 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_efficacy import Case, run_edit  # noqa: E402
+from bench_efficacy import TARGETS as SAMPLE_TARGETS, Case, ensure_built, run_edit  # noqa: E402
 
-# case: (pairs, min corrected %, max clean drop in points), the targets for its kind
-TARGETS = {"badnets": (1, 99.0, 0.5), "resnet_badnets": (1, 99.0, 0.5), "deep_badnets": (1, 99.0, 0.5),
-           "resnet_blend": (5, 90.0, 1.0), "deep_blend": (5, 90.0, 1.0)}
+# case: the target of its kind (pairs, min corrected %, max clean drop in points)
+KIND = {"badnets": "badnets", "resnet_badnets": "badnets", "deep_badnets": "badnets",
+        "resnet_blend": "resnet_blend", "deep_blend": "resnet_blend"}
+TARGETS = {name: SAMPLE_TARGETS[kind] for name, kind in KIND.items()}
 BUDGET_PTS = 1.0  # the default max_degradation (0.01) in points
 
 
@@ -46,10 +46,7 @@ def case_dir(root: Path, seed: int, name: str, *, unpoisoned: bool = False) -> P
     if seed == 0 and not unpoisoned and (committed / "meta.json").exists():
         return committed
     folder = root / (f"s{seed}-unpoisoned" if unpoisoned else f"s{seed}")
-    if not (folder / name / "meta.json").exists():
-        cmd = [sys.executable, str(ROOT / "sample_models" / "build.py"), "--cases", name, "--seed", str(seed),
-               "--out", str(folder)] + (["--poison-rate", "0"] if unpoisoned else [])
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    ensure_built(folder, [name], "--seed", str(seed), *(["--poison-rate", "0"] if unpoisoned else []))
     return folder / name
 
 
