@@ -124,11 +124,17 @@ class Case:
         t = self.meta.get("target")
         self.sel = self.y != t if t is not None else np.ones(len(self.y), bool)
         self.model = self.dir / "model.onnx"
-        self.base = self.figures(ort_pred(self.model, self.clean_x), ort_pred(self.model, self.corrupt_x))
+        self.twin_pred = ort_pred(self.model, self.clean_x)  # the shipped model on the clean twins
+        # a repair that makes every triggered input behave exactly like its clean twin corrects this share
+        self.ceiling = 100 * float((self.twin_pred[self.sel] == self.y[self.sel]).mean())
+        self.base = self.figures(self.twin_pred, ort_pred(self.model, self.corrupt_x))
 
     def figures(self, p_clean: np.ndarray, p_corrupt: np.ndarray) -> dict:
+        """clean accuracy, corrected %, and faithful %: triggered inputs predicted as the
+        shipped model predicts their clean twins (what the edit is fitted to)."""
         return {"clean": 100 * float((p_clean == self.y).mean()),
-                "corrected": 100 * float((p_corrupt[self.sel] == self.y[self.sel]).mean())}
+                "corrected": 100 * float((p_corrupt[self.sel] == self.y[self.sel]).mean()),
+                "faithful": 100 * float((p_corrupt[self.sel] == self.twin_pred[self.sel]).mean())}
 
     def pairs(self, n: int) -> Path:
         return self.dir / PAIR_FILES[n]

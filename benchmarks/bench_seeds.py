@@ -17,7 +17,12 @@ drop in points, seconds, what `dynedit edit` would exit with, "target" (both wit
 issue's targets) and "hidden" (exit 0 while the held-out drop exceeds the 1-point budget
 + 1 point: what the acceptance rules out). --reference adds the same build never poisoned
 (`build.py --poison-rate 0`, FOLDER/sS-unpoisoned): its corrected % is what a model that
-never learnt the trigger does on the triggered test inputs. The last lines count per case.
+never learnt the trigger does on the triggered test inputs. "clean twins" is the shipped
+model's accuracy on the clean twins of the triggered test inputs: what a repair that makes
+every triggered input behave exactly like its clean twin (what the edit is fitted to)
+corrects; "faithful" is the share of triggered test inputs the edited model predicts as the
+shipped model predicts their clean twins. The last lines count per case (and the rows
+within one test image of "clean twins").
 """
 
 from __future__ import annotations
@@ -50,17 +55,19 @@ def case_dir(root: Path, seed: int, name: str, *, unpoisoned: bool = False) -> P
     return folder / name
 
 
-def row(seed: int, case: Case, use_val: bool, config: str, tmp: Path, reference: str) -> tuple[str, bool, bool]:
-    """(the table row, target met, exit 0 hiding a drop)."""
+def row(seed: int, case: Case, use_val: bool, config: str, tmp: Path, reference: str) -> tuple[str, bool, bool, bool]:
+    """(the table row, target met, exit 0 hiding a drop, corrected within one test image of
+    the clean twins' accuracy)."""
     n, min_c, max_d = TARGETS[case.name]
     r = run_edit(case, n, {**json.loads(config), "_val": use_val}, tmp, f"{seed}-{use_val}-{abs(hash(config))}")
     drop = case.base["clean"] - r["clean"]
     met = r["corrected"] >= min_c and drop <= max_d
     hidden = r["exit"] == 0 and drop > BUDGET_PTS + 1.0
+    near = r["corrected"] >= case.ceiling - 100.0 / case.sel.sum() - 1e-9
     text = (f"| {seed} | {case.name} | {n} | {'yes' if use_val else 'no'} | `{config}` | {r['corrected']:.2f}{reference} | "
-            f"{drop:.2f} | {r['time']:.1f} | {r['exit']} | {'met' if met else 'MISSED'} | "
-            f"{'HIDDEN DROP' if hidden else '-'} | {r['edits']} |")
-    return text, met, hidden
+            f"{case.ceiling:.2f} | {r['faithful']:.2f} | {drop:.2f} | {r['time']:.1f} | {r['exit']} | "
+            f"{'met' if met else 'MISSED'} | {'HIDDEN DROP' if hidden else '-'} | {r['edits']} |")
+    return text, met, hidden, near
 
 
 def main() -> None:
@@ -76,8 +83,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or Path(tmp) / "models"
         print("| seed | case | pairs | val | config | corrected %" + (" (never poisoned)" if args.reference else "")
-              + " | clean drop (pt) | edit s | exit | target | hidden | edits |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              + " | clean twins % | faithful % | clean drop (pt) | edit s | exit | target | hidden | edits |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for seed in args.seeds:
             for name in args.cases:
                 case = Case(name, case_dir(root, seed, name))
@@ -86,12 +93,13 @@ def main() -> None:
                     ref = f" ({Case(name, case_dir(root, seed, name, unpoisoned=True)).base['corrected']:.2f})"
                 for use_val in (True, False) if args.no_val else (True,):
                     for config in args.configs:
-                        text, met, hidden = row(seed, case, use_val, config, Path(tmp), ref)
-                        t = tally.setdefault(name, [0, 0, 0])
-                        t[0], t[1], t[2] = t[0] + 1, t[1] + met, t[2] + hidden
+                        text, *flags = row(seed, case, use_val, config, Path(tmp), ref)
+                        t = tally.setdefault(name, [0, 0, 0, 0])
+                        t[:] = [t[0] + 1] + [a + b for a, b in zip(t[1:], flags)]
                         print(text, flush=True)
-    for name, (rows, met, hidden) in tally.items():
-        print(f"{name}: target met in {met} of {rows} rows; exit 0 hiding a drop > {BUDGET_PTS + 1:.0f} pt in {hidden}")
+    for name, (rows, met, hidden, near) in tally.items():
+        print(f"{name}: target met in {met} of {rows} rows; exit 0 hiding a drop > {BUDGET_PTS + 1:.0f} pt in "
+              f"{hidden}; corrected within one test image of the clean twins' accuracy in {near}")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ def _print_report(outcome) -> None:
         click.echo(f"wrote {outcome.output}" if outcome.output else "nothing written (no edit accepted)")
     if outcome.plot:
         click.echo(f"plot written to {outcome.plot}")
-    click.echo("PASSED" if outcome.success else "FAILED: target not reached within the edit and degradation budgets")
+    click.echo("PASSED" if outcome.success else f"FAILED: target not reached within the edit and degradation budgets "
+               f"({res.failure or 'see the report'})")
     if res.suggests_erase:
         click.echo("hint: the pairs look like a re-colouring (each channel of the clean input scaled): a feature to "
                    "remove rather than an output to match; try --objective erase")

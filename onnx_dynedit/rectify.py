@@ -4,7 +4,8 @@
           degradation budget is checked on (held out from everything the fit uses), and the
           pairs after augmentation
   repeat (at most ``max_edits`` accepted edits):
-    stop when the criterion is reached (every pair fixed and gap <= target; with check
+    stop when the criterion is reached (every pair fixed, gap <= target over all pairs and
+      over the given ones; with check
       pairs deciding, also their gap <= ``check_target``: past the target an edit is kept
       only when it cuts the check pairs' gap by POLISH_GAIN)
     key statistics and localisation on the current (edited) model; the localisation
@@ -241,8 +242,19 @@ class RectifyResult:
     def success(self) -> bool:
         """The given pairs are fixed (synthetic ones only guide the fit) and the degradation,
         measured on inputs the fit did not use, is within budget."""
-        return (self.real_fixed_after == self.n_real_pairs and self.real_gap_after <= self.target
-                and self.within_budget)
+        return self.failure is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why ``success`` is False, in one line (None when it is True)."""
+        if self.real_fixed_after < self.n_real_pairs:
+            return (f"{self.n_real_pairs - self.real_fixed_after} of {self.n_real_pairs} given pair(s) not "
+                    f"classified like their clean twins")
+        if self.real_gap_after > self.target:
+            return f"the given pairs' gap {self.real_gap_after:.4f} is above the target {self.target:g}"
+        if not self.within_budget:
+            return f"degradation {self.degradation:.4f} is over the budget {self.config.max_degradation:g}"
+        return None
 
     def updates(self) -> list[LayerUpdate]:
         """Accepted edits grouped per layer (a layer may be picked more than once)."""
@@ -264,6 +276,7 @@ class RectifyResult:
             "degradation_source": self.degradation_source, "degradation_count": self.degradation_count,
             "n_check_pairs": self.n_check_pairs, "corruption": self.corruption,
             "stats_source": self.stats_source, "stopped_because": self.stopped_because, "success": self.success,
+            "failure": self.failure,
             "edits": [e.to_dict() for e in self.edits], "steps": [s.to_dict() for s in self.steps],
             "localisations": [loc.to_dict() for loc in self.localisations], "config": asdict(self.config),
             "timings": dict(self.timings),
@@ -602,7 +615,10 @@ class Criterion:
         return False
 
     def reached(self, s: Score) -> bool:
-        return s.fixed == self.n and s.gap <= self.target
+        """Every pair fixed, and the gap within the target over all pairs and over the given
+        ones alone: what ``RectifyResult.success`` reads, so that the loop does not stop at
+        a state the result calls failed (before the sixteenth session only the first two)."""
+        return s.fixed == self.n and s.gap <= self.target and s.real_gap <= self.target
 
     def done(self, s: Score) -> bool:
         """The loop stops here: the target reached (and, past it, ``polishing`` over)."""

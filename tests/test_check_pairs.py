@@ -210,6 +210,36 @@ def test_past_the_target_an_edit_must_cut_the_check_pairs_gap(badnets, after, wh
     assert not crit.done(_score(0.2, 256, 0.0))  # the target first
 
 
+def test_the_target_counts_the_given_pairs_alone_too(badnets):
+    """The loop's target is what the exit code reads: every pair fixed and the gap within
+    target_gap (0.1) over all pairs AND over the given pairs alone. resnet_blend rebuilt
+    with seed 2, five pairs: 21 of 21 fixed with gap 0.076, the five given ones at 0.157;
+    the loop used to stop there ("stopped: target reached") and the edit exit 1. Figures
+    set by hand; five given pairs among 21."""
+    twin, corrupt, clean, stats = badnets
+    cfg = RectifyConfig(check_pairs=0)
+    crit = OutputGap(twin, make_plan(twin, corrupt, clean, stats, None, None, cfg), cfg)
+    crit.n, crit.n_real = 21, 5
+    assert not crit.reached(Score(gap=0.076, fixed=21, real_gap=0.157, real_fixed=5))
+    assert not crit.done(Score(gap=0.076, fixed=21, real_gap=0.157, real_fixed=5))
+    assert crit.reached(Score(gap=0.076, fixed=21, real_gap=0.099, real_fixed=5))
+    assert not crit.reached(Score(gap=0.101, fixed=21, real_gap=0.05, real_fixed=5))
+    assert not crit.reached(Score(gap=0.05, fixed=20, real_gap=0.05, real_fixed=5))
+
+
+def test_a_failed_result_says_why(default_repair):
+    """``RectifyResult.failure``: None on success, else the first unmet condition of the
+    exit code, in one line (the CLI's FAILED line and the report's ``failure``)."""
+    from dataclasses import replace
+
+    res = default_repair
+    assert res.success and res.failure is None and res.to_dict()["failure"] is None
+    assert replace(res, real_fixed_after=0).failure == "1 of 1 given pair(s) not classified like their clean twins"
+    assert replace(res, real_gap_after=0.157).failure == "the given pairs' gap 0.1570 is above the target 0.1"
+    over = replace(res, degradation=0.05)
+    assert not over.success and over.failure == "degradation 0.0500 is over the budget 0.01"
+
+
 def test_the_loop_goes_on_past_the_target_while_the_check_pairs_improve(badnets):
     """On badnets one pair: with ``check_target=1.0`` (the loop before polishing) the first
     accepted edit reaches the target and the loop stops; with 0 it goes on, and every edit

@@ -305,6 +305,10 @@ def test_edit_reduces_feature_leakage(runs):
     assert len(report["edits"]) == 1
     assert report["real_gap_after"] < report["real_gap_before"]
     assert report["real_fixed_after"] == report["n_real_pairs"]
+    # exit 1 says why, in the report and on the FAILED line (text output)
+    assert (report["failure"] is None) == (proc.returncode == 0)
+    if report["real_gap_after"] > report["target"]:
+        assert report["failure"].startswith("the given pairs' gap ")
     before, after = leakage_share(sample("leakage", "model.onnx")), leakage_share(run["out"])
     acc0, acc1 = figures("leakage", sample("leakage", "model.onnx")), figures("leakage", run["out"])
     print(f"leakage: share on the null block {before:.4f} -> {after:.4f}, "
