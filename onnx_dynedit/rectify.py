@@ -5,9 +5,9 @@
           pairs after augmentation
   repeat (at most ``max_edits`` accepted edits):
     stop when the criterion is reached (every pair fixed, gap <= target over all pairs and
-      over the given ones; with check
-      pairs deciding, also their gap <= ``check_target``: past the target an edit is kept
-      only when it cuts the check pairs' gap by POLISH_GAIN)
+      over the given ones alone; with check pairs deciding, also their gap <=
+      ``check_target``: past the target an edit is kept only when it cuts the check pairs'
+      gap by POLISH_GAIN)
     key statistics and localisation on the current (edited) model; the localisation
       carries each layer's edit direction
     a trial per layer, best first: fit a rank-one edit, measure gap and degradation;
