@@ -65,8 +65,8 @@ from onnx_dynedit.options import CHOICES
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
 @run_options()
 def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, criterion, target_gap, target_attribution,
-         objective, conv_keys, augment, check_pairs, check_candidates, check_target, seed, device, input_shapes, engine, ray_address, in_place,
-         report, plot, as_json):
+         objective, conv_keys, augment, check_pairs, check_candidates, check_target, seed, device, input_shapes, engine,
+         ray_address, in_place, report, plot, as_json):
     """Repair MODEL so that each corrupted input behaves like its clean twin; write OUT.
 
     Exit 0 when every pair is fixed within budget (OUT is always written then: the model
@@ -130,8 +130,8 @@ def _print_report(outcome) -> None:
         click.echo(f"wrote {outcome.output}" if outcome.output else "nothing written (no edit accepted)")
     if outcome.plot:
         click.echo(f"plot written to {outcome.plot}")
-    click.echo("PASSED" if outcome.success else f"FAILED: target not reached within the edit and degradation budgets "
-               f"({res.failure or 'see the report'})")
+    click.echo("PASSED" if outcome.success else
+               f"FAILED: target not reached within the edit and degradation budgets ({res.failure})")
     if res.suggests_erase:
         click.echo("hint: the pairs look like a re-colouring (each channel of the clean input scaled): a feature to "
                    "remove rather than an output to match; try --objective erase")
