@@ -83,6 +83,10 @@ pairs20.npz); meta.json adds stats_acc and val_acc. Legacy exporter, opset 17.
             samples: benchmarks/bench_deep.py builds them into a temporary folder.
   resnet_badnets  badnets' patch on resnet_blend's small ResNet, stats = own training
             images, 40 epochs. Not committed: benchmarks/bench_seeds.py builds it.
+  tv_badnets  badnets' patch at real size: torchvision's ResNet-18 at 3x224x224 (the
+            digits upsampled 14x, grey repeated over 3 channels, the patch 42x42),
+            stats = own training images, 5 epochs with 2 threads (about 6 minutes on 2
+            cores). Not committed: benchmarks/bench_realsize.py builds it.
 
 Files per case: model.onnx (+ model.onnx.data for blend), clean_test.npz (x, y),
 corrupt_test.npz (x, y = true label), pairs.npz / pairs20.npz (corrupt, clean;
@@ -164,7 +168,8 @@ class Case:
     epochs = 30
     input_hw = (16, 16)
     channels = 1
-    arch = "cnn"            # "cnn" (make_model) or "resnet" (make_resnet)
+    arch = "cnn"            # "cnn" (make_model), "resnet" (make_resnet) or "tv_resnet18" (torchvision's)
+    threads = 1             # torch threads while training (1: the committed samples' byte-identical builds)
     blocks = ((16, 1), (24, 2), (24, 2))  # the ResNet's basic blocks: (channels, stride)
     max_shift = 1           # +-pixels of random shift per epoch (0: the exact images every epoch)
     stats_from = "heldout"  # "heldout": stats are held-out digits; "train": 200 of the training images
@@ -467,6 +472,39 @@ class ResNetBadNets(BadNets):
     epochs = 40
 
 
+class TvBadNets(BadNets):
+    """badnets' patch at real size: torchvision's ResNet-18 (ImageNet stem, 11.2 M weights)
+    at 3x224x224, the 16x16 digits upsampled 14x (nearest: each pixel a 14x14 block) and
+    repeated over 3 channels, so the 3x3 patch is 42x42 at the bottom right; stats = its
+    own training images. Trained with 2 threads (a 1-thread build would take twice the
+    time). Not a committed sample: ``benchmarks/bench_realsize.py`` builds it."""
+
+    name, exporter, opset, target = "tv_badnets", "legacy", 17, 0
+    arch, max_shift, stats_from, pair_sizes = "tv_resnet18", 0, "train", (1, 5, 20)
+    input_hw, channels, epochs, threads = (224, 224), 3, 5, 2
+    scale = 14
+
+    def clean(self, d, key):
+        return _upscaled(super().clean(d, key), self.scale, self.channels)
+
+    def corrupt(self, d, key):
+        return _upscaled(super().corrupt(d, key), self.scale, self.channels)
+
+    def describe(self):
+        out = super().describe()
+        out["trigger"] = ("3x3 white patch at rows 13-15, cols 13-15 of the 16x16 digit, i.e. 42x42 pixels at "
+                          "the bottom-right of the 224x224 input")
+        out["poisoned_from"] += "; the 200 stats images are never poisoned"
+        return out
+
+
+def _upscaled(x: np.ndarray, scale: int, channels: int) -> np.ndarray:
+    """[N, 1, H, W] -> [N, channels, H*scale, W*scale]: nearest upsampling, the grey
+    channel repeated."""
+    x = np.repeat(np.repeat(x, scale, axis=2), scale, axis=3)
+    return np.ascontiguousarray(np.repeat(x, channels, axis=1), dtype=np.float32)
+
+
 class DeepBlend(ResNetBlend):
     """resnet_blend's whole-image blend on the deeper ResNet of ``DeepBadNets``."""
 
@@ -476,7 +514,7 @@ class DeepBlend(ResNetBlend):
 
 
 CASE_TYPES = {c.name: c for c in (BadNets, Blend, Spurious, Leakage, ResNetBlend, ResNetColour, DeepBadNets,
-                                  DeepBlend, ResNetBadNets)}
+                                  DeepBlend, ResNetBadNets, TvBadNets)}
 
 # ----------------------------------------------------------------- model/train
 
@@ -531,7 +569,12 @@ def train(case: Case, d_train, y_train, key_train):
     import torch.nn.functional as F
 
     torch.manual_seed(case.seed)
-    model = make_resnet(case.channels, case.blocks) if case.arch == "resnet" else make_model(case.input_hw)
+    if case.arch == "tv_resnet18":
+        import torchvision
+
+        model = torchvision.models.resnet18(num_classes=10)
+    else:
+        model = make_resnet(case.channels, case.blocks) if case.arch == "resnet" else make_model(case.input_hw)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=case.epochs)
     rng = np.random.default_rng(case.seed + 1000)
@@ -677,7 +720,11 @@ def build_case(name: str, out: Path, data, split, seed: int = SEED, poison_rate:
     case, key, tr, arrays = case_data(name, data, split, seed, poison_rate)
     d, y = data
     te, st = split["test"], split["stats"]
-    model = train(case, d[tr], y[tr], key[tr])
+    torch.set_num_threads(case.threads)
+    try:
+        model = train(case, d[tr], y[tr], key[tr])
+    finally:
+        torch.set_num_threads(1)
 
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -767,10 +814,16 @@ def build_case(name: str, out: Path, data, split, seed: int = SEED, poison_rate:
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": __import__("onnxruntime").__version__},
     })
+    if case.arch == "tv_resnet18":
+        meta.update({"architecture": "torchvision.models.resnet18(num_classes=10), random initial weights",
+                     "data": meta["data"] + f", then {case.scale}x to {h}x{w} and repeated over {case.channels} "
+                                            "channels",
+                     "train_threads": case.threads})
     if case.stats_from == "train":
-        meta.update({"architecture": f"small ResNet (make_resnet): stem conv, {len(case.blocks)} basic blocks "
-                                     f"({', '.join(str(c) for c, _ in case.blocks)} channels), "
-                                     f"global average pooling, Linear({case.blocks[-1][0]}, 10)",
+        meta.update({"architecture": meta.get("architecture") or
+                     f"small ResNet (make_resnet): stem conv, {len(case.blocks)} basic blocks "
+                     f"({', '.join(str(c) for c, _ in case.blocks)} channels), "
+                     f"global average pooling, Linear({case.blocks[-1][0]}, 10)",
                      "stats_are": "200 of the model's own training images (memorised), as the model saw them",
                      "augmentation": "none (every epoch sees the exact training images)",
                      "pair_sizes": list(case.pair_sizes)})
