@@ -6,7 +6,7 @@ Builds ``tv_badnets`` with ``sample_models/build.py`` (badnets' patch on torchvi
 ResNet-18 at 3x224x224: the digits upsampled 14x, the patch 42x42, stats = 200 of the
 model's own training images; about 6 minutes on 2 cores; reused when FOLDER/sS/tv_badnets
 exists, default FOLDER a temporary folder) and measures, with ONNX Runtime on its
-held-out test sets (360 clean, 360 triggered):
+held-out test sets (360 clean inputs; 360 triggered, 324 of them not of the target class):
   * the model as shipped;
   * fine-tuning every weight of the twin on the same pairs (n = 1 and 20; Adam 1e-4
     until every corrupted input is classified like its clean twin, at most 100 steps;

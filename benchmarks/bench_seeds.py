@@ -7,9 +7,9 @@ The efficacy targets of issue 10 were met on the committed samples (seed 0); acc
 measured on cases of the same kinds that are not in the repo. This benchmark rebuilds the
 Trojan samples (and resnet_badnets: the patch on resnet_blend's small ResNet; tv_badnets,
 the patch on torchvision's ResNet-18 at 3x224x224, only when asked for: its build takes
-about 6 minutes) with other seeds (`sample_models/build.py --seed S`: another split of the digits, other initial
-weights, other poisoned images and pairs; the same trigger kinds)
-into FOLDER/sS (default FOLDER: a temporary folder; a build there is reused; seed 0 uses
+about 6 minutes) with other seeds (`sample_models/build.py --seed S`: another split of
+the digits, other initial weights, other poisoned images and pairs; the same trigger
+kinds) into FOLDER/sS (default FOLDER: a temporary folder; a build there is reused; seed 0 uses
 the committed sample where there is one) and runs `edit_model` at each config on each, at
 the target's pair count (patch Trojans 1 pair, blends 5), with stats + val and, with
 --no-val-rows, with stats only (the degradation is then checked on the held-out share of

@@ -338,5 +338,6 @@ def main() -> None:
                 print(table(name, n_params, side, n_stats, json.loads(proc.stdout.strip().splitlines()[-1])),
                       flush=True)
 
+
 if __name__ == "__main__":
     main()
