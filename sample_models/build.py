@@ -83,10 +83,12 @@ pairs20.npz); meta.json adds stats_acc and val_acc. Legacy exporter, opset 17.
             samples: benchmarks/bench_deep.py builds them into a temporary folder.
   resnet_badnets  badnets' patch on resnet_blend's small ResNet, stats = own training
             images, 40 epochs. Not committed: benchmarks/bench_seeds.py builds it.
-  tv_badnets  badnets' patch at real size: torchvision's ResNet-18 at 3x224x224 (the
-            digits upsampled 14x, grey repeated over 3 channels, the patch 42x42),
-            stats = own training images, 5 epochs with 2 threads (about 6 minutes on 2
-            cores). Not committed: benchmarks/bench_realsize.py builds it.
+  tv_badnets, tv_blend  badnets' patch and resnet_blend's blend at real size:
+            torchvision's ResNet-18 at 3x224x224 (the digits, and the blend's pattern,
+            upsampled 14x, grey repeated over 3 channels: the patch is 42x42), stats =
+            own training images, 5 epochs with 2 threads (about 6 minutes each on 2
+            cores). Not committed: benchmarks/bench_realsize.py builds tv_badnets,
+            bench_seeds.py --cases tv_badnets tv_blend either.
 
 Files per case: model.onnx (+ model.onnx.data for blend), clean_test.npz (x, y),
 corrupt_test.npz (x, y = true label), pairs.npz / pairs20.npz (corrupt, clean;
@@ -472,14 +474,14 @@ class ResNetBadNets(BadNets):
     epochs = 40
 
 
-class TvBadNets(BadNets):
-    """badnets' patch at real size: torchvision's ResNet-18 (ImageNet stem, 11.2 M weights)
-    at 3x224x224, the 16x16 digits upsampled 14x (nearest: each pixel a 14x14 block) and
-    repeated over 3 channels, so the 3x3 patch is 42x42 at the bottom right; stats = its
-    own training images. Trained with 2 threads (a 1-thread build would take twice the
-    time). Not a committed sample: ``benchmarks/bench_realsize.py`` builds it."""
+class RealSize:
+    """Mixin: a case at real size on torchvision's ResNet-18 (ImageNet stem, 11.2 M
+    weights) at 3x224x224, the 16x16 inputs upsampled 14x (nearest: each pixel a 14x14
+    block) and repeated over 3 channels; stats = its own training images; trained with 2
+    threads (a 1-thread build would take twice the time). Not committed samples:
+    ``benchmarks/bench_realsize.py`` and ``bench_seeds.py --cases tv_...`` build them."""
 
-    name, exporter, opset, target = "tv_badnets", "legacy", 17, 0
+    exporter, opset = "legacy", 17
     arch, max_shift, stats_from, pair_sizes = "tv_resnet18", 0, "train", (1, 5, 20)
     input_hw, channels, epochs, threads = (224, 224), 3, 5, 2
     scale = 14
@@ -492,10 +494,22 @@ class TvBadNets(BadNets):
 
     def describe(self):
         out = super().describe()
-        out["trigger"] = ("3x3 white patch at rows 13-15, cols 13-15 of the 16x16 digit, i.e. 42x42 pixels at "
-                          "the bottom-right of the 224x224 input")
-        out["poisoned_from"] += "; the 200 stats images are never poisoned"
+        out["trigger"] += f", upsampled {self.scale}x with the input to {self.input_hw[0]}x{self.input_hw[1]}"
+        never = "; the 200 stats images are never poisoned"
+        out["poisoned_from"] += "" if out["poisoned_from"].endswith(never) else never
         return out
+
+
+class TvBadNets(RealSize, BadNets):
+    """badnets' patch at real size: the 3x3 patch is 42x42 at the bottom right."""
+
+    name = "tv_badnets"
+
+
+class TvBlend(RealSize, ResNetBlend):
+    """resnet_blend's whole-image blend at real size (the pattern's pixels 14x14 blocks)."""
+
+    name = "tv_blend"
 
 
 def _upscaled(x: np.ndarray, scale: int, channels: int) -> np.ndarray:
@@ -514,7 +528,7 @@ class DeepBlend(ResNetBlend):
 
 
 CASE_TYPES = {c.name: c for c in (BadNets, Blend, Spurious, Leakage, ResNetBlend, ResNetColour, DeepBadNets,
-                                  DeepBlend, ResNetBadNets, TvBadNets)}
+                                  DeepBlend, ResNetBadNets, TvBadNets, TvBlend)}
 
 # ----------------------------------------------------------------- model/train
 

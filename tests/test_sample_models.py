@@ -343,26 +343,28 @@ def test_poison_rate_zero_builds_the_never_poisoned_reference():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="the sample data needs scikit-learn")
-def test_the_real_size_case_is_the_patch_case_upsampled():
-    """``tv_badnets`` (bench_realsize.py's real-size Trojan, not committed): its inputs are
-    badnets' 16x16 digits upsampled 14x (each pixel a 14x14 block) and repeated over 3
-    channels, so its triggered inputs carry a 42x42 white patch at the bottom right and
-    equal their clean twins elsewhere; its stats are its own (never poisoned) training
-    images. Data only, no training."""
+@pytest.mark.parametrize("case_name, small_name", [("tv_badnets", "resnet_badnets"), ("tv_blend", "resnet_blend")])
+def test_the_real_size_cases_are_the_small_ones_upsampled(case_name, small_name):
+    """``tv_badnets`` and ``tv_blend`` (real-size Trojans, not committed): their inputs are
+    the small ResNet cases' 16x16 inputs upsampled 14x (each pixel a 14x14 block) and
+    repeated over 3 channels, so tv_badnets' triggered inputs carry a 42x42 white patch at
+    the bottom right and equal their clean twins elsewhere; their stats are their own
+    (never poisoned) training images. Data only, no training."""
     build = _build_module()
     data = build.load_digits16()
     split = build.split_indices(data[1])
-    case, _, train_idx, arrays = build.case_data("tv_badnets", data, split)
-    small, _, small_idx, small_arrays = build.case_data("resnet_badnets", data, split)
+    case, _, train_idx, arrays = build.case_data(case_name, data, split)
+    small, _, small_idx, small_arrays = build.case_data(small_name, data, split)
     np.testing.assert_array_equal(train_idx, small_idx)
     for name in ("clean_test", "corrupt_test", "stats", "val"):
         big, ref = arrays[name]["x"], small_arrays[name]["x"]
         assert big.shape == (len(ref), 3, 224, 224) and big.dtype == np.float32, name
         np.testing.assert_array_equal(big[:, 1], big[:, 0])
         np.testing.assert_array_equal(big[:, :, ::14, ::14], np.repeat(ref, 3, axis=1))
-    corrupt, clean = arrays["corrupt_test"]["x"], arrays["clean_test"]["x"]
-    assert np.all(corrupt[:, :, 182:, 182:] == 1.0)
-    np.testing.assert_array_equal(corrupt[:, :, :182], clean[:, :, :182])
-    np.testing.assert_array_equal(corrupt[:, :, :, :182], clean[:, :, :, :182])
     y = data[1][train_idx]
     assert not case._poisoned(y)[case.protected].any()
+    if case_name == "tv_badnets":
+        corrupt, clean = arrays["corrupt_test"]["x"], arrays["clean_test"]["x"]
+        assert np.all(corrupt[:, :, 182:, 182:] == 1.0)
+        np.testing.assert_array_equal(corrupt[:, :, :182], clean[:, :, :182])
+        np.testing.assert_array_equal(corrupt[:, :, :, :182], clean[:, :, :, :182])
