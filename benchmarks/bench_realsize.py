@@ -44,13 +44,12 @@ NAME = "tv_badnets"
 MIN_CORRECTED, MAX_DROP = 99.0, 0.5  # the issue's patch Trojan target (1 pair)
 
 
-def rows(case: Case, pairs: list[int], finetune: bool, tmp: Path) -> list[tuple[str, int, str, dict]]:
-    """(label, n, val, figures) per row, the shipped model first."""
+def rows(case: Case, twin: Twin, pairs: list[int], finetune: bool, tmp: Path) -> list[tuple[str, int, str, dict]]:
+    """(label, n, val, figures) per row, the shipped model first; ``twin``: the shipped
+    model's (fine-tuning works on copies of its module)."""
     out = [("shipped", 0, "-", {**case.base, "time": 0.0, "exit": "-", "edits": ""})]
     if finetune:
-        twin = Twin(load_model(case.model), "cpu")
         out += [("fine-tune all weights", n, "-", run_finetune(case, twin, n)) for n in pairs]
-        del twin
     for n in pairs:
         for use_val in (True, False) if n == 1 else (True,):
             print(f"edit n = {n}, val {use_val} ...", file=sys.stderr, flush=True)
@@ -84,8 +83,9 @@ def main() -> None:
         folder = (args.dir or Path(tmp) / "models") / f"s{args.seed}"
         ensure_built(folder, [NAME], "--seed", str(args.seed))
         case = Case(NAME, folder / NAME)
-        results = rows(case, args.pairs, args.finetune, Path(tmp))
-        fb = forward_backward(Twin(load_model(case.model), "cpu"), np.load(case.pairs(1))["clean"])
+        twin = Twin(load_model(case.model), "cpu")
+        results = rows(case, twin, args.pairs, args.finetune, Path(tmp))
+        fb = forward_backward(twin, np.load(case.pairs(1))["clean"])
         print(table(case, results, fb))
 
 

@@ -828,19 +828,18 @@ def build_case(name: str, out: Path, data, split, seed: int = SEED, poison_rate:
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": __import__("onnxruntime").__version__},
     })
+    if case.stats_from == "train":
+        meta.update({"architecture": f"small ResNet (make_resnet): stem conv, {len(case.blocks)} basic blocks "
+                                     f"({', '.join(str(c) for c, _ in case.blocks)} channels), "
+                                     f"global average pooling, Linear({case.blocks[-1][0]}, 10)",
+                     "stats_are": "200 of the model's own training images (memorised), as the model saw them",
+                     "augmentation": "none (every epoch sees the exact training images)",
+                     "pair_sizes": list(case.pair_sizes)})
     if case.arch == "tv_resnet18":
         meta.update({"architecture": "torchvision.models.resnet18(num_classes=10), random initial weights",
                      "data": meta["data"] + f", then {case.scale}x to {h}x{w} and repeated over {case.channels} "
                                             "channels",
                      "train_threads": case.threads})
-    if case.stats_from == "train":
-        meta.update({"architecture": meta.get("architecture") or
-                     f"small ResNet (make_resnet): stem conv, {len(case.blocks)} basic blocks "
-                     f"({', '.join(str(c) for c, _ in case.blocks)} channels), "
-                     f"global average pooling, Linear({case.blocks[-1][0]}, 10)",
-                     "stats_are": "200 of the model's own training images (memorised), as the model saw them",
-                     "augmentation": "none (every epoch sees the exact training images)",
-                     "pair_sizes": list(case.pair_sizes)})
     with open(folder / "meta.json", "w") as fh:
         json.dump(meta, fh, indent=2, sort_keys=False)
         fh.write("\n")

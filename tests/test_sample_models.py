@@ -354,7 +354,7 @@ def test_the_real_size_cases_are_the_small_ones_upsampled(case_name, small_name)
     data = build.load_digits16()
     split = build.split_indices(data[1])
     case, _, train_idx, arrays = build.case_data(case_name, data, split)
-    small, _, small_idx, small_arrays = build.case_data(small_name, data, split)
+    _, _, small_idx, small_arrays = build.case_data(small_name, data, split)
     np.testing.assert_array_equal(train_idx, small_idx)
     for name in ("clean_test", "corrupt_test", "stats", "val"):
         big, ref = arrays[name]["x"], small_arrays[name]["x"]
