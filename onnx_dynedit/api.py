@@ -29,24 +29,37 @@ from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, 
 log = logging.getLogger(__name__)
 
 
-def _twin(loaded: LoadedModel, device, input_shapes=None, data=None, *, release: bool = False):
-    """The twin, parity required. Parity inputs take their sizes from ``input_shapes``
-    (given by the caller), else the graph, else (symbolic non-batch dims) the rows of ``data``.
+def _twin(loaded: LoadedModel, device, input_shapes=None, pairs: Pairs | None = None, *, release: bool = False):
+    """(the twin, its parity on random inputs, its parity on ``pairs``: None without),
+    parity required on both. Random inputs take their sizes from ``input_shapes`` (given by
+    the caller), else the graph, else (symbolic non-batch dims) the rows of the pairs. The
+    pairs (both sides) are the inputs the written model's parity is measured on: real
+    inputs reach what random ones may not (an int8 model whose integer kernels saturate in
+    ONNX Runtime on real activations: parity.QUANT_HINT), so a twin that is off on them is
+    refused here, before the edit, not after it.
     ``release``: the model was loaded by the caller itself, so once the twin passes, the ONNX
     graph's copy of the weights is dropped (``LoadedModel.release_weights``; the twin holds
     its own) until a write reads it again (``_reload``)."""
     from .layers import check_finite_weights
-    from .parity import check_parity, require_parity
+    from .parity import check_parity, parity_session, require_parity
     from .twin import Twin
 
+    data = None if pairs is None else pairs.corrupt
     twin = Twin(loaded, device, input_shapes=_with_data_shapes(loaded, input_shapes, data))
     check_finite_weights(loaded.model, twin.layer_map, loaded.label)
+    on_pairs = None
     with progress.phase("parity (ONNX Runtime vs twin)"):
-        parity = check_parity(twin)
-    require_parity(parity, loaded.label)
+        session = parity_session(twin)
+        parity = check_parity(twin, session=session)
+        require_parity(parity, loaded.label, quantised=twin.quantised)
+        if pairs is not None:
+            fitted = fit_pairs(twin, pairs)
+            on_pairs = _parity_after(twin, np.concatenate([fitted.corrupt, fitted.clean]), session, ())
+            require_parity(on_pairs, f"{loaded.label} (on the given pairs)", quantised=twin.quantised)
+    del session
     if release:
         loaded.release_weights()
-    return twin, parity
+    return twin, parity, on_pairs
 
 
 def _with_data_shapes(loaded: LoadedModel, given, data):
@@ -188,11 +201,15 @@ def _sharded_keys(twin, raw: Inputs, model, engine, ray_address):
     return ShardedKeys(raw.stats_shards, engine=engine, ray_address=ray_address, model_path=Path(model).resolve())
 
 
+def fit_pairs(twin, p: Pairs) -> Pairs:
+    """Both sides of the pairs checked against (and cast to) the model's input(s)."""
+    return Pairs(corrupt=fit_input(twin, p.corrupt, f"pairs {p.source}: 'corrupt'"),
+                 clean=fit_input(twin, p.clean, f"pairs {p.source}: 'clean'"), source=p.source)
+
+
 def fit_inputs(twin, raw: Inputs) -> Inputs:
     """Check the inputs against the model's input (shape, dtype) and output (labels)."""
-    p = raw.pairs
-    pairs = Pairs(corrupt=fit_input(twin, p.corrupt, f"pairs {p.source}: 'corrupt'"),
-                  clean=fit_input(twin, p.clean, f"pairs {p.source}: 'clean'"), source=p.source)
+    pairs = fit_pairs(twin, raw.pairs)
     stats = None
     if raw.stats is not None:
         s = raw.stats
@@ -255,7 +272,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
         check_output_path(plot, loaded.protected_paths())
     engine = _engine(engine, ray_address)
     raw = read_inputs(pairs, stats, engine=engine)
-    twin, _ = _twin(loaded, device, input_shapes, raw.pairs.corrupt, release=not isinstance(model, LoadedModel))
+    twin, _, _ = _twin(loaded, device, input_shapes, raw.pairs, release=not isinstance(model, LoadedModel))
     inputs = fit_inputs(twin, raw)
     layers = [layer for layer in twin.layer_map.editable() if not too_wide(layer)]
     if not layers:
@@ -294,8 +311,9 @@ class EditOutcome:
     model: str
     output: str | None
     result: object = field(repr=False)
-    parity_before: dict = field(default_factory=dict)
-    parity_after: dict = field(default_factory=dict)
+    parity_before: dict = field(default_factory=dict)  # on random inputs
+    parity_after: dict = field(default_factory=dict)   # of the written model, on the given pairs
+    parity_before_pairs: dict = field(default_factory=dict)  # on the given pairs, before the edit
     changed: tuple[str, ...] = ()
     device: str = "cpu"
     inputs: dict = field(default_factory=dict)
@@ -317,7 +335,8 @@ class EditOutcome:
                "success": self.success, "device": self.device, "threads": threads.current(),
                "engine": self.engine, "workers": self.workers,
                "inputs": self.inputs, "changed_initializers": list(self.changed),
-               "parity_before": self.parity_before, "parity_after": self.parity_after, "plot": self.plot,
+               "parity_before": self.parity_before, "parity_before_pairs": self.parity_before_pairs,
+               "parity_after": self.parity_after, "plot": self.plot,
                "rounding": list(self.rounding), "rounding_effect": self.rounding_effect,
                "attributed_output": self.attributed_output,
                **self.result.to_dict()}
@@ -368,7 +387,8 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     raw = read_inputs(pairs, stats, val, engine=engine)
     clock.phase("load", t0)
     t0 = time.perf_counter()
-    twin, parity0 = _twin(loaded, device, input_shapes, raw.pairs.corrupt, release=not isinstance(model, LoadedModel))
+    twin, parity0, parity0_pairs = _twin(loaded, device, input_shapes, raw.pairs,
+                                         release=not isinstance(model, LoadedModel))
     inputs = fit_inputs(twin, raw)
     if twin.token_inputs or len(twin.inputs) > 1:
         cfg = _output_criterion_only(cfg, loaded.label, augment_given=augment is not None,
@@ -390,6 +410,7 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     if plot is not None:
         _write_edit_plot(Path(plot), twin, loaded, inputs, result, edits, clock)
     outcome = EditOutcome(model=loaded.label, output=written.path, result=result, parity_before=parity0.to_dict(),
+                          parity_before_pairs=parity0_pairs.to_dict(),
                           parity_after=written.parity_after, changed=written.changed, device=str(twin.device),
                           inputs=info, output_unchanged=written.unchanged, timings=clock.total(),
                           plot=None if plot is None else str(plot), rounding=written.rounding,
@@ -501,7 +522,7 @@ def _write_edits(twin, loaded: LoadedModel, inputs: Inputs, result, edits, out, 
             # parity of what was written: a requantised layer's change is not the float edit
             parity = _parity_after(twin, feeds_x, session, checked)
         clock.phase("parity_after", t0)
-        require_parity(parity, f"{loaded.label} (edited)")
+        require_parity(parity, f"{loaded.label} (edited)", quantised=twin.quantised)
         rounding_effect: dict = {}
         if checked is not edits or any(r["dtype"] not in ("float32", "float64") for r in rounding):
             effect = _parity_after(twin, feeds_x, session, edits)

@@ -63,6 +63,15 @@ def compare_outputs(names, expected: list[np.ndarray], got: list[np.ndarray]) ->
     return out
 
 
+def parity_session(twin):
+    """The ORT session ``check_parity`` compares the twin with by default: the twin's
+    original model, with the attributed logits as an extra output when the twin has them."""
+    model = twin.loaded.model
+    if twin.logits_tensor is not None:
+        return _session_with_output(model, twin.logits_tensor)
+    return ort_session(model)
+
+
 def _session_with_output(model: onnx.ModelProto, name: str):
     """An ORT session of ``model`` that also returns tensor ``name`` (the model proto is
     serialised with the extra output and left as it was)."""
@@ -88,10 +97,7 @@ def check_parity(twin, feeds: dict[str, np.ndarray] | None = None, *, seed: int 
             f"(or {option('inputs_file')}); integer inputs must be valid ids ({option('int_range')})")
     try:
         if session is None:
-            if model is twin.loaded.model and twin.logits_tensor is not None:
-                session = _session_with_output(model, twin.logits_tensor)  # the attributed logits too
-            else:
-                session = ort_session(model)
+            session = parity_session(twin) if model is twin.loaded.model else ort_session(model)
         names = [o.name for o in session.get_outputs()]
         expected = session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -113,11 +119,24 @@ def check_parity(twin, feeds: dict[str, np.ndarray] | None = None, *, seed: int 
     return Parity(outputs=tuple(compare_outputs(names, expected, got)), tol=twin.tol, n_inputs=int(first.shape[0]) if first.ndim else 1)
 
 
-def require_parity(parity: Parity, label: str) -> None:
+# ONNX Runtime runs a QDQ model's Conv / MatMul with integer kernels; on x86 CPUs without
+# VNNI its u8s8 kernels add pairs of products in 16 bits and saturate, where the QDQ
+# arithmetic (and the twin) does not. Measured: a per-channel QDQ copy of the real-size
+# tv_badnets (ResNet-18 at 224x224) on an AVX2-only EPYC, twin vs ORT on real inputs 0.12
+# relative (0.006 with ORT's graph optimisations off, and 0.006 quantised with
+# reduce_range=True), on random inputs 0.03 (README, "Half-precision and int8 models").
+QUANT_HINT = ("ONNX Runtime's integer kernels can saturate where the int8 arithmetic does not (u8s8 on x86 "
+              "CPUs without VNNI): edit the float model and quantise the edited one, or quantise with "
+              "reduce_range=True")
+
+
+def require_parity(parity: Parity, label: str, *, quantised: bool = False) -> None:
+    """A ``ParityError`` when ``parity`` is out of tolerance; ``quantised``: the twin's
+    model has quantised activations (the hint then names ONNX Runtime's integer kernels)."""
     if not parity.ok:
         worst = max(parity.outputs, key=lambda o: o.max_rel_diff)
         raise ParityError(
             f"{label}: the torch twin differs from ONNX Runtime by {worst.max_abs_diff:.3g} "
             f"(relative {worst.max_rel_diff:.3g} > tol {parity.tol:g}) on output {worst.name!r} at {list(worst.where)}",
-            hint="the twin is refused; report the model's ops",
+            hint=QUANT_HINT if quantised else "the twin is refused; report the model's ops",
         )

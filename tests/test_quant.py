@@ -228,6 +228,7 @@ def test_forced_edit_parity_diff_revert(variants, name, tmp_path, capsys):
     assert "written as" in out and "rounding effect" in out
     rep = json.loads(report.read_text())
     assert rep["parity_after"]["ok"]
+    assert rep["parity_before_pairs"]["ok"] and rep["parity_before_pairs"]["n_inputs"] == 2  # both sides of 1 pair
     (rounding,) = rep["rounding"]
     assert rounding["float_delta_rank"] == 1
     if name == "fp16":
@@ -252,6 +253,57 @@ def test_forced_edit_parity_diff_revert(variants, name, tmp_path, capsys):
     code, out, err = run_cli(["revert", edited, "-o", back], capsys)
     assert code == 0, out + err
     assert back.read_bytes() == Path(variants[name]).read_bytes()
+
+
+def _saturating_qdq(k: int = 64) -> onnx.ModelProto:
+    """x [N, k] -> Q/DQ (uint8, scale 8/255) -> MatMul by DQ(int8 weights, all 127) -> Q/DQ:
+    two adjacent products of an input at 8 (uint8 255) with a weight of 127 add up to
+    64770, past the 16 bits in which ONNX Runtime's u8s8 kernels add pairs of products on
+    x86 CPUs without VNNI (they saturate at 32767); standard normal inputs stay far below."""
+    f32 = np.float32
+    inits = [numpy_helper.from_array(np.array(8 / 255, f32), "sx"), numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+             numpy_helper.from_array(np.full((k, 10), 127, np.int8), "wq"),
+             numpy_helper.from_array(np.array(1 / 127, f32), "sw"), numpy_helper.from_array(np.array(0, np.int8), "zw"),
+             numpy_helper.from_array(np.array(4.0, f32), "sy"), numpy_helper.from_array(np.array(128, np.uint8), "zy")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="qx"),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dqx"),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], name="dqw"),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="fc"),
+             helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["yq"], name="qy"),
+             helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["logits"], name="dqy")]
+    graph = helper.make_graph(nodes, "sat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_twin_off_on_the_given_pairs_is_refused_before_the_edit(tmp_path, capsys):
+    """Parity is measured on the given pairs too, before any work: random inputs agree,
+    the pairs hit ONNX Runtime's saturating integer kernels (measured at real size: a
+    per-channel QDQ ResNet-18 at 224x224, README), and the edit stops with one line that
+    says why and what to try; nothing is written. Runs where ORT's kernels saturate (x86
+    without VNNI, like this project's machine)."""
+    from onnx_dynedit.parity import check_parity
+    from onnx_dynedit.twin import Twin
+
+    src = _save(_saturating_qdq(), tmp_path / "sat.onnx")
+    corrupt, clean = np.full((1, 64), 8, np.float32), np.full((1, 64), 2, np.float32)
+    twin = Twin(load_model(src), "cpu")
+    exact = twin.run(corrupt)
+    assert np.allclose(exact, 508)  # 64 x 8 x 1, the top of the output's uint8 range (step 4)
+    if np.allclose(_ort(onnx.load(str(src)), corrupt), exact):
+        pytest.skip("ONNX Runtime's integer kernels do not saturate on this CPU (VNNI)")
+    assert check_parity(twin).ok  # random inputs miss it
+    np.savez(tmp_path / "pairs.npz", corrupt=corrupt, clean=clean)
+    before, out = src.read_bytes(), tmp_path / "e.onnx"
+    code, stdout, err = run_cli(["edit", src, "--pairs", tmp_path / "pairs.npz", "-o", out], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, stdout + err
+    assert f"{src} (on the given pairs): the torch twin differs from ONNX Runtime" in lines[0]
+    assert "reduce_range" in lines[0] and "VNNI" in lines[0]
+    assert not out.exists() and src.read_bytes() == before
 
 
 def test_fake_quantisation_passes_gradients_straight_through():
