@@ -1,6 +1,7 @@
 """A real-size Trojan repaired at defaults: torchvision's ResNet-18 at 3x224x224.
 
-    python benchmarks/bench_realsize.py [--dir FOLDER] [--seed S] [--pairs 1 20] [--no-finetune]
+    python benchmarks/bench_realsize.py [--case tv_badnets|tv_mobilenet_badnets] [--dir FOLDER] [--seed S]
+                                        [--pairs 1 20] [--no-finetune]
 
 Builds ``tv_badnets`` with ``sample_models/build.py`` (badnets' patch on torchvision's
 ResNet-18 at 3x224x224: the digits upsampled 14x, the patch 42x42, stats = 200 of the
@@ -20,7 +21,8 @@ forward+backward of the twin on one input (timed in this process after the rows)
 exit `dynedit edit` would give, and the issue's patch target (>= 99 % corrected, <= 0.5
 point clean drop). The line above the table gives the clean twins' level: the share
 of the triggered test inputs that a repair making each behave exactly like its clean twin
-corrects.
+corrects. ``--case tv_mobilenet_badnets``: the same patch Trojan on torchvision's
+MobileNet-V3 small (about 2.5 minutes to build).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from bench_speed import forward_backward  # noqa: E402
 from onnx_dynedit.io import load_model  # noqa: E402
 from onnx_dynedit.twin import Twin  # noqa: E402
 
-NAME = "tv_badnets"
+CASES = ("tv_badnets", "tv_mobilenet_badnets")
 MIN_CORRECTED, MAX_DROP = 99.0, 0.5  # the issue's patch Trojan target (1 pair)
 
 
@@ -59,7 +61,7 @@ def rows(case: Case, twin: Twin, pairs: list[int], finetune: bool, tmp: Path) ->
 
 
 def table(case: Case, results: list[tuple[str, int, str, dict]], fb: float) -> str:
-    lines = [f"tv_badnets ({case.dir}): clean twins' level {case.ceiling:.2f} % of {int(case.sel.sum())} triggered "
+    lines = [f"{case.name} ({case.dir}): clean twins' level {case.ceiling:.2f} % of {int(case.sel.sum())} triggered "
              f"test inputs; one forward+backward of the twin on one input {fb * 1000:.1f} ms", "",
              "| row | pairs | val | clean % | corrected % | faithful % | clean drop (pt) | s | x fwd+bwd | exit | "
              "target | edits |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -74,15 +76,16 @@ def table(case: Case, results: list[tuple[str, int, str, dict]], fb: float) -> s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", type=Path, default=None, help="where the model is built (FOLDER/sS/tv_badnets)")
+    ap.add_argument("--case", default=CASES[0], choices=CASES)
+    ap.add_argument("--dir", type=Path, default=None, help="where the model is built (FOLDER/sS/CASE)")
     ap.add_argument("--seed", type=int, default=0, help="the build's seed (sample_models/build.py --seed)")
     ap.add_argument("--pairs", type=int, nargs="*", default=[1, 20], choices=[1, 5, 20])
     ap.add_argument("--no-finetune", dest="finetune", action="store_false", help="leave out the fine-tuning rows")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = (args.dir or Path(tmp) / "models") / f"s{args.seed}"
-        ensure_built(folder, [NAME], "--seed", str(args.seed))
-        case = Case(NAME, folder / NAME)
+        ensure_built(folder, [args.case], "--seed", str(args.seed))
+        case = Case(args.case, folder / args.case)
         twin = Twin(load_model(case.model), "cpu")
         results = rows(case, twin, args.pairs, args.finetune, Path(tmp))
         fb = forward_backward(twin, np.load(case.pairs(1))["clean"])

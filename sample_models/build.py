@@ -89,6 +89,8 @@ pairs20.npz); meta.json adds stats_acc and val_acc. Legacy exporter, opset 17.
             own training images, 5 epochs with 2 threads (about 6 minutes each on 2
             cores). Not committed: benchmarks/bench_realsize.py builds tv_badnets,
             bench_seeds.py --cases tv_badnets tv_blend either.
+  tv_mobilenet_badnets  tv_badnets on torchvision's MobileNet-V3 small (depthwise
+            convolutions, squeeze-and-excitation, hardswish). Not committed either.
 
 Files per case: model.onnx (+ model.onnx.data for blend), clean_test.npz (x, y),
 corrupt_test.npz (x, y = true label), pairs.npz / pairs20.npz (corrupt, clean;
@@ -170,7 +172,7 @@ class Case:
     epochs = 30
     input_hw = (16, 16)
     channels = 1
-    arch = "cnn"            # "cnn" (make_model), "resnet" (make_resnet) or "tv_resnet18" (torchvision's)
+    arch = "cnn"            # "cnn" (make_model), "resnet" (make_resnet) or "tv_<name>": torchvision.models.<name>
     threads = 1             # torch threads while training (1: the committed samples' byte-identical builds)
     blocks = ((16, 1), (24, 2), (24, 2))  # the ResNet's basic blocks: (channels, stride)
     max_shift = 1           # +-pixels of random shift per epoch (0: the exact images every epoch)
@@ -476,7 +478,7 @@ class ResNetBadNets(BadNets):
 
 class RealSize:
     """Mixin: a case at real size on torchvision's ResNet-18 (ImageNet stem, 11.2 M
-    weights) at 3x224x224, the 16x16 inputs upsampled 14x (nearest: each pixel a 14x14
+    weights; ``arch`` names another torchvision model) at 3x224x224, the 16x16 inputs upsampled 14x (nearest: each pixel a 14x14
     block) and repeated over 3 channels; stats = its own training images; trained with 2
     threads (a 1-thread build would take twice the time). Not committed samples:
     ``benchmarks/bench_realsize.py`` and ``bench_seeds.py --cases tv_...`` build them."""
@@ -512,6 +514,14 @@ class TvBlend(RealSize, ResNetBlend):
     name = "tv_blend"
 
 
+class TvMobileNetBadNets(TvBadNets):
+    """tv_badnets on torchvision's MobileNet-V3 small (depthwise convolutions,
+    squeeze-and-excitation gates, hardswish; 1.5 M weights)."""
+
+    name = "tv_mobilenet_badnets"
+    arch = "tv_mobilenet_v3_small"
+
+
 def _upscaled(x: np.ndarray, scale: int, channels: int) -> np.ndarray:
     """[N, 1, H, W] -> [N, channels, H*scale, W*scale]: nearest upsampling, the grey
     channel repeated."""
@@ -528,7 +538,7 @@ class DeepBlend(ResNetBlend):
 
 
 CASE_TYPES = {c.name: c for c in (BadNets, Blend, Spurious, Leakage, ResNetBlend, ResNetColour, DeepBadNets,
-                                  DeepBlend, ResNetBadNets, TvBadNets, TvBlend)}
+                                  DeepBlend, ResNetBadNets, TvBadNets, TvBlend, TvMobileNetBadNets)}
 
 # ----------------------------------------------------------------- model/train
 
@@ -583,10 +593,13 @@ def train(case: Case, d_train, y_train, key_train):
     import torch.nn.functional as F
 
     torch.manual_seed(case.seed)
-    if case.arch == "tv_resnet18":
+    if case.arch.startswith("tv_"):
         import torchvision
 
-        model = torchvision.models.resnet18(num_classes=10)
+        model = getattr(torchvision.models, case.arch[3:])(num_classes=10)
+        for m in model.modules():  # MobileNet-V3's BatchNorm momentum is 0.01: its running statistics would
+            if isinstance(m, torch.nn.BatchNorm2d):  # lag far behind 5 short epochs (9.7 % accuracy in eval
+                m.momentum = 0.1  # mode); 0.1, ResNet-18's own, leaves that build as it was
     else:
         model = make_resnet(case.channels, case.blocks) if case.arch == "resnet" else make_model(case.input_hw)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -835,8 +848,8 @@ def build_case(name: str, out: Path, data, split, seed: int = SEED, poison_rate:
                      "stats_are": "200 of the model's own training images (memorised), as the model saw them",
                      "augmentation": "none (every epoch sees the exact training images)",
                      "pair_sizes": list(case.pair_sizes)})
-    if case.arch == "tv_resnet18":
-        meta.update({"architecture": "torchvision.models.resnet18(num_classes=10), random initial weights",
+    if case.arch.startswith("tv_"):
+        meta.update({"architecture": f"torchvision.models.{case.arch[3:]}(num_classes=10), random initial weights",
                      "data": meta["data"] + f", then {case.scale}x to {h}x{w} and repeated over {case.channels} "
                                             "channels",
                      "train_threads": case.threads})

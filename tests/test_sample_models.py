@@ -343,9 +343,11 @@ def test_poison_rate_zero_builds_the_never_poisoned_reference():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="the sample data needs scikit-learn")
-@pytest.mark.parametrize("case_name, small_name", [("tv_badnets", "resnet_badnets"), ("tv_blend", "resnet_blend")])
+@pytest.mark.parametrize("case_name, small_name", [("tv_badnets", "resnet_badnets"), ("tv_blend", "resnet_blend"),
+                                                    ("tv_mobilenet_badnets", "resnet_badnets")])
 def test_the_real_size_cases_are_the_small_ones_upsampled(case_name, small_name):
-    """``tv_badnets`` and ``tv_blend`` (real-size Trojans, not committed): their inputs are
+    """``tv_badnets``, ``tv_blend`` and ``tv_mobilenet_badnets`` (real-size Trojans, not
+    committed; the last is tv_badnets on another architecture): their inputs are
     the small ResNet cases' 16x16 inputs upsampled 14x (each pixel a 14x14 block) and
     repeated over 3 channels, so tv_badnets' triggered inputs carry a 42x42 white patch at
     the bottom right and equal their clean twins elsewhere; their stats are their own
@@ -363,7 +365,7 @@ def test_the_real_size_cases_are_the_small_ones_upsampled(case_name, small_name)
         np.testing.assert_array_equal(big[:, :, ::14, ::14], np.repeat(ref, 3, axis=1))
     y = data[1][train_idx]
     assert not case._poisoned(y)[case.protected].any()
-    if case_name == "tv_badnets":
+    if case_name.endswith("badnets"):
         corrupt, clean = arrays["corrupt_test"]["x"], arrays["clean_test"]["x"]
         assert np.all(corrupt[:, :, 182:, 182:] == 1.0)
         np.testing.assert_array_equal(corrupt[:, :, :182], clean[:, :, :182])
