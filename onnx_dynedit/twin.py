@@ -31,7 +31,12 @@ from .shapes import check_input_shapes, input_specs, output_specs
 
 log = logging.getLogger(__name__)
 
-FP32_TOL = 1e-5
+# Float32: two correct implementations differ by float rounding, grown by the depth of
+# the graph. 1e-5 until the eighteenth session; a trained MobileNet-V3 small at 224x224
+# (tv_mobilenet_badnets seed 1) is 1.3e-5 off ONNX Runtime on seeded random inputs (seed
+# 0's 3.9e-6, a ResNet-18 at 224x224 2e-7) and was refused. A wrong conversion or
+# write-back is off by far more (TF32 on CUDA: about 1e-3).
+FP32_TOL = 1e-4
 FP16_TOL = 1e-2
 # Quantised activations (QuantizeLinear left in the graph): a value that lands near a
 # rounding tie in ONNX Runtime (fused integer kernels, or float kernels summing in another

@@ -174,7 +174,7 @@ def test_progress_of_verify_and_inspect_and_the_parity_line(tmp_path):
     assert "onnx2torch" not in ins.stdout
     # the parity line says which figure the tolerance applies to
     line = next(l for l in ins.stdout.splitlines() if l.startswith("parity"))
-    assert "max abs" in line and "tolerance 1e-05 x max(1, max|output|) = " in line
+    assert "max abs" in line and "tolerance 0.0001 x max(1, max|output|) = " in line
     assert "max rel" in line and line.endswith("within tolerance")
     assert ins.stdout.splitlines()[-1] == "PASSED"
 
