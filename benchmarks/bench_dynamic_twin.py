@@ -79,8 +79,8 @@ def main() -> None:
     full = {"reduce_range": False}  # quantize_dynamic's default, as shipped models have it (not the tests')
     rows = [measure("badnets, int8 per-tensor", quantised.to_dynamic(badnets, **full), x, 64),
             measure("badnets, uint8 per-tensor", quantised.to_dynamic(badnets, unsigned=True, **full), x, 64),
-            measure("badnets, uint8 per-channel", quantised.to_dynamic(badnets, per_channel=True, unsigned=True, **full),
-                    x, 64)]
+            measure("badnets, uint8 per-channel",
+                    quantised.to_dynamic(badnets, per_channel=True, unsigned=True, **full), x, 64)]
     xr = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
     rows.append(measure("ResNet-18 (random weights), int8", corpus.build("int8dyn_tv_resnet18_legacy13"), xr, 16))
     head = ["copy (quantize_dynamic)", "twin, batch of 64", "twin, single rows (max)", "float layers, batch of 64",

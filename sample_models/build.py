@@ -478,9 +478,10 @@ class ResNetBadNets(BadNets):
 
 class RealSize:
     """Mixin: a case at real size on torchvision's ResNet-18 (ImageNet stem, 11.2 M
-    weights; ``arch`` names another torchvision model) at 3x224x224, the 16x16 inputs upsampled 14x (nearest: each pixel a 14x14
-    block) and repeated over 3 channels; stats = its own training images; trained with 2
-    threads (a 1-thread build would take twice the time). Not committed samples:
+    weights; ``arch`` names another torchvision model) at 3x224x224, the 16x16 inputs
+    upsampled 14x (nearest: each pixel a 14x14 block) and repeated over 3 channels; stats
+    = its own training images; trained with 2 threads (a 1-thread build would take twice
+    the time). Not committed samples:
     ``benchmarks/bench_realsize.py`` and ``bench_seeds.py --cases tv_...`` build them."""
 
     exporter, opset = "legacy", 17

@@ -261,7 +261,8 @@ def _saturating_qdq(k: int = 64) -> onnx.ModelProto:
     64770, past the 16 bits in which ONNX Runtime's u8s8 kernels add pairs of products on
     x86 CPUs without VNNI (they saturate at 32767); standard normal inputs stay far below."""
     f32 = np.float32
-    inits = [numpy_helper.from_array(np.array(8 / 255, f32), "sx"), numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+    inits = [numpy_helper.from_array(np.array(8 / 255, f32), "sx"),
+             numpy_helper.from_array(np.array(0, np.uint8), "zx"),
              numpy_helper.from_array(np.full((k, 10), 127, np.int8), "wq"),
              numpy_helper.from_array(np.array(1 / 127, f32), "sw"), numpy_helper.from_array(np.array(0, np.int8), "zw"),
              numpy_helper.from_array(np.array(4.0, f32), "sy"), numpy_helper.from_array(np.array(128, np.uint8), "zy")]
