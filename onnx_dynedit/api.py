@@ -29,14 +29,14 @@ from .io import LoadedModel, atomic_write_bytes, check_output_path, load_model, 
 log = logging.getLogger(__name__)
 
 
-def _twin(loaded: LoadedModel, device, input_shapes=None, pairs: Pairs | None = None, *, release: bool = False):
-    """(the twin, its parity on random inputs, its parity on ``pairs``: None without),
-    parity required on both. Random inputs take their sizes from ``input_shapes`` (given by
-    the caller), else the graph, else (symbolic non-batch dims) the rows of the pairs. The
-    pairs (both sides) are the inputs the written model's parity is measured on: real
-    inputs reach what random ones may not (an int8 model whose integer kernels saturate in
-    ONNX Runtime on real activations: parity.QUANT_HINT), so a twin that is off on them is
-    refused here, before the edit, not after it.
+def _twin(loaded: LoadedModel, device, input_shapes, raw: Inputs, *, release: bool = False):
+    """(the twin, ``raw`` checked against it (``fit_inputs``), its parity on random inputs,
+    its parity on the given pairs), parity required on both. Random inputs take their sizes
+    from ``input_shapes`` (given by the caller), else the graph, else (symbolic non-batch
+    dims) the rows of the pairs. The pairs (both sides) are the inputs the written model's
+    parity is measured on: real inputs reach what random ones may not (an int8 model whose
+    integer kernels saturate in ONNX Runtime on real activations: parity.QUANT_HINT), so a
+    twin that is off on them is refused here, before the edit, not after it.
     ``release``: the model was loaded by the caller itself, so once the twin passes, the ONNX
     graph's copy of the weights is dropped (``LoadedModel.release_weights``; the twin holds
     its own) until a write reads it again (``_reload``)."""
@@ -44,22 +44,24 @@ def _twin(loaded: LoadedModel, device, input_shapes=None, pairs: Pairs | None = 
     from .parity import check_parity, parity_session, require_parity
     from .twin import Twin
 
-    data = None if pairs is None else pairs.corrupt
-    twin = Twin(loaded, device, input_shapes=_with_data_shapes(loaded, input_shapes, data))
+    twin = Twin(loaded, device, input_shapes=_with_data_shapes(loaded, input_shapes, raw.pairs.corrupt))
     check_finite_weights(loaded.model, twin.layer_map, loaded.label)
-    on_pairs = None
     with progress.phase("parity (ONNX Runtime vs twin)"):
         session = parity_session(twin)
         parity = check_parity(twin, session=session)
         require_parity(parity, loaded.label, quantised=twin.quantised)
-        if pairs is not None:
-            fitted = fit_pairs(twin, pairs)
-            on_pairs = _parity_after(twin, np.concatenate([fitted.corrupt, fitted.clean]), session, ())
-            require_parity(on_pairs, f"{loaded.label} (on the given pairs)", quantised=twin.quantised)
+        inputs = fit_inputs(twin, raw)
+        on_pairs = _parity_on(twin, _pair_rows(inputs.pairs), session, ())
+        require_parity(on_pairs, f"{loaded.label} (on the given pairs)", quantised=twin.quantised)
     del session
     if release:
         loaded.release_weights()
-    return twin, parity, on_pairs
+    return twin, inputs, parity, on_pairs
+
+
+def _pair_rows(pairs: Pairs) -> np.ndarray:
+    """Both sides of the pairs as one batch: the inputs of the parity checks."""
+    return np.concatenate([pairs.corrupt, pairs.clean])
 
 
 def _with_data_shapes(loaded: LoadedModel, given, data):
@@ -88,9 +90,9 @@ def _refuse_data_overwrite(outputs, data_inputs) -> None:
                               hint="write the output to another path")
 
 
-def _parity_after(twin, feeds_x: np.ndarray, session, edits):
-    """ORT (``session``, on the written model) vs the twin with the same edits, on
-    ``feeds_x``; a model with a fixed batch size is fed that many rows at a time (the
+def _parity_on(twin, feeds_x: np.ndarray, session, edits):
+    """ORT (``session``: on the model as shipped, or on the written one) vs the twin with
+    ``edits``, on ``feeds_x``; a model with a fixed batch size is fed that many rows at a time (the
     worst chunk counts)."""
     from .parity import check_parity
 
@@ -201,15 +203,11 @@ def _sharded_keys(twin, raw: Inputs, model, engine, ray_address):
     return ShardedKeys(raw.stats_shards, engine=engine, ray_address=ray_address, model_path=Path(model).resolve())
 
 
-def fit_pairs(twin, p: Pairs) -> Pairs:
-    """Both sides of the pairs checked against (and cast to) the model's input(s)."""
-    return Pairs(corrupt=fit_input(twin, p.corrupt, f"pairs {p.source}: 'corrupt'"),
-                 clean=fit_input(twin, p.clean, f"pairs {p.source}: 'clean'"), source=p.source)
-
-
 def fit_inputs(twin, raw: Inputs) -> Inputs:
     """Check the inputs against the model's input (shape, dtype) and output (labels)."""
-    pairs = fit_pairs(twin, raw.pairs)
+    p = raw.pairs
+    pairs = Pairs(corrupt=fit_input(twin, p.corrupt, f"pairs {p.source}: 'corrupt'"),
+                  clean=fit_input(twin, p.clean, f"pairs {p.source}: 'clean'"), source=p.source)
     stats = None
     if raw.stats is not None:
         s = raw.stats
@@ -272,8 +270,7 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
         check_output_path(plot, loaded.protected_paths())
     engine = _engine(engine, ray_address)
     raw = read_inputs(pairs, stats, engine=engine)
-    twin, _, _ = _twin(loaded, device, input_shapes, raw.pairs, release=not isinstance(model, LoadedModel))
-    inputs = fit_inputs(twin, raw)
+    twin, inputs, _, _ = _twin(loaded, device, input_shapes, raw, release=not isinstance(model, LoadedModel))
     layers = [layer for layer in twin.layer_map.editable() if not too_wide(layer)]
     if not layers:
         raise EditError(f"{loaded.label} has no editable layer")
@@ -387,9 +384,8 @@ def edit_model(model, pairs, out=None, *, stats=None, val=None, layers=None, max
     raw = read_inputs(pairs, stats, val, engine=engine)
     clock.phase("load", t0)
     t0 = time.perf_counter()
-    twin, parity0, parity0_pairs = _twin(loaded, device, input_shapes, raw.pairs,
-                                         release=not isinstance(model, LoadedModel))
-    inputs = fit_inputs(twin, raw)
+    twin, inputs, parity0, parity0_pairs = _twin(loaded, device, input_shapes, raw,
+                                                 release=not isinstance(model, LoadedModel))
     if twin.token_inputs or len(twin.inputs) > 1:
         cfg = _output_criterion_only(cfg, loaded.label, augment_given=augment is not None,
                                      check_given=config.get("check_pairs") is not None)
@@ -514,18 +510,18 @@ def _write_edits(twin, loaded: LoadedModel, inputs: Inputs, result, edits, out, 
         updates = result.updates()
         staged, rounding, checked = _stage_edits(loaded, updates, result, edits, out, protected, in_place)
     clock.phase("write_back", t0)
-    feeds_x = np.concatenate([inputs.pairs.corrupt, inputs.pairs.clean])
+    feeds_x = _pair_rows(inputs.pairs)
     with staged:
         t0 = time.perf_counter()
         with progress.phase("parity of the written model (ONNX Runtime vs edited twin)"):
             session = ort_session(staged.path, what="edited model")
             # parity of what was written: a requantised layer's change is not the float edit
-            parity = _parity_after(twin, feeds_x, session, checked)
+            parity = _parity_on(twin, feeds_x, session, checked)
         clock.phase("parity_after", t0)
         require_parity(parity, f"{loaded.label} (edited)", quantised=twin.quantised)
         rounding_effect: dict = {}
         if checked is not edits or any(r["dtype"] not in ("float32", "float64") for r in rounding):
-            effect = _parity_after(twin, feeds_x, session, edits)
+            effect = _parity_on(twin, feeds_x, session, edits)
             rounding_effect = {"max_abs_logit_change": effect.max_abs_diff, "max_rel_logit_change": effect.max_rel_diff,
                                "n_inputs": effect.n_inputs,
                                "what": "ONNX Runtime on the written model vs the twin with the float edit"}
