@@ -55,17 +55,19 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def to_qdq(src: Path, dst: Path, calib: np.ndarray, *, per_channel: bool, batch: int = 8,
+def to_qdq(src: Path, dst: Path, calib: np.ndarray | dict, *, per_channel: bool, batch: int = 8,
            reduce_range: bool = REDUCE_RANGE) -> Path:
-    """quantize_static (QDQ, int8 weights and activations) calibrated on ``calib``;
-    ``reduce_range`` (REDUCE_RANGE)."""
+    """quantize_static (QDQ, int8 weights and activations) calibrated on ``calib`` (the
+    first input's rows, or a dict of rows per input name); ``reduce_range`` (REDUCE_RANGE)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
-    name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    if not isinstance(calib, dict):
+        calib = {onnx.load(str(src), load_external_data=False).graph.input[0].name: calib}
+    n = len(next(iter(calib.values())))
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{name: calib[i:i + batch]} for i in range(0, len(calib), batch)])
+            self.batches = iter([{k: v[i:i + batch] for k, v in calib.items()} for i in range(0, n, batch)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -100,23 +102,11 @@ def qdq_model(model: onnx.ModelProto, *, per_channel: bool, feeds: dict | None =
     """``to_qdq`` on a ModelProto, calibrated on ``feeds`` (default: ``calibration_feeds``)."""
     import tempfile
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     feeds = feeds if feeds is not None else calibration_feeds(model)
-    n = len(next(iter(feeds.values())))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{k: v[i:i + batch] for k, v in feeds.items()} for i in range(0, n, batch)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         onnx.save(model, str(src))
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    reduce_range=reduce_range)
+        to_qdq(src, dst, feeds, per_channel=per_channel, batch=batch, reduce_range=reduce_range)
         return onnx.load(str(dst))
 
 
