@@ -567,10 +567,64 @@ class Degradation:
 
     def __call__(self, edits) -> float:
         with self.twin.applied(edits):
-            pred = self.twin.run(self.ref.x).argmax(1)
+            return self._of(self.twin.run(self.ref.x).argmax(1))
+
+    def many(self, prev, trials) -> list[float]:
+        """``self(prev + [t])`` of every trial ``t``, each recomputing only what follows
+        its layer (``recorded_logits``)."""
+        logits = recorded_logits(self.twin, prev, trials, self.ref.x)
+        if logits is None:
+            return [self(prev + [t]) for t in trials]
+        return [self._of(a.argmax(1)) for a in logits]
+
+    def _of(self, pred: np.ndarray) -> float:
         if self.ref.y is not None:
             return self.base_acc - float((pred == self.ref.y).mean())
         return float((pred != self.base_pred).mean())
+
+
+def recorded_logits(twin: Twin, prev: list[TorchEdit], trials: list[TorchEdit],
+                    x: np.ndarray) -> list[np.ndarray] | None:
+    """Every trial's logits on ``x`` with ``prev + [t]`` applied: the values upstream of
+    every trial's layer are recorded once (``DownstreamRunner``) and each trial recomputes
+    only what follows its layer. The recording keeps at most SCREEN_CACHE_BUDGET: when the
+    inputs' recording is larger (real-size inputs: ResNet-50 at 224x224 keeps 46 MiB per
+    input), they are recorded and scored a chunk of inputs at a time. None where nothing
+    can be recorded (a model with several inputs, no trials): run each trial whole."""
+    if len(twin.inputs) != 1 or not trials or not len(x):
+        return None
+    layers = list({t.layer.node: t.layer for t in trials}.values())
+    per_input = recording_bytes(twin, prev, layers, x[:1])
+    if not per_input:
+        return None
+    chunk = max(1, SCREEN_CACHE_BUDGET // per_input)
+    logits = [[] for _ in trials]
+    for lo in range(0, len(x), chunk):
+        for out, part in zip(logits, _recorded_chunk(twin, prev, trials, layers, x[lo:lo + chunk])):
+            out.append(part)
+    return [np.concatenate(parts) for parts in logits]
+
+
+def _recorded_chunk(twin: Twin, prev: list[TorchEdit], trials: list[TorchEdit], layers: list[Layer],
+                    x: np.ndarray) -> list[np.ndarray]:
+    """Every trial's logits on ``x``, from one recording of the values upstream of ``layers``."""
+    rows = twin.pass_rows(x[:1])
+    with torch.no_grad(), twin.applied(prev):
+        runner = DownstreamRunner(twin, layers, twin.to_tensor(x), rows=rows)
+    logits = []
+    for t in trials:
+        with torch.no_grad(), twin.applied(prev + [t]):
+            logits.append(np.concatenate([runner(slice(i, i + rows), layer=t.layer).double().cpu().numpy()
+                                          for i in range(0, runner.n_rows, rows)]))
+    del runner
+    memory.trim()
+    return logits
+
+
+def recording_bytes(twin: Twin, prev: list[TorchEdit], layers: list[Layer], x1: np.ndarray) -> int:
+    """Bytes per input of a recording of the values upstream of ``layers``."""
+    with torch.no_grad(), twin.applied(prev):
+        return DownstreamRunner.row_bytes(twin, layers, twin.to_tensor(x1))
 
 
 # --------------------------------------------------------------------------- criteria
@@ -642,48 +696,18 @@ class Criterion:
             check_logits = None if check is None else self.twin.run(check)
         return self._score(logits, check_logits, check_p, edits)
 
-    def screen_scores(self, prev: list[TorchEdit], trials: list[TorchEdit], n_check: int) -> list[Score]:
-        """``score(prev + [t], n_check)`` of every screening trial ``t``, with less work: the
-        values upstream of every trial's layer are recorded once (``DownstreamRunner``) and
-        each trial recomputes only what follows its layer. The recording keeps at most
-        SCREEN_CACHE_BUDGET: when the inputs' recording is larger (real-size inputs:
-        ResNet-50 at 224x224 keeps 46 MiB per input), they are recorded and scored a
-        chunk of inputs at a time. A model with several inputs: each trial runs whole."""
+    def scores(self, prev: list[TorchEdit], trials: list[TorchEdit], n_check: int | None = None) -> list[Score]:
+        """``score(prev + [t], n_check)`` of every trial ``t``, with less work: each trial
+        recomputes only what follows its layer (``recorded_logits``). A model with several
+        inputs: each trial runs whole."""
         check, check_p = self._check_set(n_check)
         x = self.corrupt if check is None else np.concatenate([self.corrupt, check])
-        layers = list({t.layer.node: t.layer for t in trials}.values())
-        per_input = self._recording_bytes(prev, layers) if len(self.twin.inputs) == 1 and trials else 0
-        if not per_input:
+        logits = recorded_logits(self.twin, prev, trials, x)
+        if logits is None:
             return [self.score(prev + [t], n_check) for t in trials]
-        chunk = max(1, SCREEN_CACHE_BUDGET // per_input)
-        logits = [[] for _ in trials]
-        for lo in range(0, len(x), chunk):
-            for out, part in zip(logits, self._screen_chunk(prev, trials, layers, x[lo:lo + chunk])):
-                out.append(part)
         n = self.n
-        logits = [np.concatenate(parts) for parts in logits]
         return [self._score(a[:n], None if check is None else a[n:], check_p, prev + [t])
                 for a, t in zip(logits, trials)]
-
-    def _screen_chunk(self, prev: list[TorchEdit], trials: list[TorchEdit], layers: list[Layer],
-                      x: np.ndarray) -> list[np.ndarray]:
-        """Every trial's logits on ``x``, from one recording of the values upstream of ``layers``."""
-        rows = self.twin.pass_rows(self.x1)
-        with torch.no_grad(), self.twin.applied(prev):
-            runner = DownstreamRunner(self.twin, layers, self.twin.to_tensor(x), rows=rows)
-        logits = []
-        for t in trials:
-            with torch.no_grad(), self.twin.applied(prev + [t]):
-                logits.append(np.concatenate([runner(slice(i, i + rows), layer=t.layer).double().cpu().numpy()
-                                              for i in range(0, runner.n_rows, rows)]))
-        del runner
-        memory.trim()
-        return logits
-
-    def _recording_bytes(self, prev: list[TorchEdit], layers: list[Layer]) -> int:
-        """Bytes per input of a recording of the values upstream of ``layers``."""
-        with torch.no_grad(), self.twin.applied(prev):
-            return DownstreamRunner.row_bytes(self.twin, layers, self.corrupt_t)
 
     def _score(self, logits: np.ndarray, check_logits: np.ndarray | None, check_p, edits) -> Score:
         p = torch.softmax(torch.as_tensor(logits), 1)
@@ -1016,6 +1040,35 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
                    screening=steps is not None)
 
 
+def _full_trials(crit: Criterion, degradation: Degradation, options: list[Option], prev: list[TorchEdit],
+                 state: Score, timings: Timings, method: str | None) -> list[Trial]:
+    """``trial`` of every option, fitted one after another and then judged together: their
+    scores and degradations from recordings of the values upstream of their layers
+    (``recorded_logits``), where each trial ran the whole network on the pairs, the check
+    pairs and the reference inputs."""
+    fits = [_fitted(crit, opt, prev, timings, method=method) for opt in options]
+    finite = [i for i, (edit, _) in enumerate(fits) if edit.finite]
+    edits = [fits[i][0].to_torch(crit.twin.device) for i in finite]
+    progress.step(f"check {len(finite)} trials")
+    with timings("check"):
+        after = dict(zip(finite, crit.scores(prev, edits)))
+        degr = dict(zip(finite, degradation.many(prev, edits)))
+    return [_judged(crit, degradation, opt, prev, state, fits[i], after.get(i), degr.get(i, float("nan")), timings,
+                    screening=False)
+            for i, opt in enumerate(options)]
+
+
+def _in_turn(crit: Criterion, degradation: Degradation, options: list[Option], prev: list[TorchEdit],
+             state: Score, timings: Timings) -> list[Trial]:
+    """``trial`` of the options in order, up to the first that passes."""
+    trials = []
+    for opt in options:
+        trials.append(trial(crit, degradation, opt, prev, state, timings))
+        if trials[-1].step.accepted:
+            break
+    return trials
+
+
 def _fitted(crit: Criterion, option: Option, prev: list[TorchEdit], timings: Timings, steps: int | None = None,
             method: str | None = None) -> tuple[RankOneEdit, float | None]:
     """(the edit of ``option``'s layer fitted on top of ``prev``, the fit's loss)."""
@@ -1063,7 +1116,7 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
             timings: Timings) -> tuple[list[EditStep], list[Option]]:
     """Every option judged with a cheap u (``OutputGap.screen_steps``) on the first
     ``screen_check`` check pairs (every cheap u first, then all scored together:
-    ``Criterion.screen_scores``); returns (the steps of those screened out, the
+    ``Criterion.scores``); returns (the steps of those screened out, the
     ``screen_keep`` best options in their order). Best: passing, then most check pairs
     fixed, then the smallest gap on them (what ``OutputGap.pick`` prefers). The
     degradation is measured in that order, on the trials that improve, until
@@ -1073,7 +1126,7 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
     finite = [i for i, (edit, _) in enumerate(fits) if edit.finite]
     progress.step(f"check {len(finite)} screening trials")
     with timings("check"):
-        scores = dict(zip(finite, crit.screen_scores(prev, [fits[i][0].to_torch(crit.twin.device) for i in finite],
+        scores = dict(zip(finite, crit.scores(prev, [fits[i][0].to_torch(crit.twin.device) for i in finite],
                                                      crit.cfg.screen_check)))
     short = [(opt, _judged(crit, degradation, opt, prev, state, fits[i], scores.get(i), float("nan"), timings,
                            screening=True))
@@ -1230,15 +1283,12 @@ def _choose(crit: Criterion, degradation: Degradation, options: list[Option], pr
         if opt.direction.u_local is None:
             log.info("layer %s skipped: the edit direction misses every corrupted key", opt.layer.node)
     options = [opt for opt in options if opt.direction.u_local is not None]
-    screened, trials, method = [], [], None
+    screened, method = [], None
     if crit.screens(len(options)):
         screened, options = _screen(crit, degradation, options, prev, state, timings)
         method = "lbfgs" if crit.cfg.fit_method == "auto" else None
-    for opt in options:
-        t = trial(crit, degradation, opt, prev, state, timings, method=method)
-        trials.append(t)
-        if t.step.accepted and not crit.try_all:
-            break
+    trials = (_full_trials(crit, degradation, options, prev, state, timings, method) if crit.try_all
+              else _in_turn(crit, degradation, options, prev, state, timings))
     chosen = crit.pick([t for t in trials if t.step.accepted])
     steps = screened + [t.step if t is chosen or not t.step.accepted
                         else replace(t.step, accepted=False, reason=f"not kept: {chosen.step.node} did better")

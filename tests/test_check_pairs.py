@@ -303,16 +303,58 @@ def test_screening_scores_from_recordings_match_whole_runs(badnets, monkeypatch,
     whole = [crit.score(prev + [t], 24) for t in trials]
     n_inputs = len(plan.corrupt) + 24
     if budget is not None:
-        per_input = crit._recording_bytes(prev, [t.layer for t in trials])
+        per_input = rectify_mod.recording_bytes(twin, prev, [t.layer for t in trials], plan.corrupt[:1])
         monkeypatch.setattr(rectify_mod, "SCREEN_CACHE_BUDGET", budget * per_input)
     recordings = []
     real_init = DownstreamRunner.__init__
     monkeypatch.setattr(DownstreamRunner, "__init__",
                         lambda self, *a, **k: recordings.append(1) or real_init(self, *a, **k))
-    together = crit.screen_scores(prev, trials, 24)
+    together = crit.scores(prev, trials, 24)
     chunk = n_inputs if budget is None else max(1, budget)
     assert len(recordings) == -(-n_inputs // chunk)  # one recording per chunk of inputs, not one per trial
     assert budget is None or len(recordings) > 1
     for a, b in zip(whole, together, strict=True):
         assert a.fixed == b.fixed and a.check_fixed == b.check_fixed and a.check_count == b.check_count == 24
+        assert np.isclose(a.gap, b.gap, rtol=1e-5, atol=1e-7) and np.isclose(a.check_gap, b.check_gap, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("with_val", [False, True])
+def test_full_trials_judged_from_recordings_match_whole_runs(badnets, monkeypatch, with_val):
+    """A round's full trials (every kept candidate fitted) are judged together: their
+    scores on the pairs and every check pair, and their degradations on the reference
+    inputs (held-out stats, or val with labels), come from one recording each of the
+    values upstream of their layers, and equal those of running the whole model for each
+    trial, on top of an earlier edit too."""
+    from onnx_dynedit.rank_one import RankOneEdit
+    from onnx_dynedit.rectify import Degradation, make_criterion
+    from onnx_dynedit.twin import DownstreamRunner
+
+    twin, corrupt, clean, stats = badnets
+    val = np.load(SAMPLE / "val.npz") if with_val else None
+    cfg = RectifyConfig()
+    plan = make_plan(twin, corrupt, clean, stats, val["x"] if with_val else None, val["y"] if with_val else None, cfg)
+    assert plan.reference.source == ("val" if with_val else "held-out stats")
+    crit, degradation = make_criterion(twin, plan, cfg), Degradation(twin, plan.reference)
+    rng = np.random.default_rng(1)
+    layers = list(plan.candidates)
+
+    def edit(layer, scale=0.3):
+        return RankOneEdit(layer, rng.standard_normal(layer.out_features) * scale,
+                           rng.standard_normal(layer.in_features) * scale).to_torch(twin.device)
+
+    prev = [edit(layers[2])]
+    trials = [edit(layer) for layer in layers]
+    whole = [crit.score(prev + [t]) for t in trials]
+    whole_degr = [degradation(prev + [t]) for t in trials]
+    recordings = []
+    real_init = DownstreamRunner.__init__
+    monkeypatch.setattr(DownstreamRunner, "__init__",
+                        lambda self, *a, **k: recordings.append(1) or real_init(self, *a, **k))
+    together, together_degr = crit.scores(prev, trials), degradation.many(prev, trials)
+    assert len(recordings) == 2  # one for the pairs and check pairs, one for the reference inputs
+    assert whole[0].check_count == len(plan.check_corrupt) > 24
+    assert len(set(whole_degr)) > 1 and max(whole_degr) > 0  # the edits change what they judge
+    assert together_degr == whole_degr
+    for a, b in zip(whole, together, strict=True):
+        assert a.fixed == b.fixed and a.check_fixed == b.check_fixed and a.check_count == b.check_count
         assert np.isclose(a.gap, b.gap, rtol=1e-5, atol=1e-7) and np.isclose(a.check_gap, b.check_gap, rtol=1e-5, atol=1e-7)
