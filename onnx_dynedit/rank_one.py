@@ -253,8 +253,8 @@ def _group_moments(twin: Twin, layers: list[Layer], x, edits, batch: int, cap: i
 
 
 def _gram_edges(k: int) -> list[int]:
-    """Column blocks of a k-wide Gram matrix: k // GRAM_BLOCK of them (at least one), of
-    equal width within one column."""
+    """Edges of the column blocks of a k-wide Gram matrix: k // GRAM_BLOCK blocks (at least
+    one), their widths within one column of each other."""
     blocks = max(1, k // GRAM_BLOCK)
     return [i * k // blocks for i in range(blocks + 1)]
 

@@ -1127,7 +1127,7 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
     progress.step(f"check {len(finite)} screening trials")
     with timings("check"):
         scores = dict(zip(finite, crit.scores(prev, [fits[i][0].to_torch(crit.twin.device) for i in finite],
-                                                     crit.cfg.screen_check)))
+                                              crit.cfg.screen_check)))
     short = [(opt, _judged(crit, degradation, opt, prev, state, fits[i], scores.get(i), float("nan"), timings,
                            screening=True))
              for i, opt in enumerate(options)]

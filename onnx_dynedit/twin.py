@@ -161,6 +161,13 @@ class Twin:
             if layer.module not in self._modules:
                 raise InternalError(f"twin has no module {layer.module!r} for node {layer.node!r}")
 
+    def default_layout(self) -> None:
+        """Back to torch's default (contiguous) layout, for the module and the inputs: where
+        channels_last's float rounding is what puts the twin off ONNX Runtime
+        (``parity.check_parity``)."""
+        self.module.to(memory_format=torch.contiguous_format)
+        self.channels_last = False
+
     @property
     def tol(self) -> float:
         if self.quantised:

@@ -485,6 +485,29 @@ def test_key_statistics_in_groups_are_the_same_sums(monkeypatch):
         torch.testing.assert_close(grouped[layer.node].chol, whole[layer.node].chol, rtol=1e-6, atol=1e-9)
 
 
+
+@pytest.mark.parametrize("width", [3, 4, 7, 8, 9, 13])
+def test_gram_sums_from_the_blocks_on_and_above_the_diagonal(monkeypatch, width):
+    """The key sums add only the Gram blocks on and above the diagonal blocks (4 columns a
+    block here), the blocks below stay untouched until mirrored: the result is the whole
+    sum of k k^T over every batch, symmetric. Small integer keys, so every product and sum
+    is exact in float32 and the answer is known exactly."""
+    monkeypatch.setattr(rank_one, "GRAM_BLOCK", 4)
+    edges = rank_one._gram_edges(width)
+    assert edges[0] == 0 and edges[-1] == width and len(edges) - 1 == max(1, width // 4)
+    rng = np.random.default_rng(width)
+    batches = [rng.integers(-3, 4, size=(n, width)).astype(np.float32) for n in (5, 2)]
+    acc = torch.zeros(width, width, dtype=torch.float64)
+    buf = torch.empty(width * width)
+    for keys in batches:
+        rank_one._add_gram(acc, torch.from_numpy(keys), buf)
+    for i in range(1, len(edges) - 1):  # below the diagonal blocks: nothing made yet
+        assert not acc[edges[i]:, edges[i - 1]:edges[i]].any()
+    whole = rank_one._mirrored(acc).numpy()
+    expected = sum(k.astype(np.float64).T @ k.astype(np.float64) for k in batches)
+    np.testing.assert_array_equal(whole, expected)
+
+
 # ---------------------------------------------------------------------------- errors
 
 
