@@ -485,7 +485,6 @@ def test_key_statistics_in_groups_are_the_same_sums(monkeypatch):
         torch.testing.assert_close(grouped[layer.node].chol, whole[layer.node].chol, rtol=1e-6, atol=1e-9)
 
 
-
 @pytest.mark.parametrize("width", [3, 4, 7, 8, 9, 13])
 def test_gram_sums_from_the_blocks_on_and_above_the_diagonal(monkeypatch, width):
     """The key sums add only the Gram blocks on and above the diagonal blocks (4 columns a
