@@ -118,11 +118,11 @@ def check_parity(twin, feeds: dict[str, np.ndarray] | None = None, *, seed: int 
     first = next(iter(feeds.values()))
     parity = Parity(outputs=tuple(compare_outputs(names, expected, got)), tol=twin.tol,
                     n_inputs=int(first.shape[0]) if first.ndim else 1)
-    if not parity.ok and getattr(twin, "channels_last", False) and not edits:
+    if not parity.ok and twin.channels_last and not edits:
         # channels_last's rounding, not the conversion, can be what is off: outputs that tie
         # exactly in ORT and torch's default layout (the zoo's placeholder SqueezeNet: every
         # channel alike, logits of 6.8e9 one float32 step, 512, apart in channels_last)
-        twin.default_layout()
+        twin.set_layout(channels_last=False)
         return check_parity(twin, feeds, model=model, session=session)
     return parity
 

@@ -151,22 +151,22 @@ class Twin:
             p.requires_grad_(False)
         self.module = module.to(self.device)
         self._modules = dict(self.module.named_modules())
-        # channels_last on CPU (oneDNN's native layout: no reorder around every conv): the
-        # real-size repair of tv_badnets 222 -> 196 s, the same edit; 4-D inputs follow it
-        self.channels_last = self.device.type == "cpu" and any(
-            isinstance(m, torch.nn.Conv2d) for m in self._modules.values())
-        if self.channels_last:
-            self.module.to(memory_format=torch.channels_last)
+        self.channels_last = False
+        self.set_layout(self.device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d)
+                                                          for m in self._modules.values()))
         for layer in self.layer_map.layers:
             if layer.module not in self._modules:
                 raise InternalError(f"twin has no module {layer.module!r} for node {layer.node!r}")
 
-    def default_layout(self) -> None:
-        """Back to torch's default (contiguous) layout, for the module and the inputs: where
-        channels_last's float rounding is what puts the twin off ONNX Runtime
-        (``parity.check_parity``)."""
-        self.module.to(memory_format=torch.contiguous_format)
-        self.channels_last = False
+    def set_layout(self, channels_last: bool) -> None:
+        """The memory layout of the module and of every 4-D input: channels_last on CPU for a
+        model with a 2-D Conv (oneDNN's own layout, no reorder around every conv: the
+        real-size repair of tv_badnets 222 -> 196 s, the same edit), else torch's default;
+        back to the default where channels_last's rounding is what puts the twin off ONNX
+        Runtime (``parity.check_parity``)."""
+        if channels_last != self.channels_last:
+            self.module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.channels_last = channels_last
 
     @property
     def tol(self) -> float:
