@@ -45,6 +45,9 @@ from .quant import dequantize, requantize, rounding_stats
 
 log = logging.getLogger(__name__)
 
+XOR_LEVEL = 6  # zlib level of the bits that restore the original (revert): zlib's default; level 9 took 24.4 s
+               # on a 4096 x 4096 layer's bits against 1.9 s, for a 13 % smaller record (this 2-core CPU)
+
 
 
 @dataclass(frozen=True)
@@ -151,8 +154,8 @@ def _write_float(original: onnx.ModelProto, model: onnx.ModelProto, upd: LayerUp
         "initializer": name, "node": layer.node, "op": layer.op, "dtype": str(weight.dtype),
         "shape": list(weight.shape), "source": layer.source,
         "factors": [[_b64(u), _b64(d)] for u, d in upd.factors],
-        "xor_zlib": base64.b64encode(zlib.compress(xor.tobytes(), 9)).decode(),
-        "rounding": _rounding(layer, delta, new.astype(np.float64) - weight.astype(np.float64)),
+        "xor_zlib": base64.b64encode(zlib.compress(xor.tobytes(), XOR_LEVEL)).decode(),
+        "rounding": _rounding(upd, delta, new.astype(np.float64) - weight.astype(np.float64)),
     }
     if name in init_index:
         i = init_index[name]
@@ -173,16 +176,32 @@ def _write_float(original: onnx.ModelProto, model: onnx.ModelProto, upd: LayerUp
     return record
 
 
-def _rounding(layer: Layer, delta: np.ndarray, written: np.ndarray) -> dict:
+def _rounding(upd: LayerUpdate, delta: np.ndarray, written: np.ndarray) -> dict:
     """The rounding of one written tensor (see ``quant.rounding_stats``) plus the rank of
     the float edit before rounding (what ``diff`` calls ``float_delta_rank``)."""
-    out = rounding_stats(layer.from_canonical(delta), written)
-    out["float_delta_rank"] = int(np.linalg.matrix_rank(delta)) if delta.size else 0
+    out = rounding_stats(upd.layer.from_canonical(delta), written)
+    out["float_delta_rank"] = factors_rank(upd.factors, delta.shape)
     return out
 
 
+def factors_rank(factors, shape: tuple[int, int]) -> int:
+    """The rank of sum_i u_i d_i^T ([out, in] = ``shape``) from its factors: U D^T =
+    Q_U (R_U R_D^T) Q_D^T has the singular values of the small core R_U R_D^T, so the
+    whole matrix needs no SVD (``np.linalg.matrix_rank`` of a 4096 x 4096 layer's: 17 s
+    on this 2-core CPU). Singular values count above matrix_rank's tolerance taken at
+    sum_i |u_i| |d_i| (>= the largest one): the rounding level of the sum, so that factors
+    which cancel give 0, as the summed matrix does."""
+    if not factors or 0 in shape:
+        return 0
+    u = np.stack([np.asarray(f[0], np.float64) for f in factors], axis=1)
+    d = np.stack([np.asarray(f[1], np.float64) for f in factors], axis=1)
+    sv = np.linalg.svd(np.linalg.qr(u, mode="r") @ np.linalg.qr(d, mode="r").T, compute_uv=False)
+    level = float((np.linalg.norm(u, axis=0) * np.linalg.norm(d, axis=0)).sum())
+    return int((sv > level * max(shape) * np.finfo(np.float64).eps).sum())
+
+
 def _xor_b64(new: np.ndarray, old: np.ndarray) -> str:
-    return base64.b64encode(zlib.compress(np.bitwise_xor(_bits(new), _bits(old)).tobytes(), 9)).decode()
+    return base64.b64encode(zlib.compress(np.bitwise_xor(_bits(new), _bits(old)).tobytes(), XOR_LEVEL)).decode()
 
 
 def _replace_tensor(graph: onnx.GraphProto, name: str, values: np.ndarray) -> None:
@@ -229,7 +248,7 @@ def _write_quantised(loaded: LoadedModel, model: onnx.ModelProto, layer: Layer, 
             aux.append({"initializer": tname, "xor_zlib": _xor_b64(new, old)})
             _replace_tensor(graph, tname, new)
     _replace_tensor(graph, layer.initializer, rq.q)
-    rounding = _rounding(layer, delta, written)
+    rounding = _rounding(upd, delta, written)
     rounding.update({"scale_kept": rq.scale_kept, "groups": rq.groups, "rescaled_groups": rq.rescaled,
                      "clipped": rq.clipped, "bias_requantised": bool(bias_change or len(changes) > 2),
                      "bias_max_abs_change": bias_change})

@@ -35,7 +35,7 @@ from onnx_dynedit.keys import layer_keys
 from onnx_dynedit.parity import check_parity
 from onnx_dynedit.shapes import input_specs, random_inputs
 from onnx_dynedit.twin import Twin
-from onnx_dynedit.writeback import LayerUpdate, revert, write_back
+from onnx_dynedit.writeback import LayerUpdate, factors_rank, revert, write_back
 
 REPO = Path(__file__).resolve().parents[1]
 HAND = sorted(graphs.BUILDERS) + ["gemm_external"]
@@ -482,6 +482,25 @@ def test_rank_one_roundtrip(name, all_model_files, tmp_path, capsys):
     if layer.source != "constant_of_shape":
         assert [(c["initializer"], c["rank"]) for c in result["changed"]] == [(layer.initializer, 1)]
         assert result["other_differences"] == []
+
+
+def test_rank_of_an_edit_from_its_factors():
+    """The report's float_delta_rank comes from the factors, not an SVD of the whole
+    weight: ranks known on paper, and numpy's on the summed matrix where that is exact."""
+    u, d = np.array([1.0, 2.0, 0.0, -1.0]), np.array([0.5, 0.0, 3.0])
+    e1, e2 = np.eye(4), np.eye(3)
+    assert factors_rank([], (4, 3)) == 0
+    assert factors_rank([(np.zeros(4), d)], (4, 3)) == 0
+    assert factors_rank([(u, d)], (4, 3)) == 1
+    assert factors_rank([(u, d), (2 * u, -3 * d)], (4, 3)) == 1          # parallel: one direction
+    assert factors_rank([(u, d), (-u, d)], (4, 3)) == 0                  # cancels exactly, as the sum does
+    assert factors_rank([(e1[i], e2[i]) for i in range(3)], (4, 3)) == 3  # identity block
+    assert factors_rank([(e1[i], e2[i % 3]) for i in range(4)], (4, 3)) == 3  # 4 terms, at most 3 columns
+    rng = np.random.default_rng(0)
+    for out, inp, r in [(7, 5, 2), (3, 40, 4), (64, 64, 3)]:
+        f = [(rng.standard_normal(out), rng.standard_normal(inp)) for _ in range(r)]
+        dense = sum(np.outer(a, b) for a, b in f)
+        assert factors_rank(f, (out, inp)) == np.linalg.matrix_rank(dense) == min(out, inp, r)
 
 
 def test_revert_file_roundtrip_external(torch_model_files, tmp_path):
