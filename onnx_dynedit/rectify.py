@@ -1143,19 +1143,24 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
 def _best(crit: Criterion, degradation: Degradation, short: list, prev, timings: Timings) -> set[int]:
     """The ids of the ``screen_keep`` best screened options (``short``: (option, trial)
     pairs, their trials replaced by budgeted ones where measured); options, not nodes: a
-    Conv may be in two views."""
+    Conv may be in two views. The degradations are measured in order, as many at a time
+    as options are still needed (``Degradation.many``: one recording for them)."""
     def by_check(i):
         a = short[i][1].after
         return -a.check_fixed, a.check_gap, -a.fixed, a.gap
 
     n_keep, passing = crit.cfg.screen_keep, []
-    for i in sorted(range(len(short)), key=lambda i: (not short[i][1].step.accepted, *by_check(i))):
-        if len(passing) == n_keep or not short[i][1].step.accepted:
-            break
-        opt, t = short[i]
-        short[i] = opt, _budgeted(crit, degradation, t, prev, timings)
-        if short[i][1].step.accepted:
-            passing.append(i)
+    order = sorted((i for i in range(len(short)) if short[i][1].step.accepted), key=by_check)
+    while order and len(passing) < n_keep:
+        batch, order = order[: n_keep - len(passing)], order[n_keep - len(passing):]
+        with timings("check"):
+            degr = degradation.many(prev, [short[i][1].edit.to_torch(crit.twin.device) for i in batch])
+        for i, value in zip(batch, degr):
+            opt, t = short[i]
+            t = Trial(replace(t.step, degradation=value), t.edit, t.after)
+            short[i] = opt, _budgeted(crit, degradation, t, prev, timings)
+            if short[i][1].step.accepted:
+                passing.append(i)
     rest = [i for i in sorted(range(len(short)), key=by_check) if i not in passing]
     return {id(short[i][0]) for i in passing + rest[: n_keep - len(passing)]}
 

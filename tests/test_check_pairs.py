@@ -17,7 +17,7 @@ import pytest
 
 from onnx_dynedit.errors import InputError
 from onnx_dynedit.io import load_model
-from onnx_dynedit.rectify import (OutputGap, RectifyConfig, Reference, Score, corruption_model, make_check_pairs,
+from onnx_dynedit.rectify import (Degradation, OutputGap, RectifyConfig, Reference, Score, corruption_model, make_check_pairs,
                                   make_plan, rectify, split_check, transplant_pairs)
 from onnx_dynedit.twin import Twin
 
@@ -139,6 +139,31 @@ def test_screen_fits_only_the_best_few_fully(badnets, default_repair, screen, ho
     kept = [s for s in res.steps if s.accepted]
     assert max(s.check_fixed_after for s in kept) > 40  # the full trials: every check pair
     assert [s.step for s in res.steps] == list(range(1, len(res.steps) + 1))  # numbered in order, none twice
+
+
+def test_screen_measures_the_budget_of_the_best_in_batches(badnets, monkeypatch):
+    """The screen measures the degradation of its best trials in check-pair order, as
+    many at a time as trials are still needed (one recording for them), and the values
+    equal whole runs. Here the first batch's values are raised past the budget (the
+    badnets screen's best trials change no prediction): the next batch is the next two
+    in that order, and those are the ones fitted fully."""
+    twin, corrupt, clean, stats = badnets
+    batches = []
+    many = Degradation.many
+
+    def checked(self, prev, trials):
+        values = many(self, prev, trials)
+        assert values == [self(prev + [t]) for t in trials]
+        batches.append([t.layer.node for t in trials])
+        return [v + 1.0 for v in values] if len(batches) == 1 else values
+
+    monkeypatch.setattr(Degradation, "many", checked)
+    cfg = RectifyConfig(screen_above=0, screen_keep=2, screen_check=40, max_edits=1)
+    res = rectify(twin, corrupt, clean, stats_x=stats, config=cfg)
+    first, second, full = batches  # the last: the two full trials, judged together
+    assert len(first) == len(second) == 2 and not set(first) & set(second) and sorted(full) == sorted(second)
+    over = [s for s in res.steps if "> budget" in s.reason]
+    assert sorted(s.node for s in over) == sorted(first) and all(s.reason.startswith("screened out") for s in over)
 
 
 def test_screen_options_are_validated():
