@@ -110,6 +110,19 @@ def key_projection_conv(layer: Layer, x: torch.Tensor, d: torch.Tensor) -> torch
     return F.conv2d(xp, kernel, stride=layer.strides, dilation=layer.dilations)
 
 
+def conv_windows(layer: Layer, xp: torch.Tensor) -> torch.Tensor:
+    """A 2-D Conv's padded input ``xp`` [B, C, H, W] as its windows [B, OH, OW, C, kh, kw]:
+    a view (no copy, any memory format) in which one position's key is one window, in
+    unfold's order (channel, kernel rows, columns). Copying keys out of it is faster than
+    unfold and than a gather with an index per key element, most of all from the twin's
+    channels_last inputs (README, speed section: twentieth session)."""
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.strides, layer.dilations
+    b, c, h, w = xp.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s = xp.stride()
+    return xp.as_strided((b, oh, ow, c, kh, kw), (s[0], s[2] * sh, s[3] * sw, s[1], s[2] * dh, s[3] * dw))
+
+
 def layer_keys(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     """Keys of ``layer`` for its input ``x``: [B, P, in] (P positions; 1 for dense)."""
     if layer.op == "Conv":
@@ -117,9 +130,9 @@ def layer_keys(layer: Layer, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # 1-D conv as 2-D with height 1
             cols = F.unfold(xp.unsqueeze(2), (1, layer.kernel[0]), dilation=(1, layer.dilations[0]),
                             stride=(1, layer.strides[0]))
-        else:
-            cols = F.unfold(xp, tuple(layer.kernel), dilation=tuple(layer.dilations), stride=tuple(layer.strides))
-        return cols.transpose(1, 2)  # [B, P, in]
+            return cols.transpose(1, 2)  # [B, P, in]
+        win = conv_windows(layer, xp)
+        return win.reshape(win.shape[0], win.shape[1] * win.shape[2], -1)
     if x.dim() == 2:
         return x.unsqueeze(1)
     return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -136,15 +149,9 @@ def sampled_keys(layer: Layer, x: torch.Tensor, cap: int) -> torch.Tensor:
         oh = (x.shape[2] + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
         ow = (x.shape[3] + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
         if x.shape[0] * oh * ow > cap:  # padded only then: the unsampled keys below pad it themselves
-            xp = pad_input(layer, x)
             idx = _every_kth(x.shape[0] * oh * ow, cap, x.device)
             p = idx % (oh * ow)
-            rows = (p // ow * sh)[:, None] + torch.arange(kh, device=x.device) * dh   # [n, kh]
-            cols = (p % ow * sw)[:, None] + torch.arange(kw, device=x.device) * dw    # [n, kw]
-            chans = torch.arange(xp.shape[1], device=x.device)
-            patches = xp[(idx // (oh * ow))[:, None, None, None], chans[None, :, None, None],
-                         rows[:, None, :, None], cols[:, None, None, :]]             # [n, C, kh, kw]
-            return patches.reshape(len(idx), -1)  # unfold's order: channel, then kernel rows, columns
+            return conv_windows(layer, pad_input(layer, x))[idx // (oh * ow), p // ow, p % ow].reshape(len(idx), -1)
     keys = layer_keys(layer, x)
     b, p, dim = keys.shape
     if b * p <= cap:

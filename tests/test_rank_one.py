@@ -322,16 +322,22 @@ def test_conv_keys_are_unfolded_patches(conv_case):
     dict(kernel=(1, 1), strides=(1, 1), dilations=(1, 1), pads=()),
 ])
 @pytest.mark.parametrize("cap", [1, 7, 40, 10_000])
-def test_sampled_conv_keys_are_every_kth_unfolded_key(conv_case, geometry, cap):
-    """The key statistics' subsample (at most ``cap`` keys: every k-th in (input, position)
-    order) read from the padded input directly is the unfolded keys' subsample, bit for
-    bit, whatever the stride, dilation and padding."""
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_sampled_conv_keys_are_every_kth_unfolded_key(conv_case, geometry, cap, layout):
+    """The keys read from the padded input's windows (``conv_windows``) are torch's
+    unfold, and the key statistics' subsample (at most ``cap`` keys: every k-th in
+    (input, position) order) is the unfolded keys' subsample, bit for bit, whatever the
+    stride, dilation, padding and memory format (the twin's CPU inputs are channels_last)."""
     from dataclasses import replace
 
-    from onnx_dynedit.keys import sampled_keys
+    from onnx_dynedit.keys import pad_input, sampled_keys
 
     layer = replace(only_layer(conv_case[2]), **geometry)
     x = torch.as_tensor(np.random.default_rng(2).standard_normal((3, 2, 9, 11)).astype(np.float32))
+    unfolded = torch.nn.functional.unfold(pad_input(layer, x), tuple(layer.kernel), dilation=tuple(layer.dilations),
+                                          stride=tuple(layer.strides)).transpose(1, 2)
+    x = x.contiguous(memory_format=layout)
+    torch.testing.assert_close(layer_keys(layer, x), unfolded, rtol=0, atol=0)
     every = layer_keys(layer, x).reshape(-1, layer_keys(layer, x).shape[-1])
     got = sampled_keys(layer, x, cap)
     step = -(-every.shape[0] // cap)
