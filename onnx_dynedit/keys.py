@@ -132,7 +132,8 @@ def layer_keys(layer: Layer, x: torch.Tensor) -> torch.Tensor:
                             stride=(1, layer.strides[0]))
             return cols.transpose(1, 2)  # [B, P, in]
         win = conv_windows(layer, xp)
-        return win.reshape(win.shape[0], win.shape[1] * win.shape[2], -1)
+        b, oh, ow, c, kh, kw = win.shape
+        return win.reshape(b, oh * ow, c * kh * kw)  # a copy: [B, P, in]
     if x.dim() == 2:
         return x.unsqueeze(1)
     return x.reshape(x.shape[0], -1, x.shape[-1])
