@@ -1036,8 +1036,7 @@ def trial(crit: Criterion, degradation: Degradation, option: Option, prev: list[
             edits = prev + [edit.to_torch(crit.twin.device)]
             after = crit.score(edits, None if steps is None else crit.cfg.screen_check)
             degr = degradation(edits) if steps is None else float("nan")
-    return _judged(crit, degradation, option, prev, state, (edit, loss), after, degr, timings,
-                   screening=steps is not None)
+    return _judged(crit, option, state, (edit, loss), after, degr, screening=steps is not None)
 
 
 def _full_trials(crit: Criterion, degradation: Degradation, options: list[Option], prev: list[TorchEdit],
@@ -1053,8 +1052,7 @@ def _full_trials(crit: Criterion, degradation: Degradation, options: list[Option
     with timings("check"):
         after = dict(zip(finite, crit.scores(prev, edits)))
         degr = dict(zip(finite, degradation.many(prev, edits)))
-    return [_judged(crit, degradation, opt, prev, state, fits[i], after.get(i), degr.get(i, float("nan")), timings,
-                    screening=False)
+    return [_judged(crit, opt, state, fits[i], after.get(i), degr.get(i, float("nan")), screening=False)
             for i, opt in enumerate(options)]
 
 
@@ -1082,8 +1080,8 @@ def _fitted(crit: Criterion, option: Option, prev: list[TorchEdit], timings: Tim
                        d=fitted.d.detach().double().cpu().numpy(), view=fitted.view), fitted.loss
 
 
-def _judged(crit: Criterion, degradation: Degradation, option: Option, prev, state: Score, fitted: tuple,
-            after: Score | None, degr: float, timings: Timings, *, screening: bool) -> Trial:
+def _judged(crit: Criterion, option: Option, state: Score, fitted: tuple, after: Score | None, degr: float, *,
+            screening: bool) -> Trial:
     """The trial of a fitted edit scored ``after`` (None: its factors are not finite);
     a full trial is checked against the degradation budget."""
     (edit, loss), layer = fitted, option.layer
@@ -1093,20 +1091,16 @@ def _judged(crit: Criterion, degradation: Degradation, option: Option, prev, sta
     why = crit.improves(state, after)
     t = Trial(_step(layer, option.score, state, after, degr, "accepted" if why is None else f"rolled back: {why}",
                     edit, loss), edit, after)
-    return t if screening else _budgeted(crit, degradation, t, prev, timings)
+    return t if screening else _budgeted(crit, t, degr)
 
 
-def _budgeted(crit: Criterion, degradation: Degradation, t: Trial, prev, timings: Timings) -> Trial:
-    """An accepted trial with its degradation measured (when it was not) and rolled back
-    when that exceeds the budget."""
+def _budgeted(crit: Criterion, t: Trial, degr: float) -> Trial:
+    """An accepted trial with its measured degradation ``degr``, rolled back when that
+    exceeds the budget (or is not a number)."""
     if not t.step.accepted:
         return t
-    degr = t.step.degradation
-    if not np.isfinite(degr):
-        with timings("check"):
-            degr = degradation(prev + [t.edit.to_torch(crit.twin.device)])
     budget = crit.cfg.max_degradation
-    if degr > budget + BUDGET_SLACK:
+    if not degr <= budget + BUDGET_SLACK:
         return Trial(replace(t.step, degradation=degr, accepted=False,
                              reason=f"rolled back: degradation {degr:.4f} > budget {budget:.4f}"), t.edit, t.after)
     return Trial(replace(t.step, degradation=degr), t.edit, t.after)
@@ -1128,8 +1122,7 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
     with timings("check"):
         scores = dict(zip(finite, crit.scores(prev, [fits[i][0].to_torch(crit.twin.device) for i in finite],
                                               crit.cfg.screen_check)))
-    short = [(opt, _judged(crit, degradation, opt, prev, state, fits[i], scores.get(i), float("nan"), timings,
-                           screening=True))
+    short = [(opt, _judged(crit, opt, state, fits[i], scores.get(i), float("nan"), screening=True))
              for i, opt in enumerate(options)]
     keep = _best(crit, degradation, short, prev, timings)
     how = f"{crit.screen_steps} Adam steps" if crit.screen_steps else "the closed form"
@@ -1157,8 +1150,7 @@ def _best(crit: Criterion, degradation: Degradation, short: list, prev, timings:
             degr = degradation.many(prev, [short[i][1].edit.to_torch(crit.twin.device) for i in batch])
         for i, value in zip(batch, degr):
             opt, t = short[i]
-            t = Trial(replace(t.step, degradation=value), t.edit, t.after)
-            short[i] = opt, _budgeted(crit, degradation, t, prev, timings)
+            short[i] = opt, _budgeted(crit, t, value)
             if short[i][1].step.accepted:
                 passing.append(i)
     rest = [i for i in sorted(range(len(short)), key=by_check) if i not in passing]

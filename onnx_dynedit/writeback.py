@@ -148,12 +148,11 @@ def _write_float(original: onnx.ModelProto, model: onnx.ModelProto, upd: LayerUp
         raise EditError(f"the edit of layer {layer.node!r} would make non-finite weights in {name!r}",
                         hint=f"the edit is refused; try {option('max_edits', 1)} or another layer")
     restored = _apply_delta(layer, new, delta, -1.0)
-    xor = np.bitwise_xor(_bits(restored), _bits(weight))
     record = {
         "initializer": name, "node": layer.node, "op": layer.op, "dtype": str(weight.dtype),
         "shape": list(weight.shape), "source": layer.source,
         "factors": [[_b64(u), _b64(d)] for u, d in upd.factors],
-        "xor_zlib": base64.b64encode(zlib.compress(xor.tobytes(), XOR_LEVEL)).decode(),
+        "xor_zlib": _xor_b64(weight, restored),
         "rounding": _rounding(upd, delta, new.astype(np.float64) - weight.astype(np.float64)),
     }
     if name in init_index:
