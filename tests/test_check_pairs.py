@@ -17,8 +17,8 @@ import pytest
 
 from onnx_dynedit.errors import InputError
 from onnx_dynedit.io import load_model
-from onnx_dynedit.rectify import (Degradation, OutputGap, RectifyConfig, Reference, Score, corruption_model, make_check_pairs,
-                                  make_plan, rectify, split_check, transplant_pairs)
+from onnx_dynedit.rectify import (Degradation, OutputGap, RectifyConfig, Reference, Score, corruption_model,
+                                  make_check_pairs, make_plan, rectify, split_check, transplant_pairs)
 from onnx_dynedit.twin import Twin
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
