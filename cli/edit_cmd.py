@@ -103,7 +103,8 @@ def _print_report(outcome) -> None:
     click.echo(f"pairs: {res.n_real_pairs} given + {res.n_pairs - res.n_real_pairs} synthetic; "
                f"key statistics from {res.stats_source}; degradation = {res.degradation_kind}")
     click.echo(f"gap {res.gap_before:.4f} -> {res.gap_after:.4f}; fixed {res.fixed_before} -> {res.fixed_after} of "
-               f"{res.n_pairs}; degradation {res.degradation:.4f}; {len(res.edits)} edit(s); stopped: {res.stopped_because}")
+               f"{res.n_pairs}; degradation {res.degradation:.4f} (changed predictions {res.changed_predictions:.4f}, "
+               f"output shift {res.output_shift:.4f}); {len(res.edits)} edit(s); stopped: {res.stopped_because}")
     click.echo(f"given pairs: {res.real_fixed_after}/{res.n_real_pairs} classified like their clean twin; "
                f"gap {res.real_gap_before:.4f} -> {res.real_gap_after:.4f} (target {res.target})")
     if outcome.parity_after:

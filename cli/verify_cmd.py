@@ -28,6 +28,9 @@ from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, VerifyReport, verify as run_
               help="Gate: at least this share of the corrupted inputs the original got wrong must be fixed.")
 @click.option("--max-logit-change", type=float, default=None, metavar="F",
               help="Gate: largest absolute logit change on clean inputs.")
+@click.option("--max-output-shift", type=float, default=None, metavar="F",
+              help="Gate: mean total-variation distance of the two models' class probabilities on the clean "
+                   "inputs (a fraction; catches moved outputs that top-1 agreement hides on confident inputs).")
 @click.option("--max-asr", type=float, default=None, metavar="F",
               help="Gate: attack success rate of the edited model (needs --corrupt and --target).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default=None,
@@ -42,14 +45,14 @@ from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, VerifyReport, verify as run_
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @run_options()
 def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate, max_logit_change,
-           max_asr, provider, batch_size, input_shapes, engine, ray_address, as_json):
+           max_output_shift, max_asr, provider, batch_size, input_shapes, engine, ray_address, as_json):
     """Check EDITED against ORIGINAL: accuracy, agreement, logit change, fix rate, attack success.
 
     Exit 0 and "PASSED" when every given gate holds, 1 and one "FAILED: ..." line per
     failed gate otherwise, 2 for unusable input. Uses ONNX Runtime only.
     """
     thresholds = {"max_acc_drop": max_acc_drop, "min_fix_rate": min_fix_rate,
-                  "max_logit_change": max_logit_change, "max_asr": max_asr}
+                  "max_logit_change": max_logit_change, "max_output_shift": max_output_shift, "max_asr": max_asr}
     progress = _progress.callback("verify (ONNX Runtime)")
     try:
         report = run_verify(original, edited, clean, corrupt=corrupt, target=target, thresholds=thresholds,
@@ -90,6 +93,7 @@ def render(report: VerifyReport) -> str:
     rows.append(("  top-1 agreement", "", _f(c.agreement), ""))
     rows.append(("  max |logit change|", "", "", _f(c.max_abs_logit_change)))
     rows.append(("  mean |logit change|", "", "", _f(c.mean_abs_logit_change)))
+    rows.append(("  output shift (mean TV distance)", "", "", _f(c.output_shift)))
     k = report.corrupt
     if k is not None:
         head = f"corrupt (n={k.n}" + (f", target {k.target})" if k.target is not None else ")")

@@ -7,7 +7,9 @@ asked for. It returns a ``VerifyReport``; it never prints and never exits.
 Figures
   clean    acc_before / acc_after (null without labels), agreement (share of inputs
            whose top-1 class is the same for both models), max / mean absolute logit
-           change (over every logit of every clean input), n.
+           change (over every logit of every clean input), output_shift (mean
+           total-variation distance of the two models' class probabilities: softmax of
+           the outputs, or the outputs themselves where every row already sums to 1), n.
   corrupt  acc_before / acc_after, fix_rate (share of the inputs the original got
            wrong that the edited model gets right; null when the original got none
            wrong), asr_before / asr_after (with a target class: share of the inputs
@@ -18,6 +20,7 @@ Gates (``Thresholds``; ``None`` = not checked)
   max-acc-drop      clean acc_before - acc_after <= limit   (fractions, 0..1)
   min-fix-rate      corrupt fix_rate >= limit
   max-logit-change  clean max abs logit change <= limit
+  max-output-shift  clean output_shift <= limit              (fraction, 0..1)
   max-asr           corrupt asr_after <= limit
 
 A gate whose figure cannot be computed (no labels, no corrupted inputs, no target,
@@ -196,9 +199,10 @@ class Thresholds:
     min_fix_rate: float | None = None
     max_logit_change: float | None = None
     max_asr: float | None = None
+    max_output_shift: float | None = None
 
     def __post_init__(self):
-        for key in ("max_acc_drop", "min_fix_rate", "max_asr"):
+        for key in ("max_acc_drop", "min_fix_rate", "max_asr", "max_output_shift"):
             value = getattr(self, key)
             if value is not None and not (0.0 <= float(value) <= 1.0):
                 raise InputError(
@@ -241,6 +245,7 @@ class CleanFigures:
     mean_abs_logit_change: float
     correct_before: int | None = None
     correct_after: int | None = None
+    output_shift: float = 0.0
 
     @property
     def acc_drop(self) -> float | None:
@@ -257,6 +262,7 @@ class CleanFigures:
             "agreement": _num(self.agreement),
             "max_abs_logit_change": _num(self.max_abs_logit_change),
             "mean_abs_logit_change": _num(self.mean_abs_logit_change),
+            "output_shift": _num(self.output_shift),
             "n": self.n,
             "labeled": self.correct_before is not None,
         }
@@ -626,6 +632,7 @@ class CleanPartial:
     sum_abs: float
     correct_before: int | None
     correct_after: int | None
+    sum_shift: float = 0.0
 
     @classmethod
     def of(cls, lo: np.ndarray, le: np.ndarray, y: np.ndarray | None) -> CleanPartial:
@@ -638,7 +645,7 @@ class CleanPartial:
             cb, ca = int((po == y).sum()), int((pe == y).sum())
         return cls(n=int(lo.shape[0]), n_logits=int(diff.size), agree=int((po == pe).sum()),
                    max_abs=float(diff.max()) if diff.size else 0.0, sum_abs=float(diff.sum()),
-                   correct_before=cb, correct_after=ca)
+                   correct_before=cb, correct_after=ca, sum_shift=float(output_shifts(lo, le).sum()))
 
     def merge(self, other: CleanPartial) -> CleanPartial:
         labelled = self.correct_before is not None and other.correct_before is not None
@@ -647,7 +654,8 @@ class CleanPartial:
             max_abs=float(np.maximum(self.max_abs, other.max_abs)),  # NaN propagates, as in one array
             sum_abs=self.sum_abs + other.sum_abs,
             correct_before=self.correct_before + other.correct_before if labelled else None,
-            correct_after=self.correct_after + other.correct_after if labelled else None)
+            correct_after=self.correct_after + other.correct_after if labelled else None,
+            sum_shift=self.sum_shift + other.sum_shift)
 
     def figures(self) -> CleanFigures:
         n, cb, ca = self.n, self.correct_before, self.correct_after
@@ -655,7 +663,26 @@ class CleanPartial:
             n=n, acc_before=None if cb is None else cb / n, acc_after=None if ca is None else ca / n,
             agreement=self.agree / n, max_abs_logit_change=self.max_abs,
             mean_abs_logit_change=self.sum_abs / self.n_logits if self.n_logits else 0.0,
-            correct_before=cb, correct_after=ca)
+            correct_before=cb, correct_after=ca, output_shift=self.sum_shift / n if n else 0.0)
+
+
+def class_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """[N, K] class probabilities (float64) of a classifier's outputs: the outputs
+    themselves where every row is already a distribution (a graph ending in Softmax),
+    else their softmax."""
+    z = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
+    if z.size and (z >= 0).all() and np.allclose(z.sum(1), 1.0, atol=1e-4):
+        return z
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def output_shifts(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Per input, the total-variation distance between the class probabilities of two
+    models' outputs: the share of predictions that differ when each model's is drawn from
+    its probabilities (at least, for the best coupling); 0 for the same outputs, 1 for
+    confident and different ones."""
+    return 0.5 * np.abs(class_probabilities(before) - class_probabilities(after)).sum(1)
 
 
 @dataclass(frozen=True)
@@ -767,6 +794,8 @@ def _gates(limits: Thresholds, clean: CleanFigures, corrupt: CorruptFigures | No
         check("min-fix-rate", corrupt.fix_rate, limits.min_fix_rate, ">=")
     if limits.max_logit_change is not None:
         check("max-logit-change", clean.max_abs_logit_change, limits.max_logit_change, "<=")
+    if limits.max_output_shift is not None:
+        check("max-output-shift", clean.output_shift, limits.max_output_shift, "<=")
     if limits.max_asr is not None:
         if corrupt.asr_after is None:
             raise InputError(f"gate max-asr cannot be computed: every corrupted input is labelled with the "

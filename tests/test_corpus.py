@@ -76,8 +76,8 @@ def test_forced_edit_is_rank_one_and_reverts(name, built, tmp_path, capsys):
     out = tmp_path / "edited.onnx"
     code, stdout, err = run_cli(["edit", path, "--pairs", tmp_path / "pairs.npz", "--stats", tmp_path / "stats.npz",
                                  "-o", out, "--criterion", "output", "--target-gap", "0", "--max-edits", "1",
-                                 "--json"] + _shape_args(entry), capsys)
-    assert code in (0, 1), err
+                                 "--max-degradation", "1", "--json"] + _shape_args(entry), capsys)
+    assert code in (0, 1), err  # a random pair on random weights: the edit's effect is not the point, its file is
     report = json.loads(stdout)
     assert report["output"] and report["parity_after"]["ok"]
     assert report["attributed_output"] == twin.attributed_output

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_dynedit.api import edit_model
 from onnx_dynedit.io import load_model
-from onnx_dynedit.rectify import RectifyConfig, rectify, split_stats
+from onnx_dynedit.rectify import Degradation, RectifyConfig, Reference, rectify, split_stats
 from onnx_dynedit.twin import Twin
 
 D, K = 256, 4
@@ -75,7 +75,8 @@ def test_in_sample_check_misses_the_drop_that_the_held_out_check_catches(memoris
     twin = Twin(load_model(m["folder"] / "model.onnx"), "cpu")
     blind = rectify(twin, m["corrupt"], m["clean"], stats_x=m["stats"], config=RectifyConfig(holdout=0.0))
     assert blind.degradation_source == "stats" and blind.degradation_count == 64
-    assert blind.edits and blind.success and blind.degradation == 0.0  # the in-sample check sees nothing
+    assert blind.edits and blind.success and blind.changed_predictions == 0.0  # the in-sample check sees nothing
+    assert blind.degradation == 2 * blind.output_shift < 0.01                # ... and hardly a shift
     assert _changed(twin, blind, m["fresh"]) > 0.05                     # ... fresh inputs do change class
 
     held = rectify(twin, m["corrupt"], m["clean"], stats_x=m["stats"])
@@ -103,6 +104,7 @@ def test_edit_reports_the_held_out_source_and_fails(memorised, tmp_path):
                      report=tmp_path / "report.json", device="cpu")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["degradation_source"] == "held-out stats" and report["degradation_count"] == 16
+    assert report["changed_predictions"] == report["output_shift"] == 0.0  # nothing kept: nothing moved
     assert report["success"] is False and not out.success
     assert out.output is None  # nothing accepted, nothing written
     sess = ort.InferenceSession(str(f / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -117,7 +119,46 @@ def test_reported_degradation_is_that_of_the_edits_kept(memorised):
     val = m["fresh"][:200]
     result = rectify(twin, m["corrupt"], m["clean"], stats_x=m["stats"], val_x=val,
                      config=RectifyConfig(max_degradation=0.5))
-    assert result.edits and result.degradation_kind == "changed predictions on val"
+    assert result.edits and result.degradation_kind.startswith("changed predictions on val, or 2 x their mean")
     assert result.degradation > 0.05
-    assert result.degradation == _changed(twin, result, val)
+    assert result.changed_predictions == _changed(twin, result, val)
+    assert result.degradation == max(result.changed_predictions, 2 * result.output_shift)
     assert result.degradation == [s for s in result.steps if s.accepted][-1].degradation
+
+
+def _identity_twin(folder) -> Twin:
+    """A Gemm with W = I: its logits are its inputs, so the reference outputs are set by hand."""
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["logits"], name="fc", transB=1)], "identity",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", K])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", K])],
+                              initializer=[numpy_helper.from_array(np.eye(K, dtype=np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(folder / "identity.onnx"))
+    return Twin(load_model(folder / "identity.onnx"), "cpu")
+
+
+def test_unlabeled_degradation_counts_the_output_shift(tmp_path):
+    """Without labels the degradation is the share of changed top-1 classes or twice the
+    mean total-variation distance of the class probabilities, whichever is larger: edits
+    that move confident (memorised) inputs' outputs without flipping them still count.
+    The distances here are worked out on paper from softmax([4, 0, 0, 0]) etc."""
+    twin = _identity_twin(tmp_path)
+    x = np.array([[4, 0, 0, 0], [0, 4, 0, 0]], np.float32)
+    degr = Degradation(twin, Reference(x, None, "held-out stats", "changed predictions"))
+    e4 = np.exp(4.0)
+    # row 1 -> [0, 1, 0, 0]: still class 1; p(1) falls from e^4/(e^4+3) to e/(e+3), the rest rise alike
+    tv = e4 / (e4 + 3) - np.e / (np.e + 3)
+    moved = np.array([[4, 0, 0, 0], [0, 1, 0, 0]], np.float64)
+    assert degr.parts(moved) == pytest.approx({"changed_predictions": 0.0, "output_shift": tv / 2})
+    assert degr.of(moved) == pytest.approx(tv)                        # 2 x the mean shift, no class changed
+    assert degr.of(x.astype(np.float64)) == 0.0                       # nothing moved
+    flipped = np.array([[4, 0, 0, 0], [0, 0, 4, 0]], np.float64)    # row 1 now class 2: TV = p(1) - p(2) swap
+    swap = e4 / (e4 + 3) - 1 / (e4 + 3)
+    assert degr.parts(flipped)["changed_predictions"] == 0.5
+    assert degr.parts(flipped)["output_shift"] == pytest.approx(swap / 2)  # 0.482
+    assert degr.of(flipped) == pytest.approx(swap)                    # 0.964: above the share changed, 0.5
+    tie = Degradation(twin, Reference(np.array([[0, 4, 3.99, 0]], np.float32), None, "held-out stats", "changed"))
+    assert tie.of(np.array([[0, 3.99, 4, 0]])) == 1.0                 # a near tie flipped: the share changed
+    labelled = Degradation(twin, Reference(x, np.array([0, 1]), "val", "accuracy drop on val"))
+    assert labelled.of(moved) == 0.0 and labelled.of(flipped) == 0.5  # with labels: the accuracy drop alone

@@ -93,7 +93,7 @@ def test_auto_picks_attribution_and_removes_the_leak(leaky):
     assert result.real_gap_before == pytest.approx(2 / 3, abs=1e-4)
     assert result.success, result.to_dict()["steps"]
     assert result.real_gap_after <= RectifyConfig().target_attribution
-    assert result.degradation == 0.0
+    assert result.changed_predictions == 0.0 and result.degradation < 1e-4  # outputs hardly moved
     edit = result.edits[0]
     if edit.layer.node == "fc1":   # h2 stops reading the null block: d along [0, 0, 1, 1]
         d = edit.d / np.abs(edit.d).max()

@@ -27,6 +27,7 @@ from onnx_dynedit.verify import (
     Thresholds,
     VerifyReport,
     effective_batch_size,
+    output_shifts,
     run_batched,
     verify,
 )
@@ -189,6 +190,30 @@ def test_gates_in_library(case):
     assert bad.failed_checks[1].startswith("max-logit-change: ") and bad.failed_checks[1].endswith(" > 0.0010")
 
 
+def test_output_shift_on_paper():
+    """softmax([0, 0, 0]) = 1/3 each and softmax([ln 2, 0, 0]) = (1/2, 1/4, 1/4): TV 1/6.
+    Outputs that are already distributions (a graph ending in Softmax) are taken as they are."""
+    np.testing.assert_allclose(output_shifts(np.zeros((1, 3)), np.array([[np.log(2), 0, 0]])), [1 / 6])
+    np.testing.assert_allclose(output_shifts(np.full((1, 3), 1 / 3), np.array([[0.5, 0.25, 0.25]])), [1 / 6])
+    np.testing.assert_allclose(output_shifts(np.array([[50.0, 0, 0]]), np.array([[0, 50.0, 0]])), [1.0])
+    assert output_shifts(np.ones((2, 3)), np.ones((2, 3)) + 7).tolist() == [0.0, 0.0]  # softmax ignores a shift
+
+
+def test_output_shift_gate(case):
+    """The figure is the mean TV distance of the two models' softmax outputs on the clean
+    inputs (recomputed here from independent sessions); the gate compares it."""
+    lo, le = plain_logits(case["orig"], case["cx"]), plain_logits(case["edit"], case["cx"])
+    p, q = (np.exp(v - v.max(1, keepdims=True)) for v in (lo.astype(np.float64), le.astype(np.float64)))
+    expect = float((0.5 * np.abs(p / p.sum(1, keepdims=True) - q / q.sum(1, keepdims=True)).sum(1)).mean())
+    ok = verify(case["orig"], case["edit"], case["clean"], thresholds={"max_output_shift": expect + 1e-6})
+    assert ok.passed and ok.clean.output_shift == pytest.approx(expect, rel=1e-6)
+    assert ok.to_dict()["clean"]["output_shift"] == pytest.approx(expect, rel=1e-6)
+    bad = verify(case["orig"], case["edit"], case["clean"], thresholds={"max_output_shift": expect / 2})
+    assert not bad.passed and bad.failed_checks[0].startswith("max-output-shift: ")
+    same = verify(case["orig"], case["orig"], case["clean"], thresholds={"max_output_shift": 0.0})
+    assert same.passed and same.clean.output_shift == 0.0
+
+
 def test_acc_drop_is_exact_from_counts(case, tmp_path):
     # Labels = the original's predictions, so the drop is (#disagreements) / N exactly.
     lo, le = plain_logits(case["orig"], case["cx"]), plain_logits(case["edit"], case["cx"])
@@ -297,6 +322,14 @@ def test_cli_pass_exit_0(case):
     assert any(ln.strip().startswith("attack success rate") for ln in lines)
     # 2 x 120 + 2 x 60 batches of 1, but stderr is not a terminal: no progress bar.
     assert proc.stderr == ""
+
+
+def test_cli_output_shift_gate(case):
+    proc = dynedit(case["orig"], case["edit"], "--clean", case["clean_nolabels"], "--max-output-shift", "0.0001",
+                   check_rc=1)
+    assert any(ln.strip().startswith("output shift (mean TV distance)") for ln in proc.stdout.splitlines())
+    assert proc.stdout.strip().splitlines()[-1].startswith("FAILED: max-output-shift: ")
+    dynedit(case["orig"], case["edit"], "--clean", case["clean_nolabels"], "--max-output-shift", "1", check_rc=0)
 
 
 def test_cli_no_gates_passes(case):
