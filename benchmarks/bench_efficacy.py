@@ -54,7 +54,7 @@ TARGETS = {  # case: (n pairs, min corrected %, max clean drop in points)
 }
 PAIR_FILES = {1: "pairs.npz", 5: "pairs5.npz", 20: "pairs20.npz"}
 
-# (case, n, label, edit_model keyword arguments; "_val": False drops --val)
+# (case, n, label, edit_model keyword arguments; "_val": False drops --val, "unlabeled" passes val's inputs alone)
 VARIANTS: list[tuple[str, int, str, dict]] = [
     ("badnets", 1, "augment 64", {"augment": 64}),
     ("badnets", 1, "static last layer (/17/Gemm), 1 edit", {"layers": ["/17/Gemm"], "max_edits": 1}),
@@ -156,7 +156,11 @@ def run_finetune(case: Case, twin: Twin, n: int) -> dict:
 
 def run_edit(case: Case, n: int, kw: dict, tmp: Path, tag: str) -> dict:
     kw = dict(kw)
-    val = case.dir / "val.npz" if kw.pop("_val", True) else None
+    use_val = kw.pop("_val", True)
+    val = case.dir / "val.npz" if use_val else None
+    if use_val == "unlabeled":  # what a user with unlabeled deployment inputs passes
+        val = tmp / f"{case.name}-{tag}-val-x.npz"
+        np.savez(val, x=np.load(case.dir / "val.npz")["x"])
     out = tmp / f"{case.name}-{tag}.onnx"
     t0 = time.perf_counter()
     outcome = edit_model(case.model, case.pairs(n), out, stats=case.dir / "stats.npz", val=val, device="cpu", **kw)

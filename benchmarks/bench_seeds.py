@@ -1,7 +1,8 @@
 """The defaults on held-out cases of the same kinds: the Trojan samples rebuilt with other seeds.
 
     python benchmarks/bench_seeds.py [--seeds 0 1 2 3 4] [--cases badnets resnet_blend ...] [--dir FOLDER]
-                                     [--no-val-rows | --only-no-val] [--reference] [--configs '{}' ...]
+                                     [--no-val-rows | --only-no-val] [--val-kinds labelled unlabeled none]
+                                     [--reference] [--configs '{}' ...]
 
 The efficacy targets of issue 10 were met on the committed samples (seed 0); acceptance is
 measured on cases of the same kinds that are not in the repo. This benchmark rebuilds the
@@ -14,7 +15,10 @@ kinds) into FOLDER/sS (default FOLDER: a temporary folder; a build there is reus
 the committed sample where there is one) and runs `edit_model` at each config on each, at
 the target's pair count (patch Trojans 1 pair, blends 5), with stats + val and, with
 --no-val-rows, with stats only (the degradation is then checked on the held-out share of
-the stats). Each row: the written model measured with ONNX Runtime on the held-out test
+the stats); --val-kinds picks the rows instead: "labelled" (val's inputs and labels: the
+budget is the accuracy drop), "unlabeled" (val's inputs alone, what a user with unlabeled
+deployment inputs passes: the budget reads the changed predictions and the output
+shift on them) and "none" (stats only). Each row: the written model measured with ONNX Runtime on the held-out test
 set: corrected % (corrupted test inputs whose label is not the target, now right), clean
 drop in points, seconds, what `dynedit edit` would exit with, "target" (both within the
 issue's targets) and "hidden" (exit 0 while the held-out drop exceeds the 1-point budget
@@ -60,16 +64,21 @@ def case_dir(root: Path, seed: int, name: str, *, unpoisoned: bool = False) -> P
     return folder / name
 
 
-def row(seed: int, case: Case, use_val: bool, config: str, tmp: Path, reference: str) -> tuple[str, bool, bool, bool]:
+VAL_KINDS = {"labelled": True, "unlabeled": "unlabeled", "none": False}  # run_edit's "_val"
+VAL_COLUMN = {"labelled": "yes", "unlabeled": "inputs only", "none": "no"}
+
+
+def row(seed: int, case: Case, val_kind: str, config: str, tmp: Path, reference: str) -> tuple[str, bool, bool, bool]:
     """(the table row, target met, exit 0 hiding a drop, corrected within one test image of
     the clean twins' accuracy)."""
     n, min_c, max_d = TARGETS[case.name]
-    r = run_edit(case, n, {**json.loads(config), "_val": use_val}, tmp, f"{seed}-{use_val}-{abs(hash(config))}")
+    r = run_edit(case, n, {**json.loads(config), "_val": VAL_KINDS[val_kind]}, tmp,
+                 f"{seed}-{val_kind}-{abs(hash(config))}")
     drop = case.base["clean"] - r["clean"]
     met = r["corrected"] >= min_c and drop <= max_d
     hidden = r["exit"] == 0 and drop > BUDGET_PTS + 1.0
     near = r["corrected"] >= case.ceiling - 100.0 / case.sel.sum() - 1e-9
-    text = (f"| {seed} | {case.name} | {n} | {'yes' if use_val else 'no'} | `{config}` | {r['corrected']:.2f}{reference} | "
+    text = (f"| {seed} | {case.name} | {n} | {VAL_COLUMN[val_kind]} | `{config}` | {r['corrected']:.2f}{reference} | "
             f"{case.ceiling:.2f} | {r['faithful']:.2f} | {drop:.2f} | {r['time']:.1f} | {r['exit']} | "
             f"{'met' if met else 'MISSED'} | {'HIDDEN DROP' if hidden else '-'} | {r['edits']} |")
     return text, met, hidden, near
@@ -83,9 +92,12 @@ def main() -> None:
     ap.add_argument("--no-val-rows", dest="no_val", action="store_true", help="also run each case without --val")
     ap.add_argument("--only-no-val", action="store_true",
                     help="only the rows without --val (what a change to the unlabeled degradation check moves)")
+    ap.add_argument("--val-kinds", nargs="*", choices=list(VAL_KINDS), default=None,
+                    help="the rows' val: labelled, unlabeled (inputs only), none (stats only); overrides the two above")
     ap.add_argument("--reference", action="store_true", help="also build each case never poisoned (its corrected %%)")
     ap.add_argument("--configs", nargs="*", default=["{}"], help="RectifyConfig values, one JSON object per row")
     args = ap.parse_args()
+    kinds = args.val_kinds or (["none"] if args.only_no_val else ["labelled", "none"] if args.no_val else ["labelled"])
     tally: dict[str, list[int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or Path(tmp) / "models"
@@ -98,9 +110,9 @@ def main() -> None:
                 ref = ""
                 if args.reference:
                     ref = f" ({Case(name, case_dir(root, seed, name, unpoisoned=True)).base['corrected']:.2f})"
-                for use_val in (False,) if args.only_no_val else (True, False) if args.no_val else (True,):
+                for val_kind in kinds:
                     for config in args.configs:
-                        text, *flags = row(seed, case, use_val, config, Path(tmp), ref)
+                        text, *flags = row(seed, case, val_kind, config, Path(tmp), ref)
                         t = tally.setdefault(name, [0, 0, 0, 0])
                         t[:] = [t[0] + 1] + [a + b for a, b in zip(t[1:], flags)]
                         print(text, flush=True)
