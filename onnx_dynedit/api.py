@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -447,11 +448,26 @@ def _rectify(twin, inputs: Inputs, cfg, keys):
 
 
 def _inputs_info(raw: Inputs, inputs: Inputs) -> dict:
-    """The report's ``inputs``: where the pairs, stats and val came from."""
+    """The report's ``inputs``: where the pairs, stats and val came from, and how many val
+    inputs are also stats inputs (None where either is missing or the stats stream)."""
+    overlap = shared_rows(inputs.val.x, inputs.stats.x) if inputs.val and inputs.stats else None
+    if overlap and inputs.val.y is None:
+        from .rectify import FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT
+
+        log.warning("val %s: %d of its %d inputs are also stats inputs; unlabeled val is read as inputs the model "
+                    "was not trained on (their output shift weighs %g, a memorised input's %g): give val other "
+                    "inputs, labels, or none and a share of the stats is held out", inputs.val.source, overlap,
+                    len(inputs.val.x), FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT)
     return {"pairs": inputs.pairs.source, "n_pairs": inputs.pairs.n,
             "stats": (raw.stats_shards.source if raw.stats_shards is not None
                       else inputs.stats.source if inputs.stats else None),
-            "val": inputs.val.source if inputs.val else None}
+            "val": inputs.val.source if inputs.val else None, "val_in_stats": overlap}
+
+
+def shared_rows(x: np.ndarray, pool: np.ndarray) -> int:
+    """How many rows of ``x`` equal a row of ``pool`` bit for bit."""
+    seen = {hashlib.sha1(np.ascontiguousarray(row).tobytes()).digest() for row in pool}
+    return sum(hashlib.sha1(np.ascontiguousarray(row).tobytes()).digest() in seen for row in x)
 
 
 def _check_edit_outputs(out, report, plot, protected, *, in_place: bool, data) -> None:

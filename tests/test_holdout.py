@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_dynedit.api import edit_model
+from onnx_dynedit.api import edit_model, shared_rows
 from onnx_dynedit.io import load_model
 from onnx_dynedit.rectify import (FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT, Degradation, RectifyConfig, Reference, _reference,
                                    rectify, split_stats)
@@ -207,3 +207,34 @@ def test_unlabeled_val_repairs_the_memorised_blend(tmp_path):
     sel = corrupt["y"] != target
     corrected = (predict(out, corrupt["x"])[sel] == corrupt["y"][sel]).mean()
     assert corrected >= 0.90 and drop <= 0.01, (corrected, drop)
+
+
+def test_unlabeled_val_that_repeats_the_stats_is_flagged(memorised, tmp_path, caplog):
+    """Unlabeled val is read as fresh inputs; val inputs that are also stats inputs (the
+    model's training images, often) get a warning naming the file, and the report counts
+    them (``inputs.val_in_stats``). Labelled val is counted, not warned about: its budget is
+    the accuracy drop, whatever the inputs."""
+    m = memorised
+    f = m["folder"]
+    np.savez(tmp_path / "val_inputs.npz", x=np.concatenate([m["stats"][:10], m["fresh"][:30]]))
+    np.savez(tmp_path / "val_labelled.npz", x=m["stats"][:10], y=np.zeros(10, int))
+    with caplog.at_level("WARNING", logger="onnx_dynedit.api"):
+        out = edit_model(f / "model.onnx", f / "pairs.npz", None, stats=f / "stats.npz",
+                         val=tmp_path / "val_inputs.npz", device="cpu")
+    assert out.inputs["val_in_stats"] == 10
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("val_inputs.npz" in w and "10 of its 40 inputs are also stats inputs" in w for w in warned), warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="onnx_dynedit.api"):
+        out = edit_model(f / "model.onnx", f / "pairs.npz", None, stats=f / "stats.npz",
+                         val=tmp_path / "val_labelled.npz", device="cpu")
+    assert out.inputs["val_in_stats"] == 10 and not [r for r in caplog.records if r.levelname == "WARNING"]
+    out = edit_model(f / "model.onnx", f / "pairs.npz", None, stats=f / "stats.npz", device="cpu")
+    assert out.inputs["val_in_stats"] is None
+
+
+def test_shared_rows_on_paper():
+    pool = np.arange(12, dtype=np.float32).reshape(4, 3)
+    x = np.stack([pool[2], pool[0] + 1e-6, pool[0], np.zeros(3, np.float32)])
+    assert shared_rows(x, pool) == 2          # rows 0 and 2; a row off by 1e-6 is another input
+    assert shared_rows(x[:0], pool) == 0 and shared_rows(pool, pool) == 4
