@@ -580,9 +580,9 @@ class Degradation:
     held-out stats inputs' top-1 classes and shifted their outputs by 0.89 and 0.66 %,
     where every edit that cost at most 1.4 points shifted them by at most 0.25 %: on stats
     the weight is SHIFT_WEIGHT (2). Unlabeled val is fresh inputs, whose outputs move that
-    much more: FRESH_SHIFT_WEIGHT (0.5; at 2, 177 of 288 pinned edits that cost at most 0.5
-    point were refused on val). README, "The degradation check on memorised stats" and
-    "... on unlabeled val"."""
+    much more: FRESH_SHIFT_WEIGHT (0.5; at 2, 171 of 260 pinned edits that cost at most 0.5
+    point were refused on val: bench_degradation.py). README, "The degradation check on
+    memorised stats" and "... on unlabeled val"."""
 
     def __init__(self, twin: Twin, ref: Reference):
         self.twin, self.ref = twin, ref
