@@ -154,6 +154,7 @@ class Inputs:
     # every shard (keystats.ShardedKeys); ``stats`` then holds its first shard only, for
     # the uses that need inputs in memory (augmentation, locality, held-out checks).
     stats_shards: object = None
+    val_in_stats: int | None = None  # val inputs also in stats (None: no val, no stats, or streamed stats)
 
 
 def read_inputs(pairs_path, stats_path=None, val_path=None, *, engine: str | None = None) -> Inputs:
@@ -221,7 +222,30 @@ def fit_inputs(twin, raw: Inputs) -> Inputs:
             n = _num_classes(twin) or int(twin.run(x[:1]).shape[-1])
             check_labels(v.y, n, name=f"val {v.source}: 'y'")
         val = Samples(x=x, y=v.y, source=v.source)
-    return Inputs(pairs=pairs, stats=stats, val=val, stats_shards=raw.stats_shards)
+    overlap = val_in_stats(val, stats) if raw.stats_shards is None else None
+    return Inputs(pairs=pairs, stats=stats, val=val, stats_shards=raw.stats_shards, val_in_stats=overlap)
+
+
+def val_in_stats(val: Samples | None, stats: Samples | None) -> int | None:
+    """How many val inputs are also stats inputs; a warning when val has no labels, since
+    unlabeled val is read as inputs the model was not trained on (rectify.Degradation)."""
+    if val is None or stats is None:
+        return None
+    overlap = shared_rows(val.x, stats.x)
+    if overlap and val.y is None:
+        from .rectify import FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT
+
+        log.warning("val %s: %d of its %d inputs are also stats inputs; unlabeled val is read as inputs the model "
+                    "was not trained on (their output shift weighs %g, a memorised input's %g): give val other "
+                    "inputs, labels, or none and a share of the stats is held out", val.source, overlap,
+                    len(val.x), FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT)
+    return overlap
+
+
+def shared_rows(x: np.ndarray, pool: np.ndarray) -> int:
+    """How many rows of ``x`` equal a row of ``pool`` bit for bit."""
+    seen = {hashlib.sha1(np.ascontiguousarray(row).tobytes()).digest() for row in pool}
+    return sum(hashlib.sha1(np.ascontiguousarray(row).tobytes()).digest() in seen for row in x)
 
 
 # --------------------------------------------------------------------------- locate
@@ -449,25 +473,11 @@ def _rectify(twin, inputs: Inputs, cfg, keys):
 
 def _inputs_info(raw: Inputs, inputs: Inputs) -> dict:
     """The report's ``inputs``: where the pairs, stats and val came from, and how many val
-    inputs are also stats inputs (None where either is missing or the stats stream)."""
-    overlap = shared_rows(inputs.val.x, inputs.stats.x) if inputs.val and inputs.stats else None
-    if overlap and inputs.val.y is None:
-        from .rectify import FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT
-
-        log.warning("val %s: %d of its %d inputs are also stats inputs; unlabeled val is read as inputs the model "
-                    "was not trained on (their output shift weighs %g, a memorised input's %g): give val other "
-                    "inputs, labels, or none and a share of the stats is held out", inputs.val.source, overlap,
-                    len(inputs.val.x), FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT)
+    inputs are also stats inputs."""
     return {"pairs": inputs.pairs.source, "n_pairs": inputs.pairs.n,
             "stats": (raw.stats_shards.source if raw.stats_shards is not None
                       else inputs.stats.source if inputs.stats else None),
-            "val": inputs.val.source if inputs.val else None, "val_in_stats": overlap}
-
-
-def shared_rows(x: np.ndarray, pool: np.ndarray) -> int:
-    """How many rows of ``x`` equal a row of ``pool`` bit for bit."""
-    seen = {hashlib.sha1(np.ascontiguousarray(row).tobytes()).digest() for row in pool}
-    return sum(hashlib.sha1(np.ascontiguousarray(row).tobytes()).digest() in seen for row in x)
+            "val": inputs.val.source if inputs.val else None, "val_in_stats": inputs.val_in_stats}
 
 
 def _check_edit_outputs(out, report, plot, protected, *, in_place: bool, data) -> None:

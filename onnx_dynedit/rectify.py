@@ -352,18 +352,19 @@ def split_stats(stats_x: np.ndarray, share: float, seed: int) -> tuple[np.ndarra
 
 
 def _reference(clean, fit_stats, held, val_x, val_y) -> Reference:
-    shift = f", or {SHIFT_WEIGHT:g} x their mean output shift where larger"  # Degradation, unlabeled
+    def unlabeled(x, source: str, on: str, weight: float = SHIFT_WEIGHT) -> Reference:  # Degradation's rule
+        return Reference(x, None, source, f"changed predictions on {on}, or {weight:g} x their mean output shift "
+                         "where larger", weight)
+
     if val_x is not None:
         if val_y is not None:
             return Reference(val_x, val_y, "val", "accuracy drop on val")
-        return Reference(val_x, None, "val", f"changed predictions on val, or {FRESH_SHIFT_WEIGHT:g} x their mean "
-                         "output shift where larger", FRESH_SHIFT_WEIGHT)
+        return unlabeled(val_x, "val", "val", FRESH_SHIFT_WEIGHT)
     if held is not None and len(held):
-        return Reference(held, None, "held-out stats",
-                         f"changed predictions on {len(held)} held-out stats inputs{shift}")
+        return unlabeled(held, "held-out stats", f"{len(held)} held-out stats inputs")
     if fit_stats is not None:
-        return Reference(fit_stats, None, "stats", f"changed predictions on stats (in-sample: none held out){shift}")
-    return Reference(clean, None, "clean twins", f"changed predictions on the clean twins (in-sample){shift}")
+        return unlabeled(fit_stats, "stats", "stats (in-sample: none held out)")
+    return unlabeled(clean, "clean twins", "the clean twins (in-sample)")
 
 
 def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x, val_y,

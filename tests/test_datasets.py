@@ -210,3 +210,4 @@ def test_edit_streams_a_sharded_stats_folder(shards, tmp_path):
     assert data["engine"] == "local" and data["workers"] == 1
     assert data["stats_source"].startswith("stats (200 inputs in 3 shards")
     assert data["inputs"]["stats"] == str(shards["stats"])
+    assert data["inputs"]["val_in_stats"] is None  # streamed stats: not compared against one shard
