@@ -10,7 +10,7 @@ degradation the loop saw, its stop reason and success, timings and the steps.
 "_affine": true / "_gain": true replace the synthetic pairs by the per-element affine /
 per-pair channel-gain transplant (the exploration before ``transplant`` existed in the
 library; ``{"transplant": "affine"}`` is the same with the library's ridge 1e-4 instead
-of 1e-3). One process per row; rows of the README's exploration table.
+of 1e-3). One process per row; rows of the exploration table in docs/results.md.
 """
 import sys, json, time, warnings, logging
 warnings.filterwarnings("ignore")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The CUDA checks, in one run on a lent GPU machine (the `device` tool; README, "GPU").
+# The CUDA checks, in one run on a lent GPU machine (the `device` tool; docs/results.md, "GPU").
 # That machine has its own python3 with torch, onnx and onnxruntime, no registry: the two
-# pure-Python packages it lacks travel as wheels in .whl/ (README says how they are fetched).
+# pure-Python packages it lacks travel as wheels in .whl/ (docs/results.md, "GPU", says how they are fetched).
 # Logs go to $OUT (or ./out): the CUDA tests, the speed benchmark on cuda, the test suite.
 set -u
 OUT="${OUT:-out}"; mkdir -p "$OUT"

@@ -10,7 +10,7 @@ keys are the input's feature vectors. A second erase of the same layer removes a
 orthogonal to the earlier ones, so that edits compose into the orthogonal projection off
 their span (a later direction with a part along an erased one would bring it back).
 
-Why (README, "Colour: pixel-view edits"): on the resnet_colour sample the confound is the
+Why (docs/results.md, "Colour: pixel-view edits"): on the resnet_colour sample the confound is the
 input's colour; the pairs' whitened directions (pixel.pixel_direction) erased at the first
 conv correct 74.72 % (one) and 93.06 % (two) of the held-out triggered inputs with 5 pairs,
 where the fitted u of ``objective="local"`` gives 71.11 / 78.06 % (benchmarks/colour_variants.py).

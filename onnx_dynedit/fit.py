@@ -5,7 +5,7 @@ numbers and the residuals are the logits of a few dozen inputs. Levenberg-Marqua
 that structure: one forward pass and one backward pass per output class give the exact
 Jacobian of every residual with respect to u, and a damped Gauss-Newton step solves the
 C_out x C_out normal equations. It converges in a handful of iterations where Adam takes
-hundreds of steps (see the README's speed section); Adam stays for the attribution fit
+hundreds of steps (see docs/results.md's speed section); Adam stays for the attribution fit
 (IG inside the loss) and for heads with many classes (one backward pass per class).
 """
 

@@ -115,7 +115,7 @@ def conv_windows(layer: Layer, xp: torch.Tensor) -> torch.Tensor:
     a view (no copy, any memory format) in which one position's key is one window, in
     unfold's order (channel, kernel rows, columns). Copying keys out of it is faster than
     unfold and than a gather with an index per key element, most of all from the twin's
-    channels_last inputs (README, speed section: twentieth session)."""
+    channels_last inputs (docs/results.md, speed section: twentieth session)."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.strides, layer.dilations
     b, c, h, w = xp.shape
     oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1

@@ -6,7 +6,7 @@ process, and every thread that allocates has a heap of its own. An edit frees an
 allocates blocks of 1-32 MB all the time (activations, unfolded keys, blocks of them), so
 its resident size can grow far past what it holds (an earlier reading, not re-measured:
 VGG-16 at 3x240x240 at 11.7 GB of RSS with 2 threads; with this setting the same
-benchmark peaked at 6.5 GB, README speed section). A fixed threshold (MMAP_THRESHOLD,
+benchmark peaked at 6.5 GB, docs/results.md, speed section). A fixed threshold (MMAP_THRESHOLD,
 16 MB) keeps every larger block in a mapping of its own, unmapped when it is freed.
 
 Setting the mmap threshold turns off glibc's matching rule for the trim threshold (the

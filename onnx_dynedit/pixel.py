@@ -2,7 +2,7 @@
 channel vectors of single input pixels, and one direction d acts at every kernel tap,
 dW[o, c, tap] = u[o, tap] d[c].
 
-Why (README, "colour-correlated spurious feature"): a confound carried by the input's
+Why (docs/results.md, "Colour: pixel-view edits"): a confound carried by the input's
 colour is one direction of the 3 colour channels at every pixel; in the patch view it is
 spread over the 27 unfolded features of each 3x3 patch and a rank-one edit holds only a
 part of it. On the resnet_colour sample, the first conv's local least-squares edit with 20

@@ -122,7 +122,7 @@ class RectifyConfig:
                                       # the screen_keep candidates of a screened round (models with more than
                                       # screen_above editable layers) and for fits whose inputs' activations exceed
                                       # LBFGS_ABOVE (real-size inputs, fitted in chunks); lm and lbfgs converge in
-                                      # fewer passes but move the n = 20 sample rows (README, speed section)
+                                      # fewer passes but move the n = 20 sample rows (docs/results.md, speed section)
     lbfgs_evals: int = 25             # loss evaluations (downstream passes) of the L-BFGS fit
     attr_weight: float = 3.0          # weight of the region's attribution in the attribution fit
     attr_steps: int = 8               # IG steps inside the attribution fit
@@ -231,7 +231,7 @@ class RectifyResult:
     @property
     def suggests_erase(self) -> bool:
         """A failed output-fit repair of pairs that are re-colourings: a feature to remove,
-        which ``objective="erase"`` does (README, "Colour: erasing the direction")."""
+        which ``objective="erase"`` does (docs/results.md, "Colour: erasing the direction")."""
         return (not self.success and self.corruption == "gain" and self.criterion == "output"
                 and self.config.objective != "erase")
 
@@ -582,7 +582,7 @@ class Degradation:
     where every edit that cost at most 1.4 points shifted them by at most 0.25 %: on stats
     the weight is SHIFT_WEIGHT (2). Unlabeled val is fresh inputs, whose outputs move that
     much more: FRESH_SHIFT_WEIGHT (0.5; at 2, 171 of 260 pinned edits that cost at most 0.5
-    point were refused on val: bench_degradation.py). README, "The degradation check on
+    point were refused on val: bench_degradation.py). docs/results.md, "The degradation check on
     memorised stats" and "... on unlabeled val"."""
 
     def __init__(self, twin: Twin, ref: Reference):
@@ -1178,7 +1178,7 @@ def _best(crit: Criterion, degradation: Degradation, short: list, prev, timings:
     Conv may be in two views. The degradations are measured in order, as many at a time
     as options are still needed (``Degradation.many``: one recording for them). A closed
     form has no locality term, so its output shift is larger than its fitted edit's would
-    be; reading it anyway keeps the risky layers out (README, "The degradation check on
+    be; reading it anyway keeps the risky layers out (docs/results.md, "The degradation check on
     memorised stats": without it, deep_blend rebuilt with seed 0 hid a 2.2-point drop)."""
     def by_check(i):
         a = short[i][1].after

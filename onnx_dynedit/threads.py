@@ -3,7 +3,7 @@
 Default (None): ``OMP_NUM_THREADS`` when it is set, else every core this process may run
 on. Under contention from other busy
 processes fewer threads can be much faster (OpenMP threads wait for each other); the
-README gives measured figures. ``configure`` records the number (the CLI always calls
+docs/results.md ("Threads") gives measured figures. ``configure`` records the number (the CLI always calls
 it); the twin then applies it to torch when it is built (``apply_torch``) and every ONNX
 Runtime session takes it (``session_options``). Until ``configure`` is called, torch and
 ONNX Runtime keep their own defaults (a library caller, or a Ray worker that set its own

@@ -5,7 +5,7 @@ A repair the tool calls good must be good on inputs it never saw: the output cri
 fits every candidate of a round and keeps the one that fixes most check pairs (the
 corruption transplanted onto stats inputs that neither the locality term nor the
 synthetic pairs use). On the patch Trojan sample the first-ranked layer fixes every
-fitted pair but fewer check pairs than a deeper one (README, efficacy table).
+fitted pair but fewer check pairs than a deeper one (docs/results.md, efficacy table).
 """
 
 from __future__ import annotations

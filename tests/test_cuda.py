@@ -1,4 +1,4 @@
-"""The CUDA path, run where torch sees a GPU (skipped elsewhere: CI has none; the README's
+"""The CUDA path, run where torch sees a GPU (skipped elsewhere: CI has none; docs/results.md's
 GPU section says where these ran and what they measured).
 
 The twin on CUDA against ONNX Runtime on the CPU, the Quick start edit with ``--device

@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+RESULTS = (ROOT / "docs" / "results.md").read_text()
 
 
 def readme_commands() -> list[str]:
@@ -25,6 +26,39 @@ def readme_commands() -> list[str]:
 def test_readme_lists_every_command():
     names = {shlex.split(c, comments=True)[1] for c in readme_commands()}
     assert names == {"inspect", "locate", "edit", "revert", "diff", "verify"}
+
+
+def _line_starts(text: str) -> set[str]:
+    return {" ".join(line.lstrip("#").split()) for line in text.splitlines() if line.strip()}
+
+
+def _results_references() -> set[str]:
+    """Section names that the README, the code and the scripts send the reader to in
+    docs/results.md: the file's name then a quoted name, a quoted name then "in" and the
+    file's name, and the right-hand column of the README's "Results at a glance" table."""
+    files = [ROOT / "README.md", ROOT / "benchmarks" / "gpu_check.sh"]
+    files += [p for d in ("onnx_dynedit", "cli", "benchmarks", "tests") for p in (ROOT / d).rglob("*.py")]
+    names = set()
+    for path in files:
+        flat = " ".join(path.read_text().split())
+        for a, b in re.findall(r'docs/results\.md[,:]? "([^"]+)"|"([^"]+)" in docs/results\.md', flat):
+            names.add(a or b)
+    glance = README.split("## Results at a glance", 1)[1].split("\n## ", 1)[0]
+    for row in glance.splitlines():
+        if row.startswith("| ") and not row.startswith("| what"):
+            names.update(re.findall(r'"([^"]+)"', row.rstrip(" |").rsplit("|", 1)[1]))
+    return {n for n in names if not n.startswith("...")}
+
+
+def test_references_to_the_results_record_name_its_sections():
+    """The measurement record moved out of the README (docs/results.md): every place that
+    points into it names a heading, or the first words of a paragraph, that is there (the
+    glance table may also name a README section)."""
+    starts = _line_starts(RESULTS) | _line_starts(README)
+    names = _results_references()
+    assert len(names) >= 10
+    missing = sorted(n for n in names if not any(s.startswith(n) for s in starts))
+    assert not missing, missing
 
 
 @pytest.fixture(scope="module")
