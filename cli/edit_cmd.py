@@ -23,7 +23,9 @@ from onnx_dynedit.options import CHOICES
 # (RectifyConfig, options.py); a bad value is the library's one-line error (exit 2).
 @config_option("--max-edits", field="max_edits", type=int, help="Most rank-one edits to accept (default {default}).")
 @config_option("--max-degradation", field="max_degradation", type=FiniteFloat(),
-               help="Budget: accuracy drop on val (or share of changed predictions) per run (default {default}).")
+               help="Budget, checked on inputs the fit never used (val, else held-out stats): the accuracy "
+                    "drop on labelled val; without labels the share of changed predictions, or a multiple "
+                    "of the mean output shift where larger (default {default}).")
 @config_option("--criterion", field="criterion", type=click.Choice(CHOICES["criterion"]),
                help="What 'behaves like its clean twin' means: the output gap (output: Trojans, spurious features), "
                     "the share of input attribution on the region where the pair differs (attribution: feature "

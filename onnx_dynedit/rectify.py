@@ -103,7 +103,7 @@ class RectifyConfig:
     """Every default of the method lives here (the CLI passes None for 'not given')."""
 
     max_edits: int = 4
-    max_degradation: float = 0.01     # accuracy drop (fraction) or share of changed predictions
+    max_degradation: float = 0.01     # accuracy drop (fraction), else max(changed share, w x output shift)
     criterion: str = "auto"           # "output", "attribution" or "auto" (see module doc)
     target_gap: float = 0.1           # mean TV distance on the pairs that counts as "behaves like clean"
     target_attribution: float = 0.05  # attribution share on the changed region, in excess of the clean twin's
