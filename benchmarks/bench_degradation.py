@@ -37,9 +37,8 @@ from bench_efficacy import Case  # noqa: E402
 from bench_seeds import TARGETS, case_dir  # noqa: E402
 
 from onnx_dynedit.io import load_model  # noqa: E402
-from onnx_dynedit.rectify import RectifyConfig, rectify, split_stats  # noqa: E402
+from onnx_dynedit.rectify import Degradation, RectifyConfig, Reference, rectify, split_stats  # noqa: E402
 from onnx_dynedit.twin import Twin  # noqa: E402
-from onnx_dynedit.verify import output_shifts  # noqa: E402
 
 WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0)
 BANDS = (("> 2 pt", lambda d: d > 2.0), ("0.5-2 pt", lambda d: 0.5 < d <= 2.0), ("<= 0.5 pt", lambda d: d <= 0.5))
@@ -52,11 +51,10 @@ def pinned_edits(case: Case) -> list[dict]:
     p = np.load(case.pairs(n))
     stats = np.load(case.dir / "stats.npz")["x"]
     cfg = RectifyConfig()
-    refs = {"held-out stats": split_stats(stats, cfg.holdout, cfg.seed)[1],
-            "val inputs": np.load(case.dir / "val.npz")["x"]}
-    test_x, test_y = case.clean_x, case.y
-    base = {k: twin.run(x) for k, x in refs.items()}
-    base_acc = float((twin.run(test_x).argmax(1) == test_y).mean())
+    refs = {name: Degradation(twin, Reference(x, None, name, name)) for name, x in (
+        ("held-out stats", split_stats(stats, cfg.holdout, cfg.seed)[1]),
+        ("val inputs", np.load(case.dir / "val.npz")["x"]))}
+    test = Degradation(twin, Reference(case.clean_x, case.y, "test", "accuracy drop on the test set"))
     out = []
     for layer in twin.layer_map.editable():
         for augment in (16, 0):
@@ -64,12 +62,11 @@ def pinned_edits(case: Case) -> list[dict]:
                 layers=[layer.node], max_degradation=1.0, max_edits=1, augment=augment))
             if not r.edits:
                 continue
-            with twin.applied([e.to_torch(twin.device) for e in r.edits]):
-                row = {"drop": 100 * (base_acc - float((twin.run(test_x).argmax(1) == test_y).mean()))}
-                for k, x in refs.items():
-                    after = twin.run(x)
-                    row[k] = (float((after.argmax(1) != base[k].argmax(1)).mean()),
-                              float(output_shifts(base[k], after).mean()))
+            edits = [e.to_torch(twin.device) for e in r.edits]
+            row = {"drop": 100 * test(edits)}
+            for name, ref in refs.items():
+                parts = ref.parts(ref.logits(edits))
+                row[name] = parts["changed_predictions"], parts["output_shift"]
             out.append(row)
             print(f"  {case.dir.parent.name}/{case.name} {layer.node} augment {augment}: drop {row['drop']:.2f} pt",
                   file=sys.stderr, flush=True)
