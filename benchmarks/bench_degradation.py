@@ -5,7 +5,7 @@
 
 Without labels the degradation budget reads the share of reference inputs whose top-1
 class an edit changes, or w x their mean output shift (the total-variation distance of
-the class probabilities) where that is larger (`rectify.Degradation`). This benchmark
+the class probabilities) where that is larger (`degradation.Degradation`). This benchmark
 makes many edits of known cost and asks which of them each reading would refuse: every
 editable layer of each case pinned in turn (`layers=[L]`, one edit, the budget off), with
 16 and with no synthetic pairs, at the case's target pair count, stats only. For each
@@ -37,7 +37,8 @@ from bench_efficacy import Case  # noqa: E402
 from bench_seeds import TARGETS, case_dir  # noqa: E402
 
 from onnx_dynedit.io import load_model  # noqa: E402
-from onnx_dynedit.rectify import Degradation, RectifyConfig, Reference, rectify, split_stats  # noqa: E402
+from onnx_dynedit.degradation import Degradation, Reference  # noqa: E402
+from onnx_dynedit.rectify import RectifyConfig, rectify, split_stats  # noqa: E402
 from onnx_dynedit.twin import Twin  # noqa: E402
 
 WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0)

@@ -228,12 +228,12 @@ def fit_inputs(twin, raw: Inputs) -> Inputs:
 
 def val_in_stats(val: Samples | None, stats: Samples | None) -> int | None:
     """How many val inputs are also stats inputs; a warning when val has no labels, since
-    unlabeled val is read as inputs the model was not trained on (rectify.Degradation)."""
+    unlabeled val is read as inputs the model was not trained on (degradation.Degradation)."""
     if val is None or stats is None:
         return None
     overlap = shared_rows(val.x, stats.x)
     if overlap and val.y is None:
-        from .rectify import FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT
+        from .degradation import FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT
 
         log.warning("val %s: %d of its %d inputs are also stats inputs; unlabeled val is read as inputs the model "
                     "was not trained on (their output shift weighs %g, a memorised input's %g): give val other "

@@ -21,11 +21,11 @@ Value (the "u"):
          u = sum_p s_p r_p / sum_p s_p^2 with s_p = d . k~_p and r_p the clean-minus-
          corrupted output at p (bias cancels). For one dense key this is the textbook
          u = (v* - W k*) / (d^T k*).
-  output fitted in rectify.py: u starts at the closed form and Adam makes the
+  output fitted in criteria.py: u starts at the closed form and Adam makes the
          NETWORK output on x~ match the output on x while keeping outputs on unlabeled
          clean inputs unchanged (the README's decision table; ``objective="local"`` keeps
          the closed form).
-  attribution (feature leakage, rectify.py): u and the whitened key a are fitted
+  attribution (feature leakage, criteria.py): u and the whitened key a are fitted
          together, d = R^-T a = C_l^-1 k with k = R a, starting at this module's k*;
          d keeps the form C^-1 k, only k moves.
 

@@ -1,5 +1,5 @@
 """Check pairs: synthetic pairs held out from the fit decide which candidate edit a round
-keeps (rectify.py, issue 10.3), and the "paste" transplant of one localised pair.
+keeps (rectify.py and criteria.py, issue 10.3), and the "paste" transplant of one localised pair.
 
 A repair the tool calls good must be good on inputs it never saw: the output criterion
 fits every candidate of a round and keeps the one that fixes most check pairs (the
@@ -17,8 +17,10 @@ import pytest
 
 from onnx_dynedit.errors import InputError
 from onnx_dynedit.io import load_model
-from onnx_dynedit.rectify import (Degradation, OutputGap, RectifyConfig, Reference, Score, corruption_model,
-                                  make_check_pairs, make_plan, rectify, split_check, transplant_pairs)
+from onnx_dynedit.degradation import Degradation, Reference
+from onnx_dynedit.criteria import OutputGap, Score
+from onnx_dynedit.rectify import RectifyConfig, make_check_pairs, make_plan, rectify, split_check
+from onnx_dynedit.transplant import corruption_model, transplant_pairs
 from onnx_dynedit.twin import Twin
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
@@ -182,7 +184,7 @@ def test_screened_rounds_fit_the_kept_candidates_with_lbfgs(badnets, monkeypatch
     inputs whose activations fit one pass (the sample models), L-BFGS for the
     ``screen_keep`` candidates of a screened round and for fits made in chunks (real-size
     inputs)."""
-    import onnx_dynedit.rectify as rectify_module
+    import onnx_dynedit.criteria as criteria_module
     from onnx_dynedit import fit
 
     twin, corrupt, clean, stats = badnets
@@ -196,11 +198,11 @@ def test_screened_rounds_fit_the_kept_candidates_with_lbfgs(badnets, monkeypatch
     rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1))
     assert calls and set(calls) == {"adam"}
     calls.clear()
-    monkeypatch.setattr(rectify_module, "FIT_BUDGET", 1)  # one input per pass: the fit runs in chunks
+    monkeypatch.setattr(criteria_module, "FIT_BUDGET", 1)  # one input per pass: the fit runs in chunks
     rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1, check_pairs=0))
     assert calls and set(calls) == {"adam"}  # chunked, but not over LBFGS_ABOVE: still Adam
     calls.clear()
-    monkeypatch.setattr(rectify_module, "LBFGS_ABOVE", 1)  # inputs of real size
+    monkeypatch.setattr(criteria_module, "LBFGS_ABOVE", 1)  # inputs of real size
     rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(max_edits=1, check_pairs=0))
     assert calls and set(calls) == {"lbfgs"}
 
@@ -270,7 +272,7 @@ def test_the_loop_goes_on_past_the_target_while_the_check_pairs_improve(badnets)
     accepted edit reaches the target and the loop stops; with 0 it goes on, and every edit
     it keeps past the target cuts the check pairs' gap by at least POLISH_GAIN; the
     report's exit condition (the given pairs) holds either way."""
-    from onnx_dynedit.rectify import POLISH_GAIN
+    from onnx_dynedit.criteria import POLISH_GAIN
 
     twin, corrupt, clean, stats = badnets
     once = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig(check_target=1.0))
@@ -307,9 +309,9 @@ def test_screening_scores_from_recordings_match_whole_runs(badnets, monkeypatch,
     recording of every input is over its budget (here: room for 10 inputs, or for none),
     the inputs are recorded and scored a chunk at a time (at least one input per chunk),
     with the same scores."""
-    import onnx_dynedit.rectify as rectify_mod
+    import onnx_dynedit.degradation as degradation_mod
     from onnx_dynedit.rank_one import RankOneEdit
-    from onnx_dynedit.rectify import make_criterion
+    from onnx_dynedit.criteria import make_criterion
     from onnx_dynedit.twin import DownstreamRunner
 
     twin, corrupt, clean, stats = badnets
@@ -328,8 +330,8 @@ def test_screening_scores_from_recordings_match_whole_runs(badnets, monkeypatch,
     whole = [crit.score(prev + [t], 24) for t in trials]
     n_inputs = len(plan.corrupt) + 24
     if budget is not None:
-        per_input = rectify_mod.recording_bytes(twin, prev, [t.layer for t in trials], plan.corrupt[:1])
-        monkeypatch.setattr(rectify_mod, "SCREEN_CACHE_BUDGET", budget * per_input)
+        per_input = degradation_mod.recording_bytes(twin, prev, [t.layer for t in trials], plan.corrupt[:1])
+        monkeypatch.setattr(degradation_mod, "SCREEN_CACHE_BUDGET", budget * per_input)
     recordings = []
     real_init = DownstreamRunner.__init__
     monkeypatch.setattr(DownstreamRunner, "__init__",
@@ -351,7 +353,7 @@ def test_full_trials_judged_from_recordings_match_whole_runs(badnets, monkeypatc
     values upstream of their layers, and equal those of running the whole model for each
     trial, on top of an earlier edit too."""
     from onnx_dynedit.rank_one import RankOneEdit
-    from onnx_dynedit.rectify import Degradation, make_criterion
+    from onnx_dynedit.criteria import make_criterion
     from onnx_dynedit.twin import DownstreamRunner
 
     twin, corrupt, clean, stats = badnets

@@ -170,7 +170,7 @@ def test_capture_rows_in_passes_is_the_capture_in_one_pass(monkeypatch):
 def test_chunked_output_fit_is_the_unchunked_fit(monkeypatch):
     """The output fit with its activations in chunks of 3 inputs (gradients accumulated)
     makes the same edit as the fit in one pass."""
-    import onnx_dynedit.rectify as rectify_module
+    import onnx_dynedit.criteria as criteria_module
 
     d = SAMPLES / "badnets"
     twin = Twin(load_model(d / "model.onnx"), "cpu")
@@ -178,8 +178,13 @@ def test_chunked_output_fit_is_the_unchunked_fit(monkeypatch):
     args = dict(stats_x=np.load(d / "stats.npz")["x"], val_x=val["x"], val_y=val["y"],
                 config=RectifyConfig(max_edits=1, fit_steps=60, fit_method="adam"))  # "auto": L-BFGS when chunked
     whole = rectify(twin, pairs["corrupt"], pairs["clean"], **args)
-    monkeypatch.setattr(rectify_module, "FIT_BUDGET", 1)  # one input per pass
+    monkeypatch.setattr(criteria_module, "FIT_BUDGET", 1)  # one input per pass
+    chunks = []
+    real = criteria_module.OutputGap._fit_chunk
+    monkeypatch.setattr(criteria_module.OutputGap, "_fit_chunk",
+                        lambda self, *a: chunks.append(real(self, *a)) or chunks[-1])
     chunked = rectify(twin, pairs["corrupt"], pairs["clean"], **args)
+    assert chunks and set(chunks) == {1}  # every fit ran one input per pass
     assert [e.layer.node for e in chunked.edits] == [e.layer.node for e in whole.edits]
     np.testing.assert_allclose(chunked.edits[0].u, whole.edits[0].u, rtol=1e-3, atol=1e-4 * np.abs(whole.edits[0].u).max())
     assert chunked.gap_after == pytest.approx(whole.gap_after, abs=1e-4)

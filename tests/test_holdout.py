@@ -1,4 +1,4 @@
-"""Degradation is checked on inputs nothing in the fit used (rectify.py, issue 10.1).
+"""Degradation is checked on inputs nothing in the fit used (rectify.py and degradation.py, issue 10.1).
 
 The model memorised its stats: a Gemm over 256 features whose stats are 64 of its own
 "training" inputs. C from those few inputs is nearly singular outside their span, so the
@@ -22,8 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_dynedit.api import edit_model, shared_rows
 from onnx_dynedit.io import load_model
-from onnx_dynedit.rectify import (FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT, Degradation, RectifyConfig, Reference, _reference,
-                                   rectify, split_stats)
+from onnx_dynedit.degradation import FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT, Degradation, Reference
+from onnx_dynedit.rectify import RectifyConfig, _reference, rectify, split_stats
 from onnx_dynedit.twin import Twin
 
 D, K = 256, 4

@@ -29,7 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_dynedit.api import edit_model
 from onnx_dynedit.attribution import input_attribution, region_shares
 from onnx_dynedit.io import load_model
-from onnx_dynedit.rectify import RectifyConfig, rectify, transplant_pairs
+from onnx_dynedit.rectify import RectifyConfig, rectify
+from onnx_dynedit.transplant import transplant_pairs
 from onnx_dynedit.twin import Twin
 
 F32 = TensorProto.FLOAT

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_dynedit.rectify import corruption_model, transplant_pairs
+from onnx_dynedit.transplant import corruption_model, transplant_pairs
 
 RNG = np.random.default_rng(0)
 
