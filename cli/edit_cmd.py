@@ -65,10 +65,12 @@ from onnx_dynedit.options import CHOICES
               help="Write a PNG: the first given pairs, their input attribution before and after, the layer scores "
                    "of each round.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
+@click.option("--all-steps", is_flag=True,
+              help="List every trial, the layers a round's screen left out too (by default one row per screen).")
 @run_options()
 def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, criterion, target_gap, target_attribution,
          objective, conv_keys, augment, check_pairs, check_candidates, check_target, seed, device, input_shapes, engine,
-         ray_address, in_place, report, plot, as_json):
+         ray_address, in_place, report, plot, as_json, all_steps):
     """Repair MODEL so that each corrupted input behaves like its clean twin; write OUT.
 
     Exit 0 when every pair is fixed within budget (OUT is always written then: the model
@@ -87,16 +89,14 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, crit
     if as_json:
         echo_json(outcome.to_dict())
     else:
-        _print_report(outcome)
+        _print_report(outcome, all_steps)
     sys.exit(0 if outcome.success else 1)
 
 
-def _print_report(outcome) -> None:
-    """The text report: one row per trial, then the summary lines and PASSED / FAILED."""
+def _print_report(outcome, all_steps: bool = False) -> None:
+    """The text report: one row per trial (``step_rows``), then the summary lines and PASSED / FAILED."""
     res = outcome.result
-    rows = [[s.step, s.node, "-" if s.score is None else f"{s.score:.4g}", f"{s.gap_before:.4f}",
-             f"{s.gap_after:.4f}", f"{s.fixed_after}/{res.n_pairs}", f"{s.degradation:.4f}", s.reason]
-            for s in res.steps]
+    rows = step_rows(res, all_steps)
     if rows:
         click.echo(table(rows, ["step", "layer", "score", "gap before", "gap after", "fixed", "degradation", "decision"]))
     gap_name = ("attribution share on the differing region" if res.criterion == "attribution"
@@ -138,3 +138,34 @@ def _print_report(outcome) -> None:
     if res.suggests_erase:
         click.echo("hint: the pairs look like a re-colouring (each channel of the clean input scaled): a feature to "
                    "remove rather than an output to match; try --objective erase")
+
+
+def _runs(steps, all_steps: bool) -> list[list]:
+    """The steps in order, cut into runs: each trial alone, except consecutive trials a
+    round's screen left out (one run each round), unless ``all_steps``."""
+    runs: list[list] = []
+    for s in steps:
+        if not all_steps and s.screened and runs and runs[-1][-1].screened:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs
+
+
+def step_rows(res, all_steps: bool = False) -> list[list]:
+    """One row per trial; the trials a round's screen left out in one row per round,
+    unless ``all_steps``."""
+    rows = []
+    for run in _runs(res.steps, all_steps):
+        s = run[0]
+        if len(run) == 1:
+            rows.append([s.step, s.node, "-" if s.score is None else f"{s.score:.4g}", f"{s.gap_before:.4f}",
+                         f"{s.gap_after:.4f}", f"{s.fixed_after}/{res.n_pairs}", f"{s.degradation:.4f}", s.reason])
+            continue
+        over = sum(1 for t in run if t.degradation > res.config.max_degradation)  # NaN: not measured
+        rows.append([f"{s.step}-{run[-1].step}", f"{len(run)} layers (--all-steps lists them)", "-",
+                     f"{s.gap_before:.4f}", f"{min(t.gap_after for t in run):.4f}",
+                     f"{max(t.fixed_after for t in run)}/{res.n_pairs}", "-",
+                     f"{s.reason.split(' (')[0]}: {over} over the degradation budget, {len(run) - over} ranked "
+                     "behind the kept ones on the check pairs"])
+    return rows

@@ -149,6 +149,8 @@ class EditStep:
     check_fixed_after: int | None = None   # check pairs (held out from the fit) fixed; None: no check pairs
     check_gap_after: float | None = None
     view: str = "patch"                    # "pixel": a Conv's pixel-view edit (pixel.py)
+    screened: bool = False                 # judged by a round's screen only (a cheap u, the first screen_check
+                                           # check pairs) and not fitted fully
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -530,7 +532,7 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
              for i, opt in enumerate(options)]
     keep = _best(crit, degradation, short, prev, timings)
     how = f"{crit.screen_steps} Adam steps" if crit.screen_steps else "the closed form"
-    out = [replace(t.step, accepted=False, reason=f"screened out after {how} "
+    out = [replace(t.step, accepted=False, screened=True, reason=f"screened out after {how} "
                    f"({t.after.check_fixed} of {t.after.check_count} check pairs fixed"
                    + ("" if t.step.accepted else f"; {t.step.reason}") + ")")
            for opt, t in short if id(opt) not in keep]

@@ -141,6 +141,16 @@ def test_screen_fits_only_the_best_few_fully(badnets, default_repair, screen, ho
     kept = [s for s in res.steps if s.accepted]
     assert max(s.check_fixed_after for s in kept) > 40  # the full trials: every check pair
     assert [s.step for s in res.steps] == list(range(1, len(res.steps) + 1))  # numbered in order, none twice
+    assert [s.step for s in res.steps if s.screened] == [s.step for s in res.steps if s.reason.startswith("screened")]
+    # `dynedit edit` lists a round's screened-out trials in one row, every trial with --all-steps
+    from cli.edit_cmd import step_rows
+
+    assert len(step_rows(res, all_steps=True)) == len(res.steps)
+    compact = step_rows(res)
+    rows = [r for r in compact if "--all-steps" in str(r[1])]
+    assert rows[0][:2] == [f"{out[0].step}-{out[-1].step}", "4 layers (--all-steps lists them)"]
+    assert rows[0][-1].startswith(f"screened out after {how}: ")
+    assert len(compact) == len(res.steps) - sum(int(r[1].split()[0]) - 1 for r in rows)
 
 
 def test_screen_measures_the_budget_of_the_best_in_batches(badnets, monkeypatch):
