@@ -722,7 +722,7 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     accepted: list[RankOneEdit] = []
     steps: list[EditStep] = []
     localisations: list[Localisation] = []
-    start = state = crit.score([])
+    start = state = crit.start()
     cache = KeyCache(twin, plan, cfg)
     try:
         state, stopped = _loop(crit, degradation, twin, plan, cfg, cache, timings, accepted, steps, localisations, state)
