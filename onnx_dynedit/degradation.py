@@ -61,9 +61,19 @@ class Degradation:
         self.base_logits = twin.run(ref.x)
         self.base_pred = self.base_logits.argmax(1)
         self.base_acc = float((self.base_pred == ref.y).mean()) if ref.y is not None else None
+        self._measured: dict[tuple, dict] = {}  # the parts of every set of edits measured, by their factors
 
     def __call__(self, edits) -> float:
-        return self.of(self.logits(edits))
+        return self._measure(edits, self.logits(edits))
+
+    def _measure(self, edits, logits: np.ndarray) -> float:
+        parts = self._measured[_fingerprint(edits)] = self.parts(logits)
+        return self.of_parts(parts)
+
+    def measured_parts(self, edits) -> dict:
+        """``parts`` of ``edits`` as measured when they were tried, else from a run now."""
+        parts = self._measured.get(_fingerprint(edits))
+        return parts if parts is not None else self.parts(self.logits(edits))
 
     def logits(self, edits) -> np.ndarray:
         with self.twin.applied(edits):
@@ -75,7 +85,7 @@ class Degradation:
         logits = recorded_logits(self.twin, prev, trials, self.ref.x)
         if logits is None:
             return [self(prev + [t]) for t in trials]
-        return [self.of(a) for a in logits]
+        return [self._measure(prev + [t], a) for a, t in zip(logits, trials)]
 
     def parts(self, logits: np.ndarray) -> dict:
         """What the degradation of edits with these reference ``logits`` is made of."""
@@ -87,10 +97,18 @@ class Degradation:
         return out
 
     def of(self, logits: np.ndarray) -> float:
-        parts = self.parts(logits)
+        return self.of_parts(self.parts(logits))
+
+    def of_parts(self, parts: dict) -> float:
         if self.ref.y is not None:
             return parts["accuracy_drop"]
         return max(parts["changed_predictions"], self.ref.shift_weight * parts["output_shift"])
+
+
+def _fingerprint(edits) -> tuple:
+    """What identifies a set of edits: each one's layer, view and factors, bit for bit."""
+    return tuple((e.layer.node, e.view, e.u.detach().cpu().numpy().tobytes(), e.d.detach().cpu().numpy().tobytes())
+                 for e in edits)
 
 
 def recorded_logits(twin: Twin, prev: list[TorchEdit], trials: list[TorchEdit],

@@ -756,13 +756,13 @@ def _loop(crit: Criterion, degradation: Degradation, twin: Twin, plan: Plan, cfg
 
 def _final_degradation(degradation: Degradation, accepted: list, steps: list) -> tuple[float, dict]:
     """(the degradation of every accepted edit together, what it is made of): the one
-    measured on the last accepted step (its trial applied exactly these edits), measured
-    again only when that step has none; its parts from one run of the reference inputs."""
+    measured on the last accepted step (its trial applied exactly these edits) and its
+    parts as measured then; a run of the reference inputs only when that step has none."""
     if not accepted:
         return 0.0, {"changed_predictions": 0.0, "output_shift": 0.0}
-    logits = degradation.logits([e.to_torch(degradation.twin.device) for e in accepted])
+    parts = degradation.measured_parts([e.to_torch(degradation.twin.device) for e in accepted])
     last = next(s for s in reversed(steps) if s.accepted)
-    return (last.degradation if np.isfinite(last.degradation) else degradation.of(logits)), degradation.parts(logits)
+    return (last.degradation if np.isfinite(last.degradation) else degradation.of_parts(parts)), parts
 
 
 def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted, steps, localisations,

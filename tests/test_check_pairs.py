@@ -395,3 +395,22 @@ def test_full_trials_judged_from_recordings_match_whole_runs(badnets, monkeypatc
     for a, b in zip(whole, together, strict=True):
         assert a.fixed == b.fixed and a.check_fixed == b.check_fixed and a.check_count == b.check_count
         assert np.isclose(a.gap, b.gap, rtol=1e-5, atol=1e-7) and np.isclose(a.check_gap, b.check_gap, rtol=1e-5, atol=1e-7)
+
+
+def test_the_reported_degradation_parts_are_those_measured_in_the_round(badnets, monkeypatch):
+    """The result's changed share and output shift are those measured on the kept trial
+    (from the round's recording of the reference inputs): no run of them after the loop,
+    and the same figures as a run of the written edits."""
+    twin, corrupt, clean, stats = badnets
+    runs = []
+    real = Degradation.logits
+    monkeypatch.setattr(Degradation, "logits", lambda self, edits: runs.append(len(edits)) or real(self, edits))
+    res = rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig())
+    assert res.edits and res.degradation_source == "held-out stats" and runs == []
+    monkeypatch.undo()
+    ref = make_plan(twin, corrupt, clean, stats, None, None, RectifyConfig()).reference
+    degradation = Degradation(twin, ref)
+    parts = degradation.parts(degradation.logits([e.to_torch(twin.device) for e in res.edits]))
+    assert res.changed_predictions == parts["changed_predictions"]
+    assert res.output_shift == pytest.approx(parts["output_shift"], rel=1e-5, abs=1e-9)
+    assert res.output_shift > 0  # the edits move the outputs: the figures are not both zero by default
