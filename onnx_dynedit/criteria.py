@@ -89,7 +89,7 @@ class Criterion:
     name = ""
     try_all = False  # fit every candidate and keep the best (else the first that improves)
 
-    def __init__(self, twin: Twin, plan: Plan, cfg: RectifyConfig):
+    def __init__(self, twin: Twin, plan: Plan, cfg: RectifyConfig, reference_logits: np.ndarray | None = None):
         self.twin, self.cfg, self.n_real = twin, cfg, plan.n_real
         self.candidates, self.x1, self._input_bytes = plan.candidates, plan.corrupt[:1], None
         self.corrupt, self.n = plan.corrupt, len(plan.corrupt)
@@ -105,7 +105,7 @@ class Criterion:
         self.static = plan.static
         self.check_p = None
         if self.check is not None:  # the shipped model on the check pairs' clean sides
-            self.check_p = torch.softmax(torch.as_tensor(twin.run(plan.check_clean)), 1)
+            self.check_p = torch.softmax(torch.as_tensor(_shipped_on_check(twin, plan, reference_logits)), 1)
 
     @property
     def target(self) -> float:
@@ -366,8 +366,8 @@ class AttributionShare(Criterion):
     name = "attribution"
     try_all = True  # the output-gap localisation does not rank layers by what this criterion needs
 
-    def __init__(self, twin, plan, cfg):
-        super().__init__(twin, plan, cfg)
+    def __init__(self, twin, plan, cfg, reference_logits=None):
+        super().__init__(twin, plan, cfg, reference_logits)
         self.region = np.asarray(plan.corrupt != plan.clean)
         self.floor = region_shares(twin, plan.clean, self.region, self.target_cls.numpy(), steps=cfg.ig_steps)
         self.region_t = torch.as_tensor(self.region, device=twin.device).float()
@@ -432,5 +432,18 @@ class AttributionShare(Criterion):
         return min(passing, key=lambda t: t.after.gap, default=None)
 
 
-def make_criterion(twin: Twin, plan: Plan, cfg: RectifyConfig) -> Criterion:
-    return (AttributionShare if plan.criterion == "attribution" else OutputGap)(twin, plan, cfg)
+def _shipped_on_check(twin: Twin, plan: Plan, reference_logits: np.ndarray | None) -> np.ndarray:
+    """The shipped model's logits on the check pairs' clean sides; those that are the
+    degradation check's inputs (``plan.check_reference_rows``) read from ``reference_logits``."""
+    k = plan.check_reference_rows if reference_logits is not None else 0
+    if not k:
+        return twin.run(plan.check_clean)
+    head = plan.check_clean[: len(plan.check_clean) - k]
+    return np.concatenate([twin.run(head), reference_logits[:k]]) if len(head) else reference_logits[:k].copy()
+
+
+def make_criterion(twin: Twin, plan: Plan, cfg: RectifyConfig,
+                   reference_logits: np.ndarray | None = None) -> Criterion:
+    """``reference_logits``: the shipped model's on the degradation check's inputs
+    (``Degradation.base_logits``), for the check pairs' clean sides that are those inputs."""
+    return (AttributionShare if plan.criterion == "attribution" else OutputGap)(twin, plan, cfg, reference_logits)

@@ -263,6 +263,7 @@ class Plan:
     criterion: str               # "output" or "attribution"
     check_corrupt: np.ndarray | None = None  # check pairs: synthetic, on stats inputs nothing in the fit uses
     check_clean: np.ndarray | None = None
+    check_reference_rows: int = 0  # the check pairs' last k clean sides are the reference inputs' first k
 
 
 def _candidates(twin: Twin, cfg: RectifyConfig) -> tuple[tuple[Layer, ...], bool]:
@@ -331,7 +332,7 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
                          hint=f"drop {option('objective', cfg.objective)}, or pass {option('criterion', 'output')}")
     n_real = len(corrupt)
     reference = _reference(clean, fit_stats, held, val_x, val_y)
-    check = (None, None)
+    check, spare = (None, None), ()
     if fit_stats is not None:
         pool = fit_stats
         if criterion == "output":
@@ -342,7 +343,19 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
                                               model=cfg.transplant)
     return Plan(candidates=candidates, static=static, key_x=key_x, stats_source=stats_source, fit_x=fit_x,
                 reference=reference, corrupt=corrupt, clean=clean, n_real=n_real, criterion=criterion,
-                check_corrupt=check[0], check_clean=check[1])
+                check_corrupt=check[0], check_clean=check[1],
+                check_reference_rows=_shared_rows(check[1], spare, reference))
+
+
+def _shared_rows(check_clean: np.ndarray | None, spare, reference: Reference) -> int:
+    """k: the check pairs' last k clean sides are the reference inputs' first k, bit for bit
+    (``make_check_pairs`` draws on them after the spare stats; a re-colouring's transplant
+    picks and orders its sources itself: then 0). The shipped model's outputs on those rows
+    are then the degradation check's own."""
+    if check_clean is None or reference.source not in ("val", "held-out stats"):
+        return 0
+    k = len(check_clean) - len(spare)
+    return k if 0 < k <= len(reference.x) and np.array_equal(check_clean[-k:], reference.x[:k]) else 0
 
 
 def split_check(fit_stats: np.ndarray, cfg: RectifyConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -716,8 +729,8 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     torch.manual_seed(cfg.seed)
     progress.step("prepare the pairs (criterion, synthetic pairs, reference outputs)")
     plan = make_plan(twin, corrupt, clean, stats_x, val_x, val_y, cfg, key_source)
-    crit = make_criterion(twin, plan, cfg)
     degradation = Degradation(twin, plan.reference)
+    crit = make_criterion(twin, plan, cfg, degradation.base_logits)
     timings = Timings(key_statistics=0.0, localisation=0.0, fit=0.0, check=0.0)
     accepted: list[RankOneEdit] = []
     steps: list[EditStep] = []

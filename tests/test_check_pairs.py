@@ -104,6 +104,32 @@ def test_check_pairs_are_never_fitted(badnets):
     assert off.check_corrupt is None
 
 
+@pytest.mark.parametrize("with_val", [False, True])
+def test_check_pairs_on_the_reference_inputs_read_its_outputs(badnets, with_val):
+    """The check pairs' clean sides that are the degradation check's inputs (after the spare
+    stats) are counted, and the shipped model's outputs on them are the check's own: the
+    criterion's targets on the check pairs equal a run of every clean side."""
+    from onnx_dynedit.criteria import make_criterion
+
+    twin, corrupt, clean, stats = badnets
+    val = np.load(SAMPLE / "val.npz")
+    plan = make_plan(twin, corrupt, clean, stats, val["x"] if with_val else None, val["y"] if with_val else None,
+                     RectifyConfig())
+    k = plan.check_reference_rows
+    assert 0 < k < len(plan.check_clean) and np.array_equal(plan.check_clean[-k:], plan.reference.x[:k])
+    assert not np.array_equal(plan.check_clean[-k - 1:], plan.reference.x[:k + 1])
+    shared = make_criterion(twin, plan, RectifyConfig(), Degradation(twin, plan.reference).base_logits)
+    alone = make_criterion(twin, plan, RectifyConfig())
+    np.testing.assert_allclose(shared.check_p.numpy(), alone.check_p.numpy(), rtol=1e-5, atol=1e-7)
+    if not with_val:  # re-colourings ("gain"): their transplant picks and orders its own sources
+        d = SAMPLE.parent / "resnet_colour"
+        colour = np.load(d / "pairs5.npz")
+        gain = make_plan(Twin(load_model(d / "model.onnx"), "cpu"), colour["corrupt"], colour["clean"],
+                         np.load(d / "stats.npz")["x"], None, None, RectifyConfig())
+        assert corruption_model(colour["corrupt"], colour["clean"]) == "gain" and len(gain.check_clean)
+        assert gain.check_reference_rows == 0
+
+
 @pytest.fixture(scope="module")
 def default_repair(badnets):
     twin, corrupt, clean, stats = badnets
