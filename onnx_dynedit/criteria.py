@@ -83,13 +83,23 @@ class Fitted:
     view: str = "patch"
 
 
+@dataclass(frozen=True)
+class Shipped:
+    """The shipped model's outputs (logits, float64) already computed on the plan's inputs:
+    ``fit`` on plan.fit_x (the key statistics' passes), ``reference`` on the degradation
+    check's inputs (``Degradation.base_logits``); None where not."""
+
+    fit: np.ndarray | None = None
+    reference: np.ndarray | None = None
+
+
 class Criterion:
     """What "the corrupted input behaves like its clean twin" means, and how to fit for it."""
 
     name = ""
     try_all = False  # fit every candidate and keep the best (else the first that improves)
 
-    def __init__(self, twin: Twin, plan: Plan, cfg: RectifyConfig, reference_logits: np.ndarray | None = None):
+    def __init__(self, twin: Twin, plan: Plan, cfg: RectifyConfig, shipped: Shipped | None = None):
         self.twin, self.cfg, self.n_real = twin, cfg, plan.n_real
         self.candidates, self.x1, self._input_bytes = plan.candidates, plan.corrupt[:1], None
         self.corrupt, self.n = plan.corrupt, len(plan.corrupt)
@@ -100,12 +110,12 @@ class Criterion:
             self.corrupt_t = twin.to_tensor(plan.corrupt)
             self.target_logits = target.float().to(twin.device)
             self.loc_x = twin.to_tensor(plan.fit_x[: cfg.locality_batch])
-            self.loc_ref = twin.forward(self.loc_x).float()
+            self.loc_ref = _shipped_on_fit(twin, plan, self.loc_x, cfg.locality_batch, shipped or Shipped())
         self.check = plan.check_corrupt if plan.check_corrupt is not None and len(plan.check_corrupt) else None
         self.static = plan.static
         self.check_p = None
         if self.check is not None:  # the shipped model on the check pairs' clean sides
-            self.check_p = torch.softmax(torch.as_tensor(_shipped_on_check(twin, plan, reference_logits)), 1)
+            self.check_p = torch.softmax(torch.as_tensor(_shipped_on_check(twin, plan, shipped or Shipped())), 1)
 
     @property
     def target(self) -> float:
@@ -366,8 +376,8 @@ class AttributionShare(Criterion):
     name = "attribution"
     try_all = True  # the output-gap localisation does not rank layers by what this criterion needs
 
-    def __init__(self, twin, plan, cfg, reference_logits=None):
-        super().__init__(twin, plan, cfg, reference_logits)
+    def __init__(self, twin, plan, cfg, shipped=None):
+        super().__init__(twin, plan, cfg, shipped)
         self.region = np.asarray(plan.corrupt != plan.clean)
         self.floor = region_shares(twin, plan.clean, self.region, self.target_cls.numpy(), steps=cfg.ig_steps)
         self.region_t = torch.as_tensor(self.region, device=twin.device).float()
@@ -432,18 +442,29 @@ class AttributionShare(Criterion):
         return min(passing, key=lambda t: t.after.gap, default=None)
 
 
-def _shipped_on_check(twin: Twin, plan: Plan, reference_logits: np.ndarray | None) -> np.ndarray:
-    """The shipped model's logits on the check pairs' clean sides; those that are the
-    degradation check's inputs (``plan.check_reference_rows``) read from ``reference_logits``."""
-    k = plan.check_reference_rows if reference_logits is not None else 0
-    if not k:
-        return twin.run(plan.check_clean)
-    head = plan.check_clean[: len(plan.check_clean) - k]
-    return np.concatenate([twin.run(head), reference_logits[:k]]) if len(head) else reference_logits[:k].copy()
+def _shipped_on_fit(twin: Twin, plan: Plan, loc_x, n: int, shipped: Shipped) -> torch.Tensor:
+    """The shipped model's logits on the locality batch (plan.fit_x's first ``n``), float32."""
+    if shipped.fit is not None:
+        return torch.as_tensor(shipped.fit[:n]).float().to(twin.device)
+    return twin.forward(loc_x).float()
 
 
-def make_criterion(twin: Twin, plan: Plan, cfg: RectifyConfig,
-                   reference_logits: np.ndarray | None = None) -> Criterion:
-    """``reference_logits``: the shipped model's on the degradation check's inputs
-    (``Degradation.base_logits``), for the check pairs' clean sides that are those inputs."""
-    return (AttributionShare if plan.criterion == "attribution" else OutputGap)(twin, plan, cfg, reference_logits)
+def _shipped_on_check(twin: Twin, plan: Plan, shipped: Shipped) -> np.ndarray:
+    """The shipped model's logits on the check pairs' clean sides: those that are fit_x's
+    (``plan.check_fit_rows``) or the degradation check's inputs (``check_reference_rows``)
+    read from ``shipped``, the others run."""
+    a = plan.check_fit_rows if shipped.fit is not None else 0
+    k = plan.check_reference_rows if shipped.reference is not None else 0
+    parts = [shipped.fit[plan.check_fit_start: plan.check_fit_start + a]] if a else []
+    rest = plan.check_clean[a: len(plan.check_clean) - k]
+    if len(rest):
+        parts.append(twin.run(rest))
+    if k:
+        parts.append(shipped.reference[:k])
+    return np.concatenate(parts)
+
+
+def make_criterion(twin: Twin, plan: Plan, cfg: RectifyConfig, shipped: Shipped | None = None) -> Criterion:
+    """``shipped``: the shipped model's outputs already computed on the plan's inputs, read
+    instead of running them again."""
+    return (AttributionShare if plan.criterion == "attribution" else OutputGap)(twin, plan, cfg, shipped)

@@ -168,12 +168,14 @@ def _batch_for(budget: int, per_input: int, most: int) -> int:
 
 
 def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), batch_size: int = KEY_BATCH,
-                   lam: float = DEFAULT_LAMBDA, source: str = "stats",
-                   max_keys: int = MAX_KEYS_PER_BATCH) -> dict[str, KeyStats]:
+                   lam: float = DEFAULT_LAMBDA, source: str = "stats", max_keys: int = MAX_KEYS_PER_BATCH,
+                   outputs: list | None = None) -> dict[str, KeyStats]:
     """Second moments of every layer's keys over inputs ``x`` (current edits applied).
     Per batch at most ``max_keys`` keys per layer are used (every k-th position).
     ``x`` may also be a ``keystats.ShardedKeys`` (a stats set read shard by shard, here or
-    on Ray): its per-shard ``key_moments`` are added in shard order."""
+    on Ray): its per-shard ``key_moments`` are added in shard order. ``outputs``: a list
+    that receives the model's outputs on ``x`` (float64 numpy, batch by batch, from the
+    passes the keys are read in; nothing for a sharded set)."""
     if hasattr(x, "shard_moments"):
         parts = x.shard_moments(twin, layers, edits=edits, batch_size=batch_size, max_keys=max_keys)
         return stats_from_moments(layers, parts, lam=lam, source=source, device=twin.device)
@@ -181,8 +183,8 @@ def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), 
     # sums of every layer at once are 1.6 GB); the same batches for every group: the same sums
     batch, cap = _key_batches(twin, layers, x, edits, batch_size, max_keys)
     out = {}
-    for group in _moment_groups(layers):
-        part = _group_moments(twin, group, x, edits, batch, cap)
+    for i, group in enumerate(_moment_groups(layers)):
+        part = _group_moments(twin, group, x, edits, batch, cap, outputs if i == 0 else None)
         out.update(stats_from_moments(group, [part], lam=lam, source=source, device=twin.device))
     return {l.node: out[l.node] for l in layers}
 
@@ -228,7 +230,8 @@ def _moment_groups(layers: list[Layer]) -> list[list[Layer]]:
     return groups
 
 
-def _group_moments(twin: Twin, layers: list[Layer], x, edits, batch: int, cap: int) -> dict[str, KeyMoments]:
+def _group_moments(twin: Twin, layers: list[Layer], x, edits, batch: int, cap: int,
+                   outputs: list | None = None) -> dict[str, KeyMoments]:
     dim = {l.node: l.in_features for l in layers}
     acc = {l.node: torch.zeros(dim[l.node], dim[l.node], dtype=torch.float64, device=twin.device) for l in layers}
     count = {l.node: 0 for l in layers}
@@ -240,7 +243,9 @@ def _group_moments(twin: Twin, layers: list[Layer], x, edits, batch: int, cap: i
         for i in range(0, len(x), batch):
             for rec in store.values():
                 rec["in"].clear()
-            twin.forward(twin.to_tensor(x[i:i + batch]))
+            out = twin.forward(twin.to_tensor(x[i:i + batch]))
+            if outputs is not None:
+                outputs.append(out.double().cpu().numpy())
             for layer in layers:
                 keys = sampled_keys(layer, store[layer.node]["in"][0], cap)
                 if product is None or product.dtype != keys.dtype:

@@ -46,7 +46,7 @@ import torch
 
 from . import memory, progress
 from .attribution import DEFAULT_STEPS, Localisation, locate
-from .criteria import Criterion, Score, make_criterion
+from .criteria import Criterion, Score, Shipped, make_criterion
 from .degradation import FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT, Degradation, Reference
 from .erase import erase_edit
 from .errors import EditError, InputError, LayerError, option
@@ -263,6 +263,8 @@ class Plan:
     criterion: str               # "output" or "attribution"
     check_corrupt: np.ndarray | None = None  # check pairs: synthetic, on stats inputs nothing in the fit uses
     check_clean: np.ndarray | None = None
+    check_fit_rows: int = 0        # the check pairs' first a clean sides are fit_x[check_fit_start:][:a]
+    check_fit_start: int = 0
     check_reference_rows: int = 0  # the check pairs' last k clean sides are the reference inputs' first k
 
 
@@ -343,19 +345,23 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
                                               model=cfg.transplant)
     return Plan(candidates=candidates, static=static, key_x=key_x, stats_source=stats_source, fit_x=fit_x,
                 reference=reference, corrupt=corrupt, clean=clean, n_real=n_real, criterion=criterion,
-                check_corrupt=check[0], check_clean=check[1],
-                check_reference_rows=_shared_rows(check[1], spare, reference))
+                check_corrupt=check[0], check_clean=check[1], **_check_rows(check[1], spare, reference, cfg))
 
 
-def _shared_rows(check_clean: np.ndarray | None, spare, reference: Reference) -> int:
-    """k: the check pairs' last k clean sides are the reference inputs' first k, bit for bit
-    (``make_check_pairs`` draws on them after the spare stats; a re-colouring's transplant
-    picks and orders its sources itself: then 0). The shipped model's outputs on those rows
-    are then the degradation check's own."""
-    if check_clean is None or reference.source not in ("val", "held-out stats"):
-        return 0
+def _check_rows(check_clean: np.ndarray | None, spare, reference: Reference, cfg: RectifyConfig) -> dict:
+    """Which check pairs' clean sides are inputs whose shipped outputs are computed anyway,
+    bit for bit: the first a are the spare stats (fit_x from ``locality_batch`` on: the key
+    statistics' inputs), the last k the reference inputs' first k (``make_check_pairs``
+    draws on the spare stats, then on those). A re-colouring's transplant picks and orders
+    its sources itself: then none."""
+    if check_clean is None:
+        return {}
+    a = min(len(spare), len(check_clean))
+    a = a if a and np.array_equal(check_clean[:a], spare[:a]) else 0
     k = len(check_clean) - len(spare)
-    return k if 0 < k <= len(reference.x) and np.array_equal(check_clean[-k:], reference.x[:k]) else 0
+    k = k if (reference.source in ("val", "held-out stats") and 0 < k <= len(reference.x)
+              and np.array_equal(check_clean[-k:], reference.x[:k])) else 0
+    return {"check_fit_rows": a, "check_fit_start": cfg.locality_batch if a else 0, "check_reference_rows": k}
 
 
 def split_check(fit_stats: np.ndarray, cfg: RectifyConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -592,12 +598,23 @@ class KeyCache:
         self.twin, self.plan, self.cfg = twin, plan, cfg
         self.stats = FactorStore()
 
-    def current(self, prev: list[TorchEdit]) -> FactorStore:
+    def current(self, prev: list[TorchEdit], outputs: list | None = None) -> FactorStore:
+        """``outputs``: receives the model's outputs on the key statistics' inputs when they
+        are computed here (``key_statistics``)."""
         missing = [layer for layer in self.plan.candidates if layer.node not in self.stats]
         if missing:
             self.stats.update(key_statistics(self.twin, missing, self.plan.key_x, edits=prev, lam=self.cfg.lam,
-                                             source=self.plan.stats_source))
+                                             source=self.plan.stats_source, outputs=outputs))
         return self.stats
+
+    def first(self) -> np.ndarray | None:
+        """Round 1's key statistics (the shipped model's), made before the loop: the passes
+        that read them give the shipped outputs on fit_x (the check pairs' spare stats and the
+        locality batch), returned; None when the keys come from elsewhere (a sharded set)."""
+        progress.step(f"round 1: key statistics ({len(self.plan.candidates)} layers)")
+        outputs: list = []
+        self.current([], outputs if self.plan.key_x is self.plan.fit_x else None)
+        return np.concatenate(outputs) if outputs else None
 
     def edited(self, layer: Layer) -> None:
         for other in self.plan.candidates:
@@ -730,14 +747,16 @@ def rectify(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, *, stats_x: np.n
     progress.step("prepare the pairs (criterion, synthetic pairs, reference outputs)")
     plan = make_plan(twin, corrupt, clean, stats_x, val_x, val_y, cfg, key_source)
     degradation = Degradation(twin, plan.reference)
-    crit = make_criterion(twin, plan, cfg, degradation.base_logits)
     timings = Timings(key_statistics=0.0, localisation=0.0, fit=0.0, check=0.0)
     accepted: list[RankOneEdit] = []
     steps: list[EditStep] = []
     localisations: list[Localisation] = []
-    start = state = crit.start()
     cache = KeyCache(twin, plan, cfg)
     try:
+        with timings("key_statistics"):
+            fit_logits = cache.first()
+        crit = make_criterion(twin, plan, cfg, Shipped(fit=fit_logits, reference=degradation.base_logits))
+        start = state = crit.start()
         state, stopped = _loop(crit, degradation, twin, plan, cfg, cache, timings, accepted, steps, localisations, state)
     finally:
         cache.close()

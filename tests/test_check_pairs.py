@@ -105,29 +105,40 @@ def test_check_pairs_are_never_fitted(badnets):
 
 
 @pytest.mark.parametrize("with_val", [False, True])
-def test_check_pairs_on_the_reference_inputs_read_its_outputs(badnets, with_val):
-    """The check pairs' clean sides that are the degradation check's inputs (after the spare
-    stats) are counted, and the shipped model's outputs on them are the check's own: the
-    criterion's targets on the check pairs equal a run of every clean side."""
-    from onnx_dynedit.criteria import make_criterion
+def test_check_pairs_on_inputs_already_run_read_their_outputs(badnets, with_val):
+    """The check pairs' clean sides that are the spare stats (read by the key statistics'
+    passes) or the degradation check's inputs are counted, and the shipped model's
+    outputs on them, and on the locality batch, are read from those passes: the same
+    targets as a run of every clean side."""
+    from onnx_dynedit.criteria import Shipped, make_criterion
+    from onnx_dynedit.rank_one import key_statistics
 
     twin, corrupt, clean, stats = badnets
     val = np.load(SAMPLE / "val.npz")
-    plan = make_plan(twin, corrupt, clean, stats, val["x"] if with_val else None, val["y"] if with_val else None,
-                     RectifyConfig())
-    k = plan.check_reference_rows
-    assert 0 < k < len(plan.check_clean) and np.array_equal(plan.check_clean[-k:], plan.reference.x[:k])
+    cfg = RectifyConfig()
+    plan = make_plan(twin, corrupt, clean, stats, val["x"] if with_val else None, val["y"] if with_val else None, cfg)
+    a, k, n = plan.check_fit_rows, plan.check_reference_rows, len(plan.check_clean)
+    assert a > 0 and k > 0 and a + k == n and plan.check_fit_start == cfg.locality_batch
+    assert np.array_equal(plan.check_clean[:a], plan.fit_x[cfg.locality_batch: cfg.locality_batch + a])
+    assert np.array_equal(plan.check_clean[-k:], plan.reference.x[:k])
     assert not np.array_equal(plan.check_clean[-k - 1:], plan.reference.x[:k + 1])
-    shared = make_criterion(twin, plan, RectifyConfig(), Degradation(twin, plan.reference).base_logits)
-    alone = make_criterion(twin, plan, RectifyConfig())
-    np.testing.assert_allclose(shared.check_p.numpy(), alone.check_p.numpy(), rtol=1e-5, atol=1e-7)
+    outputs = []
+    key_statistics(twin, list(plan.candidates), plan.key_x, outputs=outputs)
+    fit = np.concatenate(outputs)
+    np.testing.assert_allclose(fit, twin.run(plan.fit_x), rtol=1e-5, atol=1e-6)
+    alone = make_criterion(twin, plan, cfg)
+    for shipped in (Shipped(fit=fit), Shipped(reference=Degradation(twin, plan.reference).base_logits),
+                    Shipped(fit, Degradation(twin, plan.reference).base_logits)):
+        crit = make_criterion(twin, plan, cfg, shipped)
+        np.testing.assert_allclose(crit.check_p.numpy(), alone.check_p.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(crit.loc_ref.numpy(), alone.loc_ref.numpy(), rtol=1e-5, atol=1e-5)
     if not with_val:  # re-colourings ("gain"): their transplant picks and orders its own sources
         d = SAMPLE.parent / "resnet_colour"
         colour = np.load(d / "pairs5.npz")
         gain = make_plan(Twin(load_model(d / "model.onnx"), "cpu"), colour["corrupt"], colour["clean"],
                          np.load(d / "stats.npz")["x"], None, None, RectifyConfig())
         assert corruption_model(colour["corrupt"], colour["clean"]) == "gain" and len(gain.check_clean)
-        assert gain.check_reference_rows == 0
+        assert gain.check_reference_rows == gain.check_fit_rows == 0
 
 
 @pytest.fixture(scope="module")
