@@ -628,7 +628,9 @@ class KeyCache:
 def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: RectifyConfig, timings: Timings,
              localisations: list, cache: KeyCache) -> list[Option]:
     """The layers this step may edit, best first, each with its direction."""
-    progress.step(f"round {done + 1}: key statistics ({len(plan.candidates)} layers)")
+    missing = [layer for layer in plan.candidates if layer.node not in cache.stats]
+    if missing:  # round 1's were made before the loop (KeyCache.first); after an edit, the layers after it
+        progress.step(f"round {done + 1}: key statistics ({len(missing)} layers)")
     with timings("key_statistics"):
         stats = cache.current(prev)
     with timings("localisation"):
