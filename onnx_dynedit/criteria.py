@@ -115,7 +115,8 @@ class Criterion:
         self.static = plan.static
         self.check_p = None
         if self.check is not None:  # the shipped model on the check pairs' clean sides
-            self.check_p = torch.softmax(torch.as_tensor(_shipped_on_check(twin, plan, shipped or Shipped())), 1)
+            logits = _shipped_on_check(twin, plan, shipped or Shipped(), cfg.locality_batch)
+            self.check_p = torch.softmax(torch.as_tensor(logits), 1)
 
     @property
     def target(self) -> float:
@@ -449,13 +450,14 @@ def _shipped_on_fit(twin: Twin, plan: Plan, loc_x, n: int, shipped: Shipped) -> 
     return twin.forward(loc_x).float()
 
 
-def _shipped_on_check(twin: Twin, plan: Plan, shipped: Shipped) -> np.ndarray:
-    """The shipped model's logits on the check pairs' clean sides: those that are fit_x's
-    (``plan.check_fit_rows``) or the degradation check's inputs (``check_reference_rows``)
-    read from ``shipped``, the others run."""
+def _shipped_on_check(twin: Twin, plan: Plan, shipped: Shipped, spare_start: int) -> np.ndarray:
+    """The shipped model's logits on the check pairs' clean sides: those that are the spare
+    stats (``plan.check_fit_rows``, fit_x from ``spare_start`` = the locality batch's size)
+    or the degradation check's inputs (``check_reference_rows``) read from ``shipped``, the
+    others run."""
     a = plan.check_fit_rows if shipped.fit is not None else 0
     k = plan.check_reference_rows if shipped.reference is not None else 0
-    parts = [shipped.fit[plan.check_fit_start: plan.check_fit_start + a]] if a else []
+    parts = [shipped.fit[spare_start: spare_start + a]] if a else []
     rest = plan.check_clean[a: len(plan.check_clean) - k]
     if len(rest):
         parts.append(twin.run(rest))

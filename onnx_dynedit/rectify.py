@@ -263,8 +263,7 @@ class Plan:
     criterion: str               # "output" or "attribution"
     check_corrupt: np.ndarray | None = None  # check pairs: synthetic, on stats inputs nothing in the fit uses
     check_clean: np.ndarray | None = None
-    check_fit_rows: int = 0        # the check pairs' first a clean sides are fit_x[check_fit_start:][:a]
-    check_fit_start: int = 0
+    check_fit_rows: int = 0  # the check pairs' first a clean sides are the spare stats: fit_x[locality_batch:][:a]
     check_reference_rows: int = 0  # the check pairs' last k clean sides are the reference inputs' first k
 
 
@@ -345,10 +344,10 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
                                               model=cfg.transplant)
     return Plan(candidates=candidates, static=static, key_x=key_x, stats_source=stats_source, fit_x=fit_x,
                 reference=reference, corrupt=corrupt, clean=clean, n_real=n_real, criterion=criterion,
-                check_corrupt=check[0], check_clean=check[1], **_check_rows(check[1], spare, reference, cfg))
+                check_corrupt=check[0], check_clean=check[1], **_check_rows(check[1], spare, reference))
 
 
-def _check_rows(check_clean: np.ndarray | None, spare, reference: Reference, cfg: RectifyConfig) -> dict:
+def _check_rows(check_clean: np.ndarray | None, spare, reference: Reference) -> dict:
     """Which check pairs' clean sides are inputs whose shipped outputs are computed anyway,
     bit for bit: the first a are the spare stats (fit_x from ``locality_batch`` on: the key
     statistics' inputs), the last k the reference inputs' first k (``make_check_pairs``
@@ -361,7 +360,7 @@ def _check_rows(check_clean: np.ndarray | None, spare, reference: Reference, cfg
     k = len(check_clean) - len(spare)
     k = k if (reference.source in ("val", "held-out stats") and 0 < k <= len(reference.x)
               and np.array_equal(check_clean[-k:], reference.x[:k])) else 0
-    return {"check_fit_rows": a, "check_fit_start": cfg.locality_batch if a else 0, "check_reference_rows": k}
+    return {"check_fit_rows": a, "check_reference_rows": k}
 
 
 def split_check(fit_stats: np.ndarray, cfg: RectifyConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -598,10 +597,14 @@ class KeyCache:
         self.twin, self.plan, self.cfg = twin, plan, cfg
         self.stats = FactorStore()
 
+    def missing(self) -> list[Layer]:
+        """The candidates whose statistics are not held (all at first; after an edit, those after it)."""
+        return [layer for layer in self.plan.candidates if layer.node not in self.stats]
+
     def current(self, prev: list[TorchEdit], outputs: list | None = None) -> FactorStore:
         """``outputs``: receives the model's outputs on the key statistics' inputs when they
         are computed here (``key_statistics``)."""
-        missing = [layer for layer in self.plan.candidates if layer.node not in self.stats]
+        missing = self.missing()
         if missing:
             self.stats.update(key_statistics(self.twin, missing, self.plan.key_x, edits=prev, lam=self.cfg.lam,
                                              source=self.plan.stats_source, outputs=outputs))
@@ -628,7 +631,7 @@ class KeyCache:
 def _options(twin: Twin, plan: Plan, prev: list[TorchEdit], done: int, cfg: RectifyConfig, timings: Timings,
              localisations: list, cache: KeyCache) -> list[Option]:
     """The layers this step may edit, best first, each with its direction."""
-    missing = [layer for layer in plan.candidates if layer.node not in cache.stats]
+    missing = cache.missing()
     if missing:  # round 1's were made before the loop (KeyCache.first); after an edit, the layers after it
         progress.step(f"round {done + 1}: key statistics ({len(missing)} layers)")
     with timings("key_statistics"):
