@@ -46,7 +46,7 @@ from . import memory
 from .errors import EditError
 from .layers import Layer
 from .keys import layer_keys, layer_values, patch_factors, sampled_keys
-from .twin import Twin
+from .twin import TailRecording, Twin
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ CANCEL_SHARE = 1e-6        # a mean projection below this share of the mean |pro
 FACTOR_F32_FEATURES = 2048  # wider factors are stored in float32 (VGG-16's 4608-wide convs: 85 MB each, not 170)
 MOMENTS_BUDGET = 512 * 2**20  # bytes of float64 sums of k k^T accumulated in one pass over the stats; more layers
                               # than that (VGG-19: 1.6 GB) go in groups, one pass each (the same sums)
+TAIL_BUDGET = 256 * 2**20  # bytes the first group's passes may keep for the later groups' (``TailRecording``)
 GRAM_BLOCK = 576           # columns per block of a key Gram matrix (only the blocks on and above the diagonal are made)
 ADD_BLOCK = 4 * 2**20       # bytes of the float64 copy made per block when a product is added to its sum
 PAIR_KEYS_BUDGET = 64 * 2**20  # bytes of float64 pair keys kept whole (small layers: unfolded once)
@@ -180,11 +181,16 @@ def key_statistics(twin: Twin, layers: list[Layer], x: np.ndarray, *, edits=(), 
         parts = x.shard_moments(twin, layers, edits=edits, batch_size=batch_size, max_keys=max_keys)
         return stats_from_moments(layers, parts, lam=lam, source=source, device=twin.device)
     # group by group, each group's sums factored before the next group's are made (VGG-19: the
-    # sums of every layer at once are 1.6 GB); the same batches for every group: the same sums
+    # sums of every layer at once are 1.6 GB); the same batches for every group: the same sums.
+    # The first group's passes keep what the later groups' layers and the graph after them
+    # read (``TailRecording``): the later passes recompute that tail only
     batch, cap = _key_batches(twin, layers, x, edits, batch_size, max_keys)
+    groups = _moment_groups(layers)
+    tail = TailRecording(twin, [l for g in groups[1:] for l in g], TAIL_BUDGET) if len(groups) > 1 else None
     out = {}
-    for i, group in enumerate(_moment_groups(layers)):
-        part = _group_moments(twin, group, x, edits, batch, cap, outputs if i == 0 else None)
+    for i, group in enumerate(groups):
+        run = None if tail is None else (lambda j, t: tail.forward(t)) if i == 0 else tail.replay
+        part = _group_moments(twin, group, x, edits, batch, cap, outputs if i == 0 else None, run=run)
         out.update(stats_from_moments(group, [part], lam=lam, source=source, device=twin.device))
     return {l.node: out[l.node] for l in layers}
 
@@ -231,7 +237,9 @@ def _moment_groups(layers: list[Layer]) -> list[list[Layer]]:
 
 
 def _group_moments(twin: Twin, layers: list[Layer], x, edits, batch: int, cap: int,
-                   outputs: list | None = None) -> dict[str, KeyMoments]:
+                   outputs: list | None = None, run=None) -> dict[str, KeyMoments]:
+    """``run(j, batch)``: the model's output on the j-th batch (default ``Twin.forward``)."""
+    run = run or (lambda j, t: twin.forward(t))
     dim = {l.node: l.in_features for l in layers}
     acc = {l.node: torch.zeros(dim[l.node], dim[l.node], dtype=torch.float64, device=twin.device) for l in layers}
     count = {l.node: 0 for l in layers}
@@ -243,7 +251,7 @@ def _group_moments(twin: Twin, layers: list[Layer], x, edits, batch: int, cap: i
         for i in range(0, len(x), batch):
             for rec in store.values():
                 rec["in"].clear()
-            out = twin.forward(twin.to_tensor(x[i:i + batch]))
+            out = run(i // batch, twin.to_tensor(x[i:i + batch]))
             if outputs is not None:
                 outputs.append(out.double().cpu().numpy())
             for layer in layers:

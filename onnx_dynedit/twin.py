@@ -526,6 +526,45 @@ class DownstreamRunner:
             self._replay.rows = None
 
 
+class TailRecording:
+    """Whole passes that keep, batch by batch, the values the graph's tail from ``layers``
+    on reads from upstream (its frontier), and later passes over the same batches that
+    recompute that tail alone from them: the key statistics' later groups of layers
+    (ResNet-18: the last block and the head) read their keys without a whole pass over
+    the stats again. Once the kept values exceed ``budget`` bytes they are dropped and
+    ``replay`` runs whole passes (the same values, at the cost of a whole pass)."""
+
+    def __init__(self, twin: "Twin", layers: list[Layer], budget: int):
+        gm = twin.module
+        self.twin, self.budget, self.used = twin, budget, 0
+        self.part = set().union(*(_downstream(gm, layer) for layer in layers))
+        self.frontier = {n for n in gm.graph.nodes
+                         if n.op != "output" and n not in self.part and any(u in self.part for u in n.users)}
+        self.records: list[dict] | None = []
+
+    def forward(self, x) -> torch.Tensor:
+        """``Twin.forward`` on batch ``x`` (no grad), the tail's frontier kept."""
+        if self.records is None:
+            return self.twin.forward(x)
+        kept: dict = {}
+        out = _Record(self.twin.module, self.frontier, kept.__setitem__).run(*(x if isinstance(x, tuple) else (x,)))
+        rows = batch_size_of(x)
+        self.used += sum(v.numel() * v.element_size() for v in kept.values()
+                         if torch.is_tensor(v) and v.dim() and v.shape[0] == rows)
+        if self.used > self.budget:
+            self.records = None
+        else:
+            self.records.append(kept)
+        return self.twin.select(out)
+
+    def replay(self, index: int, x) -> torch.Tensor:
+        """The output on the ``index``-th batch given to ``forward`` (``x``), the tail
+        recomputed from the kept values (current hooks applied), or a whole pass."""
+        if self.records is None:
+            return self.twin.forward(x)
+        return self.twin.select(_Replay(self.twin.module, self.records[index], set(), self.part).run())
+
+
 def _downstream(gm, layer: Layer) -> set:
     """The fx nodes computed from ``layer``'s module (itself included)."""
     start = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer.module]

@@ -466,24 +466,35 @@ def test_layers_over_the_capture_budget_are_recaptured_pair_by_pair(monkeypatch,
     assert calls == []
 
 
-def test_key_statistics_in_groups_are_the_same_sums(monkeypatch):
+@pytest.mark.parametrize("tail_budget", [rank_one.TAIL_BUDGET, 0])
+def test_key_statistics_in_groups_are_the_same_sums(monkeypatch, tail_budget):
     """Layers whose float64 sums exceed MOMENTS_BUDGET together are accumulated and
-    factored group by group, one pass over the stats each, in the same batches: the
-    factors are those of one pass (badnets, every layer its own group)."""
+    factored group by group in the same batches: the factors are those of one pass
+    (badnets, every layer its own group). The first group's passes keep what the later
+    groups read, which then recompute only the graph from their layers on: the first
+    layer runs in the first group's passes alone. Over TAIL_BUDGET nothing is kept and
+    every group makes whole passes, with the same factors."""
     d = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
     twin = Twin(load_model(d / "model.onnx"), "cpu")
     layers = list(twin.layer_map.editable())
     x = np.load(d / "stats.npz")["x"][:40]
     assert len(rank_one._moment_groups(layers)) == 1
     whole = key_statistics(twin, layers, x, batch_size=16)
-    passes = []
-    hook = twin.module.register_forward_pre_hook(lambda *a: passes.append(1))
+    calls = {"first": 0, "last": 0}
+    hooks = [twin.module_of(layer).register_forward_pre_hook(
+        lambda *a, k=k: calls.__setitem__(k, calls[k] + 1)) for k, layer in (("first", layers[0]), ("last", layers[-1]))]
     monkeypatch.setattr(rank_one, "MOMENTS_BUDGET", 1)
+    monkeypatch.setattr(rank_one, "TAIL_BUDGET", tail_budget)
+    outputs: list = []
     try:
-        grouped = key_statistics(twin, layers, x, batch_size=16)
+        grouped = key_statistics(twin, layers, x, batch_size=16, outputs=outputs)
     finally:
-        hook.remove()
-    assert len(passes) == 1 + 3 * len(layers)  # sizes from one input; 40 inputs in batches of 16, once per layer
+        for hook in hooks:
+            hook.remove()
+    # sizes from one input; 40 inputs in batches of 16: 3 passes per group
+    assert calls["last"] == 1 + 3 * len(layers)
+    assert calls["first"] == (1 + 3 if tail_budget else 1 + 3 * len(layers))
+    np.testing.assert_array_equal(np.concatenate(outputs), twin.run(x, batch_size=16))
     for layer in layers:
         assert grouped[layer.node].n_keys == whole[layer.node].n_keys
         # the same sums in the same batches (bit-identical on this machine; BLAS may round

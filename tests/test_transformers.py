@@ -71,6 +71,29 @@ def test_bert_embedding_path():
     torch.testing.assert_close(ends[1], twin.forward((ids[1:], mask[:1]))[0], atol=1e-5, rtol=1e-5)
 
 
+def test_bert_key_statistics_in_groups(monkeypatch):
+    """Two inputs, the mask read deep in the graph: key statistics made group by group
+    (each later group replaying the graph's tail from what the first group's passes kept,
+    the mask among it) are the sums of one pass, and the outputs handed back are a run's."""
+    from onnx_dynedit import rank_one
+    from onnx_dynedit.data import pack_inputs
+
+    twin = Twin(load_model(corpus.bert_tiny()), "cpu")
+    layers = list(twin.layer_map.editable())
+    rng = np.random.default_rng(0)
+    mask = np.ones((40, 8), np.int64)
+    mask[:, 6:] = 0
+    x = pack_inputs({"input_ids": rng.integers(0, VOCAB, (40, 8)), "attention_mask": mask})
+    whole = rank_one.key_statistics(twin, layers, x, batch_size=16)
+    monkeypatch.setattr(rank_one, "MOMENTS_BUDGET", 1)
+    outputs: list = []
+    grouped = rank_one.key_statistics(twin, layers, x, batch_size=16, outputs=outputs)
+    assert len(rank_one._moment_groups(layers)) == len(layers) > 1
+    np.testing.assert_array_equal(np.concatenate(outputs), twin.run(x, batch_size=16))
+    for layer in layers:
+        torch.testing.assert_close(grouped[layer.node].chol, whole[layer.node].chol, rtol=1e-6, atol=1e-9)
+
+
 def test_bert_forced_edit_two_inputs(bert, tmp_path, capsys):
     out = tmp_path / "edited.onnx"
     code, stdout, err = run_cli(["edit", bert / "bert.onnx", "--pairs", bert / "pairs.npz", "--stats",
