@@ -33,6 +33,7 @@ improves / pick). The loop itself is rectify.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 GAP_EPS = 1e-6          # a gap must fall by more than this to count as smaller (float noise)
 FIT_BUDGET = 2 * ACTIVATION_BUDGET  # bytes of activations one forward/backward pass of the output fit keeps
 LBFGS_ABOVE = 4 * ACTIVATION_BUDGET  # fit_method "auto": L-BFGS when the fit's inputs' activations exceed this
+SHARED_FIT_BUDGET = ACTIVATION_BUDGET  # bytes of upstream values one recording for a round's fits may keep
 NORM_FLOOR = 1e-8       # mean squares the fit losses are divided by never fall below this (all-zero logits)
 SHARE_FLOOR = 1e-12     # denominators of attribution shares (an all-zero attribution)
 POLISH_GAIN = 0.3       # past the target, an edit must cut the check pairs' gap by this share (bench_seeds.py)
@@ -113,6 +115,7 @@ class Criterion:
             self.loc_ref = _shipped_on_fit(twin, plan, self.loc_x, cfg.locality_batch, shipped or Shipped())
         self.check = plan.check_corrupt if plan.check_corrupt is not None and len(plan.check_corrupt) else None
         self.static = plan.static
+        self._shared: dict | None = None  # ``recording``'s layers and runner while it lasts
         self.check_p = None
         if self.check is not None:  # the shipped model on the check pairs' clean sides
             logits = _shipped_on_check(twin, plan, shipped or Shipped(), cfg.locality_batch)
@@ -188,6 +191,40 @@ class Criterion:
     def per_pair_gap(self, p: torch.Tensor, edits) -> torch.Tensor:
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def recording(self, prev: list[TorchEdit], layers: list[Layer]):
+        """Within it, the output fits of ``layers`` on top of ``prev`` read one recording of
+        the values upstream of them (made at the first fit that needs it), each recomputing
+        what follows its own layer: the same values as a recording per fit (a round's kept
+        candidates: one pass of the fit's inputs instead of three)."""
+        self._shared = {"prev": prev, "layers": {layer.node: layer for layer in layers}, "runner": None}
+        try:
+            yield
+        finally:
+            self._shared = None
+
+    def _fit_runner(self, layer: Layer, prev: list[TorchEdit], xs) -> DownstreamRunner:
+        """The fit's ``DownstreamRunner``: ``recording``'s when it covers ``layer`` and its
+        values fit SHARED_FIT_BUDGET (one input model; else one recording per fit, freed
+        with it)."""
+        shared = self._shared
+        covered = shared is not None and shared["prev"] is prev and layer.node in shared["layers"]
+        if covered and shared["runner"] is None:
+            shared["runner"] = self._shared_runner(list(shared["layers"].values()), prev, xs) or False
+        if covered and shared["runner"]:
+            return shared["runner"]
+        with self.twin.applied(prev):
+            # upstream of the layer stays cached; recorded a few rows per pass (Twin.run's budget)
+            return DownstreamRunner(self.twin, layer, xs, rows=self.twin.pass_rows(self.x1))
+
+    def _shared_runner(self, layers: list[Layer], prev: list[TorchEdit], xs) -> DownstreamRunner | None:
+        if isinstance(xs, tuple):
+            return None
+        with torch.no_grad(), self.twin.applied(prev):
+            if DownstreamRunner.row_bytes(self.twin, layers, xs[:1]) * batch_size_of(xs) > SHARED_FIT_BUDGET:
+                return None
+            return DownstreamRunner(self.twin, layers, xs, rows=self.twin.pass_rows(self.x1))
+
     def fit(self, layer: Layer, direction: Direction, factor: Callable[[], torch.Tensor], prev: list[TorchEdit],
             steps: int | None = None, method: str | None = None) -> Fitted:
         """``factor()``: the layer's Cholesky factor R of C (read on demand: it may be on
@@ -258,13 +295,11 @@ class OutputGap(Criterion):
         outputs on unlabeled clean inputs stay put."""
         xs = cat_inputs(self.corrupt_t, self.loc_x)  # tensors, or tuples of them for several inputs
         n, m = batch_size_of(self.corrupt_t), batch_size_of(self.loc_x)
-        with self.twin.applied(prev):
-            # upstream of the layer stays cached; recorded a few rows per pass (Twin.run's budget)
-            runner = DownstreamRunner(self.twin, layer, xs, rows=self.twin.pass_rows(self.x1))
+        runner = self._fit_runner(layer, prev, xs)
 
         def out(u, rows=None):
             with self.twin.applied(prev + [TorchEdit(layer, u, d, view)]):
-                return runner(rows)
+                return runner(rows, layer=layer)
 
         method = method or self.cfg.fit_method
         if method == "auto":  # real-size inputs (fitted in chunks): L-BFGS's 25 passes, not Adam's 200

@@ -469,7 +469,9 @@ def _full_trials(crit: Criterion, degradation: Degradation, options: list[Option
     scores and degradations from recordings of the values upstream of their layers
     (``recorded_logits``), where each trial ran the whole network on the pairs, the check
     pairs and the reference inputs."""
-    fits = [_fitted(crit, opt, prev, timings, method=method) for opt in options]
+    with crit.recording(prev, [opt.layer for opt in options]):
+        fits = [_fitted(crit, opt, prev, timings, method=method) for opt in options]
+    memory.trim()  # the fits' recording is freed
     finite = [i for i, (edit, _) in enumerate(fits) if edit.finite]
     edits = [fits[i][0].to_torch(crit.twin.device) for i in finite]
     progress.step(f"check {len(finite)} trials")

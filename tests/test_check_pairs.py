@@ -10,6 +10,7 @@ fitted pair but fewer check pairs than a deeper one (docs/results.md, efficacy t
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -432,6 +433,44 @@ def test_full_trials_judged_from_recordings_match_whole_runs(badnets, monkeypatc
     for a, b in zip(whole, together, strict=True):
         assert a.fixed == b.fixed and a.check_fixed == b.check_fixed and a.check_count == b.check_count
         assert np.isclose(a.gap, b.gap, rtol=1e-5, atol=1e-7) and np.isclose(a.check_gap, b.check_gap, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("budget", ["default", 0])
+def test_a_rounds_fits_read_one_recording(badnets, monkeypatch, budget):
+    """Every candidate of a round fitted in full (check pairs deciding) reads one
+    recording of the values upstream of the candidates, made once, and gets the very
+    fits, edits and figures of one recording per fit; over SHARED_FIT_BUDGET each fit
+    records its own, as before."""
+    from onnx_dynedit import criteria
+    from onnx_dynedit.twin import DownstreamRunner
+
+    twin, corrupt, clean, stats = badnets
+    cfg = RectifyConfig(max_edits=2)
+    made = []
+    real_init = DownstreamRunner.__init__
+
+    def counted(self, twin_, layer, *a, **k):
+        made.append(len(layer) if isinstance(layer, list) else 1)
+        real_init(self, twin_, layer, *a, **k)
+
+    monkeypatch.setattr(DownstreamRunner, "__init__", counted)
+    if budget == 0:
+        monkeypatch.setattr(criteria, "SHARED_FIT_BUDGET", 0)
+    shared = rectify(twin, corrupt, clean, stats_x=stats, config=cfg)
+    fits = [s for s in shared.steps if s.fit_loss is not None]
+    assert len(fits) > 3 and shared.edits
+    if budget == 0:
+        assert made.count(1) >= len(fits)  # a recording per fit
+    else:
+        assert made.count(1) < len(fits) and max(made) > 3  # a recording for many layers at a time
+    made.clear()
+    monkeypatch.setattr(criteria.Criterion, "recording", contextlib.contextmanager(lambda self, prev, layers: (yield)))
+    own = rectify(twin, corrupt, clean, stats_x=stats, config=cfg)
+    assert made.count(1) >= len(fits)
+    assert [(s.node, s.fit_loss, s.accepted, s.gap_after, s.check_gap_after) for s in shared.steps] == \
+        [(s.node, s.fit_loss, s.accepted, s.gap_after, s.check_gap_after) for s in own.steps]
+    for a, b in zip(shared.edits, own.edits, strict=True):
+        assert a.layer.node == b.layer.node and np.array_equal(a.u, b.u) and np.array_equal(a.d, b.d)
 
 
 def test_the_reported_degradation_parts_are_those_measured_in_the_round(badnets, monkeypatch):
