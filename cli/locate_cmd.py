@@ -20,7 +20,9 @@ from onnx_dynedit.options import CHOICES
 @config_option("--target", field="ig_target", type=click.Choice(CHOICES["target"]),
                help="Scalar attributed: corrupt_logit (the logit of the class predicted on the corrupted input) or "
                     "gap (minus the clean twin's class logit) (default {default}).")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart of every layer's score in graph order (chosen layer in red, refused layers named).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG bar chart of every layer's score in graph order (chosen layer in red, "
+                   "refused layers named).")
 @DEVICE_OPTION
 @INPUT_SHAPE_OPTION
 @ENGINE_OPTION

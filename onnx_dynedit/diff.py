@@ -174,9 +174,15 @@ def structural_differences(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:
             continue
         for i, (x, y) in enumerate(zip(sa, sb)):
             if x != y:
-                diffs.append(f"graph.{fname}[{i}] ({getattr(la[i], 'name', '') or la[i].op_type if fname == 'node' else getattr(la[i], 'name', '')}): "
-                             f"{_describe(la[i])} -> {_describe(lb[i])}")
-    if [f.SerializeToString(deterministic=True) for f in a.functions] != [f.SerializeToString(deterministic=True) for f in b.functions]:
+                name = getattr(la[i], "name", "")
+                if fname == "node":
+                    name = name or la[i].op_type
+                diffs.append(f"graph.{fname}[{i}] ({name}): {_describe(la[i])} -> {_describe(lb[i])}")
+
+    def functions(m):
+        return [f.SerializeToString(deterministic=True) for f in m.functions]
+
+    if functions(a) != functions(b):
         diffs.append("functions differ")
     return diffs
 

@@ -84,7 +84,8 @@ def _started(ray, address, num_cpus):
             ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ...
             raise InputError(f"cannot connect to the Ray cluster at {address}: {short(exc)}",
-                             hint=f"start it with `ray start --head` and give its address, or drop {option('ray_address')}") from None
+                             hint="start it with `ray start --head` and give its address, "
+                                  f"or drop {option('ray_address')}") from None
         logger.info("connected to Ray at %s", address)
     else:
         cpus = num_cpus or os.cpu_count() or 1

@@ -68,7 +68,8 @@ def inspect_model(src, *, inputs_file=None, device=None, seed: int = 0, int_rang
 
     loaded: LoadedModel = load_model(src)
     twin = Twin(loaded, device, input_shapes=input_shapes)
-    check_finite_weights(loaded.model, twin.layer_map, loaded.label)  # NaN/Inf weights: unusable input (exit 2), not a parity failure
+    # NaN/Inf weights: unusable input (exit 2), not a parity failure
+    check_finite_weights(loaded.model, twin.layer_map, loaded.label)
     feeds = load_feeds(inputs_file, twin.inputs) if inputs_file else None
     parity = check_parity(twin, feeds, seed=seed, int_range=int_range)
     opset = next((o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")), 0)

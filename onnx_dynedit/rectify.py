@@ -231,9 +231,11 @@ class RectifyResult:
     def to_dict(self) -> dict:
         return {
             "criterion": self.criterion, "target": self.target,
-            "n_pairs": self.n_pairs, "n_real_pairs": self.n_real_pairs, "gap_before": self.gap_before, "gap_after": self.gap_after,
+            "n_pairs": self.n_pairs, "n_real_pairs": self.n_real_pairs,
+            "gap_before": self.gap_before, "gap_after": self.gap_after,
             "fixed_before": self.fixed_before, "fixed_after": self.fixed_after,
-            "real_gap_before": self.real_gap_before, "real_gap_after": self.real_gap_after, "real_fixed_after": self.real_fixed_after,
+            "real_gap_before": self.real_gap_before, "real_gap_after": self.real_gap_after,
+            "real_fixed_after": self.real_fixed_after,
             "degradation": self.degradation, "degradation_kind": self.degradation_kind,
             "degradation_source": self.degradation_source, "degradation_count": self.degradation_count,
             "output_shift": self.output_shift, "changed_predictions": self.changed_predictions,

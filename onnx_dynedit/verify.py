@@ -404,7 +404,8 @@ def verify(original: str | os.PathLike, edited: str | os.PathLike, clean, corrup
     each shard). ``None`` for ``provider`` / ``batch_size`` / ``engine`` means the
     default. Several model inputs: the sets hold ``<key>:<input name>`` arrays (packed,
     ``data.pack_inputs``). ``input_shapes`` ({input name: dims}) fixes symbolic dims of
-    the inputs, and every shard must fit them (the batch axis is the data's own). Raises ``DynEditError`` subclasses for unusable input (exit 2); failed gates
+    the inputs, and every shard must fit them (the batch axis is the data's own). Raises
+    ``DynEditError`` subclasses for unusable input (exit 2); failed gates
     are reported, not raised. Both model files pass ``load_model``'s safety checks
     (``io.check_model_file``) before ONNX Runtime opens them.
     """
