@@ -205,7 +205,7 @@ class Criterion:
 
     def _fit_runner(self, layer: Layer, prev: list[TorchEdit], xs) -> DownstreamRunner:
         """The fit's ``DownstreamRunner``: ``recording``'s when it covers ``layer`` and its
-        values fit SHARED_FIT_BUDGET (one input model; else one recording per fit, freed
+        values fit SHARED_FIT_BUDGET (one-input models; else one recording per fit, freed
         with it)."""
         shared = self._shared
         covered = shared is not None and shared["prev"] is prev and layer.node in shared["layers"]
@@ -218,6 +218,7 @@ class Criterion:
             return DownstreamRunner(self.twin, layer, xs, rows=self.twin.pass_rows(self.x1))
 
     def _shared_runner(self, layers: list[Layer], prev: list[TorchEdit], xs) -> DownstreamRunner | None:
+        """One recording for ``layers``' fits, or None (several inputs, or over the budget)."""
         if isinstance(xs, tuple):
             return None
         with torch.no_grad(), self.twin.applied(prev):
