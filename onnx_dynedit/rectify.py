@@ -110,7 +110,7 @@ class RectifyConfig:
                                       # Models with at most screen_above editable layers (every sample model: 6-10)
                                       # fit each fully
     screen_check: int = 64            # check pairs a screening trial is scored on (the first this many)
-    check_target: float = 0.02        # with check pairs deciding, the loop goes on past the target while their
+    check_target: float = 0.01        # with check pairs deciding, the loop goes on past the target while their
                                       # mean TV distance exceeds this, keeping an edit only when it cuts that
                                       # distance by POLISH_GAIN (none fewer fixed); 1.0: stop at the target
     layers: tuple[str, ...] | None = None  # static mode: edit these, skip localisation
