@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from . import fit as fitting
 from .attribution import input_attribution, region_shares
-from .degradation import recorded_logits
+from .degradation import recorded_logits, recording_bytes
 from .layers import Layer
 from .rank_one import ACTIVATION_BUDGET, Direction, TorchEdit, activation_sizes
 from .twin import DownstreamRunner, Twin, batch_size_of, cat_inputs
@@ -221,9 +221,9 @@ class Criterion:
         """One recording for ``layers``' fits, or None (several inputs, or over the budget)."""
         if isinstance(xs, tuple):
             return None
-        with torch.no_grad(), self.twin.applied(prev):
-            if DownstreamRunner.row_bytes(self.twin, layers, xs[:1]) * batch_size_of(xs) > SHARED_FIT_BUDGET:
-                return None
+        if recording_bytes(self.twin, prev, layers, self.x1) * batch_size_of(xs) > SHARED_FIT_BUDGET:
+            return None
+        with self.twin.applied(prev):
             return DownstreamRunner(self.twin, layers, xs, rows=self.twin.pass_rows(self.x1))
 
     def fit(self, layer: Layer, direction: Direction, factor: Callable[[], torch.Tensor], prev: list[TorchEdit],

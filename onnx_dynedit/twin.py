@@ -538,12 +538,11 @@ class TailRecording:
         gm = twin.module
         self.twin, self.budget, self.used = twin, budget, 0
         self.part = set().union(*(_downstream(gm, layer) for layer in layers))
-        self.frontier = {n for n in gm.graph.nodes
-                         if n.op != "output" and n not in self.part and any(u in self.part for u in n.users)}
+        self.frontier = _frontier(gm, [self.part])
         self.records: list[dict] | None = []
 
     def forward(self, x) -> torch.Tensor:
-        """``Twin.forward`` on batch ``x`` (no grad), the tail's frontier kept."""
+        """``Twin.forward`` on batch ``x`` (under the caller's no_grad), the tail's frontier kept."""
         if self.records is None:
             return self.twin.forward(x)
         kept: dict = {}
@@ -612,6 +611,12 @@ class _Record(fx.Interpreter):
         return value
 
 
+def _frontier(gm, parts: list[set]) -> set:
+    """The nodes outside a downstream part in ``parts`` whose values it reads."""
+    return {n for n in gm.graph.nodes
+            if n.op != "output" and any(n not in part and any(u in part for u in n.users) for part in parts)}
+
+
 def _record(gm, inputs: tuple, parts: list[set], rows: int | None) -> tuple[dict, set]:
     """Run the graph on ``inputs`` (``rows`` at a time) and keep the values each
     downstream part in ``parts`` reads from outside itself (its frontier): (node ->
@@ -635,8 +640,7 @@ def _record(gm, inputs: tuple, parts: list[set], rows: int | None) -> tuple[dict
         sliced.add(n)
         _gather(cache, n, value, lo, n_rows)
 
-    frontier = {n for n in gm.graph.nodes
-                if n.op != "output" and any(n not in part and any(u in part for u in n.users) for part in parts)}
+    frontier = _frontier(gm, parts)
 
     with torch.no_grad():
         for lo in range(0, n_rows, rows):
