@@ -81,7 +81,7 @@ def test_summary_reads_only_the_triggers_that_work():
 
     rows = [row(0, "visibility 1.0", 100.0, 1.0, 90.0), row(1, "visibility 1.0", 80.0, 3.0, 10.0),
             row(0, "at centre", 0.0, 0.0, 0.0), row(1, "at centre", 60.0, 5.0, 20.0),
-            row(0, "moved", 10.0, 0.0, None)]
+            row(0, "moved", 5.0, 0.0, None)]
     lines = bench_trigger.summary(rows)
     assert lines[2] == "| visibility 1.0 | 2 of 2 | 90.00 | 2.00 | 3.00 | 50.00 | 90.00 |"
     assert lines[3] == "| at centre | 1 of 2 | 60.00 | 5.00 | 5.00 | 20.00 | 20.00 |"  # seed 0's 0 % left out
