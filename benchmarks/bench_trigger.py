@@ -21,10 +21,11 @@ held-out test set with the trigger changed:
 
 Per variant: attack success (triggered test inputs whose label is not the target that go
 to the target) of the shipped model, of the repaired one and of the twin fine-tuned on
-the same pairs (every weight, as bench_rectify.py), and corrected % (those inputs right)
-of the shipped and the repaired model (a moved patch covers part of the digit, so the
-shipped model gets some wrong that it does not send to the target). A variant whose
-shipped attack success is low is not a working trigger: its rows say little.
+the same pairs (every weight, as bench_rectify.py; its clean accuracy in the clean
+column), and corrected % (those inputs right) of the shipped and the repaired model (a
+moved patch covers part of the digit, so the shipped model gets some wrong that it does
+not send to the target). A variant whose shipped attack success is low is not a working
+trigger: its rows say little.
 """
 
 from __future__ import annotations
@@ -120,7 +121,14 @@ def case_rows(case, seed: int, n: int, use_val: bool, tune: bool, tmp: Path, ref
         twin = Twin(load_model(case.model), "cpu")
         p = np.load(case.pairs(n))
         tuned = finetune(twin, p["corrupt"], p["clean"])
+
+    def tuned_pred(x):
+        with torch.no_grad():
+            o = tuned(twin.to_tensor(x))
+        return (o[0] if isinstance(o, (tuple, list)) else o).argmax(1).numpy()
+
     share = lambda pred, label: 100 * float((pred == label).mean())  # noqa: E731
+    clean = (case.base["clean"], r["clean"], None if tuned is None else share(tuned_pred(case.clean_x), case.y))
     rows = []
     for name, x in variants(case.clean_x, case.corrupt_x).items():
         x = x[sel]
@@ -128,22 +136,20 @@ def case_rows(case, seed: int, n: int, use_val: bool, tune: bool, tmp: Path, ref
         row = {"seed": seed, "case": case.name, "pairs": n, "trigger": name, "shipped_asr": share(shipped, target),
                "shipped_corrected": share(shipped, case.y[sel]), "repaired_asr": share(repaired, target),
                "repaired_corrected": share(repaired, case.y[sel]), "reference_corrected": None,
-               "finetuned_asr": None, "clean": (case.base["clean"], r["clean"]), "exit": r["exit"], "edits": r["edits"]}
+               "finetuned_asr": None, "clean": clean, "exit": r["exit"], "edits": r["edits"]}
         if reference is not None:
             row["reference_corrected"] = share(ort_pred(reference.model, x), case.y[sel])
         if tuned is not None:
-            with torch.no_grad():
-                o = tuned(twin.to_tensor(x))
-                o = o[0] if isinstance(o, (tuple, list)) else o
-            row["finetuned_asr"] = share(o.argmax(1).numpy(), target)
+            row["finetuned_asr"] = share(tuned_pred(x), target)
         rows.append(row)
     return rows
 
 
 def render(row: dict) -> str:
     cells = " | ".join("-" if row[c] is None else f"{row[c]:.2f}" for c in COLUMNS)
+    tuned = "" if row["clean"][2] is None else f"; {row['clean'][2]:.2f}"
     return (f"| {row['seed']} | {row['case']} | {row['pairs']} | {row['trigger']} | {cells} | "
-            f"{row['clean'][0]:.2f} -> {row['clean'][1]:.2f} | {row['exit']} | {row['edits']} |")
+            f"{row['clean'][0]:.2f} -> {row['clean'][1]:.2f}{tuned} | {row['exit']} | {row['edits']} |")
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -180,7 +186,7 @@ def main() -> None:
     args = ap.parse_args()
     print("| seed | case | pairs | trigger | shipped: attack success % | shipped: corrected % | "
           "repaired: attack success % | repaired: corrected % | never poisoned: corrected % | "
-          "fine-tuned: attack success % | clean % (shipped -> repaired) | exit | edits |")
+          "fine-tuned: attack success % | clean % (shipped -> repaired; fine-tuned) | exit | edits |")
     print("|---" * 13 + "|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -77,7 +77,8 @@ def test_summary_reads_only_the_triggers_that_work():
     def row(seed, trigger, shipped, repaired, tuned):
         return {"seed": seed, "case": "c", "pairs": 1, "trigger": trigger, "shipped_asr": shipped,
                 "shipped_corrected": 0.0, "repaired_asr": repaired, "repaired_corrected": 0.0,
-                "reference_corrected": None, "finetuned_asr": tuned, "clean": (99.0, 99.0), "exit": 0, "edits": "/a"}
+                "reference_corrected": None, "finetuned_asr": tuned, "clean": (99.0, 99.0, 80.0 if tuned else None),
+                "exit": 0, "edits": "/a"}
 
     rows = [row(0, "visibility 1.0", 100.0, 1.0, 90.0), row(1, "visibility 1.0", 80.0, 3.0, 10.0),
             row(0, "at centre", 0.0, 0.0, 0.0), row(1, "at centre", 60.0, 5.0, 20.0),
@@ -87,4 +88,5 @@ def test_summary_reads_only_the_triggers_that_work():
     assert lines[3] == "| at centre | 1 of 2 | 60.00 | 5.00 | 5.00 | 20.00 | 20.00 |"  # seed 0's 0 % left out
     assert lines[4] == "| moved | 0 of 1 | | | | | |"
     assert bench_trigger.render(rows[0]).startswith(
-        "| 0 | c | 1 | visibility 1.0 | 100.00 | 0.00 | 1.00 | 0.00 | - | 90.00 | 99.00 -> 99.00 | 0 | /a |")
+        "| 0 | c | 1 | visibility 1.0 | 100.00 | 0.00 | 1.00 | 0.00 | - | 90.00 | 99.00 -> 99.00; 80.00 | 0 | /a |")
+    assert " | 99.00 -> 99.00 | 0 | /a |" in bench_trigger.render(rows[4])  # not fine-tuned
