@@ -98,11 +98,17 @@ VARIANTS: list[tuple[str, int, str, dict]] = [
 ]
 
 
-def ort_pred(path: Path, x: np.ndarray) -> np.ndarray:
+def ort_predictor(path: Path):
+    """The top-1 class of a model's first output on a batch, one ONNX Runtime session reused."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1)
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0].argmax(1)
+
+
+def ort_pred(path: Path, x: np.ndarray) -> np.ndarray:
+    return ort_predictor(path)(x)
 
 
 def ensure_built(folder: Path, cases, *args: str) -> None:
@@ -170,7 +176,7 @@ def run_edit(case: Case, n: int, kw: dict, tmp: Path, tag: str) -> dict:
         fig = dict(case.base)
     else:
         fig = case.figures(ort_pred(out, case.clean_x), ort_pred(out, case.corrupt_x))
-    return {**fig, "time": dt, "exit": 0 if r.success else 1,
+    return {**fig, "time": dt, "exit": 0 if r.success else 1, "model": case.model if outcome.output is None else out,
             "edits": ",".join(e.layer.node for e in r.edits) or "(none accepted)",
             "degradation": f"{r.degradation:.4f} ({r.degradation_kind})"}
 

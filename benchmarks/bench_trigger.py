@@ -107,15 +107,15 @@ def case_rows(case, seed: int, n: int, use_val: bool, tune: bool, tmp: Path, ref
     (COLUMNS in %, None where not measured). ``reference``: the same build never poisoned
     (bench_efficacy.Case), for its corrected %."""
     import torch
-    from bench_efficacy import ort_pred, run_edit
+    from bench_efficacy import ort_predictor, run_edit
     from bench_rectify import finetune
     from onnx_dynedit.io import load_model
     from onnx_dynedit.twin import Twin
 
     target, sel = case.meta["target"], case.sel
     r = run_edit(case, n, {"_val": use_val}, tmp, f"trigger-{seed}")
-    out = tmp / f"{case.name}-trigger-{seed}.onnx"
-    written = out if out.exists() else case.model
+    shipped_pred, repaired_pred = ort_predictor(case.model), ort_predictor(r["model"])
+    reference_pred = None if reference is None else ort_predictor(reference.model)
     tuned = twin = None
     if tune:
         twin = Twin(load_model(case.model), "cpu")
@@ -132,13 +132,13 @@ def case_rows(case, seed: int, n: int, use_val: bool, tune: bool, tmp: Path, ref
     rows = []
     for name, x in variants(case.clean_x, case.corrupt_x).items():
         x = x[sel]
-        shipped, repaired = ort_pred(case.model, x), ort_pred(written, x)
+        shipped, repaired = shipped_pred(x), repaired_pred(x)
         row = {"seed": seed, "case": case.name, "pairs": n, "trigger": name, "shipped_asr": share(shipped, target),
                "shipped_corrected": share(shipped, case.y[sel]), "repaired_asr": share(repaired, target),
                "repaired_corrected": share(repaired, case.y[sel]), "reference_corrected": None,
                "finetuned_asr": None, "clean": clean, "exit": r["exit"], "edits": r["edits"]}
-        if reference is not None:
-            row["reference_corrected"] = share(ort_pred(reference.model, x), case.y[sel])
+        if reference_pred is not None:
+            row["reference_corrected"] = share(reference_pred(x), case.y[sel])
         if tuned is not None:
             row["finetuned_asr"] = share(tuned_pred(x), target)
         rows.append(row)
