@@ -1,7 +1,7 @@
 """Trigger generalisation: a repair made from the trigger as given, tested on the trigger changed.
 
     python benchmarks/bench_trigger.py [--cases badnets resnet_blend ...] [--seeds 0] [--dir FOLDER]
-                                       [--no-val] [--no-finetune]
+                                       [--no-val] [--no-finetune] [--config JSON]
 
 The paper's figure (CIFAR-10 ResNet-18, dynamic rectifying from one pair): attack success
 5-8 % when the test trigger's visibility differs from the one repaired (0.3 to 1.0) and
@@ -31,6 +31,7 @@ trigger: its rows say little.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -102,10 +103,12 @@ COLUMNS = ("shipped_asr", "shipped_corrected", "repaired_asr", "repaired_correct
 WORKING = 10.0  # a changed trigger "works" when the shipped model sends at least this % to the target
 
 
-def case_rows(case, seed: int, n: int, use_val: bool, tune: bool, tmp: Path, reference=None) -> list[dict]:
+def case_rows(case, seed: int, n: int, use_val: bool, tune: bool, tmp: Path, reference=None,
+              config: dict | None = None) -> list[dict]:
     """One case repaired once, then measured on every changed trigger: a dict per trigger
     (COLUMNS in %, None where not measured). ``reference``: the same build never poisoned
-    (bench_efficacy.Case), for its corrected %."""
+    (bench_efficacy.Case), for its corrected %. ``config``: RectifyConfig values for the
+    repair (the defaults when None)."""
     import torch
     from bench_efficacy import ort_predictor, run_edit
     from bench_rectify import finetune
@@ -113,7 +116,7 @@ def case_rows(case, seed: int, n: int, use_val: bool, tune: bool, tmp: Path, ref
     from onnx_dynedit.twin import Twin
 
     target, sel = case.meta["target"], case.sel
-    r = run_edit(case, n, {"_val": use_val}, tmp, f"trigger-{seed}")
+    r = run_edit(case, n, {**(config or {}), "_val": use_val}, tmp, f"trigger-{seed}")
     shipped_pred, repaired_pred = ort_predictor(case.model), ort_predictor(r["model"])
     reference_pred = None if reference is None else ort_predictor(reference.model)
     tuned = twin = None
@@ -183,6 +186,7 @@ def main() -> None:
     ap.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning column")
     ap.add_argument("--reference", action="store_true",
                     help="also build each case never poisoned (build.py --poison-rate 0): its corrected %%")
+    ap.add_argument("--config", type=json.loads, default={}, help="RectifyConfig values for the repair, a JSON object")
     args = ap.parse_args()
     print("| seed | case | pairs | trigger | shipped: attack success % | shipped: corrected % | "
           "repaired: attack success % | repaired: corrected % | never poisoned: corrected % | "
@@ -195,7 +199,8 @@ def main() -> None:
             for name in args.cases:
                 case = Case(name, case_dir(root, seed, name))
                 ref = Case(name, case_dir(root, seed, name, unpoisoned=True)) if args.reference else None
-                new = case_rows(case, seed, TARGETS[name][0], not args.no_val, not args.no_finetune, Path(tmp), ref)
+                new = case_rows(case, seed, TARGETS[name][0], not args.no_val, not args.no_finetune, Path(tmp), ref,
+                                args.config)
                 print("\n".join(map(render, new)), flush=True)
                 rows += new
     print()

@@ -66,8 +66,11 @@ class LibraryDefault(click.Option):
 
     def get_help_record(self, ctx):
         template = self.help
+        default = self.default_of()
+        if isinstance(default, tuple) and all(isinstance(v, float) for v in default):
+            default = ",".join(f"{v:g}" for v in default)
         try:
-            self.help = template.format(default=self.default_of())
+            self.help = template.format(default=default)
             return super().get_help_record(ctx)
         finally:
             self.help = template
@@ -112,6 +115,21 @@ class Int64(click.ParamType):
 
 
 INT64 = Int64()
+
+
+class Numbers(click.ParamType):
+    """Comma-separated numbers, e.g. 1,1.5,0.75 -> (1.0, 1.5, 0.75); their range is the
+    library's to check (options.py)."""
+
+    name = "numbers"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers, e.g. 1,1.5", param, ctx)
 
 
 class FiniteFloat(click.ParamType):

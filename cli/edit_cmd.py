@@ -3,7 +3,7 @@ import sys
 import click
 
 from cli.common import (DEVICE_OPTION, ENGINE_OPTION, INPUT_SHAPE_OPTION, RAY_ADDRESS_OPTION, SEED, FiniteFloat,
-                        config_option, echo_json, run_options, table)
+                        Numbers, config_option, echo_json, run_options, table)
 from onnx_dynedit.api import edit_model
 from onnx_dynedit.options import CHOICES
 
@@ -45,6 +45,10 @@ from onnx_dynedit.options import CHOICES
                     "as candidates (default {default}).")
 @config_option("--augment", field="augment", type=int,
                help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default {default}; 0 = off).")
+@config_option("--strengths", field="strengths", type=Numbers(), metavar="A,B,...",
+               help="The synthetic and check pairs carry the pairs' corruption at these strengths in turn "
+                    "(x + a (x~ - x)), e.g. 1,1.5,0.75,1.25 to also repair a trigger stronger or fainter than "
+                    "the one given (default {default}).")
 @config_option("--check-pairs", field="check_pairs", type=int,
                help="Synthetic pairs held out from the fit that pick which candidate edit each round keeps "
                     "(default {default}; 0 = keep the first candidate that passes).")
@@ -69,8 +73,8 @@ from onnx_dynedit.options import CHOICES
               help="List every trial, the layers a round's screen left out too (by default one row per screen).")
 @run_options()
 def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, criterion, target_gap, target_attribution,
-         objective, conv_keys, augment, check_pairs, check_candidates, check_target, seed, device, input_shapes, engine,
-         ray_address, in_place, report, plot, as_json, all_steps):
+         objective, conv_keys, augment, strengths, check_pairs, check_candidates, check_target, seed, device,
+         input_shapes, engine, ray_address, in_place, report, plot, as_json, all_steps):
     """Repair MODEL so that each corrupted input behaves like its clean twin; write OUT.
 
     Exit 0 when every pair is fixed within budget (OUT is always written then: the model
@@ -79,8 +83,9 @@ def edit(model, pairs, out, stats, val, layers, max_edits, max_degradation, crit
     """
     outcome = edit_model(model, pairs, out, stats=stats, val=val, layers=layers or None, max_edits=max_edits,
                          max_degradation=max_degradation, target_gap=target_gap, objective=objective,
-                         conv_keys=conv_keys, augment=augment, check_pairs=check_pairs, check_candidates=check_candidates,
-                         check_target=check_target, criterion=criterion, target_attribution=target_attribution, seed=seed,
+                         conv_keys=conv_keys, augment=augment, strengths=strengths, check_pairs=check_pairs,
+                         check_candidates=check_candidates, check_target=check_target, criterion=criterion,
+                         target_attribution=target_attribution, seed=seed,
                          device=device, in_place=in_place, report=report, plot=plot, engine=engine,
                          ray_address=ray_address, input_shapes=input_shapes)
     if outcome.output_unchanged:

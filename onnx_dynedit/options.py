@@ -54,6 +54,11 @@ RANGES = {
     "seed": (int, 0, 2 ** 32 - 1, False),
 }
 
+# option -> the range of each of its values (a non-empty sequence)
+SEQUENCES = {
+    "strengths": (float, 0.0, None, False),
+}
+
 
 def check_choice(name: str, value) -> None:
     """``value`` is one of ``CHOICES[name]``."""
@@ -63,7 +68,11 @@ def check_choice(name: str, value) -> None:
 
 def check_range(name: str, value) -> None:
     """``value`` is a finite number of the kind and in the range of ``RANGES[name]``."""
-    kind, low, high, high_open = RANGES[name]
+    _check_bounds(name, value, RANGES[name])
+
+
+def _check_bounds(name: str, value, rule) -> None:
+    kind, low, high, high_open = rule
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             kind is int and not float(value).is_integer()):
         raise InputError(f"{option(name)} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
@@ -81,6 +90,16 @@ def check_config(config) -> None:
             check_choice(f.name, value)
         elif f.name in RANGES:
             check_range(f.name, value)
+        elif f.name in SEQUENCES:
+            check_sequence(f.name, value)
+
+
+def check_sequence(name: str, values) -> None:
+    """``values`` is a non-empty sequence of numbers, each in the range of ``SEQUENCES[name]``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)) or not values:
+        raise InputError(f"{option(name)} must be one or more numbers, got {values!r}")
+    for v in values:
+        _check_bounds(name, v, SEQUENCES[name])
 
 
 def check_known(config_type, names) -> None:

@@ -116,6 +116,8 @@ class RectifyConfig:
     layers: tuple[str, ...] | None = None  # static mode: edit these, skip localisation
     augment: int = 16                 # synthetic pairs: the corruption transplanted onto stats inputs (0 = off)
     transplant: str = "auto"          # how: "add", "affine", "gain" or "auto" (transplant_pairs)
+    strengths: tuple[float, ...] = (1.0,)  # the synthetic and check pairs' corruption at these strengths, cycling
+                                      # (transplant_pairs); (1.0,): as in the given pairs
     holdout: float = 0.25             # share of stats held out for the degradation check when no val is given
     seed: int = 0
 
@@ -127,6 +129,8 @@ class RectifyConfig:
         values.update({k: v for k, v in changes.items() if v is not None})
         if values.get("layers") is not None:
             values["layers"] = tuple(values["layers"]) or None
+        if isinstance(values.get("strengths"), list):
+            values["strengths"] = tuple(values["strengths"])
         return RectifyConfig(**values)
 
 
@@ -343,7 +347,7 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
             check = make_check_pairs(corrupt, clean, spare, reference, cfg)
         if cfg.augment:
             corrupt, clean = transplant_pairs(corrupt, clean, pool, cfg.augment, match=criterion == "attribution",
-                                              model=cfg.transplant)
+                                              model=cfg.transplant, strengths=cfg.strengths)
     return Plan(candidates=candidates, static=static, key_x=key_x, stats_source=stats_source, fit_x=fit_x,
                 reference=reference, corrupt=corrupt, clean=clean, n_real=n_real, criterion=criterion,
                 check_corrupt=check[0], check_clean=check[1], **_check_rows(check[1], spare, reference))
@@ -389,7 +393,7 @@ def make_check_pairs(corrupt, clean, spare: np.ndarray, reference: Reference, cf
     pool = np.concatenate(sources)[: cfg.check_pairs]
     if not len(pool):
         return None, None
-    c, k = transplant_pairs(corrupt, clean, pool, len(pool), model=cfg.transplant)
+    c, k = transplant_pairs(corrupt, clean, pool, len(pool), model=cfg.transplant, strengths=cfg.strengths)
     return c[len(corrupt):], k[len(corrupt):]
 
 

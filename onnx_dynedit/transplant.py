@@ -47,7 +47,7 @@ def transplant_model(corrupt: np.ndarray, clean: np.ndarray, model: str) -> str:
 
 
 def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m: int, *, match: bool = False,
-                     model: str = "add"):
+                     model: str = "add", strengths: tuple[float, ...] = (1.0,)):
     """Append up to ``m`` synthetic pairs (stats input s, s corrupted the way the given
     pairs are), clipped to the value range of the given pairs. ``model``:
 
@@ -64,6 +64,10 @@ def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m
              s_c scaled by g_jc; synthetic inputs that keep less than half of s's mass (a
              colour s does not carry) are skipped;
     "auto"   ``corruption_model``.
+
+    ``strengths``: synthetic pair i is s + a_i (t(s) - s), t(s) the transplant above and a_i
+    cycling over ``strengths`` (clipped like the rest): (1.0,) is the corruption as given;
+    (1.0, 1.5, ...) also shows the fit the corruption stronger or fainter than the pairs.
 
     ``match`` (attribution criterion): additive, and only stats inputs that equal the first
     clean twin where the pairs differ (the corrupting pattern then lands on the same kind
@@ -97,6 +101,10 @@ def transplant_pairs(corrupt: np.ndarray, clean: np.ndarray, pool: np.ndarray, m
         else:
             delta = (corrupt - clean).astype(np.float64)
             syn = np.clip(src.astype(np.float64) + delta[np.arange(m) % len(corrupt)], lo, hi)
+    if tuple(strengths) != (1.0,):
+        a = np.asarray(strengths, np.float64)[np.arange(len(syn)) % len(strengths)].reshape((-1,) + (1,) * (syn.ndim - 1))
+        s = src.astype(np.float64)
+        syn = np.clip(s + a * (syn - s), lo, hi)
     return np.concatenate([corrupt, syn.astype(corrupt.dtype)]), np.concatenate([clean, src.astype(clean.dtype)])
 
 

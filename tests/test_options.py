@@ -25,6 +25,10 @@ from test_roundtrip import run_cli  # noqa: E402
     ({"fit_lr": float("nan")}, "fit_lr must be >= 0, got nan"),
     ({"augment": 2.5}, "augment must be an integer, got 2.5"),
     ({"no_such_option": 1}, "unknown option 'no_such_option'"),
+    ({"strengths": []}, "strengths must be one or more numbers, got ()"),
+    ({"strengths": "1.5"}, "strengths must be one or more numbers, got '1.5'"),
+    ({"strengths": [1.0, -0.5]}, "strengths must be >= 0, got -0.5"),
+    ({"strengths": [1.0, float("inf")]}, "strengths must be >= 0, got inf"),
 ])
 def test_a_bad_config_value_is_an_input_error_naming_the_option(changes, needle):
     from onnx_dynedit.api import edit_config
@@ -49,6 +53,7 @@ def test_edit_model_and_locate_model_refuse_a_bad_value_before_loading(tmp_path)
     (["--max-edits", "0"], "--max-edits must be >= 1, got 0"),
     (["--augment", "-1"], "--augment must be >= 0, got -1"),
     (["--target-gap", "1.5"], "--target-gap must be in [0, 1], got 1.5"),
+    (["--strengths", "1,-0.5"], "--strengths must be >= 0, got -0.5"),
 ])
 def test_a_bad_config_value_on_the_cli_exits_2_with_one_line(tmp_path, capsys, args, needle):
     code, out, err = run_cli(["edit", tmp_path / "m.onnx", "--pairs", tmp_path / "p.npz", "-o", tmp_path / "o.onnx",

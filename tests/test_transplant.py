@@ -59,3 +59,32 @@ def test_gain_recolours_grey_inputs_and_skips_colours_they_lack():
 def test_unknown_transplant_is_refused():
     with pytest.raises(ValueError):
         transplant_pairs(_digits(1), _digits(1), _digits(2), 2, model="nope")
+
+
+def test_strengths_scale_the_transplanted_corruption_in_turn():
+    """A blend x~ = 0.75 x + 0.25 p at strength a is x + a (x~ - x) = (1 - a/4) x + (a/4) p:
+    pair i of the synthetic ones takes a = strengths[i % len(strengths)]; the given pairs
+    stay as they are; (1.0,) is the transplant unchanged, bit for bit."""
+    pattern = RNG.uniform(0, 1, (1, 4, 4)).astype(np.float32)
+    clean = _digits(5)
+    corrupt = (0.75 * clean + 0.25 * pattern).astype(np.float32)
+    pool = _digits(6) * 0.5
+    c1, k1 = transplant_pairs(corrupt, clean, pool, 6, model="affine")
+    same = transplant_pairs(corrupt, clean, pool, 6, model="affine", strengths=(1.0,))
+    np.testing.assert_array_equal(same[0], c1)
+    c, k = transplant_pairs(corrupt, clean, pool, 6, model="affine", strengths=(1.0, 2.0, 0.5))
+    np.testing.assert_array_equal(c[:5], corrupt)
+    np.testing.assert_array_equal(k, k1)
+    for i, a in enumerate((1.0, 2.0, 0.5, 1.0, 2.0, 0.5)):
+        np.testing.assert_allclose(c[5 + i], (1 - a / 4) * pool[i] + (a / 4) * pattern, atol=2e-2)
+        np.testing.assert_allclose(c[5 + i] - pool[i], a * (c1[5 + i] - pool[i]), atol=1e-6)
+
+
+def test_a_stronger_patch_is_clipped_to_the_pairs_range():
+    clean = np.zeros((1, 1, 4, 4), np.float32)
+    corrupt = clean.copy()
+    corrupt[..., 3:, 3:] = 1.0
+    pool = np.full((2, 1, 4, 4), 0.5, np.float32)
+    c, _ = transplant_pairs(corrupt, clean, pool, 2, model="paste", strengths=(2.0, 0.5))
+    assert c[1, 0, 3, 3] == 1.0 and c[2, 0, 3, 3] == 0.75  # 0.5 + 2 x 0.5 clipped to 1; 0.5 + 0.5 x 0.5
+    np.testing.assert_array_equal(c[1:, 0, :3], pool[:, 0, :3])
