@@ -155,7 +155,24 @@ def test_each_round_keeps_the_trial_best_on_the_check_pairs(default_repair):
     assert all(s.check_fixed_after is not None for s in res.steps)
     for s in kept:  # the trials of a round start from the same state
         rivals = [t for t in res.steps if t.gap_before == s.gap_before and t.reason.startswith("not kept")]
-        assert all(t.check_fixed_after <= s.check_fixed_after for t in rivals)
+        assert rivals and all(t.check_gap_after >= s.check_gap_after for t in rivals)
+
+
+def test_the_kept_trial_has_the_smallest_check_gap_then_the_most_fixed(badnets):
+    """resnet_blend rebuilt with seed 4, round 1 (figures set by hand): /3/conv2 fixed 246
+    of 256 check pairs at a mean gap of 0.183, /4/conv1 242 at 0.162. The count kept
+    /3/conv2, which cost 2.22 points of held-out accuracy; the gap keeps /4/conv1. At
+    equal gaps the count decides."""
+    from types import SimpleNamespace
+
+    twin, corrupt, clean, stats = badnets
+    cfg = RectifyConfig()
+    crit = OutputGap(twin, make_plan(twin, corrupt, clean, stats, None, None, cfg), cfg)
+    conv2, conv1 = (SimpleNamespace(after=_score(0.05, n, g)) for n, g in ((246, 0.183), (242, 0.162)))
+    assert crit.pick([conv2, conv1]) is conv1
+    tie = SimpleNamespace(after=_score(0.05, 250, 0.162))
+    assert crit.pick([conv2, conv1, tie]) is tie
+    assert crit.pick([]) is None
 
 
 @pytest.mark.parametrize("screen, how", [("closed", "the closed form"), ("adam", "25 Adam steps")])
