@@ -10,7 +10,7 @@ improves / pick). The loop itself is rectify.py.
     when it fixes more pairs (or as many with a smaller gap) within budget. With check
     pairs (``check_pairs``: the corruption transplanted onto stats inputs that neither the
     locality term nor the synthetic pairs use) every candidate is fitted and the passing
-    one that fixes most check pairs (then the smallest gap on them) is kept: a repair must
+    one with the smallest mean gap on the check pairs (then the most fixed) is kept: a repair must
     hold on inputs the fit never saw. Every editable layer is then a candidate, best
     localised first (``check_candidates`` bounds it; on a model with more than
     ``screen_above`` candidates each is first fitted briefly and only the ``screen_keep``

@@ -544,7 +544,8 @@ def _screen(crit: Criterion, degradation: Degradation, options: list[Option], pr
     ``screen_check`` check pairs (every cheap u first, then all scored together:
     ``Criterion.scores``); returns (the steps of those screened out, the
     ``screen_keep`` best options in their order). Best: passing, then most check pairs
-    fixed, then the smallest gap on them (what ``OutputGap.pick`` prefers). The
+    fixed, then the smallest gap on them (``OutputGap.pick`` then keeps the fitted one
+    with the smallest gap first: measured that way, the screen's order as it was). The
     degradation is measured in that order, on the trials that improve, until
     ``screen_keep`` pass the budget: the same choice as measuring all. Step numbers are
     given by ``_choose``."""
