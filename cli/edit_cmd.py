@@ -112,6 +112,8 @@ def _print_report(outcome, all_steps: bool = False) -> None:
     click.echo(f"gap {res.gap_before:.4f} -> {res.gap_after:.4f}; fixed {res.fixed_before} -> {res.fixed_after} of "
                f"{res.n_pairs}; degradation {res.degradation:.4f} (changed predictions {res.changed_predictions:.4f}, "
                f"output shift {res.output_shift:.4f}); {len(res.edits)} edit(s); stopped: {res.stopped_because}")
+    if res.bound_line:
+        click.echo(res.bound_line)
     click.echo(f"given pairs: {res.real_fixed_after}/{res.n_real_pairs} classified like their clean twin; "
                f"gap {res.real_gap_before:.4f} -> {res.real_gap_after:.4f} (target {res.target})")
     if outcome.parity_after:

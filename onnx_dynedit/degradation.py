@@ -9,6 +9,7 @@ its layer, from one recording of the values upstream).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from .verify import output_shifts
 SCREEN_CACHE_BUDGET = ACTIVATION_BUDGET  # bytes of upstream values a recording of many trials may keep
 SHIFT_WEIGHT = 2.0      # unlabeled degradation on stats: at least this x the mean output shift (Degradation)
 FRESH_SHIFT_WEIGHT = 0.5  # the same on unlabeled val, inputs the model did not learn (Degradation)
+CONFIDENCE = 0.95       # of ``upper_bound``: what the degradation inputs can vouch for
 
 
 @dataclass(frozen=True)
@@ -88,13 +90,29 @@ class Degradation:
         return [self._measure(prev + [t], a) for a, t in zip(logits, trials)]
 
     def parts(self, logits: np.ndarray) -> dict:
-        """What the degradation of edits with these reference ``logits`` is made of."""
+        """What the degradation of edits with these reference ``logits`` is made of, and
+        how many inputs changed class (``changed``) or, with labels, went from right to
+        wrong (``lost``)."""
         pred = logits.argmax(1)
         shift = float(output_shifts(self.base_logits, logits).mean()) if len(logits) else 0.0
-        out = {"changed_predictions": float((pred != self.base_pred).mean()), "output_shift": shift}
+        changed = pred != self.base_pred
+        out = {"changed_predictions": float(changed.mean()), "output_shift": shift, "changed": int(changed.sum())}
         if self.ref.y is not None:
             out["accuracy_drop"] = self.base_acc - float((pred == self.ref.y).mean())
+            out["lost"] = int((changed & (self.base_pred == self.ref.y)).sum())
         return out
+
+    def turned(self, parts: dict) -> int:
+        """How many reference inputs edits with these ``parts`` turn from right to wrong
+        (with labels) or move to another class (without)."""
+        return parts.get("lost" if self.ref.y is not None else "changed", 0)
+
+    def bound(self, parts: dict) -> float:
+        """What the reference inputs can vouch for: at CONFIDENCE, the largest share of
+        inputs like them that the edits turn (``turned``), ``upper_bound`` of the count
+        seen. It also bounds the accuracy drop, which needs such changes; with none turned
+        it is still 1 - (1 - CONFIDENCE)^(1/n): 1.5 % on 200 inputs."""
+        return upper_bound(self.turned(parts), self.ref.count)
 
     def of(self, logits: np.ndarray) -> float:
         return self.of_parts(self.parts(logits))
@@ -103,6 +121,44 @@ class Degradation:
         if self.ref.y is not None:
             return parts["accuracy_drop"]
         return max(parts["changed_predictions"], self.ref.shift_weight * parts["output_shift"])
+
+
+def upper_bound(k: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """The one-sided exact (Clopper-Pearson) upper confidence limit of a rate seen ``k``
+    times in ``n`` draws: the p at which k or fewer would be seen with probability
+    1 - ``confidence`` (1.0 when k >= n or n is 0). Bisection on the binomial CDF."""
+    if n <= 0 or k >= n:
+        return 1.0
+    alpha = 1.0 - confidence
+    if k <= 0:
+        return 1.0 - alpha ** (1.0 / n)
+    lo, hi = k / n, 1.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if binomial_cdf(k, n, mid) > alpha else (lo, mid)
+    return hi
+
+
+def bound_line(turned: int, bound: float, count: int, source: str, labelled: bool, budget: float) -> str:
+    """The report's sentence on what ``count`` degradation inputs from ``source``, of which
+    the edits turned ``turned``, vouch for (``Degradation.bound``); where that is more than
+    ``budget``, how many inputs would vouch for it with none turned."""
+    verb = "turned from right to wrong" if labelled else "moved to another class"
+    line = (f"degradation inputs: {count} ({source}), {turned} {verb} by the kept edits: at {CONFIDENCE:.0%} "
+            f"confidence at most {bound:.2%} of inputs like them are")
+    if 0 < budget < 1 and bound > budget:
+        need = math.ceil(math.log(1.0 - CONFIDENCE) / math.log1p(-budget))
+        line += f", more than the {budget:.2%} budget (with none {verb.split()[0]}, about {need} inputs would vouch for it)"
+    return line
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), 0 < p < 1, summed in log space."""
+    lp, lq = math.log(p), math.log1p(-p)
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+            for i in range(k + 1)]
+    top = max(logs)
+    return math.exp(top) * sum(math.exp(v - top) for v in logs)
 
 
 def _fingerprint(edits) -> tuple:

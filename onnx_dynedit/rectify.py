@@ -47,7 +47,7 @@ import torch
 from . import memory, progress
 from .attribution import DEFAULT_STEPS, Localisation, locate
 from .criteria import Criterion, Score, Shipped, make_criterion
-from .degradation import FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT, Degradation, Reference
+from .degradation import FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT, Degradation, Reference, bound_line
 from .erase import erase_edit
 from .errors import EditError, InputError, LayerError, option
 from .factors import FactorStore
@@ -188,6 +188,9 @@ class RectifyResult:
     corruption: str = ""                   # what the given pairs look like (corruption_model): "gain" = a re-colouring
     output_shift: float = 0.0              # mean TV distance of the shipped and edited outputs on those inputs
     changed_predictions: float = 0.0       # share of those inputs whose top-1 class the edits changed
+    degradation_turned: int = 0            # of those inputs, how many the edits turned wrong (labels) or changed
+    degradation_bound: float = 0.0         # what those inputs vouch for: at 95 %, the largest share of inputs
+    #                                        like them the edits turn so; 0: no edit
 
     @property
     def suggests_erase(self) -> bool:
@@ -195,6 +198,15 @@ class RectifyResult:
         which ``objective="erase"`` does (docs/results.md, "Colour: erasing the direction")."""
         return (not self.success and self.corruption == "gain" and self.criterion == "output"
                 and self.config.objective != "erase")
+
+    @property
+    def bound_line(self) -> str | None:
+        """What the degradation inputs vouch for, in one line (``degradation.bound_line``); None without edits."""
+        if not self.edits:
+            return None
+        return bound_line(self.degradation_turned, self.degradation_bound, self.degradation_count,
+                          self.degradation_source, self.degradation_kind.startswith("accuracy drop"),
+                          self.config.max_degradation)
 
     @property
     def target(self) -> float:
@@ -243,6 +255,7 @@ class RectifyResult:
             "degradation": self.degradation, "degradation_kind": self.degradation_kind,
             "degradation_source": self.degradation_source, "degradation_count": self.degradation_count,
             "output_shift": self.output_shift, "changed_predictions": self.changed_predictions,
+            "degradation_turned": self.degradation_turned, "degradation_bound": self.degradation_bound,
             "n_check_pairs": self.n_check_pairs, "corruption": self.corruption,
             "stats_source": self.stats_source, "stopped_because": self.stopped_because, "success": self.success,
             "failure": self.failure,
@@ -827,4 +840,5 @@ def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted
         n_check_pairs=0 if crit.check is None else len(crit.check),
         corruption="" if plan.corrupt.dtype.names else corruption_model(plan.corrupt[:plan.n_real],
                                                                          plan.clean[:plan.n_real]),
-        output_shift=parts["output_shift"], changed_predictions=parts["changed_predictions"])
+        output_shift=parts["output_shift"], changed_predictions=parts["changed_predictions"],
+        degradation_turned=degradation.turned(parts), degradation_bound=degradation.bound(parts) if accepted else 0.0)

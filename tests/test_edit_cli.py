@@ -27,6 +27,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from onnx_dynedit.degradation import upper_bound
 from onnx_dynedit.layers import build_layer_map
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,6 +209,10 @@ def test_edit_is_deterministic(runs):
     # the text rendering of the same run
     text = b["proc"].stdout
     assert "PASSED" in text and f"wrote {b['out']}" in text
+    # what val's inputs vouch for: the count the kept edits turned wrong, and its exact 95 % bound
+    n, k = rb["degradation_count"], rb["degradation_turned"]
+    assert rb["degradation_source"] == "val" and rb["degradation_bound"] == upper_bound(k, n) > 0
+    assert f"degradation inputs: {n} (val), {k} turned from right to wrong by the kept edits" in text
     for step in rb["steps"]:
         assert step["node"] in text
 

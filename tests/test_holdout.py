@@ -22,7 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_dynedit.api import edit_model, shared_rows
 from onnx_dynedit.io import load_model
-from onnx_dynedit.degradation import FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT, Degradation, Reference
+from onnx_dynedit.degradation import (FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT, Degradation, Reference, binomial_cdf, bound_line,
+                                      upper_bound)
 from onnx_dynedit.rectify import RectifyConfig, _reference, rectify, split_stats
 from onnx_dynedit.twin import Twin
 
@@ -109,6 +110,7 @@ def test_edit_reports_the_held_out_source_and_fails(memorised, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["degradation_source"] == "held-out stats" and report["degradation_count"] == 16
     assert report["changed_predictions"] == report["output_shift"] == 0.0  # nothing kept: nothing moved
+    assert report["degradation_turned"] == 0 and report["degradation_bound"] == 0.0 and out.result.bound_line is None
     assert report["success"] is False and not out.success
     assert out.output is None  # nothing accepted, nothing written
     sess = ort.InferenceSession(str(f / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -128,6 +130,8 @@ def test_reported_degradation_is_that_of_the_edits_kept(memorised):
     assert result.changed_predictions == _changed(twin, result, val)
     assert result.degradation == pytest.approx(max(result.changed_predictions, 0.5 * result.output_shift), rel=1e-6)
     assert result.degradation == [s for s in result.steps if s.accepted][-1].degradation
+    assert result.degradation_turned == round(result.changed_predictions * 200) > 0  # unlabeled: the changed ones
+    assert result.degradation_bound == upper_bound(result.degradation_turned, 200) > result.changed_predictions
 
 
 def _identity_twin(folder) -> Twin:
@@ -154,7 +158,7 @@ def test_unlabeled_degradation_counts_the_output_shift(tmp_path):
     # row 1 -> [0, 1, 0, 0]: still class 1; p(1) falls from e^4/(e^4+3) to e/(e+3), the rest rise alike
     tv = e4 / (e4 + 3) - np.e / (np.e + 3)
     moved = np.array([[4, 0, 0, 0], [0, 1, 0, 0]], np.float64)
-    assert degr.parts(moved) == pytest.approx({"changed_predictions": 0.0, "output_shift": tv / 2})
+    assert degr.parts(moved) == pytest.approx({"changed_predictions": 0.0, "output_shift": tv / 2, "changed": 0})
     assert degr.of(moved) == pytest.approx(tv)                        # 2 x the mean shift, no class changed
     assert degr.of(x.astype(np.float64)) == 0.0                       # nothing moved
     flipped = np.array([[4, 0, 0, 0], [0, 0, 4, 0]], np.float64)    # row 1 now class 2: TV = p(1) - p(2) swap
@@ -169,6 +173,34 @@ def test_unlabeled_degradation_counts_the_output_shift(tmp_path):
     fresh = Degradation(twin, Reference(x, None, "val", "changed predictions on val", FRESH_SHIFT_WEIGHT))
     assert fresh.of(moved) == pytest.approx(0.5 * tv / 2)             # fresh inputs: half the mean shift
     assert fresh.of(flipped) == 0.5                                   # ... here below the share changed
+
+
+def test_the_turned_inputs_are_counted_and_bounded(tmp_path):
+    """What the degradation inputs vouch for: the inputs turned are counted by hand (with
+    labels, right -> wrong only: a gain does not offset a loss in the count), and the
+    bound is the exact one-sided 95 % limit of that count, worked out on paper."""
+    twin = _identity_twin(tmp_path)
+    x = np.array([[4, 0, 0, 0], [0, 4, 0, 0], [0, 0, 4, 0], [0, 0, 0, 4]], np.float32)
+    y = np.array([0, 1, 3, 3])  # inputs 0, 1 and 3 right, input 2 wrong
+    after = np.array([[0, 4, 0, 0], [0, 4, 0, 0], [0, 0, 0, 4], [0, 0, 0, 4]], np.float64)  # 0: lost, 2: gained
+    labelled = Degradation(twin, Reference(x, y, "val", "accuracy drop on val"))
+    parts = labelled.parts(after)
+    assert parts["changed"] == 2 and parts["lost"] == 1 and parts["accuracy_drop"] == 0.0
+    assert labelled.turned(parts) == 1
+    assert binomial_cdf(1, 4, labelled.bound(parts)) == pytest.approx(0.05)  # P(X <= 1 | 4, p) = 0.05 at the limit
+    unlabeled = Degradation(twin, Reference(x, None, "held-out stats", "changed"))
+    assert unlabeled.turned(unlabeled.parts(after)) == 2
+    # k = 0: (1 - p)^n = 0.05; k = 1, n = 200: (1 - p)^200 + 200 p (1 - p)^199 = 0.05 at p = 0.02350
+    assert upper_bound(0, 200) == pytest.approx(1 - 0.05 ** (1 / 200)) == pytest.approx(0.014867, abs=1e-6)
+    p = upper_bound(1, 200)
+    assert (1 - p) ** 200 + 200 * p * (1 - p) ** 199 == pytest.approx(0.05) and p == pytest.approx(0.02350, abs=1e-5)
+    assert upper_bound(200, 200) == upper_bound(3, 0) == 1.0
+    assert upper_bound(0, 200) < upper_bound(1, 200) < upper_bound(2, 200) and upper_bound(1, 400) < p
+    # the report's line: over the 1 % budget, 299 inputs with none turned would vouch for it, (1 - 0.01)^299 < 0.05
+    line = bound_line(0, upper_bound(0, 200), 200, "val", True, 0.01)
+    assert "200 (val), 0 turned from right to wrong" in line and "at most 1.49% of inputs" in line
+    assert "about 299 inputs" in line and 0.99 ** 299 < 0.05 < 0.99 ** 298
+    assert "budget" not in bound_line(0, upper_bound(0, 400), 400, "val", True, 0.01)
 
 
 def test_the_shift_weight_follows_the_reference():
