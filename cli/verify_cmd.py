@@ -94,6 +94,9 @@ def render(report: VerifyReport) -> str:
     rows.append(("  max |logit change|", "", "", _f(c.max_abs_logit_change)))
     rows.append(("  mean |logit change|", "", "", _f(c.mean_abs_logit_change)))
     rows.append(("  output shift (mean TV distance)", "", "", _f(c.output_shift)))
+    turned = "right -> wrong" if c.correct_before is not None else "top-1 changed"
+    rows.append((f"  {turned}", "", str(c.turned), ""))
+    rows.append((f"  {turned}, 95% upper bound on the share", "", _f(c.drop_bound), ""))
     k = report.corrupt
     if k is not None:
         head = f"corrupt (n={k.n}" + (f", target {k.target})" if k.target is not None else ")")

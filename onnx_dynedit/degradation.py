@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import memory
+from .bounds import CONFIDENCE, upper_bound
 from .layers import Layer
 from .rank_one import ACTIVATION_BUDGET, TorchEdit
 from .twin import DownstreamRunner, Twin
@@ -24,7 +25,6 @@ from .verify import output_shifts
 SCREEN_CACHE_BUDGET = ACTIVATION_BUDGET  # bytes of upstream values a recording of many trials may keep
 SHIFT_WEIGHT = 2.0      # unlabeled degradation on stats: at least this x the mean output shift (Degradation)
 FRESH_SHIFT_WEIGHT = 0.5  # the same on unlabeled val, inputs the model did not learn (Degradation)
-CONFIDENCE = 0.95       # of ``upper_bound``: what the degradation inputs can vouch for
 
 
 @dataclass(frozen=True)
@@ -123,22 +123,6 @@ class Degradation:
         return max(parts["changed_predictions"], self.ref.shift_weight * parts["output_shift"])
 
 
-def upper_bound(k: int, n: int, confidence: float = CONFIDENCE) -> float:
-    """The one-sided exact (Clopper-Pearson) upper confidence limit of a rate seen ``k``
-    times in ``n`` draws: the p at which k or fewer would be seen with probability
-    1 - ``confidence`` (1.0 when k >= n or n is 0). Bisection on the binomial CDF."""
-    if n <= 0 or k >= n:
-        return 1.0
-    alpha = 1.0 - confidence
-    if k <= 0:
-        return 1.0 - alpha ** (1.0 / n)
-    lo, hi = k / n, 1.0
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if binomial_cdf(k, n, mid) > alpha else (lo, mid)
-    return hi
-
-
 def bound_line(turned: int, bound: float, count: int, source: str, labelled: bool, budget: float) -> str:
     """The report's sentence on what ``count`` degradation inputs from ``source``, of which
     the edits turned ``turned``, vouch for (``Degradation.bound``); where that is more than
@@ -150,15 +134,6 @@ def bound_line(turned: int, bound: float, count: int, source: str, labelled: boo
         need = math.ceil(math.log(1.0 - CONFIDENCE) / math.log1p(-budget))
         line += f", more than the {budget:.2%} budget (with none {verb.split()[0]}, about {need} inputs would vouch for it)"
     return line
-
-
-def binomial_cdf(k: int, n: int, p: float) -> float:
-    """P(X <= k) for X ~ Binomial(n, p), 0 < p < 1, summed in log space."""
-    lp, lq = math.log(p), math.log1p(-p)
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
-            for i in range(k + 1)]
-    top = max(logs)
-    return math.exp(top) * sum(math.exp(v - top) for v in logs)
 
 
 def _fingerprint(edits) -> tuple:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnxruntime as ort
 
+from .bounds import upper_bound
 from .data import Samples, check_against_input, check_labels, fields
 from .errors import DataError, InputError, option, short
 from .io import check_model_file
@@ -246,6 +247,14 @@ class CleanFigures:
     correct_before: int | None = None
     correct_after: int | None = None
     output_shift: float = 0.0
+    turned: int = 0  # inputs right before and wrong after (labelled), or of another class after (not)
+
+    @property
+    def drop_bound(self) -> float:
+        """What these inputs vouch for: at 95 %, the largest share of inputs like them that
+        the edit turns so (``turned``), the exact upper limit of the count seen
+        (``bounds.upper_bound``); it bounds the accuracy drop too."""
+        return upper_bound(self.turned, self.n)
 
     @property
     def acc_drop(self) -> float | None:
@@ -265,6 +274,8 @@ class CleanFigures:
             "output_shift": _num(self.output_shift),
             "n": self.n,
             "labeled": self.correct_before is not None,
+            "turned": self.turned,
+            "drop_bound": _num(self.drop_bound),
         }
 
 
@@ -634,6 +645,7 @@ class CleanPartial:
     correct_before: int | None
     correct_after: int | None
     sum_shift: float = 0.0
+    lost: int | None = None
 
     @classmethod
     def of(cls, lo: np.ndarray, le: np.ndarray, y: np.ndarray | None) -> CleanPartial:
@@ -641,12 +653,12 @@ class CleanPartial:
         diff = np.abs(lo.astype(np.float64) - le.astype(np.float64))
         if not (np.isfinite(lo).all() and np.isfinite(le).all()):
             logger.warning("non-finite logits on clean inputs; logit-change figures are not finite")
-        cb = ca = None
+        cb = ca = lost = None
         if y is not None:
-            cb, ca = int((po == y).sum()), int((pe == y).sum())
+            cb, ca, lost = int((po == y).sum()), int((pe == y).sum()), int(((po == y) & (pe != y)).sum())
         return cls(n=int(lo.shape[0]), n_logits=int(diff.size), agree=int((po == pe).sum()),
                    max_abs=float(diff.max()) if diff.size else 0.0, sum_abs=float(diff.sum()),
-                   correct_before=cb, correct_after=ca, sum_shift=float(output_shifts(lo, le).sum()))
+                   correct_before=cb, correct_after=ca, sum_shift=float(output_shifts(lo, le).sum()), lost=lost)
 
     def merge(self, other: CleanPartial) -> CleanPartial:
         labelled = self.correct_before is not None and other.correct_before is not None
@@ -656,7 +668,7 @@ class CleanPartial:
             sum_abs=self.sum_abs + other.sum_abs,
             correct_before=self.correct_before + other.correct_before if labelled else None,
             correct_after=self.correct_after + other.correct_after if labelled else None,
-            sum_shift=self.sum_shift + other.sum_shift)
+            sum_shift=self.sum_shift + other.sum_shift, lost=self.lost + other.lost if labelled else None)
 
     def figures(self) -> CleanFigures:
         n, cb, ca = self.n, self.correct_before, self.correct_after
@@ -664,7 +676,8 @@ class CleanPartial:
             n=n, acc_before=None if cb is None else cb / n, acc_after=None if ca is None else ca / n,
             agreement=self.agree / n, max_abs_logit_change=self.max_abs,
             mean_abs_logit_change=self.sum_abs / self.n_logits if self.n_logits else 0.0,
-            correct_before=cb, correct_after=ca, output_shift=self.sum_shift / n if n else 0.0)
+            correct_before=cb, correct_after=ca, output_shift=self.sum_shift / n if n else 0.0,
+            turned=n - self.agree if self.lost is None else self.lost)
 
 
 def class_probabilities(outputs: np.ndarray) -> np.ndarray:

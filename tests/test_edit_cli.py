@@ -27,7 +27,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from onnx_dynedit.degradation import upper_bound
+from onnx_dynedit.bounds import upper_bound
 from onnx_dynedit.layers import build_layer_map
 
 ROOT = Path(__file__).resolve().parent.parent

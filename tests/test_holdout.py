@@ -21,9 +21,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_dynedit.api import edit_model, shared_rows
+from onnx_dynedit.bounds import binomial_cdf, upper_bound
+from onnx_dynedit.degradation import FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT, Degradation, Reference, bound_line
 from onnx_dynedit.io import load_model
-from onnx_dynedit.degradation import (FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT, Degradation, Reference, binomial_cdf, bound_line,
-                                      upper_bound)
 from onnx_dynedit.rectify import RectifyConfig, _reference, rectify, split_stats
 from onnx_dynedit.twin import Twin
 

@@ -20,6 +20,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_dynedit.bounds import binomial_cdf, upper_bound
 from onnx_dynedit.errors import DynEditError, InputError
 from onnx_dynedit.sessions import ort_session
 from onnx_dynedit.verify import (
@@ -139,6 +140,9 @@ def test_figures_equal_independent_numpy_computation(case):
     diff = np.abs(lo.astype(np.float64) - le.astype(np.float64))
     assert c.max_abs_logit_change == pytest.approx(diff.max(), rel=1e-6)
     assert c.mean_abs_logit_change == pytest.approx(diff.mean(), rel=1e-6)
+    # right -> wrong, counted over the ragged batches (each its own partial, merged), and its exact 95 % limit
+    assert c.turned == int(((po == y) & (pe != y)).sum())
+    assert c.drop_bound == upper_bound(c.turned, 120) and binomial_cdf(c.turned, 120, c.drop_bound) == pytest.approx(0.05)
     # ... and the change is the trigger weight times feature 3, only in class 2.
     assert c.max_abs_logit_change == pytest.approx(2.5 * np.abs(case["cx"][:, 3]).max(), rel=1e-5)
 
@@ -168,6 +172,8 @@ def test_clean_without_labels_gives_null_accuracy_but_agreement(case):
     lo, le = plain_logits(case["orig"], case["cx"]), plain_logits(case["edit"], case["cx"])
     assert report.clean.acc_before is None and report.clean.acc_after is None
     assert report.clean.agreement == np.mean(lo.argmax(1) == le.argmax(1))
+    assert report.clean.turned == int((lo.argmax(1) != le.argmax(1)).sum()) > 0  # without labels: top-1 changed
+    assert report.to_dict()["clean"]["drop_bound"] == upper_bound(report.clean.turned, 120)
     assert report.corrupt is None
     d = report.to_dict()
     assert d["clean"]["acc_before"] is None and d["corrupt"] is None
