@@ -201,6 +201,8 @@ def test_the_turned_inputs_are_counted_and_bounded(tmp_path):
     assert "200 (val), 0 turned from right to wrong" in line and "at most 1.49% of inputs" in line
     assert "about 299 inputs" in line and 0.99 ** 299 < 0.05 < 0.99 ** 298
     assert "budget" not in bound_line(0, upper_bound(0, 400), 400, "val", True, 0.01)
+    unlabeled_line = bound_line(2, upper_bound(2, 50), 50, "held-out stats", False, 0.01)
+    assert "50 (held-out stats), 2 moved to another class" in unlabeled_line and "with none moved" in unlabeled_line
 
 
 def test_the_shift_weight_follows_the_reference():
