@@ -178,7 +178,8 @@ def run_edit(case: Case, n: int, kw: dict, tmp: Path, tag: str) -> dict:
         fig = case.figures(ort_pred(out, case.clean_x), ort_pred(out, case.corrupt_x))
     return {**fig, "time": dt, "exit": 0 if r.success else 1, "model": case.model if outcome.output is None else out,
             "edits": ",".join(e.layer.node for e in r.edits) or "(none accepted)",
-            "degradation": f"{r.degradation:.4f} ({r.degradation_kind})"}
+            "degradation": f"{r.degradation:.4f} ({r.degradation_kind})",
+            "bound": r.degradation_bound, "turned": r.degradation_turned}
 
 
 def rows_for(case_name: str, tmp: Path, only: list[str] | None) -> list[tuple[str, int, dict]]:

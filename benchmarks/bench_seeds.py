@@ -28,8 +28,11 @@ never learnt the trigger does on the triggered test inputs. "clean twins" is the
 model's accuracy on the clean twins of the triggered test inputs: what a repair that makes
 every triggered input behave exactly like its clean twin (what the edit is fitted to)
 corrects; "faithful" is the share of triggered test inputs the edited model predicts as the
-shipped model predicts their clean twins. The last lines count per case (and the rows
-within one test image of "clean twins").
+shipped model predicts their clean twins. "turned, bound %": the degradation inputs the
+kept edits turned (right -> wrong with labels, top-1 changed without) and what they vouch
+for, the report's `degradation_turned` and `degradation_bound` (95 %); "(below the drop)"
+marks a row whose test-set clean drop is above it. The last lines count per case (and the
+rows within one test image of "clean twins", and those below the drop).
 """
 
 from __future__ import annotations
@@ -68,9 +71,10 @@ VAL_KINDS = {"labelled": True, "unlabeled": "unlabeled", "none": False}  # run_e
 VAL_COLUMN = {"labelled": "yes", "unlabeled": "inputs only", "none": "no"}
 
 
-def row(seed: int, case: Case, val_kind: str, config: str, tmp: Path, reference: str) -> tuple[str, bool, bool, bool]:
+def row(seed: int, case: Case, val_kind: str, config: str, tmp: Path,
+        reference: str) -> tuple[str, bool, bool, bool, bool]:
     """(the table row, target met, exit 0 hiding a drop, corrected within one test image of
-    the clean twins' accuracy)."""
+    the clean twins' accuracy, the test set's clean drop above the degradation inputs' bound)."""
     n, min_c, max_d = TARGETS[case.name]
     r = run_edit(case, n, {**json.loads(config), "_val": VAL_KINDS[val_kind]}, tmp,
                  f"{seed}-{val_kind}-{abs(hash(config))}")
@@ -78,10 +82,13 @@ def row(seed: int, case: Case, val_kind: str, config: str, tmp: Path, reference:
     met = r["corrected"] >= min_c and drop <= max_d
     hidden = r["exit"] == 0 and drop > BUDGET_PTS + 1.0
     near = r["corrected"] >= case.ceiling - 100.0 / case.sel.sum() - 1e-9
+    bound = 100.0 * r.get("bound", 0.0)
+    over = drop > bound + 1e-9
     text = (f"| {seed} | {case.name} | {n} | {VAL_COLUMN[val_kind]} | `{config}` | {r['corrected']:.2f}{reference} | "
-            f"{case.ceiling:.2f} | {r['faithful']:.2f} | {drop:.2f} | {r['time']:.1f} | {r['exit']} | "
+            f"{case.ceiling:.2f} | {r['faithful']:.2f} | {drop:.2f} | {r.get('turned', 0)}, {bound:.2f}"
+            f"{' (below the drop)' if over else ''} | {r['time']:.1f} | {r['exit']} | "
             f"{'met' if met else 'MISSED'} | {'HIDDEN DROP' if hidden else '-'} | {r['edits']} |")
-    return text, met, hidden, near
+    return text, met, hidden, near, over
 
 
 def main() -> None:
@@ -102,8 +109,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or Path(tmp) / "models"
         print("| seed | case | pairs | val | config | corrected %" + (" (never poisoned)" if args.reference else "")
-              + " | clean twins % | faithful % | clean drop (pt) | edit s | exit | target | hidden | edits |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              + " | clean twins % | faithful % | clean drop (pt) | turned, bound % | edit s | exit | target | hidden"
+              " | edits |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for seed in args.seeds:
             for name in args.cases:
                 case = Case(name, case_dir(root, seed, name))
@@ -113,12 +121,13 @@ def main() -> None:
                 for val_kind in kinds:
                     for config in args.configs:
                         text, *flags = row(seed, case, val_kind, config, Path(tmp), ref)
-                        t = tally.setdefault(name, [0, 0, 0, 0])
+                        t = tally.setdefault(name, [0, 0, 0, 0, 0])
                         t[:] = [t[0] + 1] + [a + b for a, b in zip(t[1:], flags)]
                         print(text, flush=True)
-    for name, (rows, met, hidden, near) in tally.items():
+    for name, (rows, met, hidden, near, over) in tally.items():
         print(f"{name}: target met in {met} of {rows} rows; exit 0 hiding a drop > {BUDGET_PTS + 1:.0f} pt in "
-              f"{hidden}; corrected within one test image of the clean twins' accuracy in {near}")
+              f"{hidden}; corrected within one test image of the clean twins' accuracy in {near}; "
+              f"test-set clean drop above the degradation inputs' 95 % bound in {over}")
 
 
 if __name__ == "__main__":
