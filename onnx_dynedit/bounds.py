@@ -1,6 +1,6 @@
 """What a count of inputs can vouch for: the exact one-sided upper confidence limit of a
 rate seen k times in n draws (Clopper-Pearson), for the degradation report
-(``degradation.Degradation.bound``) and ``dynedit verify``'s clean figures."""
+(``RectifyResult.degradation_bound``, ``degradation.bound_line``) and ``dynedit verify``'s clean figures."""
 
 from __future__ import annotations
 

@@ -107,13 +107,6 @@ class Degradation:
         (with labels) or move to another class (without)."""
         return parts.get("lost" if self.ref.y is not None else "changed", 0)
 
-    def bound(self, parts: dict) -> float:
-        """What the reference inputs can vouch for: at CONFIDENCE, the largest share of
-        inputs like them that the edits turn (``turned``), ``upper_bound`` of the count
-        seen. It also bounds the accuracy drop, which needs such changes; with none turned
-        it is still 1 - (1 - CONFIDENCE)^(1/n): 1.5 % on 200 inputs."""
-        return upper_bound(self.turned(parts), self.ref.count)
-
     def of(self, logits: np.ndarray) -> float:
         return self.of_parts(self.parts(logits))
 
@@ -123,10 +116,11 @@ class Degradation:
         return max(parts["changed_predictions"], self.ref.shift_weight * parts["output_shift"])
 
 
-def bound_line(turned: int, bound: float, count: int, source: str, labelled: bool, budget: float) -> str:
+def bound_line(turned: int, count: int, source: str, labelled: bool, budget: float) -> str:
     """The report's sentence on what ``count`` degradation inputs from ``source``, of which
-    the edits turned ``turned``, vouch for (``Degradation.bound``); where that is more than
-    ``budget``, how many inputs would vouch for it with none turned."""
+    the edits turned ``turned`` (``Degradation.turned``), vouch for: ``upper_bound``; where
+    that is more than ``budget``, how many inputs would vouch for it with none turned."""
+    bound = upper_bound(turned, count)
     verb = "turned from right to wrong" if labelled else "moved to another class"
     line = (f"degradation inputs: {count} ({source}), {turned} {verb} by the kept edits: at {CONFIDENCE:.0%} "
             f"confidence at most {bound:.2%} of inputs like them are")

@@ -187,7 +187,7 @@ def test_the_turned_inputs_are_counted_and_bounded(tmp_path):
     parts = labelled.parts(after)
     assert parts["changed"] == 2 and parts["lost"] == 1 and parts["accuracy_drop"] == 0.0
     assert labelled.turned(parts) == 1
-    assert binomial_cdf(1, 4, labelled.bound(parts)) == pytest.approx(0.05)  # P(X <= 1 | 4, p) = 0.05 at the limit
+    assert binomial_cdf(1, 4, upper_bound(labelled.turned(parts), 4)) == pytest.approx(0.05)  # P(X <= 1 | 4, p) = 0.05 at the limit
     unlabeled = Degradation(twin, Reference(x, None, "held-out stats", "changed"))
     assert unlabeled.turned(unlabeled.parts(after)) == 2
     # k = 0: (1 - p)^n = 0.05; k = 1, n = 200: (1 - p)^200 + 200 p (1 - p)^199 = 0.05 at p = 0.02350
@@ -197,11 +197,11 @@ def test_the_turned_inputs_are_counted_and_bounded(tmp_path):
     assert upper_bound(200, 200) == upper_bound(3, 0) == 1.0
     assert upper_bound(0, 200) < upper_bound(1, 200) < upper_bound(2, 200) and upper_bound(1, 400) < p
     # the report's line: over the 1 % budget, 299 inputs with none turned would vouch for it, (1 - 0.01)^299 < 0.05
-    line = bound_line(0, upper_bound(0, 200), 200, "val", True, 0.01)
+    line = bound_line(0, 200, "val", True, 0.01)
     assert "200 (val), 0 turned from right to wrong" in line and "at most 1.49% of inputs" in line
     assert "about 299 inputs" in line and 0.99 ** 299 < 0.05 < 0.99 ** 298
-    assert "budget" not in bound_line(0, upper_bound(0, 400), 400, "val", True, 0.01)
-    unlabeled_line = bound_line(2, upper_bound(2, 50), 50, "held-out stats", False, 0.01)
+    assert "budget" not in bound_line(0, 400, "val", True, 0.01)
+    unlabeled_line = bound_line(2, 50, "held-out stats", False, 0.01)
     assert "50 (held-out stats), 2 moved to another class" in unlabeled_line and "with none moved" in unlabeled_line
 
 
