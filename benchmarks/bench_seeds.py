@@ -82,10 +82,10 @@ def row(seed: int, case: Case, val_kind: str, config: str, tmp: Path,
     met = r["corrected"] >= min_c and drop <= max_d
     hidden = r["exit"] == 0 and drop > BUDGET_PTS + 1.0
     near = r["corrected"] >= case.ceiling - 100.0 / case.sel.sum() - 1e-9
-    bound = 100.0 * r.get("bound", 0.0)
+    bound = 100.0 * r["bound"]
     over = drop > bound + 1e-9
     text = (f"| {seed} | {case.name} | {n} | {VAL_COLUMN[val_kind]} | `{config}` | {r['corrected']:.2f}{reference} | "
-            f"{case.ceiling:.2f} | {r['faithful']:.2f} | {drop:.2f} | {r.get('turned', 0)}, {bound:.2f}"
+            f"{case.ceiling:.2f} | {r['faithful']:.2f} | {drop:.2f} | {r['turned']}, {bound:.2f}"
             f"{' (below the drop)' if over else ''} | {r['time']:.1f} | {r['exit']} | "
             f"{'met' if met else 'MISSED'} | {'HIDDEN DROP' if hidden else '-'} | {r['edits']} |")
     return text, met, hidden, near, over
