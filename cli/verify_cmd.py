@@ -8,6 +8,7 @@ import click
 
 from cli.common import ENGINE_OPTION, RAY_ADDRESS_OPTION, echo_json, input_shape_option, run_options
 from onnx_dynedit import progress as _progress
+from onnx_dynedit.bounds import inputs_needed
 from onnx_dynedit.errors import CheckFailed
 from onnx_dynedit.sessions import DEFAULT_PROVIDER
 from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, VerifyReport, verify as run_verify
@@ -31,6 +32,10 @@ from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, VerifyReport, verify as run_
 @click.option("--max-output-shift", type=float, default=None, metavar="F",
               help="Gate: mean total-variation distance of the two models' class probabilities on the clean "
                    "inputs (a fraction; catches moved outputs that top-1 agreement hides on confident inputs).")
+@click.option("--max-drop-bound", type=float, default=None, metavar="F",
+              help="Gate: what the clean set vouches for: the 95 % upper bound on the share of inputs like them "
+                   "that the edit turns from right to wrong (without labels: moves to another class). Needs no "
+                   "labels; with none turned, n clean inputs vouch for about 3/n (360: 0.0083).")
 @click.option("--max-asr", type=float, default=None, metavar="F",
               help="Gate: attack success rate of the edited model (needs --corrupt and --target).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default=None,
@@ -45,14 +50,14 @@ from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, VerifyReport, verify as run_
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @run_options()
 def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate, max_logit_change,
-           max_output_shift, max_asr, provider, batch_size, input_shapes, engine, ray_address, as_json):
+           max_output_shift, max_drop_bound, max_asr, provider, batch_size, input_shapes, engine, ray_address, as_json):
     """Check EDITED against ORIGINAL: accuracy, agreement, logit change, fix rate, attack success.
 
     Exit 0 and "PASSED" when every given gate holds, 1 and one "FAILED: ..." line per
     failed gate otherwise, 2 for unusable input. Uses ONNX Runtime only.
     """
     thresholds = {"max_acc_drop": max_acc_drop, "min_fix_rate": min_fix_rate,
-                  "max_logit_change": max_logit_change, "max_output_shift": max_output_shift, "max_asr": max_asr}
+                  "max_logit_change": max_logit_change, "max_output_shift": max_output_shift, "max_drop_bound": max_drop_bound, "max_asr": max_asr}
     progress = _progress.callback("verify (ONNX Runtime)")
     try:
         report = run_verify(original, edited, clean, corrupt=corrupt, target=target, thresholds=thresholds,
@@ -82,6 +87,16 @@ def _change(before, after) -> str:
     if before is None or after is None:
         return "-"
     return _f(after - before, signed=True)
+
+
+def _gate_note(gate, clean) -> str:
+    """What would pass a failed max-drop-bound gate that too few clean inputs failed."""
+    if gate.passed or gate.name != "max-drop-bound" or not 0 < gate.limit < 1:
+        return ""
+    need = inputs_needed(gate.limit)
+    if clean.turned == 0 and clean.n < need:
+        return f" (none of {clean.n} turned; about {need} inputs with none turned would vouch for {gate.limit:.4f})"
+    return ""
 
 
 def render(report: VerifyReport) -> str:
@@ -118,7 +133,7 @@ def render(report: VerifyReport) -> str:
     if report.gates:
         lines += ["", "gates"]
         for g in report.gates:
-            lines.append(f"  {g.message:<40}  {'ok' if g.passed else 'FAILED'}")
+            lines.append(f"  {g.message:<40}  {'ok' if g.passed else 'FAILED'}{_gate_note(g, c)}")
     else:
         lines += ["", "gates: none given"]
     lines.append("")

@@ -25,6 +25,13 @@ def upper_bound(k: int, n: int, confidence: float = CONFIDENCE) -> float:
     return hi
 
 
+def inputs_needed(rate: float, confidence: float = CONFIDENCE) -> int:
+    """How many inputs, none of them turned, vouch at ``confidence`` for a share of at most
+    ``rate`` (0 < rate < 1): the smallest n with ``upper_bound(0, n)`` <= rate, i.e.
+    (1 - rate)^n <= 1 - confidence (1 %: 299 inputs)."""
+    return math.ceil(math.log(1.0 - confidence) / math.log1p(-rate))
+
+
 def binomial_cdf(k: int, n: int, p: float) -> float:
     """P(X <= k) for X ~ Binomial(n, p), 0 < p < 1, summed in log space."""
     lp, lq = math.log(p), math.log1p(-p)

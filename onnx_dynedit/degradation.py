@@ -9,14 +9,13 @@ its layer, from one recording of the values upstream).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import memory
-from .bounds import CONFIDENCE, upper_bound
+from .bounds import CONFIDENCE, inputs_needed, upper_bound
 from .layers import Layer
 from .rank_one import ACTIVATION_BUDGET, TorchEdit
 from .twin import DownstreamRunner, Twin
@@ -125,7 +124,7 @@ def bound_line(turned: int, count: int, source: str, labelled: bool, budget: flo
     line = (f"degradation inputs: {count} ({source}), {turned} {verb} by the kept edits: at {CONFIDENCE:.0%} "
             f"confidence at most {bound:.2%} of inputs like them are")
     if 0 < budget < 1 and bound > budget:
-        need = math.ceil(math.log(1.0 - CONFIDENCE) / math.log1p(-budget))
+        need = inputs_needed(budget)
         line += f", more than the {budget:.2%} budget (with none {verb.split()[0]}, about {need} inputs would vouch for it)"
     return line
 

@@ -9,7 +9,9 @@ Figures
            whose top-1 class is the same for both models), max / mean absolute logit
            change (over every logit of every clean input), output_shift (mean
            total-variation distance of the two models' class probabilities: softmax of
-           the outputs, or the outputs themselves where every row already sums to 1), n.
+           the outputs, or the outputs themselves where every row already sums to 1), n,
+           turned (right -> wrong with labels; top-1 changed without) and drop_bound
+           (its exact one-sided 95 % upper limit as a share, ``bounds.upper_bound``).
   corrupt  acc_before / acc_after, fix_rate (share of the inputs the original got
            wrong that the edited model gets right; null when the original got none
            wrong), asr_before / asr_after (with a target class: share of the inputs
@@ -22,6 +24,8 @@ Gates (``Thresholds``; ``None`` = not checked)
   max-logit-change  clean max abs logit change <= limit
   max-output-shift  clean output_shift <= limit              (fraction, 0..1)
   max-asr           corrupt asr_after <= limit
+  max-drop-bound    clean drop_bound <= limit                (fraction, 0..1; no labels needed:
+                    360 inputs with none turned vouch for 0.0083, ``bounds.inputs_needed``)
 
 A gate whose figure cannot be computed (no labels, no corrupted inputs, no target,
 nothing to fix) is an ``InputError`` (exit 2), never a silent pass.
@@ -201,9 +205,10 @@ class Thresholds:
     max_logit_change: float | None = None
     max_asr: float | None = None
     max_output_shift: float | None = None
+    max_drop_bound: float | None = None  # on CleanFigures.drop_bound: what the clean set vouches for
 
     def __post_init__(self):
-        for key in ("max_acc_drop", "min_fix_rate", "max_asr", "max_output_shift"):
+        for key in ("max_acc_drop", "min_fix_rate", "max_asr", "max_output_shift", "max_drop_bound"):
             value = getattr(self, key)
             if value is not None and not (0.0 <= float(value) <= 1.0):
                 raise InputError(
@@ -810,6 +815,8 @@ def _gates(limits: Thresholds, clean: CleanFigures, corrupt: CorruptFigures | No
         check("max-logit-change", clean.max_abs_logit_change, limits.max_logit_change, "<=")
     if limits.max_output_shift is not None:
         check("max-output-shift", clean.output_shift, limits.max_output_shift, "<=")
+    if limits.max_drop_bound is not None:
+        check("max-drop-bound", clean.drop_bound, limits.max_drop_bound, "<=")
     if limits.max_asr is not None:
         if corrupt.asr_after is None:
             raise InputError(f"gate max-asr cannot be computed: every corrupted input is labelled with the "

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_dynedit.bounds import binomial_cdf, upper_bound
+from onnx_dynedit.bounds import binomial_cdf, inputs_needed, upper_bound
 from onnx_dynedit.errors import DynEditError, InputError
 from onnx_dynedit.sessions import ort_session
 from onnx_dynedit.verify import (
@@ -220,6 +220,28 @@ def test_output_shift_gate(case):
     assert same.passed and same.clean.output_shift == 0.0
 
 
+def test_drop_bound_gate(case):
+    """The gate reads what the clean set vouches for: upper_bound(turned, n), labels or not.
+    The original against itself turns none of 120: 1 - 0.05^(1/120) = 0.02465."""
+    ok = verify(case["orig"], case["edit"], case["clean"], thresholds={"max_drop_bound": 1.0})
+    bound = upper_bound(ok.clean.turned, 120)
+    assert ok.passed and ok.gates[0].name == "max-drop-bound" and ok.gates[0].value == bound
+    bad = verify(case["orig"], case["edit"], case["clean_nolabels"], thresholds={"max_drop_bound": bound / 2})
+    assert not bad.passed and bad.failed_checks[0].startswith("max-drop-bound: ")
+    same = verify(case["orig"], case["orig"], case["clean_nolabels"], thresholds={"max_drop_bound": 0.025})
+    assert same.passed and same.clean.turned == 0 and same.clean.drop_bound == pytest.approx(0.024656, abs=1e-6)
+    assert not verify(case["orig"], case["orig"], case["clean"], thresholds={"max_drop_bound": 0.024}).passed
+
+
+def test_inputs_needed_on_paper():
+    """None turned of n vouches for r when (1 - r)^n <= 0.05: 1 % needs 299 (0.99^299 = 0.0495,
+    0.99^298 = 0.0500), half a percent 598 (ln 0.05 / ln 0.995 = 597.6)."""
+    assert inputs_needed(0.01) == 299 and inputs_needed(0.005) == 598
+    for rate in (0.1, 0.01, 0.005, 0.001):
+        n = inputs_needed(rate)
+        assert upper_bound(0, n) <= rate < upper_bound(0, n - 1)
+
+
 def test_acc_drop_is_exact_from_counts(case, tmp_path):
     # Labels = the original's predictions, so the drop is (#disagreements) / N exactly.
     lo, le = plain_logits(case["orig"], case["cx"]), plain_logits(case["edit"], case["cx"])
@@ -336,6 +358,18 @@ def test_cli_output_shift_gate(case):
     assert any(ln.strip().startswith("output shift (mean TV distance)") for ln in proc.stdout.splitlines())
     assert proc.stdout.strip().splitlines()[-1].startswith("FAILED: max-output-shift: ")
     dynedit(case["orig"], case["edit"], "--clean", case["clean_nolabels"], "--max-output-shift", "1", check_rc=0)
+
+
+def test_cli_drop_bound_gate(case):
+    """Too few clean inputs to vouch for the limit: exit 1, the FAILED line last, and the
+    gate row says how many inputs would (1 - 0.05^(1/120) = 0.0247 > 0.01: 299)."""
+    proc = dynedit(case["orig"], case["orig"], "--clean", case["clean_nolabels"], "--max-drop-bound", "0.01",
+                   check_rc=1)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "FAILED: max-drop-bound: 0.0247 > 0.0100"
+    assert any("FAILED (none of 120 turned; about 299 inputs with none turned would vouch for 0.0100)" in ln
+               for ln in lines)
+    dynedit(case["orig"], case["orig"], "--clean", case["clean_nolabels"], "--max-drop-bound", "0.03", check_rc=0)
 
 
 def test_cli_no_gates_passes(case):
