@@ -53,7 +53,6 @@ def peak_rss_mb() -> float:
 
 
 def one(name: str, folder: Path, edit: bool) -> dict:
-    import numpy as np
     import onnx
 
     import corpus
