@@ -2,7 +2,7 @@
 
     python benchmarks/bench_speed.py [--models resnet18 resnet50 vgg16] [--device auto|cpu|cuda]
                                      [--stats N] [--augment N] [--fit-methods auto adam lm lbfgs]
-                                     [--fit-steps N] [--finetune-steps N] [--floor]
+                                     [--fit-steps N] [--finetune-steps N] [--floor] [--flops]
 
 Models (random weights, seeded, exported to ONNX at run time; nothing is downloaded):
   resnet18  a CIFAR-style ResNet-18 (11.2 M parameters, 3x32x32, BatchNorm with non-trivial
@@ -33,11 +33,21 @@ cheapest edit the pipeline can make (the last editable layer named, so no locali
 its layer-local closed form, so no fit; no synthetic or check pairs): the cost of the
 phases around the loop (load, twin, parity before and after, write-back), which no loop
 can go below.
+
+``--flops`` runs the same edit once more under torch's ``FlopCounterMode`` (after the
+timed run, so the seconds are not the counter's) and adds the work of each phase: the
+floating-point operations of the convolutions, matrix products and their backward passes
+that torch counts (not the Cholesky factors, solves and eigenvectors of the key
+statistics), as a ratio to one forward+backward counted the same way, and the rate each
+phase ran at (its operations / its seconds of the timed run). The work ratio does not
+depend on the machine: where it is far above the issue's 50x, fewer or smaller passes,
+not faster ones, are what would close the gap.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import resource
@@ -146,6 +156,39 @@ def _forward_backward(twin, x) -> float:
     return (time.perf_counter() - t) / reps
 
 
+def counted(fn):
+    """(fn(), {phase: operations}, total operations): ``fn`` run under torch's
+    FlopCounterMode, the operations split by the rectify phase (``rectify.Timings``) they
+    ran in; the rest of ``edit_model`` (parity, write-back ...) under "outside the loop"."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from onnx_dynedit import rectify
+
+    counter, by_phase, plain = FlopCounterMode(display=False), {}, rectify.Timings.__call__
+
+    def timed(self, phase):
+        start = counter.get_total_flops()
+        with plain(self, phase):
+            yield
+        by_phase[phase] = by_phase.get(phase, 0) + counter.get_total_flops() - start
+
+    rectify.Timings.__call__ = contextlib.contextmanager(timed)
+    try:
+        with counter:
+            out = fn()
+    finally:
+        rectify.Timings.__call__ = plain
+    total = counter.get_total_flops()
+    by_phase["outside the loop"] = total - sum(by_phase.values())
+    return out, by_phase, total
+
+
+def forward_backward_flops(twin, x) -> int:
+    """The operations of one forward+backward of the twin on ``x``, as ``forward_backward`` runs it."""
+    x = twin.to_tensor(x).requires_grad_(True)
+    return counted(lambda: twin.forward(x).sum().backward())[2]
+
+
 def finetune_seconds(twin, corrupt, clean, steps: int = FT_STEPS) -> float:
     module = copy.deepcopy(twin.module)
     params = [p for p in module.parameters() if p.is_floating_point()]
@@ -205,7 +248,7 @@ def cheapest_config(path: Path) -> dict:
 
 def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_method: str,
             fit_steps: int | None = None, ft_steps: int = FT_STEPS, check_candidates: int | None = None,
-            floor: bool = False) -> dict:
+            floor: bool = False, flops: bool = False) -> dict:
     """The measured run (child process): ``edit_model``, what `dynedit edit` runs, with
     freed memory returned to the system as the CLI does (onnx_dynedit.memory), its
     phases from the edit's own clock; then the baseline and the fine-tuning rows on a
@@ -245,10 +288,18 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_metho
         np.savez(data["val"], x=val)
         del stats, val  # the edit reads them from the files, as the CLI does (VGG-16 at 240x240: 176 MiB)
         sampler = RssSampler()
-        outcome = edit_model(path, data["pairs"], Path(tmp) / "fixed.onnx", stats=data["stats"], val=data["val"],
-                             device=device, **config)
+        def edit(out: str):
+            return edit_model(path, data["pairs"], Path(tmp) / out, stats=data["stats"], val=data["val"],
+                              device=device, **config)
+
+        outcome = edit("fixed.onnx")
         sampler.stop = True
-    edit_peak = rss_mb()  # the edit's own peak, before the baseline and fine-tuning rows
+        edit_peak = rss_mb()  # the edit's own peak, before the baseline and fine-tuning rows
+        work = None
+        if flops:  # the same edit again, counted
+            again, by_phase, total_ops = counted(lambda: edit("counted.onnx"))
+            work = {"by_phase": by_phase, "total": total_ops,
+                    "same_edit": [e.layer.node for e in again.result.edits] == [e.layer.node for e in outcome.result.edits]}
     phases, t = [], 0.0
     for key, seconds in outcome.timings.items():
         if key == "total":
@@ -260,6 +311,8 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_metho
     result = outcome.result
     twin = Twin(load_model(path), device)
     fb = forward_backward(twin, clean)
+    if work is not None:
+        work["fb"] = forward_backward_flops(twin, clean)
     clean20 = rng.standard_normal((20, *shape)).astype(np.float32)
     corrupt20 = clean20.copy()
     corrupt20[:, :, -p:, -p:] = 6.0
@@ -273,7 +326,7 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_metho
             "synthetic": result.n_pairs - result.n_real_pairs, "stopped": result.stopped_because,
             "fit_method": fit_method if fit_steps is None else f"{fit_method}, at most {fit_steps} steps",
             "fit_loss": [s.fit_loss for s in result.steps], "ft_steps": ft_steps,
-            "fitted": len(result.steps), "check_candidates": check_candidates}
+            "fitted": len(result.steps), "check_candidates": check_candidates, "work": work}
 
 
 def table(name: str, n_params: int, side: int, n_stats: int, r: dict) -> str:
@@ -301,7 +354,25 @@ def table(name: str, n_params: int, side: int, n_stats: int, r: dict) -> str:
         lines.append(f"| fine-tune all weights, {r['ft_steps']} Adam steps, n = {n} | {v:.2f} | {v / fb:.0f} | |")
     lines.append(f"| (peak RSS after the fine-tuning rows, which copy the model and keep Adam's state) | | | "
                  f"{r['finetune_rss_mb']:.0f} |")
+    if r.get("work"):
+        lines += ["", work_table(r)]
     return "\n".join(lines) + "\n"
+
+
+def work_table(r: dict) -> str:
+    """``--flops``: each phase's counted operations, as a ratio to one forward+backward's,
+    and the rate it ran at in the timed run."""
+    w, fb_ops = r["work"], r["work"]["fb"]
+    seconds = {k.replace("  rectify: ", ""): v for k, v, _ in r["phases"]}
+    seconds["outside the loop"] = r["total"] - sum(seconds.get(k, 0.0) for k in w["by_phase"] if k != "outside the loop")
+    lines = [f"work (`--flops`, the same edit counted again: {'the same' if w['same_edit'] else 'ANOTHER'} edit; one "
+             f"forward+backward {fb_ops / 1e9:.3f} GFLOP)", "",
+             "| phase | GFLOP | x forward+backward | GFLOP/s in the timed run |", "|---|---|---|---|"]
+    for phase, ops in list(w["by_phase"].items()) + [("total", w["total"])]:
+        secs = r["total"] if phase == "total" else seconds.get(phase)
+        rate = f"{ops / 1e9 / secs:.1f}" if secs else ""
+        lines.append(f"| {phase} | {ops / 1e9:.2f} | {ops / fb_ops:.0f} | {rate} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -323,12 +394,15 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true",
                     help="also run the cheapest edit the pipeline can make (the last layer named, its closed "
                          "form, no synthetic or check pairs): what the phases around the loop cost")
+    ap.add_argument("--flops", action="store_true",
+                    help="also count each phase's operations (the edit run again under torch's FlopCounterMode)")
     ap.add_argument("--child", nargs=3, metavar=("PATH", "SIDE", "STATS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         path, side, n_stats = args.child
         print(json.dumps(run_one(Path(path), int(side), int(n_stats), args.device, args.augment, args.fit_method,
-                                 args.fit_steps, args.finetune_steps, args.check_candidates, args.floor)))
+                                 args.fit_steps, args.finetune_steps, args.check_candidates, args.floor,
+                                 args.flops)))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     with tempfile.TemporaryDirectory() as tmp:
@@ -344,7 +418,7 @@ def main() -> None:
                 for flag, value in (("--augment", args.augment), ("--fit-steps", args.fit_steps),
                                     ("--check-candidates", args.check_candidates)):
                     cmd += [] if value is None else [flag, str(value)]
-                cmd += ["--floor"] if floor else []
+                cmd += (["--floor"] if floor else []) + (["--flops"] if args.flops else [])
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode:
                     print(f"### {name} ({'floor' if floor else method}): the measured run failed "
