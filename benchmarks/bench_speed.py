@@ -288,6 +288,7 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_metho
         np.savez(data["val"], x=val)
         del stats, val  # the edit reads them from the files, as the CLI does (VGG-16 at 240x240: 176 MiB)
         sampler = RssSampler()
+
         def edit(out: str):
             return edit_model(path, data["pairs"], Path(tmp) / out, stats=data["stats"], val=data["val"],
                               device=device, **config)
@@ -298,8 +299,8 @@ def run_one(path: Path, side: int, n_stats: int, device: str, augment, fit_metho
         work = None
         if flops:  # the same edit again, counted
             again, by_phase, total_ops = counted(lambda: edit("counted.onnx"))
-            work = {"by_phase": by_phase, "total": total_ops,
-                    "same_edit": [e.layer.node for e in again.result.edits] == [e.layer.node for e in outcome.result.edits]}
+            nodes = [[e.layer.node for e in o.result.edits] for o in (outcome, again)]
+            work = {"by_phase": by_phase, "total": total_ops, "same_edit": nodes[0] == nodes[1]}
     phases, t = [], 0.0
     for key, seconds in outcome.timings.items():
         if key == "total":
@@ -364,7 +365,8 @@ def work_table(r: dict) -> str:
     and the rate it ran at in the timed run."""
     w, fb_ops = r["work"], r["work"]["fb"]
     seconds = {k.replace("  rectify: ", ""): v for k, v, _ in r["phases"]}
-    seconds["outside the loop"] = r["total"] - sum(seconds.get(k, 0.0) for k in w["by_phase"] if k != "outside the loop")
+    inside = sum(seconds.get(k, 0.0) for k in w["by_phase"] if k != "outside the loop")
+    seconds["outside the loop"] = r["total"] - inside
     lines = [f"work (`--flops`, the same edit counted again: {'the same' if w['same_edit'] else 'ANOTHER'} edit; one "
              f"forward+backward {fb_ops / 1e9:.3f} GFLOP)", "",
              "| phase | GFLOP | x forward+backward | GFLOP/s in the timed run |", "|---|---|---|---|"]

@@ -50,14 +50,16 @@ from onnx_dynedit.verify import DEFAULT_BATCH_SIZE, VerifyReport, verify as run_
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @run_options()
 def verify(original, edited, clean, corrupt, target, max_acc_drop, min_fix_rate, max_logit_change,
-           max_output_shift, max_drop_bound, max_asr, provider, batch_size, input_shapes, engine, ray_address, as_json):
+           max_output_shift, max_drop_bound, max_asr, provider, batch_size, input_shapes, engine, ray_address,
+           as_json):
     """Check EDITED against ORIGINAL: accuracy, agreement, logit change, fix rate, attack success.
 
     Exit 0 and "PASSED" when every given gate holds, 1 and one "FAILED: ..." line per
     failed gate otherwise, 2 for unusable input. Uses ONNX Runtime only.
     """
     thresholds = {"max_acc_drop": max_acc_drop, "min_fix_rate": min_fix_rate,
-                  "max_logit_change": max_logit_change, "max_output_shift": max_output_shift, "max_drop_bound": max_drop_bound, "max_asr": max_asr}
+                  "max_logit_change": max_logit_change, "max_output_shift": max_output_shift,
+                  "max_drop_bound": max_drop_bound, "max_asr": max_asr}
     progress = _progress.callback("verify (ONNX Runtime)")
     try:
         report = run_verify(original, edited, clean, corrupt=corrupt, target=target, thresholds=thresholds,
