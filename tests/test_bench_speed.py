@@ -45,3 +45,24 @@ def test_counted_restores_the_timings_after_an_error():
     except RuntimeError:
         pass
     assert rectify.Timings.__call__ is plain
+
+
+def test_counted_edit_of_a_sample_model(tmp_path):
+    """The real loop under the counter: the badnets sample repaired from its one pair
+    (stats and val), once plain and once counted. The same edit; every phase that ran does
+    work; the phases and "outside the loop" add up to the total."""
+    from onnx_dynedit.api import edit_model
+
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "badnets"
+
+    def edit(name):
+        return edit_model(sample / "model.onnx", sample / "pairs.npz", tmp_path / name, stats=sample / "stats.npz",
+                          val=sample / "val.npz")
+
+    plain = edit("plain.onnx")
+    again, by_phase, total = bench_speed.counted(lambda: edit("counted.onnx"))
+    assert [e.layer.node for e in again.result.edits] == [e.layer.node for e in plain.result.edits]
+    assert (tmp_path / "plain.onnx").read_bytes() == (tmp_path / "counted.onnx").read_bytes()
+    assert set(by_phase) == set(plain.result.timings) | {"outside the loop"}
+    assert all(by_phase[p] > 0 for p in ("key_statistics", "localisation", "fit", "check", "outside the loop"))
+    assert sum(by_phase.values()) == total
