@@ -167,9 +167,14 @@ def run_edit(case: Case, n: int, kw: dict, tmp: Path, tag: str) -> dict:
     if use_val == "unlabeled":  # what a user with unlabeled deployment inputs passes
         val = tmp / f"{case.name}-{tag}-val-x.npz"
         np.savez(val, x=np.load(case.dir / "val.npz")["x"])
+    stats = case.dir / "stats.npz"
+    n_stats = kw.pop("_stats", None)
+    if n_stats is not None:  # a user with fewer stats inputs: the first n_stats of them
+        stats = tmp / f"{case.name}-{tag}-stats{n_stats}.npz"
+        np.savez(stats, x=np.load(case.dir / "stats.npz")["x"][:n_stats])
     out = tmp / f"{case.name}-{tag}.onnx"
     t0 = time.perf_counter()
-    outcome = edit_model(case.model, case.pairs(n), out, stats=case.dir / "stats.npz", val=val, device="cpu", **kw)
+    outcome = edit_model(case.model, case.pairs(n), out, stats=stats, val=val, device="cpu", **kw)
     dt = time.perf_counter() - t0
     r = outcome.result
     if outcome.output is None:
