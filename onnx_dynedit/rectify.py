@@ -92,7 +92,9 @@ class RectifyConfig:
                                       # screen_above editable layers) and for fits whose inputs' activations exceed
                                       # LBFGS_ABOVE (real-size inputs, fitted in chunks); lm and lbfgs converge in
                                       # fewer passes but move the n = 20 sample rows (docs/results.md, speed section)
-    lbfgs_evals: int = 25             # loss evaluations (downstream passes) of the L-BFGS fit
+    lbfgs_evals: int = 12             # loss evaluations (downstream passes) of the L-BFGS fit (25 until the
+                                      # twenty-ninth session: the same targets on the held-out deep and
+                                      # real-size rows with half the fit's work, docs/results.md)
     attr_weight: float = 3.0          # weight of the region's attribution in the attribution fit
     attr_steps: int = 8               # IG steps inside the attribution fit
     fit_key: bool = True              # attribution fit: fit the whitened key too (False: d = C^-1 k* fixed)
@@ -110,7 +112,8 @@ class RectifyConfig:
     screen_keep: int = 3              # "none"; only the screen_keep best on the check pairs get the full fit.
                                       # Models with at most screen_above editable layers (every sample model: 6-10)
                                       # fit each fully
-    screen_check: int = 64            # check pairs a screening trial is scored on (the first this many)
+    screen_check: int = 32            # check pairs a screening trial is scored on (the first this many; 64
+                                      # until the twenty-ninth session)
     check_target: float = 0.01        # with check pairs deciding, the loop goes on past the target while their
                                       # mean TV distance exceeds this, keeping an edit only when it cuts that
                                       # distance by POLISH_GAIN (none fewer fixed); 1.0: stop at the target
