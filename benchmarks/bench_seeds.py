@@ -32,8 +32,9 @@ shipped model predicts their clean twins. "turned, bound %": the degradation inp
 kept edits turned (right -> wrong with labels, top-1 changed without) and what they vouch
 for, the report's `degradation_turned` and `degradation_bound` (95 %); "(below the drop)"
 marks a row whose test-set clean drop is above it. A config may hold "_stats": N, which
-passes only the first N stats inputs (a user with fewer images of the training data). The last lines count per case (and the
-rows within one test image of "clean twins", and those below the drop).
+passes only the first N stats inputs (a user with fewer images of the training data). The
+last lines count per case (and the rows within one test image of "clean twins", and those
+below the drop).
 """
 
 from __future__ import annotations
