@@ -1,7 +1,7 @@
 """A real-size Trojan repaired at defaults: torchvision's ResNet-18 at 3x224x224.
 
-    python benchmarks/bench_realsize.py [--case tv_badnets|tv_mobilenet_badnets] [--dir FOLDER] [--seed S]
-                                        [--pairs 1 20] [--no-finetune]
+    python benchmarks/bench_realsize.py [--case tv_badnets|tv_mobilenet_badnets|tv_resnet50_badnets]
+                                        [--dir FOLDER] [--seed S] [--pairs 1 20] [--no-finetune]
 
 Builds ``tv_badnets`` with ``sample_models/build.py`` (badnets' patch on torchvision's
 ResNet-18 at 3x224x224: the digits upsampled 14x, the patch 42x42, stats = 200 of the
@@ -22,7 +22,8 @@ exit `dynedit edit` would give, and the issue's patch target (>= 99 % corrected,
 point clean drop). The line above the table gives the clean twins' level: the share
 of the triggered test inputs that a repair making each behave exactly like its clean twin
 corrects. ``--case tv_mobilenet_badnets``: the same patch Trojan on torchvision's
-MobileNet-V3 small (about 2.5 minutes to build).
+MobileNet-V3 small (about 2.5 minutes to build); ``--case tv_resnet50_badnets``: on its
+ResNet-50 (about 20 minutes to build).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from bench_speed import forward_backward  # noqa: E402
 from onnx_dynedit.io import load_model  # noqa: E402
 from onnx_dynedit.twin import Twin  # noqa: E402
 
-CASES = ("tv_badnets", "tv_mobilenet_badnets")
+CASES = ("tv_badnets", "tv_mobilenet_badnets", "tv_resnet50_badnets")
 MIN_CORRECTED, MAX_DROP = 99.0, 0.5  # the issue's patch Trojan target (1 pair)
 
 

@@ -8,11 +8,12 @@ The efficacy targets of issue 10 were met on the committed samples (seed 0); acc
 measured on cases of the same kinds that are not in the repo. This benchmark rebuilds the
 Trojan samples (and resnet_badnets: the patch on resnet_blend's small ResNet; tv_badnets
 and tv_blend, the patch and the blend on torchvision's ResNet-18 at 3x224x224, and
-tv_mobilenet_badnets, the patch on its MobileNet-V3 small, only when asked for: a build
-takes minutes) with other seeds (`sample_models/build.py --seed S`: another split of
-the digits, other initial weights, other poisoned images and pairs; the same trigger
-kinds) into FOLDER/sS (default FOLDER: a temporary folder; a build there is reused; seed 0 uses
-the committed sample where there is one) and runs `edit_model` at each config on each, at
+tv_mobilenet_badnets and tv_resnet50_badnets, the patch on its MobileNet-V3 small and
+ResNet-50, only when asked for: a build takes minutes) with other seeds
+(`sample_models/build.py --seed S`: another split of the digits, other initial weights,
+other poisoned images and pairs; the same trigger kinds) into FOLDER/sS (default FOLDER: a
+temporary folder; a build there is reused; seed 0 uses the committed sample where there
+is one) and runs `edit_model` at each config on each, at
 the target's pair count (patch Trojans 1 pair, blends 5), with stats + val and, with
 --no-val-rows, with stats only (the degradation is then checked on the held-out share of
 the stats); --val-kinds picks the rows instead: "labelled" (val's inputs and labels: the
@@ -53,7 +54,8 @@ from bench_efficacy import TARGETS as SAMPLE_TARGETS, Case, ensure_built, run_ed
 # case: the issue's target of its kind (pairs, min corrected %, max clean drop in points)
 KIND = {"badnets": "badnets", "resnet_badnets": "badnets", "deep_badnets": "badnets",
         "resnet_blend": "resnet_blend", "deep_blend": "resnet_blend", "tv_badnets": "badnets",
-        "tv_blend": "resnet_blend", "tv_mobilenet_badnets": "badnets"}
+        "tv_blend": "resnet_blend", "tv_mobilenet_badnets": "badnets",
+        "tv_resnet50_badnets": "badnets"}
 DEFAULT_CASES = [name for name in KIND if not name.startswith("tv_")]  # real size: ask for it (6-minute builds)
 TARGETS = {name: SAMPLE_TARGETS[kind] for name, kind in KIND.items()}
 BUDGET_PTS = 1.0  # the default max_degradation (0.01) in points

@@ -91,6 +91,8 @@ pairs20.npz); meta.json adds stats_acc and val_acc. Legacy exporter, opset 17.
             bench_seeds.py --cases tv_badnets tv_blend either.
   tv_mobilenet_badnets  tv_badnets on torchvision's MobileNet-V3 small (depthwise
             convolutions, squeeze-and-excitation, hardswish). Not committed either.
+  tv_resnet50_badnets  tv_badnets on torchvision's ResNet-50 (bottleneck blocks, 23.5 M
+            weights; about 20 minutes on 2 cores). Not committed either.
 
 Files per case: model.onnx (+ model.onnx.data for blend), clean_test.npz (x, y),
 corrupt_test.npz (x, y = true label), pairs.npz / pairs20.npz (corrupt, clean;
@@ -523,6 +525,14 @@ class TvMobileNetBadNets(TvBadNets):
     arch = "tv_mobilenet_v3_small"
 
 
+class TvResNet50BadNets(TvBadNets):
+    """tv_badnets on torchvision's ResNet-50 (bottleneck blocks, 53 convolutions, 23.5 M
+    weights): the ImageNet-size model of issue 10's speed item, trained instead of random."""
+
+    name = "tv_resnet50_badnets"
+    arch = "tv_resnet50"
+
+
 def _upscaled(x: np.ndarray, scale: int, channels: int) -> np.ndarray:
     """[N, 1, H, W] -> [N, channels, H*scale, W*scale]: nearest upsampling, the grey
     channel repeated."""
@@ -539,7 +549,8 @@ class DeepBlend(ResNetBlend):
 
 
 CASE_TYPES = {c.name: c for c in (BadNets, Blend, Spurious, Leakage, ResNetBlend, ResNetColour, DeepBadNets,
-                                  DeepBlend, ResNetBadNets, TvBadNets, TvBlend, TvMobileNetBadNets)}
+                                  DeepBlend, ResNetBadNets, TvBadNets, TvBlend, TvMobileNetBadNets,
+                                  TvResNet50BadNets)}
 
 # ----------------------------------------------------------------- model/train
 

@@ -344,10 +344,12 @@ def test_poison_rate_zero_builds_the_never_poisoned_reference():
 
 @pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="the sample data needs scikit-learn")
 @pytest.mark.parametrize("case_name, small_name", [("tv_badnets", "resnet_badnets"), ("tv_blend", "resnet_blend"),
-                                                    ("tv_mobilenet_badnets", "resnet_badnets")])
+                                                    ("tv_mobilenet_badnets", "resnet_badnets"),
+                                                    ("tv_resnet50_badnets", "resnet_badnets")])
 def test_the_real_size_cases_are_the_small_ones_upsampled(case_name, small_name):
-    """``tv_badnets``, ``tv_blend`` and ``tv_mobilenet_badnets`` (real-size Trojans, not
-    committed; the last is tv_badnets on another architecture): their inputs are
+    """``tv_badnets``, ``tv_blend``, ``tv_mobilenet_badnets`` and ``tv_resnet50_badnets``
+    (real-size Trojans, not committed; the last two are tv_badnets on other
+    architectures): their inputs are
     the small ResNet cases' 16x16 inputs upsampled 14x (each pixel a 14x14 block) and
     repeated over 3 channels, so tv_badnets' triggered inputs carry a 42x42 white patch at
     the bottom right and equal their clean twins elsewhere; their stats are their own
