@@ -349,11 +349,11 @@ def test_poison_rate_zero_builds_the_never_poisoned_reference():
 def test_the_real_size_cases_are_the_small_ones_upsampled(case_name, small_name):
     """``tv_badnets``, ``tv_blend``, ``tv_mobilenet_badnets`` and ``tv_resnet50_badnets``
     (real-size Trojans, not committed; the last two are tv_badnets on other
-    architectures): their inputs are
-    the small ResNet cases' 16x16 inputs upsampled 14x (each pixel a 14x14 block) and
-    repeated over 3 channels, so tv_badnets' triggered inputs carry a 42x42 white patch at
-    the bottom right and equal their clean twins elsewhere; their stats are their own
-    (never poisoned) training images. Data only, no training."""
+    architectures): their inputs are the small ResNet cases' 16x16 inputs upsampled 14x
+    (each pixel a 14x14 block) and repeated over 3 channels, so tv_badnets' triggered
+    inputs carry a 42x42 white patch at the bottom right and equal their clean twins
+    elsewhere; their stats are their own (never poisoned) training images. Data only, no
+    training."""
     build = _build_module()
     data = build.load_digits16()
     split = build.split_indices(data[1])
