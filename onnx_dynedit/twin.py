@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -381,15 +382,17 @@ class Twin:
         return rec["in"][0], rec["out"][0]
 
 
-def _gather(into: dict, key, rows: torch.Tensor, lo: int, n: int) -> None:
-    """Put ``rows`` (a batch's rows lo.. of n) into ``into[key]``, allocated [n, ...] on
-    first use; a whole batch is kept as it is (no copy)."""
-    if rows.shape[0] == n:
+def _gather(into: dict, key, rows: torch.Tensor, lo: int, n: int, axis: int = 0, block: int = 1) -> None:
+    """Put ``rows`` (a batch's rows lo.. of n, along ``axis`` in blocks of ``block``) into
+    ``into[key]``, allocated on first use; a whole batch is kept as it is (no copy)."""
+    if rows.shape[axis] == n * block:
         into[key] = rows
         return
     if key not in into:
-        into[key] = rows.new_empty((n, *rows.shape[1:]))
-    into[key][lo:lo + rows.shape[0]] = rows
+        shape = list(rows.shape)
+        shape[axis] = n * block
+        into[key] = rows.new_empty(shape)
+    into[key].narrow(axis, lo * block, rows.shape[axis]).copy_(rows)
 
 
 def _take(x, index):
@@ -500,9 +503,7 @@ class DownstreamRunner:
         gm = twin.module
         layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
         parts = {l.node: _downstream(gm, l) for l in layers}
-        cache, sliced = _record(gm, inputs, list(parts.values()), rows)
-
-        self._replay = _Replay(gm, cache, sliced, parts[layers[0].node])
+        self._replay = _Replay(gm, _record(gm, inputs, list(parts.values()), rows), parts[layers[0].node])
         self._parts = parts
         self._first = layers[0].node
         self._inputs = inputs
@@ -512,8 +513,8 @@ class DownstreamRunner:
     @staticmethod
     def row_bytes(twin: "Twin", layers, x1: torch.Tensor) -> int:
         """Bytes a recording of ``layers`` keeps per input row (one row recorded)."""
-        cache, sliced = _record(twin.module, (x1[:1],), [_downstream(twin.module, l) for l in layers], None)
-        return sum(cache[n].numel() * cache[n].element_size() for n in sliced)
+        rec = _record(twin.module, (x1[:1],), [_downstream(twin.module, l) for l in layers], None)
+        return sum(rec.cache[n].numel() * rec.cache[n].element_size() for n in rec.sliced)
 
     def __call__(self, rows: slice | None = None, layer: Layer | None = None) -> torch.Tensor:
         """The output on every input, or on the inputs ``rows`` (a slice of the batch:
@@ -561,7 +562,7 @@ class TailRecording:
         recomputed from the kept values (current hooks applied), or a whole pass."""
         if self.records is None:
             return self.twin.forward(x)
-        return self.twin.select(_Replay(self.twin.module, self.records[index], set(), self.part).run())
+        return self.twin.select(_Replay(self.twin.module, Recording(self.records[index]), self.part).run())
 
 
 def _downstream(gm, layer: Layer) -> set:
@@ -579,21 +580,55 @@ def _downstream(gm, layer: Layer) -> set:
     return downstream
 
 
+@dataclasses.dataclass
+class Recording:
+    """Values a replay reads from upstream of the part it recomputes (``_record``).
+    ``cache``: node -> value; ``sliced``: node -> (axis, block) for the values with a
+    batch axis (a replay of some rows reads those rows: ``_row_axes``); ``replayed``:
+    nodes computed from the inputs' shapes alone (Shape -> Gather -> Concat: a Reshape's
+    target), recomputed by every replay for its own rows; ``shaped``: the Shape nodes
+    they read, node -> (the value recorded, the index of its batch entry or None, the
+    batch's block); ``fixed``: values computed from the inputs with no batch axis that a
+    replay of some rows cannot slice."""
+
+    cache: dict
+    sliced: dict = dataclasses.field(default_factory=dict)
+    replayed: set = dataclasses.field(default_factory=set)
+    shaped: dict = dataclasses.field(default_factory=dict)
+    fixed: set = dataclasses.field(default_factory=set)
+    n_rows: int = 0
+
+
 class _Replay(fx.Interpreter):
     """Runs the nodes in ``downstream`` (and the output); every other node reads its value
     from the recording (``rows`` of it when set) or is skipped. A module-level class: one
     defined per recording is freed only by the cyclic collector, and the recording with it."""
 
-    def __init__(self, gm, cache: dict, sliced: set, downstream: set):
+    def __init__(self, gm, recording: Recording, downstream: set):
         super().__init__(gm)
-        self.cache, self.sliced, self.downstream = cache, sliced, downstream
+        self.rec, self.downstream = recording, downstream
         self.rows: slice | None = None
 
     def run_node(self, n):
-        if n in self.downstream or n.op == "output":
+        if n in self.downstream or n in self.rec.replayed or n.op == "output":
             return super().run_node(n)
-        if n in self.cache:
-            return self.cache[n][self.rows] if self.rows is not None and n in self.sliced else self.cache[n]
+        rec = self.rec
+        span = range(rec.n_rows)[self.rows] if self.rows is not None else None
+        part = span is not None and len(span) != rec.n_rows  # some rows only
+        if n in rec.shaped:  # the shape as recorded (its first pass), for the rows replayed
+            value, entry, block = rec.shaped[n]
+            if entry is not None:
+                value = value.clone()
+                value[entry] = (len(span) if span is not None else rec.n_rows) * block
+            return value
+        if part and n in rec.fixed:
+            raise InternalError(f"the value of fx node {n.name!r} depends on the inputs but has no batch axis: "
+                                "it cannot be replayed for some of the rows")
+        if n in rec.cache:
+            if part and n in rec.sliced:
+                axis, block = rec.sliced[n]
+                return rec.cache[n].narrow(axis, span.start * block, len(span) * block)
+            return rec.cache[n]
         return None  # upstream and not read downstream: skipped
 
 
@@ -617,33 +652,114 @@ def _frontier(gm, parts: list[set]) -> set:
             if n.op != "output" and any(n not in part and any(u in part for u in n.users) for part in parts)}
 
 
-def _record(gm, inputs: tuple, parts: list[set], rows: int | None) -> tuple[dict, set]:
+_ROW_AXES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _row_axes(gm, inputs: tuple) -> dict:
+    """node name -> (axis, block) for every tensor value whose rows lie along ``axis``, each
+    row ``block`` long there (block > 1: the batch merged with another axis, batch
+    outer: attention's [B x heads, T, d]); None where the value has no batch axis, and
+    "unknown" where its shape changes otherwise. Read from the shapes of a pass of one
+    input row and of two (the row twice), once per graph (names, not nodes: a node holds
+    its graph and so the module, which would keep the weak key alive): seq-first
+    attention keeps [T, B, D] values, whose rows are not along axis 0."""
+    if gm in _ROW_AXES:
+        return _ROW_AXES[gm]
+    shapes = []
+    for k in (1, 2):
+        seen: dict = {}
+        with torch.no_grad():
+            _Record(gm, set(gm.graph.nodes), lambda n, v, seen=seen: torch.is_tensor(v) and seen.__setitem__(
+                n.name, tuple(v.shape))).run(*(torch.cat([t[:1]] * k) for t in inputs))
+        shapes.append(seen)
+    axes: dict = {}
+    for n, one in shapes[0].items():
+        two = shapes[1].get(n, ())
+        moved = [a for a in range(len(one)) if len(two) == len(one) and one[a] != two[a]]
+        if len(two) == len(one) and not moved:
+            axes[n] = None
+        elif len(moved) == 1 and two[moved[0]] == 2 * one[moved[0]]:
+            axes[n] = (moved[0], one[moved[0]])
+        else:
+            axes[n] = "unknown"
+    _ROW_AXES[gm] = axes
+    return axes
+
+
+def _shape_nodes(gm, dependent: set) -> tuple[set, set]:
+    """(the Shape nodes of values computed from the inputs, the nodes computed from the
+    inputs through those alone: functions of the inputs' shapes, not of their values)."""
+    from onnx2torch.node_converters.shape import OnnxShape
+
+    shapes = {n for n in dependent if n.op == "call_module" and isinstance(gm.get_submodule(n.target), OnnxShape)}
+    derived: set = set()
+    for node in gm.graph.nodes:  # in topological order
+        ins = [a for a in node.all_input_nodes if a in dependent]
+        if node.op != "output" and node not in shapes and ins and all(a in shapes or a in derived for a in ins):
+            derived.add(node)
+    return shapes, derived
+
+
+def _replayed(frontier: set, derived: set) -> set:
+    """The shape-derived nodes in ``frontier`` and the shape-derived nodes they are computed from."""
+    out, stack = set(), [n for n in frontier if n in derived]
+    while stack:
+        node = stack.pop()
+        if node not in out:
+            out.add(node)
+            stack.extend(a for a in node.all_input_nodes if a in derived)
+    return out
+
+
+def _batch_entry(gm, node, axes: dict) -> tuple[int | None, int]:
+    """(the index of the batch size in Shape ``node``'s value or None, the batch's block)."""
+    row = axes.get(node.all_input_nodes[0].name)
+    if not isinstance(row, tuple):
+        return None, 1
+    module = gm.get_submodule(node.target)
+    start, end = getattr(module, "_start", 0) or 0, getattr(module, "_end", None)
+    if start < 0 or (end is not None and not 0 <= row[0] < end) or row[0] < start:
+        return None, 1  # a negative start, or the batch axis left out
+    return row[0] - start, row[1]
+
+
+def _record(gm, inputs: tuple, parts: list[set], rows: int | None) -> Recording:
     """Run the graph on ``inputs`` (``rows`` at a time) and keep the values each
-    downstream part in ``parts`` reads from outside itself (its frontier): (node ->
-    value, the nodes whose values have a batch axis, gathered pass by pass into one
-    tensor)."""
+    downstream part in ``parts`` reads from outside itself (its frontier). Values with a
+    batch axis (``_row_axes``) are gathered pass by pass into one tensor; values computed
+    from the inputs' shapes are left to each replay (a pass of other rows gives other
+    values: the Reshape targets of a transformer's attention)."""
     n_rows = batch_size_of(inputs[0] if len(inputs) == 1 else tuple(inputs))
     rows = n_rows if rows is None else max(1, rows)
-    dependent: set = set()  # nodes computed from the inputs: their values have a batch axis
+    dependent: set = set()  # nodes computed from the inputs
     for node in gm.graph.nodes:
         if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
             dependent.add(node)
-    cache: dict = {}
-    sliced: set = set()
+    axes = _row_axes(gm, inputs)
+    shapes, derived = _shape_nodes(gm, dependent)
+    frontier = _frontier(gm, parts)
+    replayed = _replayed(frontier, derived)
+    read = ({a for n in replayed for a in n.all_input_nodes} | frontier) - replayed
+    rec = Recording(cache={}, replayed=replayed, n_rows=n_rows)
     span = [0, n_rows]
 
     def keep(n, value):
-        lo, hi = span
-        if not (n in dependent and torch.is_tensor(value) and value.dim() and value.shape[0] == hi - lo):
-            cache.setdefault(n, value)  # the same in every pass
-            return
-        sliced.add(n)
-        _gather(cache, n, value, lo, n_rows)
-
-    frontier = _frontier(gm, parts)
+        row = axes.get(n.name) if n in dependent else None
+        if n in shapes:
+            rec.shaped.setdefault(n, (value.clone(), *_batch_entry(gm, n, axes)))
+        elif isinstance(row, tuple):
+            rec.sliced[n] = row
+            _gather(rec.cache, n, value, span[0], n_rows, *row)
+        else:
+            if n in dependent:
+                rec.fixed.add(n)
+            rec.cache.setdefault(n, value)  # the same in every pass
 
     with torch.no_grad():
         for lo in range(0, n_rows, rows):
             span[:] = [lo, min(lo + rows, n_rows)]
-            _Record(gm, frontier, keep).run(*(t[lo:lo + rows] for t in inputs))
-    return cache, sliced
+            _Record(gm, read, keep).run(*(t[lo:lo + rows] for t in inputs))
+    if rec.fixed and rows < n_rows:
+        raise InternalError(f"the value of fx node {next(iter(rec.fixed)).name!r} depends on the inputs but has no "
+                            "batch axis: it cannot be recorded a few rows at a time")
+    return rec

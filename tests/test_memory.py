@@ -200,7 +200,7 @@ def test_downstream_recording_is_freed_with_its_runner():
         with torch.no_grad():
             runner = DownstreamRunner(twin, layers, x)
             whole = runner(layer=layers[1])
-        recorded = [weakref.ref(v) for v in runner._replay.cache.values() if torch.is_tensor(v) and v.dim()]
+        recorded = [weakref.ref(v) for v in runner._replay.rec.cache.values() if torch.is_tensor(v) and v.dim()]
         assert recorded
         del runner
         assert not [r for r in recorded if r() is not None]
@@ -208,3 +208,11 @@ def test_downstream_recording_is_freed_with_its_runner():
         gc.enable()
     with torch.no_grad():
         np.testing.assert_array_equal(whole.numpy(), twin.forward(x).numpy())
+    # the twin's graph module is not held by the shapes probe's per-graph cache either
+    import onnx_dynedit.twin as twin_module
+
+    module = weakref.ref(twin.module)
+    assert module() in twin_module._ROW_AXES
+    del twin
+    gc.collect()
+    assert module() is None
