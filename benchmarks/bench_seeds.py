@@ -55,8 +55,9 @@ from bench_efficacy import TARGETS as SAMPLE_TARGETS, Case, ensure_built, run_ed
 KIND = {"badnets": "badnets", "resnet_badnets": "badnets", "deep_badnets": "badnets",
         "resnet_blend": "resnet_blend", "deep_blend": "resnet_blend", "tv_badnets": "badnets",
         "tv_blend": "resnet_blend", "tv_mobilenet_badnets": "badnets",
-        "tv_resnet50_badnets": "badnets"}
-DEFAULT_CASES = [name for name in KIND if not name.startswith("tv_")]  # real size: ask for it (builds of 2.5-20 minutes)
+        "tv_resnet50_badnets": "badnets", "vit_badnets": "badnets", "vit_blend": "resnet_blend"}
+# real size (builds of 2.5-20 minutes) and the transformers: ask for them
+DEFAULT_CASES = [name for name in KIND if not name.startswith(("tv_", "vit_"))]
 TARGETS = {name: SAMPLE_TARGETS[kind] for name, kind in KIND.items()}
 BUDGET_PTS = 1.0  # the default max_degradation (0.01) in points
 

@@ -174,7 +174,8 @@ class Case:
     epochs = 30
     input_hw = (16, 16)
     channels = 1
-    arch = "cnn"            # "cnn" (make_model), "resnet" (make_resnet) or "tv_<name>": torchvision.models.<name>
+    arch = "cnn"            # "cnn" (make_model), "resnet" (make_resnet), "vit" (make_vit) or "tv_<name>":
+                            # torchvision.models.<name>
     threads = 1             # torch threads while training (1: the committed samples' byte-identical builds)
     blocks = ((16, 1), (24, 2), (24, 2))  # the ResNet's basic blocks: (channels, stride)
     max_shift = 1           # +-pixels of random shift per epoch (0: the exact images every epoch)
@@ -533,6 +534,26 @@ class TvResNet50BadNets(TvBadNets):
     arch = "tv_resnet50"
 
 
+class VitBadNets(BadNets):
+    """The patch Trojan on a small vision transformer (``make_vit``: 4x4 patches, 16
+    tokens, three pre-norm encoder blocks; 14 editable layers, so the edit's round is
+    screened) whose stats are its own training images. The 3x3 trigger lies inside the
+    last token's patch. Not a committed sample: ``bench_seeds.py --cases vit_badnets``
+    builds it."""
+
+    name, exporter, opset, target = "vit_badnets", "legacy", 17, 0
+    arch, max_shift, stats_from, pair_sizes = "vit", 0, "train", (1, 5, 20)
+    epochs = 60
+
+
+class VitBlend(ResNetBlend):
+    """resnet_blend's whole-image blend on the transformer of ``VitBadNets``."""
+
+    name = "vit_blend"
+    arch = "vit"
+    epochs = 60
+
+
 def _upscaled(x: np.ndarray, scale: int, channels: int) -> np.ndarray:
     """[N, 1, H, W] -> [N, channels, H*scale, W*scale]: nearest upsampling, the grey
     channel repeated."""
@@ -550,7 +571,7 @@ class DeepBlend(ResNetBlend):
 
 CASE_TYPES = {c.name: c for c in (BadNets, Blend, Spurious, Leakage, ResNetBlend, ResNetColour, DeepBadNets,
                                   DeepBlend, ResNetBadNets, TvBadNets, TvBlend, TvMobileNetBadNets,
-                                  TvResNet50BadNets)}
+                                  TvResNet50BadNets, VitBadNets, VitBlend)}
 
 # ----------------------------------------------------------------- model/train
 
@@ -600,6 +621,56 @@ def make_resnet(channels: int, blocks=Case.blocks):
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
 
 
+VIT = {"patch": 4, "dim": 48, "depth": 3, "heads": 4, "mlp": 96}
+
+
+def make_vit(channels: int, input_hw, patch: int = VIT["patch"], dim: int = VIT["dim"], depth: int = VIT["depth"],
+             heads: int = VIT["heads"], mlp: int = VIT["mlp"]):
+    """Small vision transformer: a patch x patch stride-patch Conv to ``dim``-wide tokens
+    plus a learnt position embedding, ``depth`` pre-norm blocks (LayerNorm, multi-head
+    self-attention from one qkv Linear and an output Linear; LayerNorm, Linear-GELU-Linear;
+    residual adds), LayerNorm, the mean over tokens, Linear(dim, 10). Written out rather
+    than nn.TransformerEncoderLayer, whose eval-mode fast path does not export."""
+    import torch
+    import torch.nn as nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+            a = torch.softmax(q @ k.transpose(-2, -1) * (dim // heads) ** -0.5, dim=-1)
+            return self.proj((a @ v).transpose(1, 2).reshape(b, n, dim))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), Attention(), nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+        def forward(self, x):
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+
+    class ViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            tokens = (input_hw[0] // patch) * (input_hw[1] // patch)
+            self.embed = nn.Conv2d(channels, dim, patch, stride=patch)
+            self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+            self.blocks = nn.Sequential(*[Block() for _ in range(depth)])
+            self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+        def forward(self, x):
+            x = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+            return self.head(self.norm(self.blocks(x)).mean(dim=1))
+
+    return ViT()
+
+
 def train(case: Case, d_train, y_train, key_train):
     import torch
     import torch.nn.functional as F
@@ -614,6 +685,8 @@ def train(case: Case, d_train, y_train, key_train):
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.momentum = 0.1
+    elif case.arch == "vit":
+        model = make_vit(case.channels, case.input_hw)
     else:
         model = make_resnet(case.channels, case.blocks) if case.arch == "resnet" else make_model(case.input_hw)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -862,6 +935,11 @@ def build_case(name: str, out: Path, data, split, seed: int = SEED, poison_rate:
                      "stats_are": "200 of the model's own training images (memorised), as the model saw them",
                      "augmentation": "none (every epoch sees the exact training images)",
                      "pair_sizes": list(case.pair_sizes)})
+    if case.arch == "vit":
+        meta["architecture"] = (f"small vision transformer (make_vit): {VIT['patch']}x{VIT['patch']} patches, "
+                                f"{VIT['dim']}-wide tokens, {VIT['depth']} pre-norm blocks of {VIT['heads']}-head "
+                                f"self-attention and a {VIT['mlp']}-wide GELU MLP, mean over tokens, "
+                                f"Linear({VIT['dim']}, 10)")
     if case.arch.startswith("tv_"):
         meta.update({"architecture": f"torchvision.models.{case.arch[3:]}(num_classes=10), random initial weights",
                      "data": meta["data"] + f", then {case.scale}x to {h}x{w} and repeated over {case.channels} "
