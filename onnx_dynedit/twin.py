@@ -382,17 +382,34 @@ class Twin:
         return rec["in"][0], rec["out"][0]
 
 
-def _gather(into: dict, key, rows: torch.Tensor, lo: int, n: int, axis: int = 0, block: int = 1) -> None:
-    """Put ``rows`` (a batch's rows lo.. of n, along ``axis`` in blocks of ``block``) into
-    ``into[key]``, allocated on first use; a whole batch is kept as it is (no copy)."""
-    if rows.shape[axis] == n * block:
+def _gather(into: dict, key, rows: torch.Tensor, lo: int, n: int, axis: int = 0, outer: int = 1,
+            inner: int = 1) -> None:
+    """Put ``rows`` (a batch's rows lo.. of n) into ``into[key]``, allocated on first use;
+    the rows lie along ``axis``, which is outer x rows x inner long (``RowAxis``); a
+    whole batch is kept as it is (no copy)."""
+    k = rows.shape[axis] // (outer * inner)
+    if k == n:
         into[key] = rows
         return
     if key not in into:
         shape = list(rows.shape)
-        shape[axis] = n * block
+        shape[axis] = outer * n * inner
         into[key] = rows.new_empty(shape)
-    into[key].narrow(axis, lo * block, rows.shape[axis]).copy_(rows)
+    _rows_view(into[key], axis, outer, inner).narrow(axis + 1, lo, k).copy_(_rows_view(rows, axis, outer, inner))
+
+
+def _rows_view(t: torch.Tensor, axis: int, outer: int, inner: int) -> torch.Tensor:
+    """``t`` with its rows' axis split into (outer, rows, inner)."""
+    return t.view(*t.shape[:axis], outer, -1, inner, *t.shape[axis + 1:])
+
+
+def _row_slice(t: torch.Tensor, row: tuple, lo: int, k: int) -> torch.Tensor:
+    """Rows lo..lo + k of ``t``, whose rows lie as ``row`` = (axis, outer, inner) says."""
+    axis, outer, inner = row
+    if outer == 1:
+        return t.narrow(axis, lo * inner, k * inner)
+    part = _rows_view(t, axis, outer, inner).narrow(axis + 1, lo, k)
+    return part.reshape(*t.shape[:axis], outer * k * inner, *t.shape[axis + 1:])
 
 
 def _take(x, index):
@@ -583,12 +600,12 @@ def _downstream(gm, layer: Layer) -> set:
 @dataclasses.dataclass
 class Recording:
     """Values a replay reads from upstream of the part it recomputes (``_record``).
-    ``cache``: node -> value; ``sliced``: node -> (axis, block) for the values with a
-    batch axis (a replay of some rows reads those rows: ``_row_axes``); ``replayed``:
+    ``cache``: node -> value; ``sliced``: node -> (axis, outer, inner) for the values
+    with a batch axis (a replay of some rows reads those rows: ``_row_axes``); ``replayed``:
     nodes computed from the inputs' shapes alone (Shape -> Gather -> Concat: a Reshape's
     target), recomputed by every replay for its own rows; ``shaped``: the Shape nodes
-    they read, node -> (the value recorded, the index of its batch entry or None, the
-    batch's block); ``fixed``: values computed from the inputs with no batch axis that a
+    they read, node -> (the value recorded, the index of its batch entry or None, that
+    entry per row); ``fixed``: values computed from the inputs with no batch axis that a
     replay of some rows cannot slice."""
 
     cache: dict
@@ -616,18 +633,17 @@ class _Replay(fx.Interpreter):
         span = range(rec.n_rows)[self.rows] if self.rows is not None else None
         part = span is not None and len(span) != rec.n_rows  # some rows only
         if n in rec.shaped:  # the shape as recorded (its first pass), for the rows replayed
-            value, entry, block = rec.shaped[n]
+            value, entry, per_row = rec.shaped[n]
             if entry is not None:
                 value = value.clone()
-                value[entry] = (len(span) if span is not None else rec.n_rows) * block
+                value[entry] = (len(span) if span is not None else rec.n_rows) * per_row
             return value
         if part and n in rec.fixed:
             raise InternalError(f"the value of fx node {n.name!r} depends on the inputs but has no batch axis: "
                                 "it cannot be replayed for some of the rows")
         if n in rec.cache:
             if part and n in rec.sliced:
-                axis, block = rec.sliced[n]
-                return rec.cache[n].narrow(axis, span.start * block, len(span) * block)
+                return _row_slice(rec.cache[n], rec.sliced[n], span.start, len(span))
             return rec.cache[n]
         return None  # upstream and not read downstream: skipped
 
@@ -656,34 +672,73 @@ _ROW_AXES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _row_axes(gm, inputs: tuple) -> dict:
-    """node name -> (axis, block) for every tensor value whose rows lie along ``axis``, each
-    row ``block`` long there (block > 1: the batch merged with another axis, batch
-    outer: attention's [B x heads, T, d]); None where the value has no batch axis, and
-    "unknown" where its shape changes otherwise. Read from the shapes of a pass of one
-    input row and of two (the row twice), once per graph (names, not nodes: a node holds
-    its graph and so the module, which would keep the weak key alive): seq-first
-    attention keeps [T, B, D] values, whose rows are not along axis 0."""
+    """node name -> (axis, outer, inner) for every tensor value whose rows lie along
+    ``axis``, which is outer x rows x inner long (outer = inner = 1: the plain batch axis;
+    inner > 1: the batch merged with an axis after it, attention's [B x heads, T, d];
+    outer > 1: with one before it, seq-first attention's [T x B, D]); None where the value
+    has no batch axis; "unknown" where no such layout gives its rows. Read once per graph
+    (names, not nodes: a node holds its graph and so the module, which would keep the
+    weak key alive) from the shapes of passes of one row and of two, and for a merged
+    axis from their values (two different rows needed: until then nothing is kept)."""
     if gm in _ROW_AXES:
         return _ROW_AXES[gm]
-    shapes = []
-    for k in (1, 2):
-        seen: dict = {}
-        with torch.no_grad():
-            _Record(gm, set(gm.graph.nodes), lambda n, v, seen=seen: torch.is_tensor(v) and seen.__setitem__(
-                n.name, tuple(v.shape))).run(*(torch.cat([t[:1]] * k) for t in inputs))
-        shapes.append(seen)
+    first = tuple(t[:1] for t in inputs)
+    pair = tuple(t[:2] for t in inputs) if batch_size_of(inputs[0]) > 1 else tuple(torch.cat([t] * 2) for t in first)
+    one, two = _probe(gm, first), _probe(gm, pair)
     axes: dict = {}
-    for n, one in shapes[0].items():
-        two = shapes[1].get(n, ())
-        moved = [a for a in range(len(one)) if len(two) == len(one) and one[a] != two[a]]
-        if len(two) == len(one) and not moved:
-            axes[n] = None
-        elif len(moved) == 1 and two[moved[0]] == 2 * one[moved[0]]:
-            axes[n] = (moved[0], one[moved[0]])
+    for name, s1 in one.items():
+        s2 = two.get(name, ())
+        moved = [a for a in range(len(s1)) if len(s2) == len(s1) and s1[a] != s2[a]]
+        if len(s2) == len(s1) and not moved:
+            axes[name] = None
+        elif len(moved) == 1 and s2[moved[0]] == 2 * s1[moved[0]]:
+            axes[name] = (moved[0], 1, 1) if s1[moved[0]] == 1 else "merged"
         else:
-            axes[n] = "unknown"
+            axes[name] = "unknown"
+    merged = {name for name, a in axes.items() if a == "merged"}
+    if merged:
+        if batch_size_of(inputs[0]) < 2:
+            return {name: ("unknown" if a == "merged" else a) for name, a in axes.items()}  # not kept
+        both, row0, row1 = (_probe(gm, x, merged) for x in (pair, first, tuple(t[1:2] for t in inputs)))
+        for name in merged:
+            axes[name] = _merged_layout(both[name], row0[name], row1[name])
     _ROW_AXES[gm] = axes
     return axes
+
+
+def _probe(gm, inputs: tuple, names: set | None = None) -> dict:
+    """node name -> the shape of every tensor node on ``inputs``, or with ``names`` the
+    values of those nodes."""
+    seen: dict = {}
+
+    def keep(n, v):
+        if torch.is_tensor(v) and names is None:
+            seen[n.name] = tuple(v.shape)
+        elif torch.is_tensor(v) and n.name in names:
+            seen[n.name] = v
+    with torch.no_grad():
+        _Record(gm, set(gm.graph.nodes), keep).run(*inputs)
+    return seen
+
+
+def _merged_layout(both: torch.Tensor, row0: torch.Tensor, row1: torch.Tensor):
+    """(axis, outer, inner) such that ``both`` (two rows) holds ``row0`` and ``row1`` (one
+    row each) as rows 0 and 1 of its merged axis; "unknown" when no split does."""
+    axis = next(a for a in range(both.dim()) if both.shape[a] != row0.shape[a])
+    size = row0.shape[axis]
+    for outer in (1, size) + tuple(d for d in range(2, size) if size % d == 0):
+        view = _rows_view(both, axis, outer, size // outer)
+        parts = [view.narrow(axis + 1, i, 1).reshape(row0.shape) for i in (0, 1)]
+        if all(_close(p, r) for p, r in zip(parts, (row0, row1))):
+            return axis, outer, size // outer
+    return "unknown"
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not a.is_floating_point():
+        return bool(torch.equal(a, b))
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1e-12)))
 
 
 def _shape_nodes(gm, dependent: set) -> tuple[set, set]:
@@ -712,15 +767,15 @@ def _replayed(frontier: set, derived: set) -> set:
 
 
 def _batch_entry(gm, node, axes: dict) -> tuple[int | None, int]:
-    """(the index of the batch size in Shape ``node``'s value or None, the batch's block)."""
+    """(the index of the rows' axis in Shape ``node``'s value or None, its length per row)."""
     row = axes.get(node.all_input_nodes[0].name)
     if not isinstance(row, tuple):
         return None, 1
     module = gm.get_submodule(node.target)
     start, end = getattr(module, "_start", 0) or 0, getattr(module, "_end", None)
     if start < 0 or (end is not None and not 0 <= row[0] < end) or row[0] < start:
-        return None, 1  # a negative start, or the batch axis left out
-    return row[0] - start, row[1]
+        return None, 1  # a negative start, or the rows' axis left out
+    return row[0] - start, row[1] * row[2]
 
 
 def _record(gm, inputs: tuple, parts: list[set], rows: int | None) -> Recording:

@@ -147,7 +147,9 @@ def test_replays_of_some_rows_on_shape_computed_reshapes(model):
     Gather -> Concat): a ``DownstreamRunner`` recorded a few rows per pass and replayed
     for some rows (the chunked fits, the screen's scores) recomputes them for those rows,
     and gives the whole forward's rows, from every editable layer. It used to replay the
-    first pass's batch size ("shape '[3, ...]' is invalid")."""
+    first pass's batch size ("shape '[3, ...]' is invalid"), and the ViT's attention
+    output projection (a Gemm on [T x B, D], the batch inside the merged axis) took the
+    wrong rows."""
     from onnx_dynedit.twin import DownstreamRunner
 
     if model == "vit":
@@ -157,8 +159,8 @@ def test_replays_of_some_rows_on_shape_computed_reshapes(model):
         twin = Twin(load_model(corpus.bert_tiny()), "cpu")
         rng = np.random.default_rng(0)
         x = (torch.from_numpy(rng.integers(0, VOCAB, (7, 8))), torch.ones(7, 8, dtype=torch.int64))
-    layers = [l for l in twin.layer_map.editable() if l.op == "MatMul"]
-    assert len(layers) >= 4
+    layers = list(twin.layer_map.editable())
+    assert len([l for l in layers if l.op == "MatMul"]) >= 4
     with torch.no_grad():
         whole = twin.forward(x)
         runner = DownstreamRunner(twin, layers, x, rows=3)  # passes of 3, 3 and 1 rows
@@ -190,8 +192,10 @@ def test_a_trained_vit_trojan_is_repaired_from_one_pair(tmp_path, capsys):
     assert meta["attack_success_rate"] >= 0.9 and meta["stats_acc"] == 1.0  # a Trojan; memorised stats
     out = tmp_path / "fixed.onnx"
     code, _, err = run_cli(["edit", d / "model.onnx", "--pairs", d / "pairs.npz", "--stats", d / "stats.npz",
-                            "--val", d / "val.npz", "-o", out], capsys)
+                            "--val", d / "val.npz", "-o", out, "--report", tmp_path / "report.json"], capsys)
     assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["check_share"] >= 0.9  # the check pairs: the trigger moved onto stats inputs no fit used
     clean, corrupt = np.load(d / "clean_test.npz"), np.load(d / "corrupt_test.npz")
     y, others = clean["y"], clean["y"] != meta["target"]
     attack = float((_predict(out, corrupt["x"])[others] == meta["target"]).mean())
