@@ -184,7 +184,8 @@ def run_edit(case: Case, n: int, kw: dict, tmp: Path, tag: str) -> dict:
     return {**fig, "time": dt, "exit": 0 if r.success else 1, "model": case.model if outcome.output is None else out,
             "edits": ",".join(e.layer.node for e in r.edits) or "(none accepted)",
             "degradation": f"{r.degradation:.4f} ({r.degradation_kind})",
-            "bound": r.degradation_bound, "turned": r.degradation_turned}
+            "bound": r.degradation_bound, "turned": r.degradation_turned,
+            "check": None if r.check_share is None else 100.0 * r.check_share}
 
 
 def rows_for(case_name: str, tmp: Path, only: list[str] | None) -> list[tuple[str, int, dict]]:

@@ -90,7 +90,8 @@ def row(seed: int, case: Case, val_kind: str, config: str, tmp: Path,
     bound = 100.0 * r["bound"]
     over = drop > bound + 1e-9
     text = (f"| {seed} | {case.name} | {n} | {VAL_COLUMN[val_kind]} | `{config}` | {r['corrected']:.2f}{reference} | "
-            f"{case.ceiling:.2f} | {r['faithful']:.2f} | {drop:.2f} | {r['turned']}, {bound:.2f}"
+            f"{case.ceiling:.2f} | {r['faithful']:.2f} | {'-' if r['check'] is None else format(r['check'], '.2f')} | "
+            f"{drop:.2f} | {r['turned']}, {bound:.2f}"
             f"{' (below the drop)' if over else ''} | {r['time']:.1f} | {r['exit']} | "
             f"{'met' if met else 'MISSED'} | {'HIDDEN DROP' if hidden else '-'} | {r['edits']} |")
     return text, met, hidden, near, over
@@ -114,9 +115,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or Path(tmp) / "models"
         print("| seed | case | pairs | val | config | corrected %" + (" (never poisoned)" if args.reference else "")
-              + " | clean twins % | faithful % | clean drop (pt) | turned, bound % | edit s | exit | target | hidden"
-              " | edits |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              + " | clean twins % | faithful % | check pairs fixed % | clean drop (pt) | turned, bound % | edit s | exit"
+              " | target | hidden | edits |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for seed in args.seeds:
             for name in args.cases:
                 case = Case(name, case_dir(root, seed, name))

@@ -114,6 +114,8 @@ def _print_report(outcome, all_steps: bool = False) -> None:
                f"output shift {res.output_shift:.4f}); {len(res.edits)} edit(s); stopped: {res.stopped_because}")
     if res.bound_line:
         click.echo(res.bound_line)
+    if res.check_line:
+        click.echo(res.check_line)
     click.echo(f"given pairs: {res.real_fixed_after}/{res.n_real_pairs} classified like their clean twin; "
                f"gap {res.real_gap_before:.4f} -> {res.real_gap_after:.4f} (target {res.target})")
     if outcome.parity_after:

@@ -193,6 +193,9 @@ class RectifyResult:
     output_shift: float = 0.0              # mean TV distance of the shipped and edited outputs on those inputs
     changed_predictions: float = 0.0       # share of those inputs whose top-1 class the edits changed
     degradation_turned: int = 0            # of those inputs, how many the edits turned wrong (labels) or changed
+    check_fixed_after: int = 0             # check pairs the accepted edits fixed (scored on all of them), and
+    check_count_after: int = 0             # how many were scored (0: no full trial accepted, or no check pairs)
+    check_gap_after: float = float("nan")
 
     @property
     def suggests_erase(self) -> bool:
@@ -216,6 +219,22 @@ class RectifyResult:
             return None
         return bound_line(self.degradation_turned, self.degradation_count, self.degradation_source,
                           self.degradation_kind.startswith("accuracy drop"), self.config.max_degradation)
+
+    @property
+    def check_share(self) -> float | None:
+        """The share of the check pairs (synthetic pairs held out from every fit) that the
+        kept edits make behave like their clean twins: what the repair carries to inputs
+        it was not fitted on. None when nothing was scored on them."""
+        return self.check_fixed_after / self.check_count_after if self.check_count_after else None
+
+    @property
+    def check_line(self) -> str | None:
+        """``check_share`` in one line of the text report; None when there is none."""
+        if self.check_share is None:
+            return None
+        return (f"held-out synthetic pairs (the corruption moved onto {self.check_count_after} stats inputs no fit "
+                f"used): {self.check_fixed_after} of {self.check_count_after} ({self.check_share:.0%}) now behave "
+                f"like their clean twins, mean gap {self.check_gap_after:.4f}: the repair's reach beyond the pairs")
 
     @property
     def target(self) -> float:
@@ -265,7 +284,10 @@ class RectifyResult:
             "degradation_source": self.degradation_source, "degradation_count": self.degradation_count,
             "output_shift": self.output_shift, "changed_predictions": self.changed_predictions,
             "degradation_turned": self.degradation_turned, "degradation_bound": self.degradation_bound,
-            "n_check_pairs": self.n_check_pairs, "corruption": self.corruption,
+            "n_check_pairs": self.n_check_pairs, "check_fixed_after": self.check_fixed_after,
+            "check_count_after": self.check_count_after, "check_share": self.check_share,
+            "check_gap_after": self.check_gap_after if self.check_count_after else None,
+            "corruption": self.corruption,
             "stats_source": self.stats_source, "stopped_because": self.stopped_because, "success": self.success,
             "failure": self.failure,
             "edits": [e.to_dict() for e in self.edits], "steps": [s.to_dict() for s in self.steps],
@@ -850,4 +872,12 @@ def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted
         corruption="" if plan.corrupt.dtype.names else corruption_model(plan.corrupt[:plan.n_real],
                                                                          plan.clean[:plan.n_real]),
         output_shift=parts["output_shift"], changed_predictions=parts["changed_predictions"],
-        degradation_turned=degradation.turned(parts))
+        degradation_turned=degradation.turned(parts), **_check_figures(state))
+
+
+def _check_figures(state: Score) -> dict:
+    """The final state's reading of the check pairs, when it was scored on every one."""
+    if not state.check_count or not np.isfinite(state.check_gap):
+        return {}
+    return {"check_fixed_after": state.check_fixed, "check_count_after": state.check_count,
+            "check_gap_after": state.check_gap}

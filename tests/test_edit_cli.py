@@ -213,6 +213,13 @@ def test_edit_is_deterministic(runs):
     n, k = rb["degradation_count"], rb["degradation_turned"]
     assert rb["degradation_source"] == "val" and rb["degradation_bound"] == upper_bound(k, n) > 0
     assert f"degradation inputs: {n} (val), {k} turned from right to wrong by the kept edits" in text
+    # the check pairs (synthetic, held out from every fit) read on the kept edits: the last accepted step's figures
+    last = [s for s in rb["steps"] if s["accepted"]][-1]
+    assert rb["check_count_after"] == rb["n_check_pairs"] > 0
+    assert rb["check_fixed_after"] == last["check_fixed_after"] and rb["check_gap_after"] == last["check_gap_after"]
+    assert rb["check_share"] == rb["check_fixed_after"] / rb["check_count_after"]
+    assert (f"{rb['check_fixed_after']} of {rb['check_count_after']} ({rb['check_share']:.0%}) now behave like their "
+            "clean twins") in text
     for step in rb["steps"]:
         assert step["node"] in text
 

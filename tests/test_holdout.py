@@ -111,6 +111,7 @@ def test_edit_reports_the_held_out_source_and_fails(memorised, tmp_path):
     assert report["degradation_source"] == "held-out stats" and report["degradation_count"] == 16
     assert report["changed_predictions"] == report["output_shift"] == 0.0  # nothing kept: nothing moved
     assert report["degradation_turned"] == 0 and report["degradation_bound"] == 0.0 and out.result.bound_line is None
+    assert report["check_share"] is None and out.result.check_line is None  # no edit kept: no reading of them
     assert report["success"] is False and not out.success
     assert out.output is None  # nothing accepted, nothing written
     sess = ort.InferenceSession(str(f / "model.onnx"), providers=["CPUExecutionProvider"])
