@@ -296,7 +296,9 @@ def locate_model(model, pairs, *, stats=None, device=None, steps=None, target=No
     engine = _engine(engine, ray_address)
     raw = read_inputs(pairs, stats, engine=engine)
     twin, inputs, _, _ = _twin(loaded, device, input_shapes, raw, release=not isinstance(model, LoadedModel))
-    layers = [layer for layer in twin.layer_map.editable() if not too_wide(layer)]
+    editable = twin.layer_map.editable()
+    elsewhere = twin.rows_elsewhere(editable, inputs.pairs.corrupt)
+    layers = [layer for layer in editable if not too_wide(layer) and layer.node not in elsewhere]
     if not layers:
         raise EditError(f"{loaded.label} has no editable layer")
     keys = _sharded_keys(twin, raw, model, engine, ray_address)

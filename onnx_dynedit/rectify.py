@@ -317,19 +317,23 @@ class Plan:
     check_reference_rows: int = 0  # the check pairs' last k clean sides are the reference inputs' first k
 
 
-def _candidates(twin: Twin, cfg: RectifyConfig) -> tuple[tuple[Layer, ...], bool]:
+def _candidates(twin: Twin, cfg: RectifyConfig, x: np.ndarray) -> tuple[tuple[Layer, ...], bool]:
+    """(the layers the loop may edit, whether pinned by ``cfg.layers``); ``x``: inputs
+    whose rows tell where each layer holds them (``Twin.rows_elsewhere``)."""
     if cfg.layers:
         pinned = tuple(twin.layer_map.get(name) for name in cfg.layers)
+        elsewhere = twin.rows_elsewhere([layer for layer in pinned if layer.editable], x)
         for layer in pinned:
-            why = layer.reason if not layer.editable else too_wide(layer)
+            why = layer.reason if not layer.editable else too_wide(layer) or elsewhere.get(layer.node)
             if why:
                 raise LayerError(f"layer {layer.node!r} cannot be edited: {why}")
         return pinned, True
     editable = twin.layer_map.editable()
+    elsewhere = twin.rows_elsewhere(editable, x)
     for layer in editable:
-        if too_wide(layer):
-            log.info("layer %s is not a candidate: %s", layer.node, too_wide(layer))
-    editable = [layer for layer in editable if not too_wide(layer)]
+        if too_wide(layer) or layer.node in elsewhere:
+            log.info("layer %s is not a candidate: %s", layer.node, too_wide(layer) or elsewhere[layer.node])
+    editable = [layer for layer in editable if not too_wide(layer) and layer.node not in elsewhere]
     if not editable:
         raise LayerError(f"{twin.loaded.label} has no editable layer (Conv/Gemm/MatMul with a constant weight)")
     return tuple(editable), False
@@ -363,7 +367,7 @@ def _reference(clean, fit_stats, held, val_x, val_y) -> Reference:
 
 def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x, val_y,
               cfg: RectifyConfig, key_source=None) -> Plan:
-    candidates, static = _candidates(twin, cfg)
+    candidates, static = _candidates(twin, cfg, corrupt)
     fit_stats, held = stats_x, None
     if stats_x is not None and val_x is None:
         fit_stats, held = split_stats(stats_x, cfg.holdout, cfg.seed)

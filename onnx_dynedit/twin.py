@@ -187,6 +187,25 @@ class Twin:
         name = self.outputs[0].name if self.outputs else "?"
         return f"output {name!r}"
 
+    def rows_elsewhere(self, layers, x: np.ndarray) -> dict[str, str]:
+        """node -> why, for each of ``layers`` whose key input or output does not hold the
+        inputs' rows along its first axis (seq-first attention: [T, B, D], [T x B, D];
+        ``_row_axes`` on ``x``): key statistics, pair keys and integrated gradients read a
+        layer's rows along the first axis, so such a layer is not a candidate."""
+        xs = self.to_tensor(x[:2])
+        axes = _row_axes(self.module, xs if isinstance(xs, tuple) else (xs,))
+        nodes = {n.target: n for n in self.module.graph.nodes if n.op == "call_module"}
+        out = {}
+        for layer in layers:
+            node = nodes[layer.module]
+            data = next((a for a in node.all_input_nodes if axes.get(a.name) is not None), None)
+            for what, value in (("input", data), ("output", node)):
+                if value is not None and axes.get(value.name) != (0, 1, 1):
+                    out[layer.node] = (f"its {what} does not hold the inputs' rows along its first axis "
+                                       "(seq-first attention)")
+                    break
+        return out
+
     def to_tensor(self, x: np.ndarray):
         """A batch as the twin's input: a tensor, or for a model with several inputs (a
         structured array with one field per input, ``data.pack_inputs``) a tuple of them."""

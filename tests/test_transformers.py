@@ -201,3 +201,38 @@ def test_a_trained_vit_trojan_is_repaired_from_one_pair(tmp_path, capsys):
     attack = float((_predict(out, corrupt["x"])[others] == meta["target"]).mean())
     drop = float((_predict(d / "model.onnx", clean["x"]) == y).mean() - (_predict(out, clean["x"]) == y).mean())
     assert attack <= 0.05 and drop <= 0.01, (attack, drop)
+
+
+def test_vit_forced_edit_skips_the_seq_first_attention_layers(tmp_path, capsys):
+    """torchvision's ViT (legacy export) runs its attention projections on [T, B, D] and
+    [T x B, D]: those layers are not candidates (their rows are not along the first
+    axis, where the key statistics, pair keys and integrated gradients read them; it
+    stopped with an internal error in ``index_add_``), the others are, and a forced edit
+    is one rank-1 change that reverts bit for bit. Pinning such a layer is refused."""
+    from onnx_dynedit.twin import Twin as TwinClass
+
+    path = tmp_path / "vit.onnx"
+    onnx.save_model(corpus.vit_tiny(), str(path))
+    x = np.random.default_rng(0).normal(size=(30, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "pairs.npz", corrupt=x[:1], clean=x[1:2])
+    np.savez(tmp_path / "stats.npz", x=x[2:])
+    twin = TwinClass(load_model(path), "cpu")
+    elsewhere = twin.rows_elsewhere(twin.layer_map.editable(), x[:2])
+    assert sorted(elsewhere) == sorted(l.node for l in twin.layer_map.editable() if "self_attention" in l.node)
+    assert len(elsewhere) == 4  # the in- and output projections of both blocks
+    out = tmp_path / "edited.onnx"
+    code, stdout, err = run_cli(["edit", path, "--pairs", tmp_path / "pairs.npz", "--stats", tmp_path / "stats.npz",
+                                 "-o", out, "--criterion", "output", "--target-gap", "0", "--max-edits", "1",
+                                 "--max-degradation", "1", "--json"], capsys)
+    assert code in (0, 1), err
+    report = json.loads(stdout)
+    assert report["parity_after"]["ok"] and len(report["changed_initializers"]) == 1
+    assert not set(elsewhere) & {s["node"] for s in report["steps"]}
+    code, stdout, err = run_cli(["diff", path, out, "--json"], capsys)
+    assert [c["rank"] for c in json.loads(stdout)["changed"]] == [1]
+    back = tmp_path / "back.onnx"
+    assert run_cli(["revert", out, "-o", back], capsys)[0] == 0
+    assert run_cli(["diff", path, back], capsys)[1].startswith("identical")
+    code, _, err = run_cli(["edit", path, "--pairs", tmp_path / "pairs.npz", "--stats", tmp_path / "stats.npz",
+                            "-o", tmp_path / "pinned.onnx", "--layer", sorted(elsewhere)[0]], capsys)
+    assert code == 2 and "seq-first attention" in err and len(err.strip().splitlines()) == 1, err
