@@ -183,7 +183,7 @@ def test_a_trained_vit_trojan_is_repaired_from_one_pair(tmp_path, capsys):
     training images), built here (about 25 s). ``dynedit edit`` from one pair with its
     stats and val exits 0 (before the replay fix above it stopped with "shape ... is
     invalid"), and on the held-out test set, through ONNX Runtime, the trigger no longer
-    works and clean accuracy is kept: docs/results.md, "A trained vision transformer"."""
+    works and clean accuracy is kept: docs/results.md, "Transformers with a Trojan"."""
     r = subprocess.run([sys.executable, str(REPO / "sample_models" / "build.py"), "--out", str(tmp_path),
                         "--cases", "vit_badnets"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
