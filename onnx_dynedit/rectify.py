@@ -223,8 +223,9 @@ class RectifyResult:
     @property
     def check_share(self) -> float | None:
         """The share of the check pairs (synthetic pairs held out from every fit) that the
-        kept edits make behave like their clean twins: what the repair carries to inputs
-        it was not fitted on. None when nothing was scored on them."""
+        kept edits make behave like their clean twins: how far the repair carries beyond
+        the pairs, read on stats inputs, so mostly above what fresh inputs show
+        (docs/results.md, "Transformers with a Trojan"). None when nothing was scored on them."""
         return self.check_fixed_after / self.check_count_after if self.check_count_after else None
 
     @property
@@ -234,7 +235,8 @@ class RectifyResult:
             return None
         return (f"held-out synthetic pairs (the corruption moved onto {self.check_count_after} stats inputs no fit "
                 f"used): {self.check_fixed_after} of {self.check_count_after} ({self.check_share:.0%}) now behave "
-                f"like their clean twins, mean gap {self.check_gap_after:.4f}: the repair's reach beyond the pairs")
+                f"like their clean twins, mean gap {self.check_gap_after:.4f} (read on stats inputs: mostly above "
+                "what fresh inputs show)")
 
     @property
     def target(self) -> float:

@@ -404,7 +404,7 @@ class Twin:
 def _gather(into: dict, key, rows: torch.Tensor, lo: int, n: int, axis: int = 0, outer: int = 1,
             inner: int = 1) -> None:
     """Put ``rows`` (a batch's rows lo.. of n) into ``into[key]``, allocated on first use;
-    the rows lie along ``axis``, which is outer x rows x inner long (``RowAxis``); a
+    the rows lie along ``axis``, which is outer x rows x inner long (``_row_axes``); a
     whole batch is kept as it is (no copy)."""
     k = rows.shape[axis] // (outer * inner)
     if k == n:
