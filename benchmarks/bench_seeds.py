@@ -9,7 +9,8 @@ measured on cases of the same kinds that are not in the repo. This benchmark reb
 Trojan samples (and resnet_badnets: the patch on resnet_blend's small ResNet; tv_badnets
 and tv_blend, the patch and the blend on torchvision's ResNet-18 at 3x224x224, and
 tv_mobilenet_badnets and tv_resnet50_badnets, the patch on its MobileNet-V3 small and
-ResNet-50, only when asked for: a build takes minutes) with other seeds
+ResNet-50, only when asked for: a build takes minutes; vit_badnets and vit_blend, the patch
+and the blend on a small trained ViT, only when asked for) with other seeds
 (`sample_models/build.py --seed S`: another split of the digits, other initial weights,
 other poisoned images and pairs; the same trigger kinds) into FOLDER/sS (default FOLDER: a
 temporary folder; a build there is reused; seed 0 uses the committed sample where there
@@ -29,7 +30,9 @@ never learnt the trigger does on the triggered test inputs. "clean twins" is the
 model's accuracy on the clean twins of the triggered test inputs: what a repair that makes
 every triggered input behave exactly like its clean twin (what the edit is fitted to)
 corrects; "faithful" is the share of triggered test inputs the edited model predicts as the
-shipped model predicts their clean twins. "turned, bound %": the degradation inputs the
+shipped model predicts their clean twins. "check pairs fixed %": the report's
+`check_share`, the synthetic pairs held out from every fit that the kept edits fix (read on
+stats inputs, "-" when no edit was kept). "turned, bound %": the degradation inputs the
 kept edits turned (right -> wrong with labels, top-1 changed without) and what they vouch
 for, the report's `degradation_turned` and `degradation_bound` (95 %); "(below the drop)"
 marks a row whose test-set clean drop is above it. A config may hold "_stats": N, which
