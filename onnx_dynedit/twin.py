@@ -643,25 +643,34 @@ class _Replay(fx.Interpreter):
     def __init__(self, gm, recording: Recording, downstream: set):
         super().__init__(gm)
         self.rec, self.downstream = recording, downstream
-        self.rows: slice | None = None
+        self.rows = None
+
+    @property
+    def rows(self) -> slice | None:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: slice | None) -> None:
+        """The rows the next run replays (None: all); their span, and whether it is a part."""
+        self._rows = rows
+        self._span = range(self.rec.n_rows) if rows is None else range(self.rec.n_rows)[rows]
+        self._part = len(self._span) != self.rec.n_rows
 
     def run_node(self, n):
         if n in self.downstream or n in self.rec.replayed or n.op == "output":
             return super().run_node(n)
-        rec = self.rec
-        span = range(rec.n_rows)[self.rows] if self.rows is not None else None
-        part = span is not None and len(span) != rec.n_rows  # some rows only
+        rec, span = self.rec, self._span
         if n in rec.shaped:  # the shape as recorded (its first pass), for the rows replayed
             value, entry, per_row = rec.shaped[n]
             if entry is not None:
                 value = value.clone()
-                value[entry] = (len(span) if span is not None else rec.n_rows) * per_row
+                value[entry] = len(span) * per_row
             return value
-        if part and n in rec.fixed:
+        if self._part and n in rec.fixed:
             raise InternalError(f"the value of fx node {n.name!r} depends on the inputs but has no batch axis: "
                                 "it cannot be replayed for some of the rows")
         if n in rec.cache:
-            if part and n in rec.sliced:
+            if self._part and n in rec.sliced:
                 return _row_slice(rec.cache[n], rec.sliced[n], span.start, len(span))
             return rec.cache[n]
         return None  # upstream and not read downstream: skipped
@@ -698,12 +707,25 @@ def _row_axes(gm, inputs: tuple) -> dict:
     has no batch axis; "unknown" where no such layout gives its rows. Read once per graph
     (names, not nodes: a node holds its graph and so the module, which would keep the
     weak key alive) from the shapes of passes of one row and of two, and for a merged
-    axis from their values (two different rows needed: until then nothing is kept)."""
-    if gm in _ROW_AXES:
-        return _ROW_AXES[gm]
-    first = tuple(t[:1] for t in inputs)
-    pair = tuple(t[:2] for t in inputs) if batch_size_of(inputs[0]) > 1 else tuple(torch.cat([t] * 2) for t in first)
-    one, two = _probe(gm, first), _probe(gm, pair)
+    axis from their values, once inputs with two different rows come."""
+    axes = _ROW_AXES.get(gm)
+    if axes is None:
+        axes = _ROW_AXES[gm] = _shape_axes(gm, tuple(t[:1] for t in inputs))
+    merged = {name for name, a in axes.items() if a == "merged"}
+    if not merged:
+        return axes
+    if batch_size_of(inputs[0]) < 2:
+        return {name: ("unknown" if a == "merged" else a) for name, a in axes.items()}
+    both, row0, row1 = (_probe(gm, tuple(t[lo:hi] for t in inputs), merged) for lo, hi in ((0, 2), (0, 1), (1, 2)))
+    for name in merged:
+        axes[name] = _merged_layout(both[name], row0[name], row1[name])
+    return axes
+
+
+def _shape_axes(gm, first: tuple) -> dict:
+    """``_row_axes`` from the shapes alone (one row, and that row twice): "merged" where
+    the rows share an axis with something else."""
+    one, two = _probe(gm, first), _probe(gm, tuple(torch.cat([t] * 2) for t in first))
     axes: dict = {}
     for name, s1 in one.items():
         s2 = two.get(name, ())
@@ -714,14 +736,6 @@ def _row_axes(gm, inputs: tuple) -> dict:
             axes[name] = (moved[0], 1, 1) if s1[moved[0]] == 1 else "merged"
         else:
             axes[name] = "unknown"
-    merged = {name for name, a in axes.items() if a == "merged"}
-    if merged:
-        if batch_size_of(inputs[0]) < 2:
-            return {name: ("unknown" if a == "merged" else a) for name, a in axes.items()}  # not kept
-        both, row0, row1 = (_probe(gm, x, merged) for x in (pair, first, tuple(t[1:2] for t in inputs)))
-        for name in merged:
-            axes[name] = _merged_layout(both[name], row0[name], row1[name])
-    _ROW_AXES[gm] = axes
     return axes
 
 
@@ -820,7 +834,8 @@ def _record(gm, inputs: tuple, parts: list[set], rows: int | None) -> Recording:
     def keep(n, value):
         row = axes.get(n.name) if n in dependent else None
         if n in shapes:
-            rec.shaped.setdefault(n, (value.clone(), *_batch_entry(gm, n, axes)))
+            if n not in rec.shaped:  # the first pass's; replays set the rows' entry
+                rec.shaped[n] = (value.clone(), *_batch_entry(gm, n, axes))
         elif isinstance(row, tuple):
             rec.sliced[n] = row
             _gather(rec.cache, n, value, span[0], n_rows, *row)
