@@ -76,16 +76,17 @@ class LibraryDefault(click.Option):
             self.help = template
 
 
-def config_option(*decls, field: str, **kwargs):
+def config_option(*decls, field: str, default_of=None, **kwargs):
     """An option of ``RectifyConfig``: None when not given (the library default applies);
-    its help reads the default from the config."""
+    its help reads the default from the config (or from ``default_of()``, for a default
+    the library picks per run)."""
 
-    def default_of():
+    def from_config():
         from onnx_dynedit.rectify import RectifyConfig
 
         return getattr(RectifyConfig(), field)
 
-    return click.option(*decls, cls=LibraryDefault, default=None, default_of=default_of, **kwargs)
+    return click.option(*decls, cls=LibraryDefault, default=None, default_of=default_of or from_config, **kwargs)
 
 
 def signature_default(function, name: str):

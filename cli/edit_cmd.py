@@ -8,6 +8,13 @@ from onnx_dynedit.api import edit_model
 from onnx_dynedit.options import CHOICES
 
 
+def augment_default() -> str:
+    """--augment's default in words: the library picks it from the pairs (read only for --help)."""
+    from onnx_dynedit.rectify import AUGMENT, AUGMENT_WIDE
+
+    return f"{AUGMENT_WIDE} when 2+ pairs change most of each input, as a blend does, else {AUGMENT}"
+
+
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--pairs", required=True, type=click.Path(dir_okay=False),
@@ -43,7 +50,7 @@ from onnx_dynedit.options import CHOICES
                help="Conv edits: rank one over unfolded patches (patch), one channel direction at every kernel tap "
                     "(pixel: carries a colour-like confound; rank up to the taps in the patch view), or both views "
                     "as candidates (default {default}).")
-@config_option("--augment", field="augment", type=int,
+@config_option("--augment", field="augment", type=int, default_of=augment_default,
                help="Synthetic pairs made by transplanting corrupt-clean onto stats inputs (default {default}; 0 = off).")
 @config_option("--strengths", field="strengths", type=Numbers(), metavar="A,B,...",
                help="The synthetic and check pairs carry the pairs' corruption at these strengths in turn "

@@ -374,8 +374,7 @@ class OutputGap(Criterion):
         candidate layer, as the localisation does."""
         budget = FIT_BUDGET if budget is None else budget
         if self._input_bytes is None:
-            sizes = activation_sizes(self.twin, list(self.candidates), self.x1)
-            self._input_bytes = 4 * sum(i + 3 * o for i, o, _ in sizes.values())
+            self._input_bytes = fit_input_bytes(self.twin, self.candidates, self.x1)
         return max(1, budget // max(self._input_bytes, 1))
 
     def _fit_lm(self, out, u0, n: int, m: int) -> tuple[torch.Tensor, float]:
@@ -507,6 +506,13 @@ def _shipped_on_check(twin: Twin, plan: Plan, shipped: Shipped, spare_start: int
     if k:
         parts.append(shipped.reference[:k])
     return np.concatenate(parts)
+
+
+def fit_input_bytes(twin: Twin, candidates, x1: np.ndarray) -> int:
+    """Bytes one input's activations take in a forward/backward pass of the output fit
+    through every candidate layer, estimated from one input (``x1``)."""
+    sizes = activation_sizes(twin, list(candidates), x1)
+    return 4 * sum(i + 3 * o for i, o, _ in sizes.values())
 
 
 def make_criterion(twin: Twin, plan: Plan, cfg: RectifyConfig, shipped: Shipped | None = None) -> Criterion:

@@ -54,6 +54,9 @@ RANGES = {
     "seed": (int, 0, 2 ** 32 - 1, False),
 }
 
+# options whose None means "the library picks" (RectifyConfig's comments say how)
+OPTIONAL = {"augment"}
+
 # option -> the range of each of its values (a non-empty sequence)
 SEQUENCES = {
     "strengths": (float, 0.0, None, False),
@@ -86,6 +89,8 @@ def check_config(config) -> None:
     """Every field of a config dataclass (``RectifyConfig``) that has a rule here."""
     for f in fields(config):
         value = getattr(config, f.name)
+        if value is None and f.name in OPTIONAL:
+            continue
         if f.name in CHOICES:
             check_choice(f.name, value)
         elif f.name in RANGES:

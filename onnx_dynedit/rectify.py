@@ -47,7 +47,7 @@ import torch
 from . import memory, progress
 from .attribution import DEFAULT_STEPS, Localisation, locate
 from .bounds import upper_bound
-from .criteria import Criterion, Score, Shipped, make_criterion
+from .criteria import FIT_BUDGET, Criterion, Score, Shipped, fit_input_bytes, make_criterion
 from .degradation import FRESH_SHIFT_WEIGHT, SHIFT_WEIGHT, Degradation, Reference, bound_line
 from .erase import erase_edit
 from .errors import EditError, InputError, LayerError, option
@@ -57,7 +57,7 @@ from .options import check_config
 from .pixel import pixel_direction, pixel_factor
 from .rank_one import (DEFAULT_LAMBDA, Direction, RankOneEdit, TorchEdit, edit_direction, key_statistics,
                        pair_key_groups, too_wide)
-from .transplant import corruption_model, transplant_model, transplant_pairs
+from .transplant import corruption_model, transplant_model, transplant_pairs, wide_corruption
 from .twin import Twin
 from .writeback import LayerUpdate
 
@@ -65,6 +65,12 @@ log = logging.getLogger(__name__)
 
 BUDGET_SLACK = 1e-12    # a degradation equal to the budget passes (float rounding of exact fractions)
 MIN_HOLDOUT_POOL = 4    # fewer stats inputs than this: nothing is held out (the check is in-sample)
+AUGMENT = 16            # synthetic pairs by default (``augment`` None) ...
+AUGMENT_WIDE = 192      # ... and for a whole-image corruption given by 2+ pairs (a blend: held-out blends 18 ->
+                        # 20 of 20 on the CNNs, 2 -> 6 of 10 on the ViT; no gain on the patch at 5-20x the time:
+                        # docs/results.md, "More synthetic pairs for a blend") while the fit of that many
+AUGMENT_WIDE_BUDGET = FIT_BUDGET  # inputs stays within this many bytes of activations (the samples: 0.08-0.2 of
+                        # it; torchvision's ResNet-18 at 224x224: 15x, where every pair costs passes per candidate)
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,8 @@ class RectifyConfig:
                                       # mean TV distance exceeds this, keeping an edit only when it cuts that
                                       # distance by POLISH_GAIN (none fewer fixed); 1.0: stop at the target
     layers: tuple[str, ...] | None = None  # static mode: edit these, skip localisation
-    augment: int = 16                 # synthetic pairs: the corruption transplanted onto stats inputs (0 = off)
+    augment: int | None = None        # synthetic pairs: the corruption transplanted onto stats inputs (0 = off;
+                                      # None: AUGMENT_WIDE when 2+ pairs change most of each input, else AUGMENT)
     transplant: str = "auto"          # how: "add", "affine", "gain" or "auto" (transplant_pairs)
     strengths: tuple[float, ...] = (1.0,)  # the synthetic and check pairs' corruption at these strengths, cycling
                                       # (transplant_pairs); (1.0,): as in the given pairs
@@ -189,6 +196,8 @@ class RectifyResult:
     degradation_source: str = "val"        # "val", "held-out stats", "stats" (in-sample) or "clean twins"
     degradation_count: int = 0             # inputs the degradation was measured on
     n_check_pairs: int = 0                 # synthetic pairs held out from the fit that chose among candidates
+    check_source: str = ""                 # the inputs they were made from: "stats" (spare), then "val" or
+                                           # "held-out stats" (the degradation check's), e.g. "stats, val"
     corruption: str = ""                   # what the given pairs look like (corruption_model): "gain" = a re-colouring
     output_shift: float = 0.0              # mean TV distance of the shipped and edited outputs on those inputs
     changed_predictions: float = 0.0       # share of those inputs whose top-1 class the edits changed
@@ -224,7 +233,7 @@ class RectifyResult:
     def check_share(self) -> float | None:
         """The share of the check pairs (synthetic pairs held out from every fit) that the
         kept edits make behave like their clean twins: how far the repair carries beyond
-        the pairs, read on stats inputs, so mostly above what fresh inputs show
+        the pairs; read on stats inputs alone, mostly above what fresh inputs show
         (docs/results.md, "Transformers with a Trojan"). None when nothing was scored on them."""
         return self.check_fixed_after / self.check_count_after if self.check_count_after else None
 
@@ -233,10 +242,11 @@ class RectifyResult:
         """``check_share`` in one line of the text report; None when there is none."""
         if self.check_share is None:
             return None
-        return (f"held-out synthetic pairs (the corruption moved onto {self.check_count_after} stats inputs no fit "
-                f"used): {self.check_fixed_after} of {self.check_count_after} ({self.check_share:.0%}) now behave "
-                f"like their clean twins, mean gap {self.check_gap_after:.4f} (read on stats inputs: mostly above "
-                "what fresh inputs show)")
+        caveat = "" if "val" in self.check_source.split(", ") else \
+            " (read on stats inputs: mostly above what fresh inputs show)"
+        return (f"held-out synthetic pairs (the corruption moved onto {self.check_count_after} inputs no fit used: "
+                f"{self.check_source}): {self.check_fixed_after} of {self.check_count_after} ({self.check_share:.0%}) "
+                f"now behave like their clean twins, mean gap {self.check_gap_after:.4f}{caveat}")
 
     @property
     def target(self) -> float:
@@ -288,6 +298,7 @@ class RectifyResult:
             "degradation_turned": self.degradation_turned, "degradation_bound": self.degradation_bound,
             "n_check_pairs": self.n_check_pairs, "check_fixed_after": self.check_fixed_after,
             "check_count_after": self.check_count_after, "check_share": self.check_share,
+            "check_source": self.check_source,
             "check_gap_after": self.check_gap_after if self.check_count_after else None,
             "corruption": self.corruption,
             "stats_source": self.stats_source, "stopped_because": self.stopped_because, "success": self.success,
@@ -313,10 +324,12 @@ class Plan:
     clean: np.ndarray
     n_real: int
     criterion: str               # "output" or "attribution"
+    augment: int                 # synthetic pairs asked for (``augment_for``)
     check_corrupt: np.ndarray | None = None  # check pairs: synthetic, on stats inputs nothing in the fit uses
     check_clean: np.ndarray | None = None
     check_fit_rows: int = 0  # the check pairs' first a clean sides are the spare stats: fit_x[locality_batch:][:a]
     check_reference_rows: int = 0  # the check pairs' last k clean sides are the reference inputs' first k
+    check_source: str = ""       # what the check pairs were made from (RectifyResult.check_source)
 
 
 def _candidates(twin: Twin, cfg: RectifyConfig, x: np.ndarray) -> tuple[tuple[Layer, ...], bool]:
@@ -388,19 +401,48 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
                          "the pairs call for the attribution criterion",
                          hint=f"drop {option('objective', cfg.objective)}, or pass {option('criterion', 'output')}")
     n_real = len(corrupt)
+    augment = augment_for(twin, candidates, corrupt, clean, criterion, cfg)
     reference = _reference(clean, fit_stats, held, val_x, val_y)
     check, spare = (None, None), ()
     if fit_stats is not None:
         pool = fit_stats
         if criterion == "output":
-            pool, spare = split_check(fit_stats, cfg)
+            pool, spare = split_check(fit_stats, cfg, augment)
             check = make_check_pairs(corrupt, clean, spare, reference, cfg)
-        if cfg.augment:
-            corrupt, clean = transplant_pairs(corrupt, clean, pool, cfg.augment, match=criterion == "attribution",
+        if augment:
+            corrupt, clean = transplant_pairs(corrupt, clean, pool, augment, match=criterion == "attribution",
                                               model=cfg.transplant, strengths=cfg.strengths)
     return Plan(candidates=candidates, static=static, key_x=key_x, stats_source=stats_source, fit_x=fit_x,
-                reference=reference, corrupt=corrupt, clean=clean, n_real=n_real, criterion=criterion,
-                check_corrupt=check[0], check_clean=check[1], **_check_rows(check[1], spare, reference))
+                reference=reference, corrupt=corrupt, clean=clean, n_real=n_real, criterion=criterion, augment=augment,
+                check_corrupt=check[0], check_clean=check[1], check_source=_check_source(check[1], spare, reference, cfg),
+                **_check_rows(check[1], spare, reference))
+
+
+def augment_for(twin: Twin, candidates, corrupt: np.ndarray, clean: np.ndarray, criterion: str,
+                cfg: RectifyConfig) -> int:
+    """The synthetic pairs to make: ``cfg.augment`` when set; else AUGMENT_WIDE for a
+    whole-image corruption that the affine transplant carries over (``wide_corruption``,
+    2+ pairs: a blend, whose repair carries further with more of them) on inputs small
+    enough that fitting that many stays within AUGMENT_WIDE_BUDGET; AUGMENT otherwise: a
+    patch, a re-colouring, leakage, inputs with several fields, real-size inputs, and one
+    widely changed pair, whose additive guess more copies only repeat (the blend sample,
+    one pair: 4 edits instead of 1 at 30x the time, for one more test image)."""
+    if cfg.augment is not None:
+        return cfg.augment
+    if (criterion != "output" or corrupt.dtype.names or not wide_corruption(corrupt, clean)
+            or transplant_model(corrupt, clean, cfg.transplant) != "affine"):
+        return AUGMENT
+    fitted = len(corrupt) + AUGMENT_WIDE + cfg.locality_batch
+    return AUGMENT_WIDE if fitted * fit_input_bytes(twin, candidates, corrupt[:1]) <= AUGMENT_WIDE_BUDGET else AUGMENT
+
+
+def _check_source(check_clean: np.ndarray | None, spare, reference: Reference, cfg: RectifyConfig) -> str:
+    """The inputs ``make_check_pairs`` drew the check pairs from, in its order."""
+    if check_clean is None:
+        return ""
+    drawn = (["stats"] if len(spare) else []) + (
+        [reference.source] if reference.source in ("val", "held-out stats") and len(spare) < cfg.check_pairs else [])
+    return ", ".join(drawn)
 
 
 def _check_rows(check_clean: np.ndarray | None, spare, reference: Reference) -> dict:
@@ -419,12 +461,12 @@ def _check_rows(check_clean: np.ndarray | None, spare, reference: Reference) -> 
     return {"check_fit_rows": a, "check_reference_rows": k}
 
 
-def split_check(fit_stats: np.ndarray, cfg: RectifyConfig) -> tuple[np.ndarray, np.ndarray]:
+def split_check(fit_stats: np.ndarray, cfg: RectifyConfig, augment: int) -> tuple[np.ndarray, np.ndarray]:
     """(the pool of the synthetic pairs, the spare stats): up to ``check_pairs`` stats inputs
     between the locality batch (the head) and the synthetic pairs' sources (the tail), so
     that neither changes; none when the stats have no input to spare."""
     head = min(cfg.locality_batch, len(fit_stats))
-    k = max(0, min(cfg.check_pairs, len(fit_stats) - head - cfg.augment))
+    k = max(0, min(cfg.check_pairs, len(fit_stats) - head - augment))
     return np.concatenate([fit_stats[:head], fit_stats[head + k:]]), fit_stats[head: head + k]
 
 
@@ -871,10 +913,11 @@ def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted
         n_real_pairs=plan.n_real, gap_before=start.gap, gap_after=state.gap, fixed_before=start.fixed,
         fixed_after=state.fixed, degradation=degr,
         degradation_kind=ref.kind,
-        stats_source=plan.stats_source, stopped_because=stopped, config=cfg, timings=dict(timings),
+        stats_source=plan.stats_source, stopped_because=stopped, config=cfg.replace(augment=plan.augment),
+        timings=dict(timings),
         real_gap_before=start.real_gap, real_gap_after=state.real_gap, real_fixed_after=state.real_fixed,
         criterion=crit.name, degradation_source=ref.source, degradation_count=ref.count,
-        n_check_pairs=0 if crit.check is None else len(crit.check),
+        n_check_pairs=0 if crit.check is None else len(crit.check), check_source=plan.check_source,
         corruption="" if plan.corrupt.dtype.names else corruption_model(plan.corrupt[:plan.n_real],
                                                                          plan.clean[:plan.n_real]),
         output_shift=parts["output_shift"], changed_predictions=parts["changed_predictions"],

@@ -38,6 +38,12 @@ def corruption_model(corrupt: np.ndarray, clean: np.ndarray) -> str:
     return "paste" if float((corrupt != clean).mean()) <= PASTE_SHARE else "add"
 
 
+def wide_corruption(corrupt: np.ndarray, clean: np.ndarray) -> bool:
+    """The given pairs change more than PASTE_SHARE of their elements and are not a
+    re-colouring: a whole-image corruption (a blend), not a pasted patch."""
+    return float((corrupt != clean).mean()) > PASTE_SHARE and corruption_model(corrupt, clean) != "gain"
+
+
 def transplant_model(corrupt: np.ndarray, clean: np.ndarray, model: str) -> str:
     """The transplant ``model`` resolves to for these pairs ("auto": ``corruption_model``;
     "affine" with one pair: "add")."""

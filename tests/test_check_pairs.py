@@ -20,7 +20,9 @@ from onnx_dynedit.errors import InputError
 from onnx_dynedit.io import load_model
 from onnx_dynedit.degradation import Degradation, Reference
 from onnx_dynedit.criteria import OutputGap, Score
-from onnx_dynedit.rectify import RectifyConfig, make_check_pairs, make_plan, rectify, split_check
+from onnx_dynedit.rectify import (AUGMENT, AUGMENT_WIDE, RectifyConfig, make_check_pairs, make_plan, rectify,
+                                  split_check)
+from onnx_dynedit import rectify as rectify_module
 from onnx_dynedit.transplant import corruption_model, transplant_pairs
 from onnx_dynedit.twin import Twin
 
@@ -70,12 +72,12 @@ def test_no_check_pairs_from_one_widely_changed_pair():
 def test_check_pool_leaves_the_fit_unchanged():
     stats = np.arange(100, dtype=np.float32).reshape(100, 1)
     cfg = RectifyConfig(locality_batch=16, augment=16, check_pairs=64)
-    pool, check = split_check(stats, cfg)
+    pool, check = split_check(stats, cfg, cfg.augment)
     np.testing.assert_array_equal(check[:, 0], np.arange(16, 80))
     np.testing.assert_array_equal(pool[:16], stats[:16])     # the locality batch (the head)
     np.testing.assert_array_equal(pool[-16:], stats[-16:])   # the synthetic pairs' sources (the tail)
     assert not set(check[:, 0]) & set(pool[:, 0])
-    _, none = split_check(stats[:30], cfg)  # no input to spare
+    _, none = split_check(stats[:30], cfg, cfg.augment)  # no input to spare
     assert len(none) == 0
 
 
@@ -142,10 +144,71 @@ def test_check_pairs_on_inputs_already_run_read_their_outputs(badnets, with_val)
         assert gain.check_reference_rows == gain.check_fit_rows == 0
 
 
+@pytest.mark.parametrize("case, pairs, want", [
+    ("badnets", "pairs.npz", AUGMENT),            # a pasted patch
+    ("badnets", "pairs20.npz", AUGMENT),          # the same patch, transplanted by the affine fit
+    ("resnet_blend", "pairs.npz", AUGMENT),       # one widely changed pair: an additive guess
+    ("resnet_blend", "pairs5.npz", AUGMENT_WIDE),  # a whole-image blend, fitted by the affine transplant
+    ("resnet_blend", "pairs20.npz", AUGMENT_WIDE),
+    ("resnet_colour", "pairs5.npz", AUGMENT),     # a re-colouring changes most elements too
+])
+def test_synthetic_pairs_by_default_follow_the_corruption(case, pairs, want):
+    """``augment`` None: AUGMENT_WIDE synthetic pairs for a whole-image corruption, as many
+    as the stats left after the locality batch allow (the check pairs then come from the
+    held-out stats alone), AUGMENT for the rest; a number given is used as it is."""
+    folder = SAMPLE.parent / case
+    twin = Twin(load_model(folder / "model.onnx"), "cpu")
+    p, stats = np.load(folder / pairs), np.load(folder / "stats.npz")["x"]
+    plan = make_plan(twin, p["corrupt"], p["clean"], stats, None, None, RectifyConfig())
+    assert plan.augment == want
+    fit = len(stats) - len(plan.reference.x)  # the held-out stats are never a source
+    synthetic = len(plan.corrupt) - plan.n_real
+    if want == AUGMENT_WIDE:
+        assert fit < AUGMENT_WIDE and synthetic == fit
+        assert len(plan.check_clean) == len(plan.reference.x) and plan.check_source == "held-out stats"
+    else:
+        assert 0 < synthetic <= AUGMENT
+        assert plan.check_source == ("" if plan.check_clean is None else "stats, held-out stats")  # none: one wide pair
+    given = make_plan(twin, p["corrupt"], p["clean"], stats, None, None, RectifyConfig(augment=7))
+    assert given.augment == 7 and len(given.corrupt) - given.n_real <= 7
+
+
+def test_real_size_inputs_keep_the_few_synthetic_pairs(monkeypatch):
+    """Fitting AUGMENT_WIDE pairs of inputs whose activations exceed AUGMENT_WIDE_BUDGET
+    (torchvision's ResNet-18 at 224x224: 15x it) would cost passes per pair and candidate:
+    those get AUGMENT, whatever the corruption. Here the budget is lowered below the
+    sample's (0.12 of the default)."""
+    folder = SAMPLE.parent / "resnet_blend"
+    twin = Twin(load_model(folder / "model.onnx"), "cpu")
+    p, stats = np.load(folder / "pairs5.npz"), np.load(folder / "stats.npz")["x"]
+    monkeypatch.setattr(rectify_module, "AUGMENT_WIDE_BUDGET", 0.1 * rectify_module.AUGMENT_WIDE_BUDGET)
+    assert make_plan(twin, p["corrupt"], p["clean"], stats, None, None, RectifyConfig()).augment == AUGMENT
+
+
+def test_the_report_gives_the_synthetic_pairs_used():
+    folder = SAMPLE.parent / "resnet_blend"
+    twin = Twin(load_model(folder / "model.onnx"), "cpu")
+    p, stats = np.load(folder / "pairs5.npz"), np.load(folder / "stats.npz")["x"]
+    res = rectify(twin, p["corrupt"], p["clean"], stats_x=stats,
+                  config=RectifyConfig(max_edits=1, objective="local", check_pairs=0))
+    assert RectifyConfig().augment is None
+    assert res.config.augment == AUGMENT_WIDE and res.to_dict()["config"]["augment"] == AUGMENT_WIDE
+    assert res.n_pairs - res.n_real_pairs == len(stats) - res.degradation_count
+
+
 @pytest.fixture(scope="module")
 def default_repair(badnets):
     twin, corrupt, clean, stats = badnets
     return rectify(twin, corrupt, clean, stats_x=stats, config=RectifyConfig())
+
+
+def test_the_check_line_names_the_inputs_the_check_pairs_came_from(default_repair):
+    """Stats only: the spare stats, then the held-out ones; read on stats inputs alone, the
+    line says that the share is mostly above what fresh inputs show."""
+    res = default_repair
+    assert res.check_source == "stats, held-out stats" and res.to_dict()["check_source"] == res.check_source
+    assert f"onto {res.check_count_after} inputs no fit used: stats, held-out stats)" in res.check_line
+    assert res.check_line.endswith("(read on stats inputs: mostly above what fresh inputs show)")
 
 
 def test_each_round_keeps_the_trial_best_on_the_check_pairs(default_repair):

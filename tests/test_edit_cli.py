@@ -220,6 +220,8 @@ def test_edit_is_deterministic(runs):
     assert rb["check_share"] == rb["check_fixed_after"] / rb["check_count_after"]
     assert (f"{rb['check_fixed_after']} of {rb['check_count_after']} ({rb['check_share']:.0%}) now behave like their "
             "clean twins") in text
+    assert rb["check_source"] == "stats, val"  # the spare stats, then val: no stats-only caveat
+    assert f"onto {rb['check_count_after']} inputs no fit used: stats, val)" in text and "read on stats" not in text
     for step in rb["steps"]:
         assert step["node"] in text
 

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from onnx_dynedit.errors import InputError  # noqa: E402
-from onnx_dynedit.rectify import RectifyConfig  # noqa: E402
+from onnx_dynedit.rectify import AUGMENT, AUGMENT_WIDE, RectifyConfig  # noqa: E402
 from test_roundtrip import run_cli  # noqa: E402
 
 
@@ -68,8 +68,9 @@ def test_cli_help_reads_the_defaults_from_the_library(capsys):
     _, out, _ = run_cli(["edit", "--help"], capsys)
     text = " ".join(out.split())
     for flag, value in (("--max-edits", cfg.max_edits), ("--max-degradation", cfg.max_degradation),
-                        ("--target-gap", cfg.target_gap), ("--augment", cfg.augment), ("--seed", cfg.seed)):
+                        ("--target-gap", cfg.target_gap), ("--augment", AUGMENT_WIDE), ("--seed", cfg.seed)):
         assert f"(default {value}" in text.split(flag, 1)[1].split(" --", 1)[0], flag
+    assert f"else {AUGMENT};" in text.split("--augment", 1)[1].split(" --", 1)[0]
     _, out, _ = run_cli(["locate", "--help"], capsys)
     assert f"(default {cfg.ig_steps})" in " ".join(out.split())
     _, out, _ = run_cli(["inspect", "--help"], capsys)

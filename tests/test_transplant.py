@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_dynedit.transplant import corruption_model, transplant_pairs
+from onnx_dynedit.transplant import corruption_model, transplant_pairs, wide_corruption
 
 RNG = np.random.default_rng(0)
 
@@ -88,3 +88,15 @@ def test_a_stronger_patch_is_clipped_to_the_pairs_range():
     c, _ = transplant_pairs(corrupt, clean, pool, 2, model="paste", strengths=(2.0, 0.5))
     assert c[1, 0, 3, 3] == 1.0 and c[2, 0, 3, 3] == 0.75  # 0.5 + 2 x 0.5 clipped to 1; 0.5 + 0.5 x 0.5
     np.testing.assert_array_equal(c[1:, 0, :3], pool[:, 0, :3])
+
+
+def test_wide_corruption_is_a_whole_image_change_but_not_a_recolouring():
+    clean = _digits(5)
+    patched = clean.copy()
+    patched[..., 3:, 3:] = 1.0                       # 1 of 16 elements
+    blended = (0.75 * clean + 0.25 * _digits(1)[0]).astype(np.float32)
+    grey = np.repeat(_digits(5), 3, axis=1)
+    tinted = (grey * np.array([1.0, 0.4, 0.2], np.float32).reshape(1, 3, 1, 1)).astype(np.float32)
+    assert not wide_corruption(patched, clean) and not wide_corruption(patched[:1], clean[:1])
+    assert wide_corruption(blended, clean) and wide_corruption(blended[:1], clean[:1])
+    assert corruption_model(tinted, grey) == "gain" and not wide_corruption(tinted, grey)
