@@ -65,12 +65,13 @@ log = logging.getLogger(__name__)
 
 BUDGET_SLACK = 1e-12    # a degradation equal to the budget passes (float rounding of exact fractions)
 MIN_HOLDOUT_POOL = 4    # fewer stats inputs than this: nothing is held out (the check is in-sample)
-AUGMENT = 16            # synthetic pairs by default (``augment`` None) ...
-AUGMENT_WIDE = 192      # ... and for a whole-image corruption given by 2+ pairs (a blend: held-out blends 18 ->
-                        # 20 of 20 on the CNNs, 2 -> 6 of 10 on the ViT; no gain on the patch at 5-20x the time:
-                        # docs/results.md, "More synthetic pairs for a blend") while the fit of that many
-AUGMENT_WIDE_BUDGET = FIT_BUDGET  # inputs stays within this many bytes of activations (the samples: 0.08-0.2 of
-                        # it; torchvision's ResNet-18 at 224x224: 15x, where every pair costs passes per candidate)
+# Synthetic pairs when ``augment`` is None (``augment_for``; docs/results.md, "More synthetic pairs for a blend"):
+AUGMENT = 16            # by default;
+AUGMENT_WIDE = 192      # for a whole-image corruption given by 2+ pairs (a blend: held-out blends 18 -> 20 of 20
+                        # on the CNNs, 2 -> 6 of 10 on the ViT; the patch gained nothing at 5-20x the time),
+AUGMENT_WIDE_BUDGET = FIT_BUDGET  # while fitting that many inputs keeps at most this many bytes of activations
+                        # (the samples: 0.08-0.2 of it; torchvision's ResNet-18 at 224x224: 15x, one test image
+                        # more for 4x the time)
 
 
 @dataclass(frozen=True)
