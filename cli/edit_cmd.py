@@ -151,6 +151,10 @@ def _print_report(outcome, all_steps: bool = False) -> None:
         click.echo(f"plot written to {outcome.plot}")
     click.echo("PASSED" if outcome.success else
                f"FAILED: target not reached within the edit and degradation budgets ({res.failure})")
+    if res.suggests_more_edits:
+        click.echo(f"hint: every given pair is classified like its clean twin; only their gap is above the target "
+                   f"after the {res.config.max_edits} edit(s) --max-edits allows: a larger one (e.g. "
+                   f"{res.config.max_edits + 2}) may reach it")
     if res.suggests_erase:
         click.echo("hint: the pairs look like a re-colouring (each channel of the clean input scaled): a feature to "
                    "remove rather than an output to match; try --objective erase")

@@ -215,6 +215,15 @@ class RectifyResult:
                 and self.config.objective != "erase")
 
     @property
+    def suggests_more_edits(self) -> bool:
+        """A failed run whose only shortfall is the given pairs' gap, with every edit it was
+        allowed used and each given pair already classified like its clean twin: more edits
+        may reach the target (a held-out blend build: a fifth edit did, exit 0 and the test
+        set's target met; docs/results.md, "More synthetic pairs for a blend")."""
+        return (not self.success and self.stopped_because == "max edits reached" and self.within_budget
+                and self.real_fixed_after == self.n_real_pairs and self.real_gap_after > self.target)
+
+    @property
     def degradation_bound(self) -> float:
         """What the degradation inputs vouch for: at 95 %, the largest share of inputs like
         them that the edits turn (``degradation_turned``), ``bounds.upper_bound``; it bounds

@@ -100,6 +100,20 @@ def test_in_place_keeps_the_input_mode_and_so_does_the_backup(tmp_path, umask_02
     assert mode(tmp_path / "m.onnx.bak") == 0o644
 
 
+def test_a_run_short_only_of_the_gap_after_its_last_edit_hints_at_more_edits(small, tmp_path):
+    """One edit allowed and a target it does not reach: the 20 pairs are classified right
+    (gap 0.018 against 0.001), so the report hints at --max-edits; the default target,
+    reached in that one edit: no hint."""
+    args = ("edit", small / "model.onnx", "--pairs", BADNETS / "pairs20.npz", "--stats", small / "stats.npz", *QUICK)
+    short = dynedit(*args, "--target-gap", "0.001", "-o", tmp_path / "short.onnx")
+    assert short.returncode == 1, short.stderr
+    assert "given pairs: 20/20 classified like their clean twin" in short.stdout
+    assert "hint: every given pair is classified like its clean twin; only their gap is above the target after the " \
+           "1 edit(s) --max-edits allows: a larger one (e.g. 3) may reach it" in short.stdout
+    done = dynedit(*args, "-o", tmp_path / "done.onnx")
+    assert done.returncode == 0 and "--max-edits allows" not in done.stdout, done.stdout
+
+
 def test_cli_outputs_get_the_usual_mode(small, tmp_path, umask_027):
     out, rep, png = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "e.png"
     proc = dynedit("edit", small / "model.onnx", "--pairs", small / "pairs.npz", "--stats", small / "stats.npz",
