@@ -12,7 +12,8 @@ def augment_default() -> str:
     """--augment's default in words: the library picks it from the pairs (read only for --help)."""
     from onnx_dynedit.rectify import AUGMENT, AUGMENT_WIDE
 
-    return f"{AUGMENT_WIDE} when 2+ pairs change most of each input, as a blend does, else {AUGMENT}"
+    return (f"{AUGMENT_WIDE} when 2+ pairs change most of each input, as a blend does, and the inputs are small "
+            f"(not 224x224), else {AUGMENT}")
 
 
 @click.command()
