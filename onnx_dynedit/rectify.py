@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 BUDGET_SLACK = 1e-12    # a degradation equal to the budget passes (float rounding of exact fractions)
 MIN_HOLDOUT_POOL = 4    # fewer stats inputs than this: nothing is held out (the check is in-sample)
+HELD_OUT = ("val", "held-out stats")  # degradation inputs no fit uses: check pairs are drawn on them too
 # Synthetic pairs when ``augment`` is None (``augment_for``; docs/results.md, "More synthetic pairs for a blend"):
 AUGMENT = 16            # by default;
 AUGMENT_WIDE = 192      # for a whole-image corruption given by 2+ pairs (a blend: held-out blends 18 -> 20 of 20
@@ -424,8 +425,7 @@ def make_plan(twin: Twin, corrupt: np.ndarray, clean: np.ndarray, stats_x, val_x
                                               model=cfg.transplant, strengths=cfg.strengths)
     return Plan(candidates=candidates, static=static, key_x=key_x, stats_source=stats_source, fit_x=fit_x,
                 reference=reference, corrupt=corrupt, clean=clean, n_real=n_real, criterion=criterion, augment=augment,
-                check_corrupt=check[0], check_clean=check[1], check_source=_check_source(check[1], spare, reference, cfg),
-                **_check_rows(check[1], spare, reference))
+                check_corrupt=check[0], check_clean=check[1], **_check_rows(check[1], check_sources(spare, reference, cfg)))
 
 
 def augment_for(twin: Twin, candidates, corrupt: np.ndarray, clean: np.ndarray, criterion: str,
@@ -446,29 +446,32 @@ def augment_for(twin: Twin, candidates, corrupt: np.ndarray, clean: np.ndarray, 
     return AUGMENT_WIDE if fitted * fit_input_bytes(twin, candidates, corrupt[:1]) <= AUGMENT_WIDE_BUDGET else AUGMENT
 
 
-def _check_source(check_clean: np.ndarray | None, spare, reference: Reference, cfg: RectifyConfig) -> str:
-    """The inputs ``make_check_pairs`` drew the check pairs from, in its order."""
-    if check_clean is None:
-        return ""
-    drawn = (["stats"] if len(spare) else []) + (
-        [reference.source] if reference.source in ("val", "held-out stats") and len(spare) < cfg.check_pairs else [])
-    return ", ".join(drawn)
+def check_sources(spare: np.ndarray, reference: Reference, cfg: RectifyConfig) -> list[tuple[str, np.ndarray]]:
+    """(name, inputs) the check pairs are drawn from, in order, at most ``check_pairs`` in
+    all: the spare stats ("stats"), then the degradation check's inputs when no fit uses
+    them ("val", "held-out stats"); sources that give none are left out."""
+    named = [("stats", spare)] + ([(reference.source, reference.x)] if reference.source in HELD_OUT else [])
+    drawn, left = [], cfg.check_pairs
+    for name, x in named:
+        if left and len(x):
+            drawn.append((name, x[:left]))
+            left -= len(drawn[-1][1])
+    return drawn
 
 
-def _check_rows(check_clean: np.ndarray | None, spare, reference: Reference) -> dict:
-    """Which check pairs' clean sides are inputs whose shipped outputs are computed anyway,
-    bit for bit: the first a are the spare stats (fit_x from ``locality_batch`` on: the key
-    statistics' inputs), the last k the reference inputs' first k (``make_check_pairs``
-    draws on the spare stats, then on those). A re-colouring's transplant picks and orders
-    its sources itself: then none."""
+def _check_rows(check_clean: np.ndarray | None, drawn: list[tuple[str, np.ndarray]]) -> dict:
+    """Where the check pairs came from (``check_source``), and which of their clean sides
+    are inputs whose shipped outputs are computed anyway, bit for bit: the first a are the
+    spare stats (fit_x from ``locality_batch`` on: the key statistics' inputs), the last k
+    the reference inputs' first k. A re-colouring's transplant picks and orders its
+    sources itself: then none."""
     if check_clean is None:
         return {}
-    a = min(len(spare), len(check_clean))
-    a = a if a and np.array_equal(check_clean[:a], spare[:a]) else 0
-    k = len(check_clean) - len(spare)
-    k = k if (reference.source in ("val", "held-out stats") and 0 < k <= len(reference.x)
-              and np.array_equal(check_clean[-k:], reference.x[:k])) else 0
-    return {"check_fit_rows": a, "check_reference_rows": k}
+    part = dict(drawn)
+    a, k = len(part.get("stats", ())), next((len(x) for name, x in drawn if name in HELD_OUT), 0)
+    a = a if a and np.array_equal(check_clean[:a], part["stats"]) else 0
+    k = k if k and np.array_equal(check_clean[-k:], drawn[-1][1]) else 0
+    return {"check_fit_rows": a, "check_reference_rows": k, "check_source": ", ".join(name for name, _ in drawn)}
 
 
 def split_check(fit_stats: np.ndarray, cfg: RectifyConfig, augment: int) -> tuple[np.ndarray, np.ndarray]:
@@ -489,12 +492,10 @@ def make_check_pairs(corrupt, clean, spare: np.ndarray, reference: Reference, cf
     made by that guess would judge the candidates on the wrong corruption."""
     if transplant_model(corrupt, clean, cfg.transplant) == "add":
         return None, None
-    sources = [spare]
-    if reference.source in ("val", "held-out stats"):
-        sources.append(reference.x)
-    pool = np.concatenate(sources)[: cfg.check_pairs]
-    if not len(pool):
+    drawn = check_sources(spare, reference, cfg)
+    if not drawn:
         return None, None
+    pool = np.concatenate([x for _, x in drawn])
     c, k = transplant_pairs(corrupt, clean, pool, len(pool), model=cfg.transplant, strengths=cfg.strengths)
     return c[len(corrupt):], k[len(corrupt):]
 
