@@ -185,7 +185,7 @@ def run_edit(case: Case, n: int, kw: dict, tmp: Path, tag: str) -> dict:
             "edits": ",".join(e.layer.node for e in r.edits) or "(none accepted)",
             "degradation": f"{r.degradation:.4f} ({r.degradation_kind})",
             "bound": r.degradation_bound, "turned": r.degradation_turned,
-            "check": None if r.check_share is None else 100.0 * r.check_share}
+            "check": None if r.check_share is None else 100.0 * r.check_share, "failure": r.failure}
 
 
 def rows_for(case_name: str, tmp: Path, only: list[str] | None) -> list[tuple[str, int, dict]]:

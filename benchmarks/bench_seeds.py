@@ -35,7 +35,8 @@ shipped model predicts their clean twins. "check pairs fixed %": the report's
 stats inputs, "-" when no edit was kept). "turned, bound %": the degradation inputs the
 kept edits turned (right -> wrong with labels, top-1 changed without) and what they vouch
 for, the report's `degradation_turned` and `degradation_bound` (95 %); "(below the drop)"
-marks a row whose test-set clean drop is above it. A config may hold "_stats": N, which
+marks a row whose test-set clean drop is above it. "why exit 1": the report's `failure`
+(which of the given pairs' class, their gap and the degradation budget was missed). A config may hold "_stats": N, which
 passes only the first N stats inputs (a user with fewer images of the training data). The
 last lines count per case (and the rows within one test image of "clean twins", and those
 below the drop).
@@ -96,7 +97,7 @@ def row(seed: int, case: Case, val_kind: str, config: str, tmp: Path,
             f"{case.ceiling:.2f} | {r['faithful']:.2f} | {'-' if r['check'] is None else format(r['check'], '.2f')} | "
             f"{drop:.2f} | {r['turned']}, {bound:.2f}"
             f"{' (below the drop)' if over else ''} | {r['time']:.1f} | {r['exit']} | "
-            f"{'met' if met else 'MISSED'} | {'HIDDEN DROP' if hidden else '-'} | {r['edits']} |")
+            f"{'met' if met else 'MISSED'} | {'HIDDEN DROP' if hidden else '-'} | {r['edits']} | {r['failure'] or '-'} |")
     return text, met, hidden, near, over
 
 
@@ -119,8 +120,8 @@ def main() -> None:
         root = args.dir or Path(tmp) / "models"
         print("| seed | case | pairs | val | config | corrected %" + (" (never poisoned)" if args.reference else "")
               + " | clean twins % | faithful % | check pairs fixed % | clean drop (pt) | turned, bound % | edit s | exit"
-              " | target | hidden | edits |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              " | target | hidden | edits | why exit 1 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for seed in args.seeds:
             for name in args.cases:
                 case = Case(name, case_dir(root, seed, name))

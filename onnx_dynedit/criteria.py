@@ -7,7 +7,8 @@ improves / pick). The loop itself is rectify.py.
     softmax on x; "fixed" = same top-1 as the shipped model on x. u is fitted so the
     network output on x~ matches the shipped output on x while outputs on unlabeled clean
     inputs stay put (or the layer-local closed form, ``objective="local"``). A trial passes
-    when it fixes more pairs (or as many with a smaller gap) within budget. With check
+    when it fixes more of the given pairs (or as many, with a smaller gap over every pair)
+    within budget. With check
     pairs (``check_pairs``: the corruption transplanted onto stats inputs that neither the
     locality term nor the synthetic pairs use) every candidate is fitted and the passing
     one with the smallest mean gap on the check pairs (then the most fixed) is kept: a repair must
@@ -387,10 +388,16 @@ class OutputGap(Criterion):
     def improves(self, before, after):
         if self.reached(before) and self.polishing(before):
             return self._polishes(before, after) if self.reached(after) else "the pairs leave the target"
-        # lexicographic: more pairs fixed, or as many fixed and a smaller gap
-        if after.fixed > before.fixed or (after.fixed == before.fixed and after.gap < before.gap - GAP_EPS):
+        # lexicographic: more GIVEN pairs fixed, or as many and a smaller gap over every pair.
+        # Until the thirty-third session the count was over every pair: with 192 synthetic
+        # pairs beside 5 given ones (a blend), a trial that halved the gap but left 3 of 150
+        # synthetic pairs unturned was rolled back, and the given pairs' gap ended above the
+        # target (deep_blend rebuilt with seed 3: exit 1 on a repair that met the test-set
+        # target; docs/results.md, "The given pairs fixed first")
+        if after.real_fixed > before.real_fixed or (
+                after.real_fixed == before.real_fixed and after.gap < before.gap - GAP_EPS):
             return None
-        return "neither more pairs fixed nor a smaller gap"
+        return "neither more given pairs fixed nor a smaller gap"
 
     @staticmethod
     def _polishes(before: Score, after: Score) -> str | None:
