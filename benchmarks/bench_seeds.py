@@ -36,10 +36,10 @@ stats inputs, "-" when no edit was kept). "turned, bound %": the degradation inp
 kept edits turned (right -> wrong with labels, top-1 changed without) and what they vouch
 for, the report's `degradation_turned` and `degradation_bound` (95 %); "(below the drop)"
 marks a row whose test-set clean drop is above it. "why exit 1": the report's `failure`
-(which of the given pairs' class, their gap and the degradation budget was missed). A config may hold "_stats": N, which
-passes only the first N stats inputs (a user with fewer images of the training data). The
-last lines count per case (and the rows within one test image of "clean twins", and those
-below the drop).
+(which of the given pairs' class, their gap and the degradation budget was missed). A
+config may hold "_stats": N, which passes only the first N stats inputs (a user with fewer
+images of the training data). The last lines count per case (and the rows within one test
+image of "clean twins", and those below the drop).
 """
 
 from __future__ import annotations

@@ -8,11 +8,10 @@ improves / pick). The loop itself is rectify.py.
     network output on x~ matches the shipped output on x while outputs on unlabeled clean
     inputs stay put (or the layer-local closed form, ``objective="local"``). A trial passes
     when it fixes more of the given pairs (or as many, with a smaller gap over every pair)
-    within budget. With check
-    pairs (``check_pairs``: the corruption transplanted onto stats inputs that neither the
-    locality term nor the synthetic pairs use) every candidate is fitted and the passing
-    one with the smallest mean gap on the check pairs (then the most fixed) is kept: a repair must
-    hold on inputs the fit never saw. Every editable layer is then a candidate, best
+    within budget. With check pairs (``check_pairs``: the corruption transplanted onto
+    stats inputs that neither the locality term nor the synthetic pairs use) every
+    candidate is fitted and the passing one with the smallest mean gap on the check pairs
+    (then the most fixed) is kept: a repair must hold on inputs the fit never saw. Every editable layer is then a candidate, best
     localised first (``check_candidates`` bounds it; on a model with more than
     ``screen_above`` candidates each is first fitted briefly and only the ``screen_keep``
     best on the check pairs are fitted fully). Past the target, while the check pairs'

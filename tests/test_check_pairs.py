@@ -371,7 +371,7 @@ def test_past_the_target_an_edit_must_cut_the_check_pairs_gap(badnets, after, wh
     (Score(gap=0.0800, fixed=155, real_gap=0.0900, real_fixed=5), None),  # every pair, a smaller gap
     (Score(gap=0.0300, fixed=155, real_gap=0.0400, real_fixed=4), "given pairs"),  # a given pair lost
     (Score(gap=0.0930, fixed=155, real_gap=0.0900, real_fixed=5), "given pairs"),  # no smaller gap
-    (Score(gap=0.1500, fixed=150, real_gap=0.3000, real_fixed=5), "given pairs"),
+    (Score(gap=0.1500, fixed=150, real_gap=0.3000, real_fixed=5), "given pairs"),  # a larger gap
 ])
 def test_below_the_target_the_given_pairs_fixed_come_first(badnets, after, why):
     """Below the target a trial is kept when it fixes more of the given pairs, or as many
