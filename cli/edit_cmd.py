@@ -124,8 +124,8 @@ def _print_report(outcome, all_steps: bool = False) -> None:
         click.echo(res.bound_line)
     if res.check_line:
         click.echo(res.check_line)
-    click.echo(f"given pairs: {res.real_fixed_after}/{res.n_real_pairs} classified like their clean twin; "
-               f"gap {res.real_gap_before:.4f} -> {res.real_gap_after:.4f} (target {res.target})")
+    click.echo(f"given pairs: {res.real_fixed_after}/{res.n_real_pairs} classified like their clean twin"
+               f"{res.unfixed_rows}; gap {res.real_gap_before:.4f} -> {res.real_gap_after:.4f} (target {res.target})")
     if outcome.parity_after:
         click.echo(f"written-model parity (ONNX Runtime vs edited twin): max rel {outcome.parity_after['max_rel_diff']:.3g}")
     for r in outcome.rounding:

@@ -11,10 +11,10 @@ improves / pick). The loop itself is rectify.py.
     within budget. With check pairs (``check_pairs``: the corruption transplanted onto
     stats inputs that neither the locality term nor the synthetic pairs use) every
     candidate is fitted and the passing one with the smallest mean gap on the check pairs
-    (then the most fixed) is kept: a repair must hold on inputs the fit never saw. Every editable layer is then a candidate, best
-    localised first (``check_candidates`` bounds it; on a model with more than
-    ``screen_above`` candidates each is first fitted briefly and only the ``screen_keep``
-    best on the check pairs are fitted fully). Past the target, while the check pairs'
+    (then the most fixed) is kept: a repair must hold on inputs the fit never saw. Every
+    editable layer is then a candidate, best localised first (``check_candidates`` bounds
+    it; on a model with more than ``screen_above`` candidates each is first fitted briefly
+    and only the ``screen_keep`` best on the check pairs are fitted fully). Past the target, while the check pairs'
     gap exceeds ``check_target``, the loop goes on ("polishing"): an edit is kept only
     when it cuts that gap by POLISH_GAIN with no fewer check pairs fixed (on rebuilds of
     the Trojan samples with other seeds it fixed what one edit left: bench_seeds.py).
@@ -74,6 +74,7 @@ class Score:
     check_gap: float = float("nan")   # over the check pairs (synthetic, held out from the fit)
     check_fixed: int = 0
     check_count: int = 0              # check pairs scored (a screening trial scores the first screen_check)
+    real_unfixed: tuple[int, ...] = ()  # the given pairs not fixed: their rows in the pairs given
 
 
 
@@ -186,7 +187,8 @@ class Criterion:
                                       "check_fixed": int((q.argmax(1) == check_p.argmax(1)).sum()),
                                       "check_count": len(q)}
         return Score(gap=float(per_pair.mean()), fixed=int(ok.sum()), real_gap=float(per_pair[:r].mean()),
-                     real_fixed=int(ok[:r].sum()), **check)
+                     real_fixed=int(ok[:r].sum()), real_unfixed=tuple(np.flatnonzero(~ok[:r].cpu().numpy()).tolist()),
+                     **check)
 
     def per_pair_gap(self, p: torch.Tensor, edits) -> torch.Tensor:
         raise NotImplementedError

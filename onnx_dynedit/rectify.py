@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 BUDGET_SLACK = 1e-12    # a degradation equal to the budget passes (float rounding of exact fractions)
 MIN_HOLDOUT_POOL = 4    # fewer stats inputs than this: nothing is held out (the check is in-sample)
 HELD_OUT = ("val", "held-out stats")  # degradation inputs no fit uses: check pairs are drawn on them too
+UNFIXED_SHOWN = 8        # the failure line names at most this many unfixed given pairs (the report: all)
 # Synthetic pairs when ``augment`` is None (``augment_for``; docs/results.md, "More synthetic pairs for a blend"):
 AUGMENT = 16            # by default;
 AUGMENT_WIDE = 192      # for a whole-image corruption given by 2+ pairs (a blend: held-out blends 18 -> 20 of 20
@@ -194,6 +195,7 @@ class RectifyResult:
     real_gap_before: float = float("nan")  # over the given pairs only
     real_gap_after: float = float("nan")
     real_fixed_after: int = 0
+    real_unfixed_after: tuple[int, ...] = ()  # rows of the pairs given (from 0) not classified like their clean twins
     criterion: str = "output"              # the gap used: "output" or "attribution"
     degradation_source: str = "val"        # "val", "held-out stats", "stats" (in-sample) or "clean twins"
     degradation_count: int = 0             # inputs the degradation was measured on
@@ -278,12 +280,22 @@ class RectifyResult:
         """Why ``success`` is False, in one line (None when it is True)."""
         if self.real_fixed_after < self.n_real_pairs:
             return (f"{self.n_real_pairs - self.real_fixed_after} of {self.n_real_pairs} given pair(s) not "
-                    f"classified like their clean twins")
+                    f"classified like their clean twins{self.unfixed_rows}")
         if self.real_gap_after > self.target:
             return f"the given pairs' gap {self.real_gap_after:.4f} is above the target {self.target:g}"
         if not self.within_budget:
             return f"degradation {self.degradation:.4f} is over the budget {self.config.max_degradation:g}"
         return None
+
+    @property
+    def unfixed_rows(self) -> str:
+        """' (pairs file row 3, counting from 0)': the given pairs not fixed, for the failure
+        line and the text report ("" when every one is)."""
+        rows = self.real_unfixed_after
+        if not rows:
+            return ""
+        shown = ", ".join(str(i) for i in rows[:UNFIXED_SHOWN]) + (", ..." if len(rows) > UNFIXED_SHOWN else "")
+        return f" (pairs file row{'s' if len(rows) > 1 else ''} {shown}, counting from 0)"
 
     def updates(self) -> list[LayerUpdate]:
         """Accepted edits grouped per layer (a layer may be picked more than once)."""
@@ -302,7 +314,7 @@ class RectifyResult:
             "gap_before": self.gap_before, "gap_after": self.gap_after,
             "fixed_before": self.fixed_before, "fixed_after": self.fixed_after,
             "real_gap_before": self.real_gap_before, "real_gap_after": self.real_gap_after,
-            "real_fixed_after": self.real_fixed_after,
+            "real_fixed_after": self.real_fixed_after, "unfixed_pairs": list(self.real_unfixed_after),
             "degradation": self.degradation, "degradation_kind": self.degradation_kind,
             "degradation_source": self.degradation_source, "degradation_count": self.degradation_count,
             "output_shift": self.output_shift, "changed_predictions": self.changed_predictions,
@@ -927,6 +939,7 @@ def _result(plan: Plan, crit: Criterion, degradation: Degradation, cfg, accepted
         stats_source=plan.stats_source, stopped_because=stopped, config=cfg.replace(augment=plan.augment),
         timings=dict(timings),
         real_gap_before=start.real_gap, real_gap_after=state.real_gap, real_fixed_after=state.real_fixed,
+        real_unfixed_after=state.real_unfixed,
         criterion=crit.name, degradation_source=ref.source, degradation_count=ref.count,
         n_check_pairs=0 if crit.check is None else len(crit.check), check_source=plan.check_source,
         corruption="" if plan.corrupt.dtype.names else corruption_model(plan.corrupt[:plan.n_real],

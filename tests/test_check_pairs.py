@@ -414,6 +414,12 @@ def test_a_failed_result_says_why(default_repair):
     res = default_repair
     assert res.success and res.failure is None and res.to_dict()["failure"] is None
     assert replace(res, real_fixed_after=0).failure == "1 of 1 given pair(s) not classified like their clean twins"
+    one = replace(res, real_fixed_after=0, real_unfixed_after=(0,))
+    assert one.failure == ("1 of 1 given pair(s) not classified like their clean twins "
+                           "(pairs file row 0, counting from 0)")
+    assert one.to_dict()["unfixed_pairs"] == [0] and res.to_dict()["unfixed_pairs"] == []
+    many = replace(res, n_real_pairs=20, real_fixed_after=10, real_unfixed_after=tuple(range(2, 12)))
+    assert many.failure.endswith("(pairs file rows 2, 3, 4, 5, 6, 7, 8, 9, ..., counting from 0)")  # UNFIXED_SHOWN
     assert replace(res, real_gap_after=0.157).failure == "the given pairs' gap 0.1570 is above the target 0.1"
     over = replace(res, degradation=0.05)
     assert not over.success and over.failure == "degradation 0.0500 is over the budget 0.01"

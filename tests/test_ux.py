@@ -114,6 +114,32 @@ def test_a_run_short_only_of_the_gap_after_its_last_edit_hints_at_more_edits(sma
     assert done.returncode == 0 and "--max-edits allows" not in done.stdout, done.stdout
 
 
+def test_a_failed_run_names_the_given_pairs_left_unfixed(small, tmp_path):
+    """Rows 0 and 1 of the pairs hold the same triggered input with clean twins the shipped
+    model puts in different classes: no model classifies both like their twins, so at
+    least one stays unfixed whatever the edit. The report's ``unfixed_pairs`` and the
+    FAILED line name those rows of the pairs file, and no other."""
+    import onnxruntime as ort
+
+    pairs = np.load(BADNETS / "pairs20.npz")
+    sess = ort.InferenceSession(str(small / "model.onnx"), providers=["CPUExecutionProvider"])
+    classes = sess.run(None, {sess.get_inputs()[0].name: pairs["clean"]})[0].argmax(1)
+    other = int(np.flatnonzero(classes != classes[0])[0])
+    np.savez(tmp_path / "clash.npz", corrupt=pairs["corrupt"][[0, 0]], clean=pairs["clean"][[0, other]])
+    rep = tmp_path / "r.json"
+    proc = dynedit("edit", small / "model.onnx", "--pairs", tmp_path / "clash.npz", "--stats", small / "stats.npz",
+                   *QUICK, "-o", tmp_path / "o.onnx", "--report", rep)
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(rep.read_text())
+    unfixed = report["unfixed_pairs"]
+    assert unfixed and set(unfixed) <= {0, 1} and len(unfixed) == 2 - report["real_fixed_after"]
+    rows = ", ".join(map(str, unfixed))
+    named = f"(pairs file row{'s' if len(unfixed) > 1 else ''} {rows}, counting from 0)"
+    assert named in report["failure"]
+    assert f"FAILED: target not reached within the edit and degradation budgets ({report['failure']})" in proc.stdout
+    assert f"given pairs: {2 - len(unfixed)}/2 classified like their clean twin {named}" in proc.stdout
+
+
 def test_cli_outputs_get_the_usual_mode(small, tmp_path, umask_027):
     out, rep, png = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "e.png"
     proc = dynedit("edit", small / "model.onnx", "--pairs", small / "pairs.npz", "--stats", small / "stats.npz",
