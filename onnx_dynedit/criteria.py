@@ -14,10 +14,11 @@ improves / pick). The loop itself is rectify.py.
     (then the most fixed) is kept: a repair must hold on inputs the fit never saw. Every
     editable layer is then a candidate, best localised first (``check_candidates`` bounds
     it; on a model with more than ``screen_above`` candidates each is first fitted briefly
-    and only the ``screen_keep`` best on the check pairs are fitted fully). Past the target, while the check pairs'
-    gap exceeds ``check_target``, the loop goes on ("polishing"): an edit is kept only
-    when it cuts that gap by POLISH_GAIN with no fewer check pairs fixed (on rebuilds of
-    the Trojan samples with other seeds it fixed what one edit left: bench_seeds.py).
+    and only the ``screen_keep`` best on the check pairs are fitted fully). Past the
+    target, while the check pairs' gap exceeds ``check_target``, the loop goes on
+    ("polishing"): an edit is kept only when it cuts that gap by POLISH_GAIN with no fewer
+    check pairs fixed (on rebuilds of the Trojan samples with other seeds it fixed what
+    one edit left: bench_seeds.py).
     No check pairs (no stats, ``check_pairs=0``, or one widely changed pair whose
     transplant is the additive guess): the first of the ``candidates_per_step`` best
     localised layers that passes.
